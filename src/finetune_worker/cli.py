@@ -1,0 +1,123 @@
+"""`finetune-worker`: run a job on this machine (and, later, talk to an endpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+BAR_WIDTH = 30
+
+
+def load_job_file(path: Path) -> Any:
+    """A job file holds `{"input": {...}}` like test_input.json, or the input itself."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data["input"] if isinstance(data, dict) and "input" in data else data
+
+
+class HumanPrinter:
+    """Live, readable output: a redrawn progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.live = out.isatty()
+        self.bar_drawn = False
+
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "progress":
+            self._progress(event)
+            return
+        self._end_bar()
+        if kind == "status":
+            self._line(f"[{event['stage']}] {event['message']}")
+        elif kind == "warning":
+            self._line(f"warning: {event['message']}")
+        elif kind == "checkpoint":
+            self._line(f"checkpoint saved at step {event['step']}: {event['path']}")
+        elif kind == "eval":
+            metrics = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "step"))
+            self._line(f"eval at step {event.get('step')}: {metrics}")
+        elif kind == "result":
+            self._line(f"completed in {event['duration_seconds']}s: {event['output_dir']}")
+            self._line(json.dumps(event["metrics"], indent=2))
+        elif kind == "error":
+            self._line(f"error [{event['code']}]: {event['message']}")
+            for detail in event.get("details") or []:
+                self._line(f"  - {detail}")
+            if event.get("log_tail"):
+                self._line("last lines of the training log:")
+                for line in event["log_tail"]:
+                    self._line(f"  | {line}")
+
+    def _progress(self, event: dict) -> None:
+        percent = event.get("percent") or 0.0
+        filled = int(BAR_WIDTH * percent / 100)
+        bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        loss = f"{event['loss']:.4f}" if isinstance(event.get("loss"), (int, float)) else "-"
+        eta = f"{event['eta_seconds']:.0f}s" if event.get("eta_seconds") is not None else "-"
+        text = f"[{bar}] {percent:5.1f}% step {event['step']}/{event['total_steps']} loss {loss} eta {eta}"
+        if self.live:
+            self.out.write("\r" + text)
+            self.out.flush()
+            self.bar_drawn = True
+        else:
+            self._line(text)
+
+    def _end_bar(self) -> None:
+        if self.bar_drawn:
+            self.out.write("\n")
+            self.bar_drawn = False
+
+    def _line(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+def print_json(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+async def _run(job_input: Any, emit) -> int:
+    from .worker import make_handler
+
+    last: dict | None = None
+    async for event in make_handler()({"id": "local", "input": job_input}):
+        emit(event)
+        last = event
+    return 0 if last and last["type"] == "result" else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    try:
+        job_input = load_job_file(Path(args.job))
+    except (OSError, ValueError) as exc:
+        print(f"cannot read {args.job}: {exc}", file=sys.stderr)
+        return 2
+    emit = print_json if args.json else HumanPrinter(sys.stdout)
+    return asyncio.run(_run(job_input, emit))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune-worker", description="Fine-tune LLMs with Axolotl, locally or on RunPod.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a job file (like test_input.json) on this machine")
+    run.add_argument("job", help="JSON file: {\"input\": {...}} or the input object itself")
+    run.add_argument("--json", action="store_true", help="print one JSON event per line, nothing else")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The error codes of the job contract and the exception that carries them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+INVALID_INPUT = "invalid_input"
+INVALID_CONFIG = "invalid_config"
+DATASET_ERROR = "dataset_error"
+MODEL_LOAD_ERROR = "model_load_error"
+AUTH_ERROR = "auth_error"
+OUT_OF_MEMORY = "out_of_memory"
+NAN_LOSS = "nan_loss"
+DISK_FULL = "disk_full"
+TRAINING_FAILED = "training_failed"
+CANCELLED = "cancelled"
+RUN_IN_PROGRESS = "run_in_progress"
+PUSH_FAILED = "push_failed"
+INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input: where it is, what is wrong and the fix."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+@dataclass
+class JobError(Exception):
+    """Ends a job with an `error` event. `message` is safe to show a client."""
+
+    code: str
+    message: str
+    details: list[str] = field(default_factory=list)
+    log_tail: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def problems_error(code: str, problems: list[Problem]) -> JobError:
+    count = len(problems)
+    noun = "problem" if count == 1 else "problems"
+    return JobError(code, f"{count} {noun} in the job input", [str(p) for p in problems])

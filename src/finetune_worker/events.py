@@ -1,0 +1,167 @@
+"""The events a job yields (see the README's event table) and the progress tracker."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import JobError
+
+STAGES = ("validating", "preparing", "downloading", "preprocessing", "training", "evaluating", "publishing")
+STAGE_MESSAGES = {
+    "downloading": "loading the base model (downloading it unless it is cached)",
+    "preprocessing": "loading and tokenizing the datasets",
+    "training": "training started",
+}
+
+
+def status(stage: str, message: str, **fields: Any) -> dict:
+    return {"type": "status", "stage": stage, "message": message, **fields}
+
+
+def warning(message: str) -> dict:
+    return {"type": "warning", "message": message}
+
+
+def checkpoint(step: int, path: str) -> dict:
+    return {"type": "checkpoint", "step": step, "path": path}
+
+
+def evaluation(step: int | None, metrics: dict) -> dict:
+    return {"type": "eval", "step": step, **metrics}
+
+
+def result(run_id: str, output_dir: str, metrics: dict, duration_seconds: float, **fields: Any) -> dict:
+    return {
+        "type": "result",
+        "status": "completed",
+        "run_id": run_id,
+        "output_dir": output_dir,
+        "metrics": metrics,
+        "hub": fields.pop("hub", None),
+        "duration_seconds": round(duration_seconds, 2),
+        **fields,
+    }
+
+
+def error(exc: JobError) -> dict:
+    body = {"code": exc.code, "message": exc.message, "details": exc.details, "log_tail": exc.log_tail}
+    # RunPod marks a streamed job FAILED when a chunk has an "error" key; it keeps
+    # only that string, so it carries the whole error as JSON.
+    return {"type": "error", **body, "error": json.dumps(body)}
+
+
+def _round(value: Any, digits: int = 6) -> Any:
+    return round(value, digits) if isinstance(value, float) else value
+
+
+@dataclass
+class ProgressTracker:
+    """Turns the progress plugin's records into events, throttling `progress`.
+
+    Time comes from the records themselves (the training process's clock), so the
+    same records always give the same events.
+    """
+
+    min_interval: float = 1.0
+    step: int = 0
+    max_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    begin_time: float | None = None
+    begin_step: int = 0
+    now: float | None = None
+    last_emit_time: float | None = None
+    last_emitted: tuple | None = None
+    stage: str | None = None
+    nan_step: int | None = None
+    saw_train_end: bool = False
+    saw_saved: bool = False
+    metrics: dict = field(default_factory=dict)
+
+    def feed(self, record: dict) -> list[dict]:
+        """Update state from one record; return the events it causes at once."""
+        kind = record.get("kind")
+        self.now = record.get("time", self.now)
+        if record.get("max_steps"):
+            self.max_steps = record["max_steps"]
+        if kind == "stage" and record.get("stage") != self.stage:
+            self.stage = record["stage"]
+            return [status(self.stage, STAGE_MESSAGES.get(self.stage, self.stage))]
+        if kind == "train_begin":
+            self.begin_time, self.begin_step = self.now, record.get("step", 0)
+            self.step = self.begin_step
+            self.stage = "training"
+            resumed = f" from step {self.begin_step}" if self.begin_step else ""
+            return [status("training", f"training {self.max_steps} steps{resumed}", total_steps=self.max_steps)]
+        if kind == "step":
+            self.step = record["step"]
+            self.epoch = record.get("epoch", self.epoch)
+        elif kind == "log":
+            self._absorb_logs(record)
+            if any(k.startswith("eval_") for k in record.get("logs", {})):
+                return []  # eval metrics arrive as their own record
+        elif kind == "checkpoint":
+            return [checkpoint(record["step"], record["path"])]
+        elif kind == "eval":
+            metrics = {k.removeprefix("eval_"): _round(v) for k, v in record.get("metrics", {}).items()}
+            self.metrics.update({f"eval_{k}": v for k, v in metrics.items()})
+            return [evaluation(record.get("step"), metrics)]
+        elif kind == "nan_loss":
+            self.nan_step = record.get("step")
+        elif kind == "train_end":
+            self.saw_train_end = True
+        elif kind == "saved":
+            self.saw_saved = True
+        return []
+
+    def _absorb_logs(self, record: dict) -> None:
+        logs = record.get("logs", {})
+        self.step = max(self.step, record.get("step") or 0)
+        self.epoch = logs.get("epoch", self.epoch)
+        if isinstance(logs.get("loss"), (int, float)):
+            self.loss = logs["loss"]
+            self.metrics.setdefault("first_loss", _round(self.loss))
+            self.metrics["final_loss"] = _round(self.loss)
+        if isinstance(logs.get("learning_rate"), (int, float)):
+            self.learning_rate = logs["learning_rate"]
+        for key in ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second"):
+            if key in logs:
+                self.metrics[key] = _round(logs[key])
+
+    def progress_due(self, force: bool = False) -> dict | None:
+        """A `progress` event if one is due: about one a second, and always the last step."""
+        if self.begin_time is None or self.step <= 0:
+            return None
+        state = (self.step, self.loss)
+        if state == self.last_emitted:
+            return None
+        finished = self.max_steps is not None and self.step >= self.max_steps
+        waited = self.last_emit_time is None or (self.now or 0) - self.last_emit_time >= self.min_interval
+        if not (force or finished or waited):
+            return None
+        self.last_emitted, self.last_emit_time = state, self.now
+        return self.progress_event()
+
+    def progress_event(self) -> dict:
+        total = self.max_steps or 0
+        percent = round(100.0 * self.step / total, 1) if total else None
+        return {
+            "type": "progress",
+            "step": self.step,
+            "total_steps": self.max_steps,
+            "epoch": _round(self.epoch, 4),
+            "loss": _round(self.loss),
+            "learning_rate": _round(self.learning_rate, 10),
+            "percent": percent,
+            "eta_seconds": self._eta(),
+        }
+
+    def _eta(self) -> float | None:
+        done = self.step - self.begin_step
+        if not self.max_steps or done <= 0 or self.now is None or self.begin_time is None:
+            return None
+        per_step = (self.now - self.begin_time) / done
+        return round(max(0.0, per_step * (self.max_steps - self.step)), 1)

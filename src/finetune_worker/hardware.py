@@ -1,0 +1,49 @@
+"""What the worker's machine can do, detected once per job and passed around as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu_count: int = 0
+    gpu_names: tuple[str, ...] = ()
+    gpu_memory_bytes: tuple[int, ...] = ()
+    bf16: bool = False
+    compute_capability: tuple[int, int] | None = None
+    cpu_count: int = 1
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.gpu_count > 0
+
+    def describe(self) -> str:
+        if not self.has_gpu:
+            return f"CPU only ({self.cpu_count} cores)"
+        gib = self.gpu_memory_bytes[0] / 2**30 if self.gpu_memory_bytes else 0
+        return f"{self.gpu_count} x {self.gpu_names[0]} ({gib:.0f} GiB)"
+
+
+CPU_ONLY = Hardware()
+
+
+def detect_hardware() -> Hardware:
+    import os
+
+    import torch
+
+    cpus = os.cpu_count() or 1
+    if not torch.cuda.is_available():
+        return Hardware(cpu_count=cpus)
+    count = torch.cuda.device_count()
+    props = [torch.cuda.get_device_properties(i) for i in range(count)]
+    return Hardware(
+        gpu_count=count,
+        gpu_names=tuple(p.name for p in props),
+        gpu_memory_bytes=tuple(p.total_memory for p in props),
+        bf16=torch.cuda.is_bf16_supported(),
+        compute_capability=(props[0].major, props[0].minor),
+        cpu_count=cpus,
+    )

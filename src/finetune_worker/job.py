@@ -1,0 +1,96 @@
+"""The job contract: the typed request that RunPod delivers as `job["input"]`."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+)
+
+from .errors import Problem
+
+
+def _not_dot_names(value: str) -> str:
+    if value in (".", ".."):
+        raise ValueError("must not be '.' or '..'")
+    return value
+
+
+SafeId = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9._-]+$", min_length=1, max_length=64),
+    AfterValidator(_not_dot_names),
+]
+SAFE_ID_HINT = "use 1-64 letters, digits, '.', '_' or '-' (it names a directory)"
+
+
+class Credentials(BaseModel):
+    """Per-job secrets; a missing one falls back to the worker's environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hf_token: SecretStr | None = None
+    wandb_api_key: SecretStr | None = None
+
+
+class JobInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: SafeId
+    model_id: SafeId
+    run_id: SafeId
+    credentials: Credentials = Field(default_factory=Credentials)
+    args: dict[str, Any] = Field(description="An Axolotl config: any option `axolotl train` accepts.")
+
+
+def format_loc(loc: tuple[Any, ...] | list[Any]) -> str:
+    """('args', 'datasets', 0, 'type') -> 'args.datasets[0].type'."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def suggest(word: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.75)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _problem_from_pydantic(error: dict) -> Problem:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    field = loc[-1] if loc else ""
+    if kind == "extra_forbidden":
+        model = Credentials if loc[0] == "credentials" else JobInput
+        return Problem(format_loc(loc), f"unknown field{suggest(str(field), list(model.model_fields))}")
+    if kind == "missing":
+        return Problem(format_loc(loc), "required field is missing")
+    if field in ("user_id", "model_id", "run_id"):
+        return Problem(format_loc(loc), f"invalid id; {SAFE_ID_HINT}")
+    message = error["msg"].removeprefix("Value error, ")
+    return Problem(format_loc(loc), message)
+
+
+def parse_job_input(raw: Any, max_bytes: int) -> tuple[JobInput | None, list[Problem]]:
+    """Parse the request; return the job or every problem found."""
+    if not isinstance(raw, dict):
+        return None, [Problem("input", "must be a JSON object with user_id, model_id, run_id, credentials and args")]
+    size = len(json.dumps(raw, default=str))
+    if size > max_bytes:
+        return None, [Problem("input", f"request is {size} bytes; the limit is {max_bytes} bytes")]
+    try:
+        return JobInput.model_validate(raw), []
+    except ValidationError as exc:
+        return None, [_problem_from_pydantic(e) for e in exc.errors()]

@@ -1,0 +1,78 @@
+"""Where a local path in a job may point, and what a name that is not local means.
+
+A value is either a local path inside an allowed root (returned absolute), a
+Hugging Face Hub id (returned unchanged), or a problem. Pure: the only I/O is
+asking whether a candidate path exists.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".tsv")
+REMOTE_DATA_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "oci://")
+
+
+@dataclass(frozen=True)
+class PathRoots:
+    """`allowed`: where local paths may point. `lookup`: where relative ones are searched."""
+
+    allowed: tuple[Path, ...]
+    lookup: tuple[Path, ...]
+
+    def contains(self, path: Path) -> bool:
+        return any(path == root or root in path.parents for root in self.allowed)
+
+    def describe(self) -> str:
+        return ", ".join(str(r) for r in self.allowed)
+
+
+def make_roots(base_volume: Path, examples_dir: Path) -> PathRoots:
+    allowed = (base_volume.resolve(), examples_dir.resolve())
+    return PathRoots(allowed=allowed, lookup=(base_volume.resolve(), examples_dir.resolve().parent))
+
+
+class PathRejected(ValueError):
+    pass
+
+
+def resolve_local_or_hub(value: str, roots: PathRoots, *, remote_ok: bool = False) -> str:
+    """Return an absolute local path, or the value itself when it names a Hub repo."""
+    if not isinstance(value, str) or not value.strip():
+        raise PathRejected("must be a non-empty string")
+    if "://" in value:
+        if remote_ok and value.startswith(REMOTE_DATA_SCHEMES):
+            return value
+        raise PathRejected("URLs are not accepted here; use a Hub id or a path on the volume")
+    if "\x00" in value:
+        raise PathRejected("contains a NUL character")
+    pure = PurePosixPath(value)
+    if ".." in pure.parts:
+        raise PathRejected("must not contain '..'")
+    if pure.is_absolute():
+        resolved = Path(value).resolve()
+        if not roots.contains(resolved):
+            raise PathRejected(f"absolute paths must be inside the allowed roots ({roots.describe()})")
+        if not resolved.exists():
+            raise PathRejected(f"no such file or directory: {value}")
+        return str(resolved)
+    for base in roots.lookup:
+        candidate = (base / value).resolve()
+        if candidate.exists() and roots.contains(candidate):
+            return str(candidate)
+    if HUB_ID.match(value) and not value.lower().endswith(DATA_FILE_SUFFIXES):
+        return value
+    raise PathRejected(
+        f"not found under {roots.describe()} and not a Hugging Face Hub id (owner/name)"
+    )
+
+
+def resolve_inside(value: str, roots: PathRoots) -> str:
+    """A path that must be local (never a Hub id)."""
+    resolved = resolve_local_or_hub(value, roots)
+    if not Path(resolved).is_absolute():
+        raise PathRejected(f"not found under {roots.describe()}")
+    return resolved

@@ -1,0 +1,156 @@
+"""Pure translations: checked job -> Axolotl config, and -> the child's argv and env.
+
+Nothing here reads globals, files or the environment: every input is an argument.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .hardware import Hardware
+
+PROGRESS_PLUGIN = "finetune_worker.progress_plugin.ProgressPlugin"
+PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
+
+# Read by the worker, which publishes after a successful run; never given to Axolotl
+# (the HF Trainer would create the repo up front and push on every save).
+PUBLISH_KEYS = ("hub_model_id", "hub_strategy", "hub_revision", "hub_private_repo")
+
+# Axolotl features that need CUDA: turned off on a machine without a GPU.
+CUDA_ONLY_FLAGS = (
+    "bf16", "fp16", "tf32", "flash_attention", "sample_packing", "eval_sample_packing",
+    "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp",
+    "xformers_attention", "sage_attention", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
+)
+CPU_OPTIMIZER = "adamw_torch"
+CUDA_OPTIMIZER_MARKERS = ("8bit", "bnb", "paged", "apex", "fused", "ao_", "4bit")
+
+# Environment variables the child must not inherit: RunPod's job-queue addresses and keys.
+WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
+WORKER_ONLY_ENV = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Everything a run writes lives under its run directory."""
+
+    run_dir: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def job_file(self) -> Path:
+        return self.run_dir / "job.json"
+
+    @property
+    def events_file(self) -> Path:
+        return self.run_dir / "events.jsonl"
+
+    @property
+    def progress_file(self) -> Path:
+        return self.run_dir / "progress.jsonl"
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "train.log"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.run_dir / "output"
+
+    @property
+    def result_file(self) -> Path:
+        return self.run_dir / "result.json"
+
+
+def run_paths(runs_dir: Path, user_id: str, run_id: str) -> RunPaths:
+    return RunPaths(runs_dir / user_id / run_id)
+
+
+@dataclass(frozen=True)
+class AxolotlPlan:
+    config: dict[str, Any]
+    warnings: list[str]
+    publish: dict[str, Any]
+    adapted_for_cpu: list[str]
+
+
+def build_axolotl_config(args: dict[str, Any], paths: RunPaths, prepared_dir: Path, hardware: Hardware) -> AxolotlPlan:
+    config = copy.deepcopy(args)
+    warnings: list[str] = []
+    publish = {key: config.pop(key) for key in PUBLISH_KEYS if key in config}
+    for key, value in {"output_dir": str(paths.output_dir), "dataset_prepared_path": str(prepared_dir)}.items():
+        if key in config and config[key] != value:
+            warnings.append(f"args.{key} is set by the worker: {config[key]!r} was replaced with {value!r}")
+        config[key] = value
+    if "plugins" in config and PROGRESS_PLUGIN in config["plugins"]:
+        warnings.append(f"args.plugins: {PROGRESS_PLUGIN} is added by the worker; remove it from your config")
+    config["plugins"] = [p for p in config.get("plugins") or [] if p != PROGRESS_PLUGIN] + [PROGRESS_PLUGIN]
+    changed: list[str] = []
+    if not hardware.has_gpu:
+        changed = adapt_for_cpu(config)
+        if changed:
+            warnings.append("no CUDA GPU on this worker, so the config was adapted to run on CPU: " + "; ".join(changed))
+    return AxolotlPlan(config=config, warnings=warnings, publish=publish, adapted_for_cpu=changed)
+
+
+def adapt_for_cpu(config: dict[str, Any]) -> list[str]:
+    """Turn off CUDA-only features in place; return what a user-set value became."""
+    changed = []
+    for flag in CUDA_ONLY_FLAGS:
+        if config.get(flag) not in (None, False):
+            changed.append(f"{flag}: {config[flag]!r} -> false")
+        config[flag] = False
+    optimizer = config.get("optimizer")
+    if optimizer is None or any(marker in str(optimizer) for marker in CUDA_OPTIMIZER_MARKERS):
+        if optimizer is not None:
+            changed.append(f"optimizer: {optimizer!r} -> {CPU_OPTIMIZER!r}")
+        config["optimizer"] = CPU_OPTIMIZER
+    return changed
+
+
+def build_train_argv(python: str, config_file: Path, num_processes: int = 1) -> list[str]:
+    """`axolotl train`, as a module run by the worker's own interpreter."""
+    train = ["-m", "axolotl.cli.train", str(config_file)]
+    if num_processes > 1:
+        return [python, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), *train]
+    return [python, *train]
+
+
+def build_child_env(
+    base_env: Mapping[str, str],
+    *,
+    paths: RunPaths,
+    cache_dir: Path,
+    package_root: Path,
+    hf_token: str | None,
+    wandb_api_key: str | None,
+) -> dict[str, str]:
+    """The child's environment: the worker's, minus its own secrets, plus this job's."""
+    env = {
+        key: value
+        for key, value in base_env.items()
+        if key not in WORKER_ONLY_ENV and not key.startswith(WORKER_ONLY_ENV_PREFIXES)
+    }
+    env.update(
+        AXOLOTL_DO_NOT_TRACK="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        **{PROGRESS_FILE_ENV: str(paths.progress_file)},
+    )
+    env.setdefault("HF_HOME", str(cache_dir / "huggingface"))
+    python_path = [str(package_root), *filter(None, env.get("PYTHONPATH", "").split(":"))]
+    env["PYTHONPATH"] = ":".join(dict.fromkeys(python_path))
+    if hf_token:
+        env["HF_TOKEN"] = hf_token
+    if wandb_api_key:
+        env["WANDB_API_KEY"] = wandb_api_key
+    else:
+        env["WANDB_MODE"] = "disabled"
+    return env

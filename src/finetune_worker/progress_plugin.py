@@ -1,0 +1,94 @@
+"""The Axolotl plugin the worker adds to every run: it reports progress as JSON lines.
+
+It runs inside the training child process. Each record is one JSON object per line
+in the file named by FINETUNE_PROGRESS_FILE; the worker tails that file and turns
+records into events. Only the main process (rank 0) writes.
+
+Records: {"kind": "stage", "stage": ...}, {"kind": "train_begin", "max_steps": ...},
+{"kind": "step", ...}, {"kind": "log", "logs": {...}}, {"kind": "checkpoint", ...},
+{"kind": "eval", "metrics": {...}}, {"kind": "train_end", ...}, {"kind": "saved"},
+{"kind": "nan_loss", ...}. Every record has "step" (when known) and "time".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from axolotl.integrations.base import BasePlugin
+from transformers import TrainerCallback
+
+PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def write_record(kind: str, **fields) -> None:
+    path = os.environ.get(PROGRESS_FILE_ENV)
+    if not path or not _is_main_process():
+        return
+    record = {"kind": kind, "time": time.time(), **fields}
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+
+
+def _numbers(logs: dict) -> dict:
+    """Numeric entries only; NaN and inf become strings so every record is valid JSON."""
+    numbers = {}
+    for key, value in logs.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[key] = value if math.isfinite(value) else str(value)
+    return numbers
+
+
+class ProgressCallback(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):
+        write_record(
+            "train_begin",
+            step=state.global_step,
+            max_steps=state.max_steps,
+            num_train_epochs=state.num_train_epochs,
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        write_record("step", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = _numbers(logs or {})
+        write_record("log", step=state.global_step, max_steps=state.max_steps, logs=logs)
+        if isinstance(logs.get("loss"), str):
+            # Axolotl's loss watchdog compares against a threshold, which NaN never crosses.
+            write_record("nan_loss", step=state.global_step, loss=logs["loss"])
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        write_record("checkpoint", step=state.global_step, path=str(path))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        write_record("eval", step=state.global_step, metrics=_numbers(metrics or {}))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        write_record("train_end", step=state.global_step, max_steps=state.max_steps)
+
+
+class ProgressPlugin(BasePlugin):
+    """Registered by the worker in `plugins:`; users never set it themselves."""
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        write_record("stage", stage="preprocessing")
+        return None  # let Axolotl load the datasets as usual
+
+    def pre_model_load(self, cfg):
+        write_record("stage", stage="downloading")
+
+    def add_callbacks_pre_trainer(self, cfg, model):
+        return [ProgressCallback()]
+
+    def post_train_unload(self, cfg):
+        write_record("saved")

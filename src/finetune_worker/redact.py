@@ -1,0 +1,79 @@
+"""The one redaction point: every event, log line and error passes through here.
+
+Known secret values (the job's credentials, the worker's own tokens) are replaced
+wherever they appear, and anything shaped like a Hugging Face, W&B or RunPod key
+is masked too, so a token that reaches a log by some unexpected path is still
+caught.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+MASK = "***"
+MIN_SECRET_LENGTH = 6
+
+TOKEN_PATTERNS = [
+    re.compile(r"hf_[A-Za-z0-9]{8,}"),  # Hugging Face user and org tokens
+    re.compile(r"api_org_[A-Za-z0-9]{8,}"),  # legacy Hugging Face org tokens
+    re.compile(r"rpa_[A-Za-z0-9]{8,}"),  # RunPod API keys
+    re.compile(r"(?i)(wandb[_-]?api[_-]?key\s*[=:]\s*)\S+"),
+    re.compile(r"(?i)(authorization:\s*bearer\s+)\S+"),
+]
+
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY")
+
+
+class Redactor:
+    def __init__(self, secrets: Iterable[str] = ()):
+        self._secrets: set[str] = set()
+        self.add(*secrets)
+
+    def add(self, *secrets: str | None) -> None:
+        for secret in secrets:
+            if isinstance(secret, str) and len(secret.strip()) >= MIN_SECRET_LENGTH:
+                self._secrets.add(secret.strip())
+
+    def text(self, value: str) -> str:
+        # Longest first, so a secret that contains another is masked whole.
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            value = value.replace(secret, MASK)
+        for pattern in TOKEN_PATTERNS:
+            value = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + MASK, value)
+        return value
+
+    def value(self, value: Any) -> Any:
+        """Redact every string inside a JSON-like value (keys included)."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {self.value(k): self.value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.value(v) for v in value]
+        return value
+
+
+def secrets_in_raw_input(raw: Any) -> list[str]:
+    """Every string under `credentials`, even when the input is otherwise invalid."""
+    if not isinstance(raw, dict):
+        return []
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, str):
+            found.append(node)
+        elif isinstance(node, dict):
+            for item in node.values():
+                walk(item)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(raw.get("credentials"))
+    return found
+
+
+def secrets_in_env(env: dict[str, str]) -> list[str]:
+    return [env[name] for name in SECRET_ENV_VARS if env.get(name)]

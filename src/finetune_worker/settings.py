@@ -1,0 +1,54 @@
+"""The worker operator's settings, read once from the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, SecretStr
+
+RUNPOD_VOLUME = Path("/runpod-volume")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MAX_REQUEST_BYTES = 10 * 1024 * 1024  # RunPod's /run payload limit
+
+
+def default_base_volume() -> Path:
+    return RUNPOD_VOLUME if RUNPOD_VOLUME.is_dir() else Path.cwd() / "volume"
+
+
+class WorkerSettings(BaseModel):
+    base_volume: Path
+    examples_dir: Path = REPO_ROOT / "examples"
+    hf_token: SecretStr | None = None
+    wandb_api_key: SecretStr | None = None
+    allow_trust_remote_code: bool = False
+    max_request_bytes: int = MAX_REQUEST_BYTES
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
+        values: dict = {"base_volume": env.get("BASE_VOLUME") or default_base_volume()}
+        optional = {
+            "examples_dir": "FINETUNE_EXAMPLES_DIR",
+            "hf_token": "HF_TOKEN",
+            "wandb_api_key": "WANDB_API_KEY",
+            "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE",
+            "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES",
+        }
+        for field, name in optional.items():
+            if env.get(name):
+                values[field] = env[name]
+        settings = cls(**values)
+        settings.base_volume = settings.base_volume.absolute()
+        return settings
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.base_volume / "runs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.base_volume / "cache"
+
+    def allowed_roots(self) -> list[Path]:
+        """Where local paths in a job may point (the run directory is added per job)."""
+        return [self.base_volume, self.examples_dir]

@@ -1,0 +1,196 @@
+"""The training child process: start it, follow it, stop it completely.
+
+The child runs in its own process group (session), so a cancel or a worker
+shutdown can end the whole tree (accelerate launchers and their ranks included),
+and it dies with the worker (PR_SET_PDEATHSIG). Its output passes through the
+worker, line by line, so every line is redacted before it reaches the run log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from .redact import Redactor
+
+POLL_SECONDS = 0.25
+TAIL_LINES = 40
+STOP_GRACE_SECONDS = 5.0
+PR_SET_PDEATHSIG = 1
+
+# Process groups of running trainings, so a worker shutdown can end them all.
+LIVE_PROCESS_GROUPS: set[int] = set()
+_SHUTDOWN = threading.Event()
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group, read from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ... ; comm may contain spaces and parentheses
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def stop_process_group(pgid: int, grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM the whole group, then SIGKILL whatever is left after `grace` seconds."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        LIVE_PROCESS_GROUPS.discard(pgid)
+        return
+    deadline = time.monotonic() + grace
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if group_members(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    LIVE_PROCESS_GROUPS.discard(pgid)
+
+
+def request_shutdown() -> None:
+    """The worker is going away: stop every training (their jobs end `cancelled`)."""
+    _SHUTDOWN.set()
+    for pgid in list(LIVE_PROCESS_GROUPS):
+        stop_process_group(pgid)
+
+
+def shutdown_requested() -> bool:
+    return _SHUTDOWN.is_set()
+
+
+class JsonLinesTail:
+    """Reads the complete lines appended to a file since the last read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def read_new(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
+
+class TrainingProcess:
+    def __init__(self, argv: list[str], env: dict[str, str], log_file: Path, progress_file: Path, redactor: Redactor):
+        self.argv = argv
+        self.env = env
+        self.log_file = log_file
+        self.progress = JsonLinesTail(progress_file)
+        self.redactor = redactor
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.process: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def start(self) -> None:
+        self.progress.offset = self.progress.path.stat().st_size if self.progress.path.exists() else 0
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        LIVE_PROCESS_GROUPS.add(self.process.pid)
+        self._pump = asyncio.create_task(self._pump_output())
+
+    async def _pump_output(self) -> None:
+        assert self.process and self.process.stdout
+        pending = b""
+        with open(self.log_file, "a", encoding="utf-8") as log:
+            while chunk := await self.process.stdout.read(65536):
+                lines = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+                pending = lines.pop()
+                self._write_lines(log, lines)
+            if pending:
+                self._write_lines(log, [pending])
+
+    def _write_lines(self, log, lines: list[bytes]) -> None:
+        for raw in lines:
+            line = self.redactor.text(raw.decode("utf-8", errors="replace")).rstrip()
+            if not line:
+                continue
+            log.write(line + "\n")
+            self.tail.append(line)
+        log.flush()
+
+    async def records(self) -> AsyncIterator[list[dict]]:
+        """Batches of progress records, until the process exits and its output is drained."""
+        assert self.process
+        while self.process.returncode is None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.process.wait()), POLL_SECONDS)
+            except TimeoutError:
+                pass
+            batch = self.progress.read_new()
+            if batch:
+                yield batch
+        if self._pump:
+            await self._pump
+        # Ranks or helpers the child left behind must not keep holding the GPU.
+        if group_members(self.process.pid):
+            stop_process_group(self.process.pid, grace=1.0)
+        LIVE_PROCESS_GROUPS.discard(self.process.pid)
+        batch = self.progress.read_new()
+        if batch:
+            yield batch
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    def log_tail(self) -> list[str]:
+        return list(self.tail)
+
+    def stop(self) -> None:
+        """End the whole process tree now (used on cancel and shutdown)."""
+        if self.process and self.process.pid in LIVE_PROCESS_GROUPS:
+            stop_process_group(self.process.pid)
+        if self._pump and not self._pump.done():
+            self._pump.cancel()

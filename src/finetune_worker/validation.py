@@ -1,0 +1,44 @@
+"""Step 1 of the pipeline: the whole request checked at once, before any download."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import errors
+from .args_check import ArgsContext, check_args
+from .errors import JobError, Problem, problems_error
+from .hardware import Hardware
+from .job import JobInput, parse_job_input
+from .paths import make_roots
+from .settings import WorkerSettings
+
+
+@dataclass(frozen=True)
+class ValidJob:
+    job: JobInput
+    args: dict[str, Any]  # the user's args with local paths made absolute
+
+
+def validate_job(raw: Any, settings: WorkerSettings, hardware: Hardware) -> ValidJob:
+    """Return the checked job, or raise one JobError that lists every problem."""
+    job, problems = parse_job_input(raw, settings.max_request_bytes)
+    raw_args = raw.get("args") if isinstance(raw, dict) else None
+    args: dict[str, Any] = {}
+    arg_problems: list[Problem] = []
+    if isinstance(raw_args, dict) and not any(p.path == "input" for p in problems):
+        context = ArgsContext(
+            roots=make_roots(settings.base_volume, settings.examples_dir),
+            hardware=hardware,
+            allow_trust_remote_code=settings.allow_trust_remote_code,
+        )
+        args, arg_problems = check_args(raw_args, context)
+    if problems or arg_problems:
+        code = errors.INVALID_INPUT if problems else errors.INVALID_CONFIG
+        raise problems_error(code, problems + arg_problems)
+    assert job is not None
+    return ValidJob(job=job, args=args)
+
+
+def config_problems_error(problems: list[Problem]) -> JobError:
+    return problems_error(errors.INVALID_CONFIG, problems)

@@ -1,0 +1,96 @@
+"""The RunPod side: the generator handler and the worker's start-up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .pipeline import run_job
+from .training import request_shutdown
+
+# Events a client polling /status should see as the job's latest state.
+STATUS_EVENTS = ("status", "progress")
+# RunPod's SDK logs every streamed chunk and job at DEBUG; keep it at INFO.
+QUIET_SDK_LEVELS = ("", "NOTSET", "TRACE", "DEBUG")
+
+
+def on_runpod(env=os.environ) -> bool:
+    return bool(env.get("RUNPOD_WEBHOOK_GET_JOB"))
+
+
+def make_handler(send_progress: Callable[[dict, Any], None] | None = None):
+    """The async generator handler RunPod iterates; `send_progress` feeds /status."""
+
+    async def handler(job: dict) -> AsyncIterator[dict]:
+        _chain_sigterm()
+        async for event in run_job(job.get("input")):
+            if send_progress and event["type"] in STATUS_EVENTS:
+                send_progress(job, event)
+            yield event
+
+    return handler
+
+
+def _chain_sigterm() -> None:
+    """Make SIGTERM stop the training tree before the SDK's own shutdown runs.
+
+    The SDK installs its handler when its job loop starts (after our start-up code),
+    and on SIGTERM it only waits for running jobs, so we put ours in front of it
+    the first time a job runs (always on the main thread, in the SDK's loop).
+    """
+    current = signal.getsignal(signal.SIGTERM)
+    if getattr(current, "finetune_worker", False):
+        return
+
+    def on_sigterm(signum, frame):
+        request_shutdown()
+        if callable(current):
+            current(signum, frame)
+        else:
+            raise SystemExit(128 + signum)
+
+    on_sigterm.finetune_worker = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _quiet_sdk_logs() -> None:
+    for name in ("RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"):
+        if os.environ.get(name, "").upper() in QUIET_SDK_LEVELS:
+            os.environ[name] = "INFO"
+
+
+def _warm_imports() -> None:
+    """Import Axolotl's schema before taking jobs, so validation takes milliseconds."""
+    started = time.monotonic()
+    from . import axolotl_schema
+
+    axolotl_schema.known_keys()
+    axolotl_schema.builtin_dataset_types()
+    print(f"finetune-worker: Axolotl schema loaded in {time.monotonic() - started:.1f}s", flush=True)
+
+
+def start() -> None:
+    """Entry point of the image (`python -u src/handler.py`)."""
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    _quiet_sdk_logs()
+    serving_api = "--rp_serve_api" in sys.argv or os.environ.get("RUNPOD_REALTIME_PORT")
+    if not on_runpod() and not serving_api:
+        # RunPod's local test mode never iterates a generator handler: run the job in
+        # test_input.json through the local CLI instead.
+        from .cli import main
+
+        sys.exit(main(["run", "test_input.json"]))
+
+    import runpod
+
+    _warm_imports()
+    runpod.serverless.start(
+        {
+            "handler": make_handler(runpod.serverless.progress_update if on_runpod() else None),
+            "return_aggregate_stream": True,
+        }
+    )
