@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny model and datasets built by the tests, a volume, job builders."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY")
+
+
+@pytest.fixture(scope="session")
+def volume(tmp_path_factory) -> Path:
+    """One BASE_VOLUME for the session; tests use unique run ids inside it."""
+    return tmp_path_factory.mktemp("volume")
+
+
+@pytest.fixture(scope="session")
+def tiny(volume) -> Path:
+    """The tiny Llama, tokenizer and datasets, generated here (no network)."""
+    from finetune_worker.tiny import make_tiny
+
+    assets = volume / "assets"
+    make_tiny(assets, pretrain_steps=300)
+    return assets
+
+
+@pytest.fixture
+def env(volume) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    return {**base, "BASE_VOLUME": str(volume), "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1"}
+
+
+def tiny_args(tiny: Path, **overrides: Any) -> dict[str, Any]:
+    """A short LoRA run on the tiny model (about 10 s of training on CPU)."""
+    args = {
+        "base_model": str(tiny / "tiny-llama"),
+        "datasets": [{"path": str(tiny / "tiny_alpaca.jsonl"), "type": "alpaca", "ds_type": "json"}],
+        "adapter": "lora",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "lora_target_linear": True,
+        "sequence_len": 256,
+        "micro_batch_size": 4,
+        "num_epochs": 10,
+        "learning_rate": 0.005,
+        "lr_scheduler": "cosine",
+        "warmup_steps": 2,
+        "logging_steps": 1,
+        "val_set_size": 0,
+    }
+    args.update(overrides)
+    return args
+
+
+def make_job(args: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    job = {"user_id": "tester", "model_id": "tiny", "run_id": f"run-{uuid.uuid4().hex[:8]}", "args": args}
+    job.update(fields)
+    return job
+
+
+def collect(job_input: Any, env: dict[str, str], hardware=None) -> list[dict]:
+    from finetune_worker.hardware import CPU_ONLY
+    from finetune_worker.pipeline import run_job
+
+    async def run() -> list[dict]:
+        return [event async for event in run_job(job_input, env=env, hardware=hardware or CPU_ONLY)]
+
+    return asyncio.run(run())

@@ -1,0 +1,148 @@
+"""The `args` section against Axolotl's own schema and the worker's rules."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_args
+from finetune_worker.args_check import ArgsContext, check_args
+from finetune_worker.hardware import CPU_ONLY, Hardware
+from finetune_worker.paths import make_roots
+from finetune_worker.settings import REPO_ROOT
+
+ONE_GPU = Hardware(gpu_count=1, gpu_names=("H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
+
+
+@pytest.fixture
+def ctx(volume):
+    return ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples"), hardware=CPU_ONLY)
+
+
+def problems(args, ctx):
+    return [str(p) for p in check_args(args, ctx)[1]]
+
+
+def test_valid_tiny_config_has_no_problems(tiny, ctx):
+    checked, found = check_args(tiny_args(tiny), ctx)
+    assert found == []
+    assert checked["base_model"] == str((tiny / "tiny-llama").resolve())
+
+
+def test_misspelt_dataset_type_gets_a_suggestion(tiny, ctx):
+    args = tiny_args(tiny, datasets=[{"path": str(tiny / "tiny_alpaca.jsonl"), "type": "alpacca"}])
+    assert problems(args, ctx) == ["args.datasets[0].type: unknown type 'alpacca'; did you mean 'alpaca'?"]
+
+
+@pytest.mark.parametrize("kind", ["alpaca", "alpaca:chat", "chat_template", "completion", "input_output", "alpaca_chat.load_qa", "messages"])
+def test_known_dataset_types_pass(tiny, ctx, kind):
+    args = tiny_args(tiny, datasets=[{"path": str(tiny / "tiny_alpaca.jsonl"), "type": kind}])
+    assert not [p for p in problems(args, ctx) if ".type" in p]
+
+
+def test_user_defined_dataset_type_passes(tiny, ctx):
+    custom = {"field_instruction": "instruction", "field_output": "output", "format": "{instruction}\n", "no_input_format": "{instruction}\n"}
+    args = tiny_args(tiny, datasets=[{"path": str(tiny / "tiny_alpaca.jsonl"), "type": custom}])
+    assert problems(args, ctx) == []
+
+
+def test_unknown_keys_are_caught_with_suggestions(tiny, ctx):
+    args = tiny_args(tiny, lerning_rate=1e-4)
+    args["datasets"][0]["feild_messages"] = "q"
+    found = problems(args, ctx)
+    assert "args.lerning_rate: unknown option; did you mean 'learning_rate'? (Axolotl would silently ignore it)" in found
+    assert "args.datasets[0].feild_messages: unknown field; did you mean 'field_messages'?" in found
+
+
+def test_axolotl_schema_errors_carry_their_path(tiny, ctx):
+    args = tiny_args(tiny, num_epochs="three")
+    del args["base_model"]
+    found = problems(args, ctx)
+    assert "args.base_model: required field is missing" in found
+    assert any(p.startswith("args.num_epochs: ") for p in found)
+
+
+def test_all_problems_together(tiny, ctx):
+    args = tiny_args(tiny, datasets=[{"path": "mhenrichsen/alpaca_2k_test", "type": "alpacca"}], lerning_rate=1)
+    del args["base_model"]
+    found = problems(args, ctx)
+    assert found[0] == "args.datasets[0].type: unknown type 'alpacca'; did you mean 'alpaca'?"
+    assert "args.base_model: required field is missing" in found
+    assert any(p.startswith("args.lerning_rate") for p in found)
+
+
+def test_datasets_must_be_a_list_of_objects(tiny, ctx):
+    assert problems(tiny_args(tiny, datasets="alpaca.jsonl"), ctx) == ["args.datasets: must be a non-empty list of dataset objects"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("/etc/passwd", "absolute paths must be inside the allowed roots"),
+        ("../../etc/passwd", "must not contain '..'"),
+        ("data/missing.jsonl", "not found under"),
+        ("file:///etc/passwd", "URLs are not accepted"),
+    ],
+)
+def test_dataset_paths_are_confined(tiny, ctx, value, message):
+    args = tiny_args(tiny, datasets=[{"path": value, "type": "alpaca"}])
+    found = problems(args, ctx)
+    assert len(found) == 1 and found[0].startswith("args.datasets[0].path: ") and message in found[0]
+
+
+def test_relative_paths_resolve_on_the_volume_then_the_bundled_examples(tiny, ctx, volume):
+    args = tiny_args(tiny, base_model="examples/tiny-llama", datasets=[{"path": "assets/tiny_alpaca.jsonl", "type": "alpaca"}])
+    checked, found = check_args(args, ctx)
+    assert found == []
+    assert checked["base_model"] == str((REPO_ROOT / "examples" / "tiny-llama").resolve())
+    assert checked["datasets"][0]["path"] == str((volume / "assets" / "tiny_alpaca.jsonl").resolve())
+
+
+def test_hub_ids_stay_hub_ids(tiny, ctx):
+    checked, found = check_args(tiny_args(tiny, base_model="NousResearch/Llama-3.2-1B"), ctx)
+    assert found == [] and checked["base_model"] == "NousResearch/Llama-3.2-1B"
+
+
+def test_symlink_out_of_the_volume_is_rejected(tiny, ctx, volume):
+    link = volume / "escape"
+    if not link.exists():
+        link.symlink_to("/etc")
+    found = problems(tiny_args(tiny, datasets=[{"path": str(link / "passwd"), "type": "alpaca"}]), ctx)
+    assert "inside the allowed roots" in found[0]
+
+
+def test_plugins_only_from_axolotl_integrations(tiny, ctx):
+    args = tiny_args(tiny, plugins=["os.system", "axolotl.integrations.ligr.LigerPlugin", "axolotl.integrations.liger.LigerPlugin"])
+    found = problems(args, ctx)
+    assert found[0].startswith("args.plugins[0]: only Axolotl's bundled integrations")
+    assert found[1] == "args.plugins[1]: no such integration 'ligr'; did you mean 'liger'?"
+    assert len(found) == 2
+
+
+def test_trust_remote_code_needs_the_operator(tiny, ctx):
+    assert problems(tiny_args(tiny, trust_remote_code=True), ctx)[0].startswith("args.trust_remote_code: running code")
+    allowed = ArgsContext(ctx.roots, CPU_ONLY, allow_trust_remote_code=True)
+    assert problems(tiny_args(tiny, trust_remote_code=True), allowed) == []
+
+
+def test_quantised_loading_fails_on_cpu_but_not_on_gpu(tiny, ctx):
+    args = tiny_args(tiny, adapter="qlora", load_in_4bit=True)
+    found = problems(args, ctx)
+    assert "args.load_in_4bit: 4-bit loading needs a CUDA GPU" in found[0]
+    assert found[1].startswith("args.adapter: qlora needs a CUDA GPU")
+    gpu = ArgsContext(ctx.roots, ONE_GPU)
+    assert problems(args, gpu) == []
+
+
+def test_worker_owned_keys_are_not_validated_as_paths(tiny, ctx):
+    assert problems(tiny_args(tiny, output_dir="/somewhere/else", dataset_prepared_path="../x"), ctx) == []
+
+
+def test_check_does_not_modify_the_callers_args(tiny, ctx):
+    args = tiny_args(tiny, base_model="examples/tiny-llama")
+    check_args(args, ctx)
+    assert args["base_model"] == "examples/tiny-llama"
+
+
+def test_examples_dir_is_the_repo_examples():
+    assert (REPO_ROOT / "examples" / "tiny-llama" / "config.json").is_file()
+    assert Path(REPO_ROOT / "test_input.json").is_file()

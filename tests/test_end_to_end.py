@@ -1,0 +1,167 @@
+"""Real Axolotl trainings on CPU with the tiny model, through the whole pipeline."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import collect, make_job, tiny_args
+from finetune_worker.settings import REPO_ROOT
+
+pytestmark = pytest.mark.training
+CANARY_HF = "hf_CANARYe2eTokenDoNotLeak0001"
+CANARY_WANDB = "wandb-canary-e2e-0123456789abcdef"
+
+
+def types(evs):
+    return [e["type"] for e in evs]
+
+
+def stages(evs):
+    return [e["stage"] for e in evs if e["type"] == "status"]
+
+
+@pytest.fixture(scope="module")
+def successful_run(tiny, volume):
+    """One real training shared by the assertions below (about 25 s)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "WANDB_API_KEY")}
+    env.update(BASE_VOLUME=str(volume), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    job = make_job(
+        tiny_args(tiny, output_dir="./not-here", save_steps=40, save_total_limit=1),
+        credentials={"hf_token": CANARY_HF, "wandb_api_key": CANARY_WANDB},
+    )
+    started = time.monotonic()
+    evs = collect(job, env)
+    return job, evs, time.monotonic() - started, volume / "runs" / "tester" / job["run_id"]
+
+
+def test_events_come_in_contract_order(successful_run):
+    _, evs, _, _ = successful_run
+    assert types(evs)[-1] == "result", evs[-1]
+    assert stages(evs)[:5] == ["validating", "preparing", "preprocessing", "downloading", "training"]
+    first_progress = types(evs).index("progress")
+    assert types(evs).index("status") < first_progress
+    assert "checkpoint" in types(evs)
+    warnings = [e["message"] for e in evs if e["type"] == "warning"]
+    assert any(w.startswith("args.output_dir is set by the worker") for w in warnings)
+
+
+def test_progress_events_are_complete_and_end_at_the_last_step(successful_run):
+    _, evs, _, _ = successful_run
+    progress = [e for e in evs if e["type"] == "progress"]
+    assert len(progress) >= 2
+    for event in progress:
+        assert {"step", "total_steps", "epoch", "loss", "learning_rate", "percent", "eta_seconds"} <= set(event)
+    assert progress[-1]["step"] == progress[-1]["total_steps"] == 90
+    assert progress[-1]["percent"] == 100.0
+    steps = [p["step"] for p in progress]
+    assert steps == sorted(steps)
+
+
+def test_result_reports_a_falling_loss_and_the_adapter_is_on_disk(successful_run):
+    job, evs, _, run_dir = successful_run
+    result = evs[-1]
+    assert result["status"] == "completed" and result["run_id"] == job["run_id"]
+    metrics = result["metrics"]
+    assert metrics["final_loss"] < metrics["first_loss"]
+    assert metrics["total_steps"] == 90
+    output = Path(result["output_dir"])
+    assert output == run_dir / "output"
+    assert (output / "adapter_model.safetensors").stat().st_size > 0
+    assert json.loads((output / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (output / "tokenizer.json").is_file()
+    assert json.loads((run_dir / "result.json").read_text())["metrics"] == metrics
+
+
+def test_run_directory_keeps_config_events_and_log_without_secrets(successful_run):
+    job, evs, _, run_dir = successful_run
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["output_dir"] == str(run_dir / "output")
+    assert config["plugins"][-1] == "finetune_worker.progress_plugin.ProgressPlugin"
+    assert config["bf16"] is False and config["lora_mlp_kernel"] is False
+    recorded = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert recorded == evs
+    assert "loss" in (run_dir / "train.log").read_text()
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert CANARY_HF.encode() not in data, path
+            assert CANARY_WANDB.encode() not in data, path
+    assert CANARY_HF not in json.dumps(evs) and CANARY_WANDB not in json.dumps(evs)
+
+
+def test_invalid_job_fails_fast_with_every_problem_and_starts_nothing(tiny, env, volume):
+    args = tiny_args(tiny, datasets=[{"path": str(tiny / "tiny_alpaca.jsonl"), "type": "alpacca"}])
+    del args["base_model"]
+    job = make_job(args, run_id="../x")
+    started = time.monotonic()
+    evs = collect(job, env)
+    elapsed = time.monotonic() - started
+    assert types(evs) == ["status", "error"]
+    error = evs[-1]
+    assert error["code"] == "invalid_input"
+    assert len(error["details"]) == 3
+    assert any(d.startswith("run_id: invalid id") for d in error["details"])
+    assert "args.datasets[0].type: unknown type 'alpacca'; did you mean 'alpaca'?" in error["details"]
+    assert "args.base_model: required field is missing" in error["details"]
+    assert elapsed < 15
+    assert not (volume / "runs" / "tester" / "x").exists()
+    assert not (volume / "x").exists()
+
+
+def test_config_only_problems_are_invalid_config(tiny, env):
+    evs = collect(make_job(tiny_args(tiny, lerning_rate=1e-3)), env)
+    assert evs[-1]["code"] == "invalid_config"
+    assert evs[-1]["details"] == ["args.lerning_rate: unknown option; did you mean 'learning_rate'? (Axolotl would silently ignore it)"]
+
+
+def test_crashing_training_ends_with_an_error_and_log_tail_not_a_result(tiny, env, volume):
+    broken = volume / "broken-model"
+    if not broken.exists():
+        shutil.copytree(tiny / "tiny-llama", broken)
+        (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    job = make_job(tiny_args(tiny, base_model=str(broken)), credentials={"hf_token": CANARY_HF})
+    evs = collect(job, env)
+    assert "result" not in types(evs)
+    error = evs[-1]
+    assert error["type"] == "error"
+    assert error["code"] == "model_load_error", error
+    assert error["log_tail"] and any("safetensors" in line.lower() or "error" in line.lower() for line in error["log_tail"])
+    assert json.loads(error["error"])["code"] == "model_load_error"
+    assert CANARY_HF not in json.dumps(evs)
+
+
+def test_cli_json_mode_prints_only_events_and_exits_by_outcome(tiny, env, tmp_path):
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps({"input": make_job(tiny_args(tiny, max_steps=6))}))
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune_worker.cli", "run", str(job_file), "--json"],
+        env={**env, "PYTHONPATH": str(REPO_ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = done.stdout.splitlines()
+    evs = [json.loads(line) for line in lines]
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert evs[-1]["type"] == "result" and evs[-1]["status"] == "completed"
+    assert evs[-1]["metrics"]["total_steps"] == 6
+
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_text(json.dumps({"input": make_job(tiny_args(tiny), run_id="../x")}))
+    bad = subprocess.run(
+        [sys.executable, "-m", "finetune_worker.cli", "run", str(bad_file), "--json"],
+        env={**env, "PYTHONPATH": str(REPO_ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout.splitlines()[-1])["code"] == "invalid_input"

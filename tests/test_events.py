@@ -1,0 +1,101 @@
+"""Progress records -> events: throttling, ETA, eval, and the error format."""
+
+import json
+
+from finetune_worker import events
+from finetune_worker.errors import JobError
+from finetune_worker.events import ProgressTracker
+
+
+def run_records(steps: int, seconds_per_step: float, tracker=None):
+    """Feed a training of `steps` steps; return every event the pipeline would yield."""
+    tracker = tracker or ProgressTracker()
+    batches = [[{"kind": "train_begin", "step": 0, "max_steps": steps, "time": 100.0}]]
+    for step in range(1, steps + 1):
+        t = 100.0 + step * seconds_per_step
+        batches.append([
+            {"kind": "step", "step": step, "max_steps": steps, "epoch": step / steps, "time": t},
+            {"kind": "log", "step": step, "logs": {"loss": 2.0 / step, "learning_rate": 1e-3, "epoch": step / steps}, "time": t},
+        ])
+    out = []
+    for batch in batches:  # as the pipeline reads them: a poll's worth at a time
+        for record in batch:
+            out += tracker.feed(record)
+        if progress := tracker.progress_due():
+            out.append(progress)
+    if progress := tracker.progress_due(force=True):
+        out.append(progress)
+    return out, tracker
+
+
+def progress_of(evs):
+    return [e for e in evs if e["type"] == "progress"]
+
+
+def test_progress_is_throttled_to_about_one_per_second_and_ends_with_the_last_step():
+    evs, _ = run_records(steps=1000, seconds_per_step=0.01)  # 10 s of training
+    progress = progress_of(evs)
+    assert 9 <= len(progress) <= 12
+    last = progress[-1]
+    assert last["step"] == 1000 and last["percent"] == 100.0 and last["eta_seconds"] == 0.0
+    assert last["loss"] == 2.0 / 1000
+
+
+def test_slow_steps_each_get_a_progress_event_with_eta():
+    evs, _ = run_records(steps=5, seconds_per_step=2.0)
+    progress = progress_of(evs)
+    assert [p["step"] for p in progress] == [1, 2, 3, 4, 5]
+    assert progress[0]["eta_seconds"] == 8.0
+    assert progress[0]["total_steps"] == 5 and progress[0]["percent"] == 20.0
+    assert set(progress[0]) == {"type", "step", "total_steps", "epoch", "loss", "learning_rate", "percent", "eta_seconds"}
+
+
+def test_training_status_and_metrics():
+    evs, tracker = run_records(steps=4, seconds_per_step=1.0)
+    assert evs[0] == {"type": "status", "stage": "training", "message": "training 4 steps", "total_steps": 4}
+    assert tracker.metrics["first_loss"] == 2.0 and tracker.metrics["final_loss"] == 0.5
+
+
+def test_stage_checkpoint_and_eval_records():
+    tracker = ProgressTracker()
+    assert tracker.feed({"kind": "stage", "stage": "preprocessing", "time": 1})[0]["stage"] == "preprocessing"
+    assert tracker.feed({"kind": "stage", "stage": "preprocessing", "time": 2}) == []
+    assert tracker.feed({"kind": "checkpoint", "step": 10, "path": "/r/output/checkpoint-10", "time": 3}) == [
+        {"type": "checkpoint", "step": 10, "path": "/r/output/checkpoint-10"}
+    ]
+    evaluation = tracker.feed({"kind": "eval", "step": 10, "metrics": {"eval_loss": 1.25, "eval_runtime": 0.5}, "time": 4})
+    assert evaluation == [{"type": "eval", "step": 10, "loss": 1.25, "runtime": 0.5}]
+    assert tracker.metrics["eval_loss"] == 1.25
+
+
+def test_resumed_training_reports_its_start_step_and_eta_counts_from_there():
+    tracker = ProgressTracker()
+    [begin] = tracker.feed({"kind": "train_begin", "step": 50, "max_steps": 100, "time": 0.0})
+    assert begin["message"] == "training 100 steps from step 50"
+    tracker.feed({"kind": "step", "step": 60, "time": 10.0})
+    assert tracker.progress_due()["eta_seconds"] == 40.0
+
+
+def test_nan_and_end_records_are_remembered():
+    tracker = ProgressTracker()
+    tracker.feed({"kind": "nan_loss", "step": 7, "loss": "nan", "time": 1})
+    tracker.feed({"kind": "train_end", "step": 7, "time": 2})
+    tracker.feed({"kind": "saved", "time": 3})
+    assert tracker.nan_step == 7 and tracker.saw_train_end and tracker.saw_saved
+
+
+def test_error_event_carries_a_json_error_string_for_runpod():
+    event = events.error(JobError("invalid_config", "2 problems in the job input", ["a: x", "b: y"]))
+    assert event["type"] == "error" and event["code"] == "invalid_config"
+    assert json.loads(event["error"]) == {
+        "code": "invalid_config",
+        "message": "2 problems in the job input",
+        "details": ["a: x", "b: y"],
+        "log_tail": [],
+    }
+
+
+def test_events_are_json():
+    evs, _ = run_records(steps=3, seconds_per_step=1.0)
+    for event in evs:
+        json.dumps(event, allow_nan=False)

@@ -1,0 +1,127 @@
+"""Pure translations: job -> Axolotl config, argv and child environment."""
+
+from pathlib import Path
+
+from finetune_worker.hardware import CPU_ONLY, Hardware
+from finetune_worker.plan import (
+    PROGRESS_FILE_ENV,
+    PROGRESS_PLUGIN,
+    build_axolotl_config,
+    build_child_env,
+    build_train_argv,
+    run_paths,
+)
+
+GPU = Hardware(gpu_count=1, gpu_names=("H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
+PATHS = run_paths(Path("/vol/runs"), "alice", "r1")
+PREPARED = Path("/vol/cache/prepared")
+
+
+def plan(args, hardware=GPU):
+    return build_axolotl_config(args, PATHS, PREPARED, hardware)
+
+
+def test_run_paths_live_under_the_run_directory():
+    assert PATHS.run_dir == Path("/vol/runs/alice/r1")
+    for path in (PATHS.config_file, PATHS.events_file, PATHS.log_file, PATHS.output_dir, PATHS.progress_file, PATHS.result_file):
+        assert PATHS.run_dir in path.parents
+
+
+def test_worker_owned_keys_are_set_and_a_user_value_is_replaced_with_a_warning():
+    result = plan({"base_model": "m", "output_dir": "./mine", "dataset_prepared_path": str(PREPARED)})
+    assert result.config["output_dir"] == "/vol/runs/alice/r1/output"
+    assert result.config["dataset_prepared_path"] == str(PREPARED)
+    assert result.warnings == ["args.output_dir is set by the worker: './mine' was replaced with '/vol/runs/alice/r1/output'"]
+
+
+def test_progress_plugin_is_appended_after_user_plugins():
+    result = plan({"plugins": ["axolotl.integrations.liger.LigerPlugin"]})
+    assert result.config["plugins"] == ["axolotl.integrations.liger.LigerPlugin", PROGRESS_PLUGIN]
+    assert plan({}).config["plugins"] == [PROGRESS_PLUGIN]
+
+
+def test_hub_keys_are_read_by_the_worker_not_given_to_axolotl():
+    result = plan({"hub_model_id": "alice/x", "hub_private_repo": False, "hub_strategy": "end"})
+    assert "hub_model_id" not in result.config and "hub_strategy" not in result.config
+    assert result.publish == {"hub_model_id": "alice/x", "hub_strategy": "end", "hub_private_repo": False}
+
+
+def test_gpu_config_is_left_alone():
+    args = {"bf16": "auto", "flash_attention": True, "optimizer": "adamw_bnb_8bit", "sample_packing": True}
+    result = plan(args)
+    assert {k: result.config[k] for k in args} == args
+    assert result.adapted_for_cpu == []
+
+
+def test_cpu_turns_off_cuda_features_and_says_what_changed():
+    args = {"bf16": "auto", "flash_attention": True, "optimizer": "adamw_bnb_8bit", "sample_packing": True, "fp16": False}
+    result = plan(args, CPU_ONLY)
+    config = result.config
+    assert config["bf16"] is False and config["fp16"] is False and config["tf32"] is False
+    assert config["flash_attention"] is False and config["sample_packing"] is False
+    assert config["lora_mlp_kernel"] is config["lora_qkv_kernel"] is config["lora_o_kernel"] is False
+    assert config["optimizer"] == "adamw_torch"
+    assert result.adapted_for_cpu == [
+        "bf16: 'auto' -> false",
+        "flash_attention: True -> false",
+        "sample_packing: True -> false",
+        "optimizer: 'adamw_bnb_8bit' -> 'adamw_torch'",
+    ]
+    assert result.warnings[0].startswith("no CUDA GPU on this worker")
+    assert "optimizer: 'adamw_bnb_8bit' -> 'adamw_torch'" in result.warnings[0]
+
+
+def test_cpu_with_nothing_user_visible_changed_gives_no_warning():
+    result = plan({"base_model": "m", "optimizer": "adamw_torch"}, CPU_ONLY)
+    assert result.warnings == [] and result.config["bf16"] is False
+
+
+def test_plan_does_not_modify_its_input():
+    args = {"bf16": True, "plugins": ["axolotl.integrations.liger.LigerPlugin"]}
+    plan(args, CPU_ONLY)
+    assert args == {"bf16": True, "plugins": ["axolotl.integrations.liger.LigerPlugin"]}
+
+
+def test_argv_is_a_list_without_a_shell_and_without_secrets():
+    argv = build_train_argv("/usr/bin/python3", PATHS.config_file)
+    assert argv == ["/usr/bin/python3", "-m", "axolotl.cli.train", "/vol/runs/alice/r1/config.yaml"]
+    multi = build_train_argv("/usr/bin/python3", PATHS.config_file, num_processes=2)
+    assert multi[:5] == ["/usr/bin/python3", "-m", "accelerate.commands.launch", "--num_processes", "2"]
+
+
+def env_for(base, **secrets):
+    return build_child_env(
+        base,
+        paths=PATHS,
+        cache_dir=Path("/vol/cache"),
+        package_root=Path("/app/src"),
+        hf_token=secrets.get("hf"),
+        wandb_api_key=secrets.get("wandb"),
+    )
+
+
+def test_child_env_carries_job_secrets_and_drops_the_workers_own():
+    base = {
+        "PATH": "/bin",
+        "HF_TOKEN": "hf_worker_token_value",
+        "RUNPOD_AI_API_KEY": "rpa_secret",
+        "RUNPOD_WEBHOOK_GET_JOB": "https://api/job-take/x?token=abc",
+        "PYTHONPATH": "/other",
+    }
+    env = env_for(base, hf="hf_job_token_value", wandb="wandb-key-value")
+    assert env["HF_TOKEN"] == "hf_job_token_value"
+    assert env["WANDB_API_KEY"] == "wandb-key-value"
+    assert "RUNPOD_AI_API_KEY" not in env and "RUNPOD_WEBHOOK_GET_JOB" not in env
+    assert env["PATH"] == "/bin"
+    assert env["PYTHONPATH"] == "/app/src:/other"
+    assert env[PROGRESS_FILE_ENV] == "/vol/runs/alice/r1/progress.jsonl"
+    assert env["AXOLOTL_DO_NOT_TRACK"] == "1"
+    assert env["HF_HOME"] == "/vol/cache/huggingface"
+    assert "WANDB_MODE" not in env
+
+
+def test_child_env_without_keys_turns_wandb_off_and_keeps_an_operator_hf_home():
+    env = env_for({"HF_HOME": "/models"})
+    assert "HF_TOKEN" not in env and "WANDB_API_KEY" not in env
+    assert env["WANDB_MODE"] == "disabled"
+    assert env["HF_HOME"] == "/models"
