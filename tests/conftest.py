@@ -29,7 +29,7 @@ def tiny(volume) -> Path:
     from finetune_worker.tiny import make_tiny
 
     assets = volume / "assets"
-    make_tiny(assets, pretrain_steps=300)
+    make_tiny(assets)
     return assets
 
 
@@ -52,7 +52,7 @@ def tiny_args(tiny: Path, **overrides: Any) -> dict[str, Any]:
         "sequence_len": 256,
         "micro_batch_size": 4,
         "num_epochs": 10,
-        "learning_rate": 0.005,
+        "learning_rate": 0.002,
         "lr_scheduler": "cosine",
         "warmup_steps": 2,
         "logging_steps": 1,

@@ -120,7 +120,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024):
     )
 
 
-def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: int = 2):
+def build_model(tokenizer, seed: int = 0, hidden_size: int = 128, layers: int = 2):
     """A randomly initialised Llama with a few hundred thousand parameters."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -168,7 +168,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
-def make_tiny(out_dir: Path, seed: int = 0, pretrain_steps: int = 300) -> Path:
+def make_tiny(out_dir: Path, seed: int = 0, pretrain_steps: int = 600) -> Path:
     """Write the model, tokenizer and datasets under `out_dir`; return the model dir."""
     random.seed(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
