@@ -165,3 +165,26 @@ def test_cli_json_mode_prints_only_events_and_exits_by_outcome(tiny, env, tmp_pa
     )
     assert bad.returncode == 1
     assert json.loads(bad.stdout.splitlines()[-1])["code"] == "invalid_input"
+
+
+def test_thousands_of_logged_steps_do_not_flood_the_stream(tiny, env, monkeypatch):
+    """logging_steps: 1 over 2000 steps: progress stays about one a second."""
+    import asyncio
+
+    from finetune_worker import worker
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    job = make_job(tiny_args(tiny, max_steps=2000, micro_batch_size=1, sequence_len=64, logging_steps=1))
+    started = time.monotonic()
+
+    async def run():
+        return [event async for event in worker.make_handler()({"id": "flood", "input": job})]
+
+    evs = asyncio.run(run())
+    elapsed = time.monotonic() - started
+    assert evs[-1]["type"] == "result" and evs[-1]["metrics"]["total_steps"] == 2000
+    progress = [e for e in evs if e["type"] == "progress"]
+    assert progress[-1]["step"] == 2000
+    assert len(progress) <= elapsed + 2
+    assert len(json.dumps(evs)) < 200_000

@@ -99,3 +99,11 @@ def test_events_are_json():
     evs, _ = run_records(steps=3, seconds_per_step=1.0)
     for event in evs:
         json.dumps(event, allow_nan=False)
+
+
+def test_a_ten_hour_run_streams_a_bounded_number_of_progress_events():
+    evs, _ = run_records(steps=36_000, seconds_per_step=1.0)
+    progress = progress_of(evs)
+    assert 2_000 < len(progress) < 3_500  # ~600 + 600 * ln(36000 / 600)
+    assert progress[-1]["step"] == 36_000
+    assert sum(len(json.dumps(e)) for e in progress) < 1_000_000

@@ -104,6 +104,52 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(job_input, emit))
 
 
+def _credentials_from_env(wanted: bool) -> dict[str, str]:
+    if not wanted:
+        return {}
+    names = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY"}
+    return {key: os.environ[name] for key, name in names.items() if os.environ.get(name)}
+
+
+def _follow(endpoint, job_id: str, args: argparse.Namespace) -> int:
+    from . import client
+
+    emit = print_json if args.json else HumanPrinter(sys.stdout)
+    try:
+        final = client.follow(endpoint, job_id, emit, poll_seconds=args.poll)
+    except KeyboardInterrupt:
+        if getattr(args, "cancel", False):
+            client.cancel(endpoint, job_id)
+            print(f"\ncancelled job {job_id}", file=sys.stderr)
+        else:
+            print(f"\ndetached; the job goes on. Re-attach: finetune-worker status {job_id} --endpoint {args.endpoint}", file=sys.stderr)
+        return 130
+    return 0 if final.get("type") == "result" else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from . import client
+
+    job = client.job_from_config(
+        Path(args.config),
+        user_id=args.user_id,
+        model_id=args.model_id,
+        run_id=args.run_id,
+        credentials=_credentials_from_env(args.credentials_from_env),
+    )
+    endpoint = client.connect(args.endpoint, os.environ)
+    job_id = client.submit(endpoint, job, args.execution_timeout)
+    print(f"submitted job {job_id} (run {job.get('user_id')}/{job.get('run_id')}) to endpoint {args.endpoint}", file=sys.stderr)
+    return _follow(endpoint, job_id, args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import client
+
+    endpoint = client.connect(args.endpoint, os.environ)
+    return _follow(endpoint, args.job_id, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-worker", description="Fine-tune LLMs with Axolotl, locally or on RunPod.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="JSON file: {\"input\": {...}} or the input object itself")
     run.add_argument("--json", action="store_true", help="print one JSON event per line, nothing else")
     run.set_defaults(func=cmd_run)
+
+    submit = commands.add_parser("submit", help="submit a job to a RunPod endpoint and follow it (RUNPOD_API_KEY)")
+    submit.add_argument("config", help="an Axolotl YAML (becomes args) or a job JSON")
+    submit.add_argument("--endpoint", required=True, help="the endpoint id")
+    submit.add_argument("--user-id", help="default: the job's, or 'me'")
+    submit.add_argument("--model-id", help="default: the job's, or the YAML file name")
+    submit.add_argument("--run-id", help="default: the job's, or the current time")
+    submit.add_argument("--credentials-from-env", action="store_true", help="send HF_TOKEN and WANDB_API_KEY from this shell as the job's credentials")
+    submit.add_argument("--execution-timeout", type=int, metavar="SECONDS", help="RunPod executionTimeout for this job")
+    submit.add_argument("--cancel", action="store_true", help="cancel the job on Ctrl-C (default: detach and let it run)")
+    submit.set_defaults(func=cmd_submit)
+
+    status = commands.add_parser("status", help="re-attach to a job on an endpoint and follow it to the end")
+    status.add_argument("job_id")
+    status.add_argument("--endpoint", required=True, help="the endpoint id")
+    status.add_argument("--cancel", action="store_true", help="cancel the job on Ctrl-C")
+    status.set_defaults(func=cmd_status)
+
+    for command in (submit, status):
+        command.add_argument("--json", action="store_true", help="print one JSON event per line, nothing else")
+        command.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
     return parser
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import JobError
 
+LONG_RUN_EVENTS = 600
 STAGES = ("validating", "preparing", "downloading", "preprocessing", "training", "evaluating", "publishing")
 STAGE_MESSAGES = {
     "downloading": "loading the base model (downloading it unless it is cached)",
@@ -139,11 +140,17 @@ class ProgressTracker:
         if state == self.last_emitted:
             return None
         finished = self.max_steps is not None and self.step >= self.max_steps
-        waited = self.last_emit_time is None or (self.now or 0) - self.last_emit_time >= self.min_interval
+        waited = self.last_emit_time is None or (self.now or 0) - self.last_emit_time >= self._interval()
         if not (force or finished or waited):
             return None
         self.last_emitted, self.last_emit_time = state, self.now
         return self.progress_event()
+
+    def _interval(self) -> float:
+        """About one a second, then slower for long runs, so a run of any length
+        streams a bounded number of progress events (~N + N*ln(T/N), N=600)."""
+        elapsed = (self.now or 0) - (self.begin_time or 0)
+        return max(self.min_interval, elapsed / LONG_RUN_EVENTS)
 
     def progress_event(self) -> dict:
         total = self.max_steps or 0

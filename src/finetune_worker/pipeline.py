@@ -39,6 +39,22 @@ class JobState:
     """What the outer wrapper needs to know about the job as it goes."""
 
     paths: RunPaths | None = None
+    training: TrainingProcess | None = None
+    ended: bool = False
+
+    def on_task_done(self, task: asyncio.Task) -> None:
+        """Stop the training when the job's task ends, however it ends.
+
+        A cancel (RunPod's /cancel or timeout, Ctrl-C) often lands while this
+        generator is suspended at a `yield` and the SDK is awaiting something else;
+        the generator is then never resumed or closed, so its `finally` cannot be
+        relied on. The task's done-callback always runs.
+        """
+        if self.training is not None:
+            self.training.stop()
+        if task.cancelled() and not self.ended and self.paths:
+            append_event(self.paths, events.error(JobError(errors.CANCELLED, "the job was cancelled")))
+            self.ended = True
 
 
 async def run_job(
@@ -49,21 +65,20 @@ async def run_job(
     env = dict(os.environ if env is None else env)
     redactor = Redactor(secrets_in_raw_input(raw_input) + secrets_in_env(env))
     state = JobState()
+    task = asyncio.current_task()
+    if task is not None:
+        task.add_done_callback(state.on_task_done)
     early: list[dict] = []  # events from before the run directory exists
-    try:
-        async for event in _pipeline(raw_input, env, hardware, state):
-            event = redactor.value(event)
-            if state.paths:
-                for pending in [*early, event]:
-                    append_event(state.paths, pending)
-                early.clear()
-            else:
-                early.append(event)
-            yield event
-    except asyncio.CancelledError:
+    async for event in _pipeline(raw_input, env, hardware, state):
+        event = redactor.value(event)
         if state.paths:
-            append_event(state.paths, events.error(JobError(errors.CANCELLED, "the job was cancelled")))
-        raise
+            for pending in [*early, event]:
+                append_event(state.paths, pending)
+            early.clear()
+        else:
+            early.append(event)
+        state.ended = event["type"] in ("result", "error")
+        yield event
 
 
 async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | None, state: JobState) -> AsyncIterator[dict]:
@@ -89,6 +104,7 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         yield events.status("preparing", f"run directory {paths.run_dir} on {hardware.describe()}", run_dir=str(paths.run_dir))
 
         training = _training_process(valid, plan, paths, settings, env, Redactor(_job_secrets(valid, settings)))
+        state.training = training
         await training.start()
         tracker = ProgressTracker()
         async for batch in training.records():

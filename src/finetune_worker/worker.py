@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -22,14 +23,26 @@ def on_runpod(env=os.environ) -> bool:
     return bool(env.get("RUNPOD_WEBHOOK_GET_JOB"))
 
 
+# RunPod keeps every streamed chunk in the aggregated output (10 MB at most): past
+# this many bytes only the events that matter at the end are still streamed (all of
+# them stay in the run's events.jsonl).
+AGGREGATE_BUDGET_BYTES = 4 * 1024 * 1024
+DROPPABLE_EVENTS = ("progress", "checkpoint", "eval", "warning", "status")
+
+
 def make_handler(send_progress: Callable[[dict, Any], None] | None = None):
     """The async generator handler RunPod iterates; `send_progress` feeds /status."""
 
     async def handler(job: dict) -> AsyncIterator[dict]:
         _chain_sigterm()
+        streamed = 0
         async for event in run_job(job.get("input")):
             if send_progress and event["type"] in STATUS_EVENTS:
                 send_progress(job, event)
+            size = len(json.dumps(event))
+            if streamed + size > AGGREGATE_BUDGET_BYTES and event["type"] in DROPPABLE_EVENTS:
+                continue
+            streamed += size
             yield event
 
     return handler

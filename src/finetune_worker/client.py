@@ -1,0 +1,105 @@
+"""A client for a deployed endpoint, on runpod's own SDK: submit, follow, cancel."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_BASE_URL = "https://api.runpod.ai/v2"
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+
+
+def job_from_config(path: Path, *, user_id: str | None, model_id: str | None, run_id: str | None, credentials: Mapping[str, str]) -> dict:
+    """An Axolotl YAML becomes the `args` of a new job; a job JSON is used as it is.
+
+    Ids given on the command line win; a YAML needs a model id (default: the file
+    name) and gets a run id from the clock when none is given.
+    """
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        job = dict(data.get("input", data)) if isinstance(data, dict) else {}
+    else:
+        job = {"args": yaml.safe_load(text) or {}}
+        job.setdefault("model_id", path.stem)
+        job.setdefault("run_id", time.strftime("%Y%m%d-%H%M%S"))
+        job.setdefault("user_id", "me")
+    for key, value in {"user_id": user_id, "model_id": model_id, "run_id": run_id}.items():
+        if value:
+            job[key] = value
+    if credentials:
+        job["credentials"] = {**(job.get("credentials") or {}), **credentials}
+    return job
+
+
+def connect(endpoint_id: str, env: Mapping[str, str]):
+    """runpod.Endpoint for `endpoint_id`; RUNPOD_ENDPOINT_BASE_URL points it elsewhere."""
+    import runpod
+
+    api_key = env.get("RUNPOD_API_KEY")
+    if not api_key:
+        raise SystemExit("RUNPOD_API_KEY is not set: create a key at https://console.runpod.io/user/settings")
+    runpod.endpoint_url_base = env.get("RUNPOD_ENDPOINT_BASE_URL", DEFAULT_BASE_URL)
+    return runpod.Endpoint(endpoint_id, api_key=api_key)
+
+
+def submit(endpoint, job_input: dict, execution_timeout_s: int | None = None) -> str:
+    body: dict[str, Any] = {"input": job_input}
+    if execution_timeout_s:
+        body["policy"] = {"executionTimeout": execution_timeout_s * 1000}
+    reply = endpoint.rp_client.post(f"{endpoint.endpoint_id}/run", body)
+    return reply["id"]
+
+
+def cancel(endpoint, job_id: str) -> dict:
+    return endpoint.rp_client.post(f"{endpoint.endpoint_id}/cancel/{job_id}", data=None)
+
+
+def final_event(state: dict) -> dict:
+    """The job's last event from a terminal /status reply."""
+    status = state.get("status")
+    if status == "COMPLETED":
+        output = state.get("output")
+        if isinstance(output, list) and output:
+            return output[-1]
+        return {"type": "result", "status": "completed", "output": output}
+    if status == "FAILED":
+        error = state.get("error")
+        try:
+            body = json.loads(error)
+        except (TypeError, ValueError):
+            body = {"code": "failed", "message": str(error)}
+        return {"type": "error", **body} if isinstance(body, dict) else {"type": "error", "code": "failed", "message": str(body)}
+    return {"type": "error", "code": "cancelled", "message": f"the job ended {status}", "details": [], "log_tail": []}
+
+
+def follow(
+    endpoint,
+    job_id: str,
+    emit: Callable[[dict], None],
+    poll_seconds: float = 1.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict:
+    """Print streamed events until the job ends; return its final event.
+
+    The SDK's own Job.stream() never stops for a CANCELLED job, so this loop asks
+    /stream and /status itself.
+    """
+    ep = endpoint.endpoint_id
+    last = None
+    while True:
+        state = endpoint.rp_client.get(f"{ep}/stream/{job_id}")
+        for chunk in state.get("stream") or []:
+            last = chunk.get("output")
+            emit(last)
+        if state.get("status") in TERMINAL:
+            final = final_event(endpoint.rp_client.get(f"{ep}/status/{job_id}"))
+            if final != last:
+                emit(final)  # a failed job's error never reaches /stream; a re-attach may have missed the result
+            return final
+        sleep(poll_seconds)
