@@ -125,13 +125,18 @@ def _data_files_problems(entry: dict, where: str, ctx: ArgsContext) -> list[Prob
 
 
 def _unknown_key_problems(args: dict) -> list[Problem]:
-    plugins = tuple(p for p in args.get("plugins") or [] if isinstance(p, str) and axolotl_schema.plugin_problem(p) is None)
+    plugins = tuple(p for p in _plugin_list(args) if axolotl_schema.plugin_problem(p) is None)
     known = axolotl_schema.known_keys(plugins) | WORKER_READ_KEYS
     return [
         Problem(f"args.{key}", f"unknown option{suggest(key, sorted(known))} (Axolotl would silently ignore it)")
         for key in args
         if key not in known
     ]
+
+
+def _plugin_list(args: dict) -> list[str]:
+    plugins = args.get("plugins")
+    return [p for p in plugins if isinstance(p, str)] if isinstance(plugins, list) else []
 
 
 def _plugin_problems(args: dict) -> list[Problem]:
@@ -199,5 +204,5 @@ def _schema_problems(args: dict, bad_datasets: set[tuple[str, int]]) -> list[Pro
         candidate[key] = list(candidate[key])
         candidate[key][index] = dict(PLACEHOLDER_DATASET)
     reported = tuple(f"args.{key}[{index}]" for key, index in bad_datasets)
-    plugins = tuple(args.get("plugins") or ())
+    plugins = tuple(_plugin_list(args))
     return [p for p in axolotl_schema.schema_problems(candidate, plugins) if not p.path.startswith(reported)]

@@ -190,6 +190,6 @@ def schema_problems(args: dict[str, Any], plugins: tuple[str, ...] = ()) -> list
             if error["type"] == "missing":
                 message = "required field is missing"
             problems.append(Problem(format_loc(("args", *error["loc"])), message))
-    except (ValueError, TypeError, AssertionError, KeyError) as exc:
-        problems.append(Problem("args", str(exc) or exc.__class__.__name__))
+    except Exception as exc:  # noqa: BLE001 - Axolotl's validators crash on some inputs (e.g. a null base_model_config)
+        problems.append(Problem("args", f"Axolotl's config validation failed: {type(exc).__name__}: {exc}"))
     return problems

@@ -134,7 +134,7 @@ class ProgressTracker:
 
     def progress_due(self, force: bool = False) -> dict | None:
         """A `progress` event if one is due: about one a second, and always the last step."""
-        if self.begin_time is None or self.step <= 0:
+        if self.begin_time is None or self.step <= self.begin_step:
             return None
         state = (self.step, self.loss)
         if state == self.last_emitted:

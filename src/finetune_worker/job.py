@@ -50,6 +50,10 @@ class JobInput(BaseModel):
     run_id: SafeId
     credentials: Credentials = Field(default_factory=Credentials)
     args: dict[str, Any] = Field(description="An Axolotl config: any option `axolotl train` accepts.")
+    restart: bool = Field(
+        default=False,
+        description="Train this run_id again from scratch; an earlier attempt is kept, renamed <run_id>.previous-<time>.",
+    )
 
 
 def format_loc(loc: tuple[Any, ...] | list[Any]) -> str:

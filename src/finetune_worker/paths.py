@@ -61,8 +61,11 @@ def resolve_local_or_hub(value: str, roots: PathRoots, *, remote_ok: bool = Fals
         return str(resolved)
     for base in roots.lookup:
         candidate = (base / value).resolve()
-        if candidate.exists() and roots.contains(candidate):
-            return str(candidate)
+        if not candidate.exists():
+            continue
+        if not roots.contains(candidate):
+            raise PathRejected(f"resolves outside the allowed roots ({roots.describe()}), through a symlink")
+        return str(candidate)
     if HUB_ID.match(value) and not value.lower().endswith(DATA_FILE_SUFFIXES):
         return value
     raise PathRejected(

@@ -1,20 +1,22 @@
 """One job, top to bottom: validate -> plan -> prepare run dir -> train -> result.
 
 `run_job` is the async generator every entry point drives (RunPod's handler, the
-local CLI, the tests). Every event it yields has passed the redactor and has been
-appended to the run's events.jsonl.
+local CLI, the tests). Every event it yields has passed the job's one redactor and
+has been appended to the run's events.jsonl.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,19 @@ from .failures import diagnose
 from .hardware import Hardware, detect_hardware
 from .plan import AxolotlPlan, RunPaths, build_axolotl_config, build_child_env, build_train_argv, run_paths
 from .redact import Redactor, secrets_in_env, secrets_in_raw_input
-from .rundir import append_event, prepare_run_dir, write_config, write_json
+from .resources import estimate_disk, gib, model_facts
+from .rundir import (
+    PreviousRun,
+    append_event,
+    args_digest,
+    inspect_previous,
+    move_aside,
+    prepare_run_dir,
+    set_aside_diverged,
+    write_config,
+    write_json,
+)
+from .runlock import RunLock, RunLocked
 from .settings import WorkerSettings
 from .training import TrainingProcess, shutdown_requested
 from .validation import ValidJob, config_problems_error, validate_job
@@ -36,14 +50,16 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class JobState:
-    """What the outer wrapper needs to know about the job as it goes."""
+    """What outlives the generator: the run's paths, its lock and its training."""
 
+    redactor: Redactor = field(default_factory=Redactor)
     paths: RunPaths | None = None
+    lock: RunLock | None = None
     training: TrainingProcess | None = None
     ended: bool = False
 
     def on_task_done(self, task: asyncio.Task) -> None:
-        """Stop the training when the job's task ends, however it ends.
+        """Stop the training and free the run when the job's task ends, however it ends.
 
         A cancel (RunPod's /cancel or timeout, Ctrl-C) often lands while this
         generator is suspended at a `yield` and the SDK is awaiting something else;
@@ -52,9 +68,14 @@ class JobState:
         """
         if self.training is not None:
             self.training.stop()
-        if task.cancelled() and not self.ended and self.paths:
+        if task.cancelled() and not self.ended and self.paths and self.paths.run_dir.is_dir():
             append_event(self.paths, events.error(JobError(errors.CANCELLED, "the job was cancelled")))
             self.ended = True
+        self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 async def run_job(
@@ -63,27 +84,27 @@ async def run_job(
     hardware: Hardware | None = None,
 ) -> AsyncIterator[dict]:
     env = dict(os.environ if env is None else env)
-    redactor = Redactor(secrets_in_raw_input(raw_input) + secrets_in_env(env))
-    state = JobState()
+    state = JobState(redactor=Redactor(secrets_in_raw_input(raw_input) + secrets_in_env(env)))
     task = asyncio.current_task()
     if task is not None:
         task.add_done_callback(state.on_task_done)
     early: list[dict] = []  # events from before the run directory exists
     async for event in _pipeline(raw_input, env, hardware, state):
-        event = redactor.value(event)
-        if state.paths:
+        event = state.redactor.value(event)
+        if state.paths and state.paths.run_dir.is_dir():
             for pending in [*early, event]:
                 append_event(state.paths, pending)
             early.clear()
         else:
             early.append(event)
         state.ended = event["type"] in ("result", "error")
+        if state.ended:
+            state.release()
         yield event
 
 
 async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | None, state: JobState) -> AsyncIterator[dict]:
     started = time.monotonic()
-    training: TrainingProcess | None = None
     yield events.status("validating", "checking the job input and the Axolotl config")
     try:
         settings = WorkerSettings.from_env(env)
@@ -97,46 +118,127 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         for message in plan.warnings:
             yield events.warning(message)
 
-        prepare_run_dir(paths)
+        for event in _take_run(valid, paths, state):
+            yield event
         state.paths = paths
+        previous = inspect_previous(paths)
+        _check_same_config(previous, valid)
+        if previous.result is not None:
+            yield events.status("preparing", "this run already completed; returning its stored result (send restart: true to train it again)")
+            yield {**previous.result, "reused": True}
+            return
+        for event in _resume_point(previous, plan):
+            yield event
+        _check_disk(plan.config, settings, env)
+
+        prepare_run_dir(paths)
         write_config(paths, plan.config)
         write_json(paths.job_file, _job_record(valid))
         yield events.status("preparing", f"run directory {paths.run_dir} on {hardware.describe()}", run_dir=str(paths.run_dir))
 
-        training = _training_process(valid, plan, paths, settings, env, Redactor(_job_secrets(valid, settings)))
-        state.training = training
-        await training.start()
         tracker = ProgressTracker()
-        async for batch in training.records():
-            for record in batch:
-                for event in tracker.feed(record):
-                    yield event
-            if progress := tracker.progress_due():
-                yield progress
-        if progress := tracker.progress_due(force=True):
-            yield progress
-        _raise_unless_trained(training, tracker)
-
+        async for event in _train(valid, plan, paths, settings, env, state, tracker):
+            yield event
         metrics = {**tracker.metrics, "total_steps": tracker.max_steps}
         result = events.result(valid.job.run_id, str(paths.output_dir), metrics, time.monotonic() - started)
         write_json(paths.result_file, result)
         yield result
     except JobError as exc:
-        if training is not None and not exc.log_tail:
-            exc.log_tail = training.log_tail()
+        if state.training is not None and not exc.log_tail:
+            exc.log_tail = state.training.log_tail()
         yield events.error(exc)
-    except Exception as exc:  # a worker bug: say so without leaking internals to the client
-        LOG.error("unexpected error: %s", traceback.format_exc())
-        yield events.error(JobError(errors.INTERNAL_ERROR, f"the worker hit an unexpected {type(exc).__name__}; see the worker log"))
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            yield events.error(JobError(errors.DISK_FULL, "the volume is full (No space left on device); free space or use a larger volume"))
+        else:  # a worker bug: say so without leaking internals to the client
+            LOG.error("unexpected error: %s", state.redactor.text(traceback.format_exc()))
+            yield events.error(JobError(errors.INTERNAL_ERROR, f"the worker hit an unexpected {type(exc).__name__}; see the worker log"))
     finally:
-        if training is not None:
-            training.stop()
+        if state.training is not None:
+            state.training.stop()
 
 
-def _job_secrets(valid: ValidJob, settings: WorkerSettings) -> list[str]:
+def _take_run(valid: ValidJob, paths: RunPaths, state: JobState) -> list[dict]:
+    """Lock the run (one job per run on the whole volume); move an old attempt aside on restart."""
+    paths.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(paths.lock_file, job_id=valid.job.run_id)
+    try:
+        lock.acquire()
+    except RunLocked as exc:
+        owner = exc.owner
+        where = f" (worker {owner.get('host', '?')}, pid {owner.get('pid', '?')})" if owner else ""
+        raise JobError(errors.RUN_IN_PROGRESS, f"run {valid.job.user_id}/{valid.job.run_id} is already running{where}; wait for it or use another run_id") from None
+    state.lock = lock
+    out = []
+    if lock.took_over:
+        out.append(events.warning(f"took over the lock of a worker that stopped ({lock.took_over.get('host', '?')}, pid {lock.took_over.get('pid', '?')})"))
+    if valid.job.restart:
+        moved = move_aside(paths.run_dir)
+        if moved:
+            out.append(events.status("preparing", f"restart: the earlier attempt was kept as {moved.name}"))
+    return out
+
+
+def _check_same_config(previous: PreviousRun, valid: ValidJob) -> None:
+    if previous.has_work and previous.args_digest not in (None, args_digest(valid.args)):
+        raise JobError(
+            errors.INVALID_INPUT,
+            "this run_id already has checkpoints or a result from a different config; "
+            "use a new run_id, or send restart: true to train again from scratch (the earlier attempt is kept)",
+        )
+
+
+def _resume_point(previous: PreviousRun, plan: AxolotlPlan) -> list[dict]:
+    out = []
+    for skipped in previous.skipped_checkpoints:
+        out.append(events.warning(f"{skipped.name} is incomplete (the worker stopped while writing it) and is skipped"))
+    if previous.checkpoint is not None:
+        plan.config["resume_from_checkpoint"] = str(previous.checkpoint)
+        step = previous.checkpoint.name.removeprefix("checkpoint-")
+        out.append(events.status("preparing", f"resuming from step {step} ({previous.checkpoint.name})", resumed_from_step=int(step)))
+    return out
+
+
+def _check_disk(config: dict, settings: WorkerSettings, env: Mapping[str, str]) -> None:
+    hf_home = Path(env.get("HF_HOME") or settings.cache_dir / "huggingface")
+    estimate = estimate_disk(config, model_facts(str(config.get("base_model", "")), hf_home))
+    if estimate is None:
+        return
+    free = shutil.disk_usage(settings.base_volume).free
+    if estimate.total > free:
+        raise JobError(
+            errors.DISK_FULL,
+            f"this run will write {estimate.describe()}, but the volume has {gib(free)} free; "
+            "free space, lower save_total_limit, or use a larger volume",
+        )
+
+
+async def _train(
+    valid: ValidJob, plan: AxolotlPlan, paths: RunPaths, settings: WorkerSettings, env: Mapping[str, str], state: JobState, tracker: ProgressTracker
+) -> AsyncIterator[dict]:
+    """Run `axolotl train` in a child process and turn its progress records into events."""
     creds = valid.job.credentials
-    values = [creds.hf_token, creds.wandb_api_key, settings.hf_token, settings.wandb_api_key]
-    return [v.get_secret_value() for v in values if v is not None]
+    hf_token = _secret(creds.hf_token, settings.hf_token)
+    wandb_api_key = _secret(creds.wandb_api_key, settings.wandb_api_key)
+    state.redactor.add(hf_token, wandb_api_key)
+    child_env = build_child_env(
+        env, paths=paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token, wandb_api_key=wandb_api_key
+    )
+    argv = build_train_argv(sys.executable, paths.config_file)
+    training = TrainingProcess(argv, child_env, paths.log_file, paths.progress_file, state.redactor)
+    state.training = training
+    await training.start()
+    async for batch in training.records():
+        for record in batch:
+            for event in tracker.feed(record):
+                yield event
+        if progress := tracker.progress_due():
+            yield progress
+    if progress := tracker.progress_due(force=True):
+        yield progress
+    if tracker.nan_step is not None:
+        set_aside_diverged(paths.output_dir, tracker.nan_step)
+    _raise_unless_trained(training, tracker)
 
 
 def _secret(job_value, worker_value) -> str | None:
@@ -144,27 +246,12 @@ def _secret(job_value, worker_value) -> str | None:
     return chosen.get_secret_value() if chosen else None
 
 
-def _training_process(
-    valid: ValidJob, plan: AxolotlPlan, paths: RunPaths, settings: WorkerSettings, env: Mapping[str, str], redactor: Redactor
-) -> TrainingProcess:
-    creds = valid.job.credentials
-    child_env = build_child_env(
-        env,
-        paths=paths,
-        cache_dir=settings.cache_dir,
-        package_root=PACKAGE_ROOT,
-        hf_token=_secret(creds.hf_token, settings.hf_token),
-        wandb_api_key=_secret(creds.wandb_api_key, settings.wandb_api_key),
-    )
-    argv = build_train_argv(sys.executable, paths.config_file)
-    return TrainingProcess(argv, child_env, paths.log_file, paths.progress_file, redactor)
-
-
 def _job_record(valid: ValidJob) -> dict:
     creds = valid.job.credentials
     return {
         **valid.job.model_dump(exclude={"credentials", "args"}),
         "credentials_given": {"hf_token": creds.hf_token is not None, "wandb_api_key": creds.wandb_api_key is not None},
+        "args_sha256": args_digest(valid.args),
         "args": valid.job.args,
     }
 

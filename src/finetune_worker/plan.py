@@ -68,6 +68,12 @@ class RunPaths:
     def result_file(self) -> Path:
         return self.run_dir / "result.json"
 
+    @property
+    def lock_file(self) -> Path:
+        # Beside the run directory, so it can be held before the directory exists
+        # and while an earlier attempt is moved aside.
+        return self.run_dir.with_name(f"{self.run_dir.name}.lock")
+
 
 def run_paths(runs_dir: Path, user_id: str, run_id: str) -> RunPaths:
     return RunPaths(runs_dir / user_id / run_id)

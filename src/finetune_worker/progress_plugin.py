@@ -61,9 +61,13 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = _numbers(logs or {})
         write_record("log", step=state.global_step, max_steps=state.max_steps, logs=logs)
-        if isinstance(logs.get("loss"), str):
-            # Axolotl's loss watchdog compares against a threshold, which NaN never crosses.
-            write_record("nan_loss", step=state.global_step, loss=logs["loss"])
+        diverged = {k: logs[k] for k in ("loss", "grad_norm") if isinstance(logs.get(k), str)}
+        if diverged:
+            # Axolotl's loss watchdog compares against a threshold, which NaN never
+            # crosses, and the Trainer's logging_nan_inf_filter hides a NaN loss (it
+            # logs 0.0), but the gradient norm still shows it: once it is NaN the
+            # optimizer step has poisoned the weights.
+            write_record("nan_loss", step=state.global_step, **diverged)
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):

@@ -121,6 +121,7 @@ class TrainingProcess:
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.process: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task | None = None
+        self.log_failed = False
 
     @property
     def pid(self) -> int | None:
@@ -134,6 +135,7 @@ class TrainingProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=self.env,
+            cwd=self.log_file.parent,  # the run directory: no relative path means anything else
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -143,7 +145,9 @@ class TrainingProcess:
     async def _pump_output(self) -> None:
         assert self.process and self.process.stdout
         pending = b""
-        with open(self.log_file, "a", encoding="utf-8") as log:
+        # Unbuffered: a full volume fails a write here and there, never the close.
+        with open(self.log_file, "ab", buffering=0) as log:
+            self._write_lines(log, [f"===== training process {self.process.pid} started {time.strftime('%Y-%m-%d %H:%M:%S %Z')} =====".encode()])
             while chunk := await self.process.stdout.read(65536):
                 lines = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
                 pending = lines.pop()
@@ -156,9 +160,12 @@ class TrainingProcess:
             line = self.redactor.text(raw.decode("utf-8", errors="replace")).rstrip()
             if not line:
                 continue
-            log.write(line + "\n")
             self.tail.append(line)
-        log.flush()
+            if not self.log_failed:
+                try:
+                    log.write((line + "\n").encode())
+                except OSError:  # a full volume: keep the tail in memory, keep draining the pipe
+                    self.log_failed = True
 
     async def records(self) -> AsyncIterator[list[dict]]:
         """Batches of progress records, until the process exits and its output is drained."""

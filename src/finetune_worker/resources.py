@@ -1,0 +1,139 @@
+"""How big the model is, and how much disk a run will write, before it starts.
+
+The estimate (documented in the README):
+
+  total = download + kept_checkpoints x checkpoint + final (+ merged), plus 10%
+  download   = weight bytes of the base model, when it is not local or cached
+  checkpoint = full fine-tune: weights + Adam's two fp32 states (8 bytes/param)
+               LoRA: adapter params x 4 bytes x 3 (weights + two Adam states)
+  final      = weights (full) or adapter (LoRA)
+  kept       = save_total_limit, else the number of saves the config asks for (max 10)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
+LORA_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MARGIN = 1.10
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    weight_bytes: int | None
+    needs_download: bool
+    config: dict | None  # the model's config.json, when it is on disk
+
+    @property
+    def bytes_per_param(self) -> int:
+        dtype = (self.config or {}).get("torch_dtype") or (self.config or {}).get("dtype") or "bfloat16"
+        return BYTES_PER_DTYPE.get(str(dtype), 2)
+
+    @property
+    def params(self) -> int | None:
+        return self.weight_bytes // self.bytes_per_param if self.weight_bytes else None
+
+
+def weights_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def _cached_snapshot(hub_id: str, hf_home: Path) -> Path | None:
+    cache = hf_home / "hub" / ("models--" + hub_id.replace("/", "--")) / "snapshots"
+    snapshots = sorted(cache.glob("*"), key=lambda p: p.stat().st_mtime) if cache.is_dir() else []
+    return snapshots[-1] if snapshots else None
+
+
+def model_facts(base_model: str, hf_home: Path) -> ModelFacts:
+    """Size and config of the base model, from disk only (a local dir or the HF cache)."""
+    local = Path(base_model)
+    directory = local if local.is_absolute() and local.is_dir() else _cached_snapshot(base_model, hf_home)
+    if directory is None:
+        return ModelFacts(weight_bytes=None, needs_download=True, config=None)
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    return ModelFacts(weight_bytes=weights_size(directory), needs_download=False, config=config)
+
+
+def lora_params(cfg: dict[str, Any], model_config: dict | None, params: int) -> int:
+    """Trainable LoRA parameters: r x (in + out) for every targeted linear layer."""
+    r = int(cfg.get("lora_r") or 8)
+    if not model_config or "hidden_size" not in model_config:
+        return int(params * 0.01 * r / 16)
+    hidden = model_config["hidden_size"]
+    inter = model_config.get("intermediate_size", 4 * hidden)
+    heads = model_config.get("num_attention_heads", 1)
+    kv_heads = model_config.get("num_key_value_heads", heads)
+    kv = hidden * kv_heads // heads
+    shapes = {
+        "q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+    }
+    targets = LORA_LINEAR_NAMES if cfg.get("lora_target_linear") else (cfg.get("lora_target_modules") or ("q_proj", "v_proj"))
+    per_layer = sum(r * sum(shapes[name]) for name in targets if name in shapes)
+    return per_layer * model_config.get("num_hidden_layers", 1)
+
+
+def kept_checkpoints(cfg: dict[str, Any]) -> int:
+    if cfg.get("save_strategy") == "no":
+        return 0
+    if cfg.get("save_total_limit"):
+        return int(cfg["save_total_limit"])
+    if cfg.get("max_steps") and cfg.get("save_steps"):
+        return min(10, math.ceil(cfg["max_steps"] / cfg["save_steps"]))
+    epochs = math.ceil(float(cfg.get("num_epochs") or 1))
+    return min(10, epochs * int(cfg.get("saves_per_epoch") or 1))
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    download: int
+    checkpoint: int
+    kept: int
+    final: int
+    merged: int
+
+    @property
+    def total(self) -> int:
+        return int((self.download + self.kept * self.checkpoint + self.final + self.merged) * MARGIN)
+
+    def describe(self) -> str:
+        parts = [f"{gib(self.download)} model download"] if self.download else []
+        parts.append(f"{self.kept} checkpoint(s) of {gib(self.checkpoint)}")
+        parts.append(f"{gib(self.final)} final output")
+        if self.merged:
+            parts.append(f"{gib(self.merged)} merged weights")
+        return f"about {gib(self.total)} ({', '.join(parts)}, plus 10%)"
+
+
+def estimate_disk(cfg: dict[str, Any], facts: ModelFacts, merge: bool = False) -> DiskEstimate | None:
+    """Pure: None when the model's size is unknown (a Hub model that is not cached)."""
+    if not facts.weight_bytes or not facts.params:
+        return None
+    weights = facts.weight_bytes
+    if cfg.get("adapter") in ("lora", "qlora"):
+        adapter = lora_params(cfg, facts.config, facts.params) * 4
+        checkpoint, final = adapter * 3, adapter
+    else:
+        checkpoint, final = weights + 8 * facts.params, weights
+    return DiskEstimate(
+        download=weights if facts.needs_download else 0,
+        checkpoint=checkpoint,
+        kept=kept_checkpoints(cfg),
+        final=final,
+        merged=weights if merge else 0,
+    )
+
+
+def gib(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB"

@@ -1,0 +1,135 @@
+"""Canary tokens through succeeding and failing jobs: they must appear nowhere.
+
+Surfaces searched here: every yielded event, the run directory (YAML, job record,
+events, progress records, the training log, checkpoints, outputs), the worker's
+log and tracebacks, and the command line of every process while training runs.
+The RunPod side (aggregated output, /status, /stream) is searched in
+test_runpod_loop.py, and the Hub side (model card, pushed files) in test_publish.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import collect, make_job, tiny_args
+
+pytestmark = pytest.mark.training
+
+HF_CANARY = "hf_CANARYsecretToken0000000001"
+WANDB_CANARY = "CANARYwandbKey00000000000000000000000001"
+CANARIES = (HF_CANARY, WANDB_CANARY)
+CREDENTIALS = {"hf_token": HF_CANARY, "wandb_api_key": WANDB_CANARY}
+
+
+def assert_clean_text(text: str, where: str) -> None:
+    for canary in CANARIES:
+        assert canary not in text, f"{canary} leaked into {where}"
+
+
+def assert_clean_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for canary in CANARIES:
+                assert canary.encode() not in data, f"{canary} leaked into {path}"
+
+
+class ArgvWatcher:
+    """Reads every process's command line every 50 ms while a job runs."""
+
+    def __init__(self):
+        self.hits: list[str] = []
+        self.scans = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        while not self._stop.is_set():
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        cmdline = (entry / "cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    self.hits += [c for c in CANARIES if c.encode() in cmdline]
+            self.scans += 1
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_dir(volume: Path, job: dict) -> Path:
+    return volume / "runs" / job["user_id"] / job["run_id"]
+
+
+def test_a_succeeding_job_leaks_no_secret(tiny, env, volume, caplog):
+    job = make_job(tiny_args(tiny, num_epochs=3, save_steps=10), credentials=CREDENTIALS)
+    with caplog.at_level(logging.DEBUG), ArgvWatcher() as argv:
+        evs = collect(job, env)
+    assert evs[-1]["type"] == "result"
+    assert argv.scans > 10 and argv.hits == []
+    assert_clean_text(json.dumps(evs), "events")
+    assert_clean_text(caplog.text, "the worker log")
+    assert_clean_tree(run_dir(volume, job))
+    assert_clean_tree(volume / "cache")
+
+
+def test_a_job_failing_validation_leaks_no_secret(tiny, env, volume, caplog):
+    args = tiny_args(tiny, lerning_rate=1, hf_token=HF_CANARY)
+    job = make_job(args, credentials={**CREDENTIALS, "hf_tokn": WANDB_CANARY})
+    with caplog.at_level(logging.DEBUG):
+        evs = collect(job, env)
+    assert evs[-1]["code"] in ("invalid_input", "invalid_config")
+    assert_clean_text(json.dumps(evs), "events")
+    assert_clean_text(caplog.text, "the worker log")
+    assert not run_dir(volume, job).exists()
+
+
+def test_a_crashing_training_leaks_no_secret(tiny, env, volume, caplog):
+    broken = volume / "broken-for-canary"
+    if not broken.exists():
+        shutil.copytree(tiny / "tiny-llama", broken)
+        (broken / "model.safetensors").write_bytes(b"junk")
+    job = make_job(tiny_args(tiny, base_model=str(broken)), credentials=CREDENTIALS)
+    with caplog.at_level(logging.DEBUG), ArgvWatcher() as argv:
+        evs = collect(job, env)
+    assert evs[-1]["code"] == "model_load_error" and evs[-1]["log_tail"]
+    assert argv.hits == []
+    assert_clean_text(json.dumps(evs), "events")
+    assert_clean_tree(run_dir(volume, job))
+
+
+def test_a_secret_in_an_unexpected_exception_is_redacted_from_event_and_log(tiny, env, monkeypatch, caplog):
+    from finetune_worker import pipeline
+
+    def explode(paths):
+        raise RuntimeError(f"unexpected failure while holding {HF_CANARY}")
+
+    monkeypatch.setattr(pipeline, "inspect_previous", explode)
+    with caplog.at_level(logging.DEBUG):
+        evs = collect(make_job(tiny_args(tiny), credentials=CREDENTIALS), env)
+    assert evs[-1]["code"] == "internal_error"
+    assert "Traceback" not in json.dumps(evs)
+    assert "RuntimeError" in caplog.text and "***" in caplog.text
+    assert_clean_text(json.dumps(evs), "events")
+    assert_clean_text(caplog.text, "the worker log and its traceback")
+
+
+def test_a_secret_printed_by_the_training_is_redacted_in_the_log(tiny, env, volume):
+    """Axolotl could print anything: the log pipe is redacted line by line."""
+    job = make_job(tiny_args(tiny, max_steps=3, wandb_project=f"project-{WANDB_CANARY}"), credentials=CREDENTIALS)
+    evs = collect(job, {**env, "WANDB_MODE": "offline"})
+    assert_clean_text(json.dumps(evs), "events")
+    assert_clean_text((run_dir(volume, job) / "train.log").read_text(), "train.log")
