@@ -8,13 +8,14 @@ remote code, hardware) run first; Axolotl's schema runs last over what is left.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from . import axolotl_schema
 from .errors import Problem
 from .hardware import Hardware
-from .job import suggest
+from .job import HUB_REPO_ID, suggest
 from .paths import PathRejected, PathRoots, resolve_inside, resolve_local_or_hub
 
 # Keys the worker sets itself; a user value is replaced (see plan.py).
@@ -53,6 +54,7 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     problems += _remote_code_problems(args, ctx)
     problems += _model_path_problems(args, ctx)
     problems += _hardware_problems(args, ctx.hardware)
+    problems += _publish_problems(args)
     if not any(p.path in ("args.datasets", "args.plugins") for p in problems):
         problems += _schema_problems(args, {loc for loc, _ in bad_datasets})
     return args, problems
@@ -176,6 +178,16 @@ def _model_path_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
             args[key] = resolve(value, ctx.roots)
         except PathRejected as exc:
             problems.append(Problem(f"args.{key}", str(exc)))
+    return problems
+
+
+def _publish_problems(args: dict) -> list[Problem]:
+    problems = []
+    repo = args.get("hub_model_id")
+    if repo is not None and not (isinstance(repo, str) and re.match(HUB_REPO_ID, repo)):
+        problems.append(Problem("args.hub_model_id", "must be a Hub repo id like 'owner/name' (your user or one of your organisations)"))
+    if "hub_private_repo" in args and not isinstance(args["hub_private_repo"], bool):
+        problems.append(Problem("args.hub_private_repo", "must be true or false"))
     return problems
 
 

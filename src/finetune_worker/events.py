@@ -80,6 +80,7 @@ class ProgressTracker:
     nan_step: int | None = None
     saw_train_end: bool = False
     saw_saved: bool = False
+    wandb: dict | None = None
     metrics: dict = field(default_factory=dict)
 
     def feed(self, record: dict) -> list[dict]:
@@ -112,6 +113,10 @@ class ProgressTracker:
             return [evaluation(record.get("step"), metrics)]
         elif kind == "nan_loss":
             self.nan_step = record.get("step")
+        elif kind == "wandb":
+            self.wandb = {k: record.get(k) for k in ("url", "project", "name", "run_id", "dir")}
+            where = record.get("url") or f"offline, in {record.get('dir')}"
+            return [status("training", f"W&B run: {where}", wandb_url=record.get("url"))]
         elif kind == "train_end":
             self.saw_train_end = True
         elif kind == "saved":

@@ -42,6 +42,20 @@ class Credentials(BaseModel):
     wandb_api_key: SecretStr | None = None
 
 
+HUB_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class PublishOptions(BaseModel):
+    """What to publish besides the adapter (or full model) that goes to args.hub_model_id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge_lora: bool = Field(default=False, description="Also merge the LoRA into the base model and keep (and push) the merged weights.")
+    merged_hub_model_id: Annotated[str, StringConstraints(pattern=HUB_REPO_ID)] | None = Field(
+        default=None, description="Repo for the merged weights; default: the merged/ folder of hub_model_id."
+    )
+
+
 class JobInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +64,7 @@ class JobInput(BaseModel):
     run_id: SafeId
     credentials: Credentials = Field(default_factory=Credentials)
     args: dict[str, Any] = Field(description="An Axolotl config: any option `axolotl train` accepts.")
+    publish: PublishOptions = Field(default_factory=PublishOptions)
     restart: bool = Field(
         default=False,
         description="Train this run_id again from scratch; an earlier attempt is kept, renamed <run_id>.previous-<time>.",
@@ -77,12 +92,14 @@ def _problem_from_pydantic(error: dict) -> Problem:
     kind = error["type"]
     field = loc[-1] if loc else ""
     if kind == "extra_forbidden":
-        model = Credentials if loc[0] == "credentials" else JobInput
+        model = {"credentials": Credentials, "publish": PublishOptions}.get(loc[0], JobInput) if len(loc) > 1 else JobInput
         return Problem(format_loc(loc), f"unknown field{suggest(str(field), list(model.model_fields))}")
     if kind == "missing":
         return Problem(format_loc(loc), "required field is missing")
     if field in ("user_id", "model_id", "run_id"):
         return Problem(format_loc(loc), f"invalid id; {SAFE_ID_HINT}")
+    if kind == "string_pattern_mismatch" and field == "merged_hub_model_id":
+        return Problem(format_loc(loc), "must be a Hub repo id like 'owner/name'")
     message = error["msg"].removeprefix("Value error, ")
     return Problem(format_loc(loc), message)
 

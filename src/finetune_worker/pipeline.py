@@ -25,8 +25,9 @@ from .errors import JobError
 from .events import ProgressTracker
 from .failures import diagnose
 from .hardware import Hardware, detect_hardware
-from .plan import AxolotlPlan, RunPaths, build_axolotl_config, build_child_env, build_train_argv, run_paths
+from .plan import AxolotlPlan, RunPaths, Tracking, build_axolotl_config, build_child_env, build_train_argv, run_paths
 from .redact import Redactor, secrets_in_env, secrets_in_raw_input
+from .report import framework_versions, render_model_card, write_loss_curve
 from .resources import estimate_disk, gib, model_facts
 from .rundir import (
     PreviousRun,
@@ -35,6 +36,7 @@ from .rundir import (
     inspect_previous,
     move_aside,
     prepare_run_dir,
+    read_json,
     set_aside_diverged,
     write_config,
     write_json,
@@ -103,6 +105,21 @@ async def run_job(
         yield event
 
 
+@dataclass(frozen=True)
+class JobContext:
+    """Everything the steps after validation share."""
+
+    valid: ValidJob
+    plan: AxolotlPlan
+    paths: RunPaths
+    settings: WorkerSettings
+    child_env: dict[str, str]
+
+    @property
+    def repo_id(self) -> str | None:
+        return self.plan.publish.get("hub_model_id")
+
+
 async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | None, state: JobState) -> AsyncIterator[dict]:
     started = time.monotonic()
     yield events.status("validating", "checking the job input and the Axolotl config")
@@ -111,7 +128,10 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         hardware = hardware or detect_hardware()
         valid = validate_job(raw_input, settings, hardware)
         paths = run_paths(settings.runs_dir, valid.job.user_id, valid.job.run_id)
-        plan = build_axolotl_config(valid.args, paths, settings.cache_dir / "prepared", hardware)
+        hf_token, wandb_key = _secrets(valid, settings)
+        state.redactor.add(hf_token, wandb_key)
+        tracking = Tracking(wandb_key=bool(wandb_key), model_id=valid.job.model_id, run_id=valid.job.run_id)
+        plan = build_axolotl_config(valid.args, paths, settings.cache_dir / "prepared", hardware, tracking)
         final_problems = axolotl_schema.schema_problems(plan.config, tuple(plan.config["plugins"][:-1]))
         if final_problems:
             raise config_problems_error(final_problems)
@@ -127,20 +147,49 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
             yield events.status("preparing", "this run already completed; returning its stored result (send restart: true to train it again)")
             yield {**previous.result, "reused": True}
             return
-        for event in _resume_point(previous, plan):
-            yield event
-        _check_disk(plan.config, settings, env)
+        if previous.trained is None:
+            for event in _resume_point(previous, plan):
+                yield event
+            _check_disk(plan.config, settings, env)
 
         prepare_run_dir(paths)
         write_config(paths, plan.config)
         write_json(paths.job_file, _job_record(valid))
+        child_env = build_child_env(
+            env, paths=paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token, wandb_api_key=wandb_key
+        )
+        ctx = JobContext(valid=valid, plan=plan, paths=paths, settings=settings, child_env=child_env)
         yield events.status("preparing", f"run directory {paths.run_dir} on {hardware.describe()}", run_dir=str(paths.run_dir))
+        if ctx.repo_id:
+            yield events.status("publishing", f"checking that the Hugging Face token may write to {ctx.repo_id}")
+            user = await _check_token(ctx, state)
+            yield events.status("preparing", f"the token of '{user}' may push to {ctx.repo_id}")
 
-        tracker = ProgressTracker()
-        async for event in _train(valid, plan, paths, settings, env, state, tracker):
-            yield event
-        metrics = {**tracker.metrics, "total_steps": tracker.max_steps}
-        result = events.result(valid.job.run_id, str(paths.output_dir), metrics, time.monotonic() - started)
+        trained = previous.trained
+        if trained is not None:
+            yield events.status("training", "training completed in an earlier attempt; publishing its output without training again")
+        else:
+            tracker = ProgressTracker()
+            async for event in _train(ctx, state, tracker):
+                yield event
+            trained = {"metrics": {**tracker.metrics, "total_steps": tracker.max_steps}, "wandb": tracker.wandb}
+            write_json(paths.trained_file, trained)
+        has_curve = write_loss_curve(paths.progress_file, paths.loss_curve, f"{valid.job.model_id} / {valid.job.run_id}")
+
+        merged = None
+        if valid.job.publish.merge_lora:
+            yield events.status("publishing", "merging the LoRA into the base model")
+            merged, problem = await _merge(ctx, state)
+            if problem:
+                yield events.warning(f"merging the LoRA failed, so only the adapter is kept{' and pushed' if ctx.repo_id else ''}: {problem}")
+        hub = None
+        if ctx.repo_id:
+            yield events.status("publishing", f"pushing to {ctx.repo_id}")
+            hub = await _push(ctx, state, trained, has_curve, merged)
+        result = events.result(
+            valid.job.run_id, str(paths.output_dir), trained["metrics"], time.monotonic() - started,
+            hub=hub, wandb=trained.get("wandb"), merged_dir=str(merged) if merged else None,
+        )
         write_json(paths.result_file, result)
         yield result
     except JobError as exc:
@@ -213,19 +262,11 @@ def _check_disk(config: dict, settings: WorkerSettings, env: Mapping[str, str]) 
         )
 
 
-async def _train(
-    valid: ValidJob, plan: AxolotlPlan, paths: RunPaths, settings: WorkerSettings, env: Mapping[str, str], state: JobState, tracker: ProgressTracker
-) -> AsyncIterator[dict]:
+async def _train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> AsyncIterator[dict]:
     """Run `axolotl train` in a child process and turn its progress records into events."""
-    creds = valid.job.credentials
-    hf_token = _secret(creds.hf_token, settings.hf_token)
-    wandb_api_key = _secret(creds.wandb_api_key, settings.wandb_api_key)
-    state.redactor.add(hf_token, wandb_api_key)
-    child_env = build_child_env(
-        env, paths=paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token, wandb_api_key=wandb_api_key
-    )
+    paths = ctx.paths
     argv = build_train_argv(sys.executable, paths.config_file)
-    training = TrainingProcess(argv, child_env, paths.log_file, paths.progress_file, state.redactor)
+    training = TrainingProcess(argv, ctx.child_env, paths.log_file, paths.progress_file, state.redactor)
     state.training = training
     await training.start()
     async for batch in training.records():
@@ -239,6 +280,88 @@ async def _train(
     if tracker.nan_step is not None:
         set_aside_diverged(paths.output_dir, tracker.nan_step)
     _raise_unless_trained(training, tracker)
+
+
+async def _run_tool(ctx: JobContext, state: JobState, argv: list[str], name: str) -> TrainingProcess:
+    """A helper child process (Hub check, push, merge) with its own log in the run dir."""
+    tool = TrainingProcess(argv, ctx.child_env, ctx.paths.run_dir / f"{name}.log", ctx.paths.run_dir / f".{name}.records", state.redactor)
+    state.training = tool  # a cancel stops it like a training
+    await tool.start()
+    async for _ in tool.records():
+        pass
+    return tool
+
+
+async def _hub_tool(ctx: JobContext, state: JobState, name: str, *args: str) -> dict:
+    out = ctx.paths.run_dir / f".{name}.json"
+    out.unlink(missing_ok=True)
+    tool = await _run_tool(ctx, state, [sys.executable, "-m", "finetune_worker.hub", *args, "--out", str(out)], name)
+    outcome = read_json(out) or {"ok": False, "code": errors.PUSH_FAILED, "message": f"the Hub step exited with code {tool.returncode}"}
+    if not outcome.get("ok"):
+        outcome["log_tail"] = tool.log_tail()
+    return outcome
+
+
+async def _check_token(ctx: JobContext, state: JobState) -> str:
+    outcome = await _hub_tool(ctx, state, "hub-check", "check", "--repo-id", ctx.repo_id)
+    if not outcome["ok"]:
+        raise JobError(errors.AUTH_ERROR, outcome["message"], log_tail=outcome.get("log_tail", []))
+    return outcome.get("user", "?")
+
+
+async def _merge(ctx: JobContext, state: JobState) -> tuple[Path | None, str | None]:
+    """Axolotl's merge-lora into <output_dir>/merged; (merged dir, None) or (None, why not)."""
+    argv = [sys.executable, "-m", "axolotl.cli.merge_lora", str(ctx.paths.config_file), f"--lora_model_dir={ctx.paths.output_dir}"]
+    tool = await _run_tool(ctx, state, argv, "merge")
+    merged = ctx.paths.output_dir / "merged"
+    if tool.returncode == 0 and merged.is_dir() and any(merged.glob("*.safetensors")):
+        return merged, None
+    tail = [line for line in tool.log_tail() if line.strip()]
+    return None, (tail[-1] if tail else f"merge-lora exited with code {tool.returncode}")
+
+
+async def _push(ctx: JobContext, state: JobState, trained: dict, has_curve: bool, merged: Path | None) -> dict:
+    paths, publish = ctx.paths, ctx.plan.publish
+    merged_repo = ctx.valid.job.publish.merged_hub_model_id
+    merged_where = None if merged is None else (merged_repo or f"{ctx.repo_id}:merged")
+    card = render_model_card(
+        repo_id=ctx.repo_id, config=ctx.plan.config, metrics=trained["metrics"], versions=framework_versions(),
+        has_loss_curve=has_curve, merged=merged_where,
+    )
+    paths.hub_dir.mkdir(exist_ok=True)
+    (paths.hub_dir / "README.md").write_text(card, encoding="utf-8")
+    extra = {"README.md": str(paths.hub_dir / "README.md")}
+    if has_curve:
+        extra["loss.png"] = str(paths.loss_curve)
+    spec = {
+        "repo_id": ctx.repo_id,
+        "private": publish.get("hub_private_repo", True),
+        "revision": publish.get("hub_revision"),
+        "folder": str(paths.output_dir),
+        "extra_files": extra,
+        "commit_message": f"finetune-worker: {ctx.valid.job.model_id} run {ctx.valid.job.run_id}",
+        "merged": None if merged is None else {
+            "repo_id": merged_repo or ctx.repo_id, "folder": str(merged), "prefix": "" if merged_repo else "merged/",
+        },
+    }
+    write_json(paths.hub_dir / "publish.json", spec)
+    outcome = await _hub_tool(ctx, state, "hub-push", "push", "--spec", str(paths.hub_dir / "publish.json"))
+    if not outcome["ok"]:
+        code = outcome.get("code") if outcome.get("code") == errors.AUTH_ERROR else errors.PUSH_FAILED
+        raise JobError(
+            code,
+            f"training succeeded, but publishing failed: {outcome['message']}. The artifacts are on the volume in "
+            f"{paths.output_dir}; resubmit the same run_id to push them without training again",
+            log_tail=outcome.get("log_tail", []),
+        )
+    outcome.pop("ok")
+    return outcome
+
+
+def _secrets(valid: ValidJob, settings: WorkerSettings) -> tuple[str | None, str | None]:
+    """The job's credentials, each falling back to the worker's environment."""
+    creds = valid.job.credentials
+    return _secret(creds.hf_token, settings.hf_token), _secret(creds.wandb_api_key, settings.wandb_api_key)
 
 
 def _secret(job_value, worker_value) -> str | None:

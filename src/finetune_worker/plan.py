@@ -69,6 +69,19 @@ class RunPaths:
         return self.run_dir / "result.json"
 
     @property
+    def trained_file(self) -> Path:
+        """Written when training completed: a resubmission only publishes."""
+        return self.run_dir / "trained.json"
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.run_dir / "loss.png"
+
+    @property
+    def hub_dir(self) -> Path:
+        return self.run_dir / "hub"
+
+    @property
     def lock_file(self) -> Path:
         # Beside the run directory, so it can be held before the directory exists
         # and while an earlier attempt is moved aside.
@@ -87,9 +100,21 @@ class AxolotlPlan:
     adapted_for_cpu: list[str]
 
 
-def build_axolotl_config(args: dict[str, Any], paths: RunPaths, prepared_dir: Path, hardware: Hardware) -> AxolotlPlan:
+@dataclass(frozen=True)
+class Tracking:
+    """W&B is on when the job or the worker has a key; TensorBoard always."""
+
+    wandb_key: bool = False
+    model_id: str = ""
+    run_id: str = ""
+
+
+def build_axolotl_config(
+    args: dict[str, Any], paths: RunPaths, prepared_dir: Path, hardware: Hardware, tracking: Tracking = Tracking()
+) -> AxolotlPlan:
     config = copy.deepcopy(args)
     warnings: list[str] = []
+    warnings += apply_tracking(config, tracking)
     publish = {key: config.pop(key) for key in PUBLISH_KEYS if key in config}
     for key, value in {"output_dir": str(paths.output_dir), "dataset_prepared_path": str(prepared_dir)}.items():
         if key in config and config[key] != value:
@@ -104,6 +129,22 @@ def build_axolotl_config(args: dict[str, Any], paths: RunPaths, prepared_dir: Pa
         if changed:
             warnings.append("no CUDA GPU on this worker, so the config was adapted to run on CPU: " + "; ".join(changed))
     return AxolotlPlan(config=config, warnings=warnings, publish=publish, adapted_for_cpu=changed)
+
+
+WANDB_KEYS = ("wandb_project", "wandb_entity", "wandb_name", "wandb_run_id", "wandb_watch", "wandb_log_model", "wandb_mode")
+
+
+def apply_tracking(config: dict[str, Any], tracking: Tracking) -> list[str]:
+    """TensorBoard logs by default; W&B only with a key (project defaults to the model id)."""
+    config.setdefault("use_tensorboard", True)
+    if tracking.wandb_key:
+        config.setdefault("wandb_project", tracking.model_id)
+        config.setdefault("wandb_name", tracking.run_id)
+        return []
+    dropped = [key for key in WANDB_KEYS if config.pop(key, None) is not None]
+    if dropped:
+        return [f"W&B is off: no wandb_api_key in the job or the worker's environment, so {', '.join(dropped)} was ignored"]
+    return []
 
 
 def adapt_for_cpu(config: dict[str, Any]) -> list[str]:

@@ -46,6 +46,13 @@ def _numbers(logs: dict) -> dict:
     return numbers
 
 
+def _wandb_run():
+    import sys
+
+    wandb = sys.modules.get("wandb")  # only when the Trainer's W&B callback imported it
+    return getattr(wandb, "run", None) if wandb else None
+
+
 class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         write_record(
@@ -54,6 +61,9 @@ class ProgressCallback(TrainerCallback):
             max_steps=state.max_steps,
             num_train_epochs=state.num_train_epochs,
         )
+        run = _wandb_run()
+        if run is not None:
+            write_record("wandb", url=run.url, project=run.project, name=run.name, run_id=run.id, dir=run.dir)
 
     def on_step_end(self, args, state, control, **kwargs):
         write_record("step", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)

@@ -93,12 +93,13 @@ class PreviousRun:
     exists: bool
     args_digest: str | None = None
     result: dict | None = None
+    trained: dict | None = None
     checkpoint: Path | None = None
     skipped_checkpoints: tuple[Path, ...] = ()
 
     @property
     def has_work(self) -> bool:
-        return self.result is not None or self.checkpoint is not None
+        return self.result is not None or self.trained is not None or self.checkpoint is not None
 
 
 def inspect_previous(paths: RunPaths) -> PreviousRun:
@@ -111,6 +112,7 @@ def inspect_previous(paths: RunPaths) -> PreviousRun:
         exists=True,
         args_digest=job.get("args_sha256"),
         result=read_json(paths.result_file),
+        trained=read_json(paths.trained_file),
         checkpoint=resume,
         skipped_checkpoints=newer,
     )

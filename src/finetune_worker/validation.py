@@ -33,6 +33,8 @@ def validate_job(raw: Any, settings: WorkerSettings, hardware: Hardware) -> Vali
             allow_trust_remote_code=settings.allow_trust_remote_code,
         )
         args, arg_problems = check_args(raw_args, context)
+    if job is not None and job.publish.merge_lora and args.get("adapter") not in ("lora", "qlora"):
+        arg_problems.append(Problem("publish.merge_lora", "needs a LoRA run (args.adapter: lora or qlora); a full fine-tune is already merged"))
     if problems or arg_problems:
         code = errors.INVALID_INPUT if problems else errors.INVALID_CONFIG
         raise problems_error(code, problems + arg_problems)

@@ -1,0 +1,156 @@
+"""What a run shows people: the loss-curve picture and the model card."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+from typing import Any
+
+CARD_HYPERPARAMETERS = (
+    "learning_rate", "num_epochs", "max_steps", "micro_batch_size", "gradient_accumulation_steps", "sequence_len",
+    "optimizer", "lr_scheduler", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "adapter",
+    "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear", "load_in_4bit",
+    "load_in_8bit", "bf16", "sample_packing", "train_on_inputs", "val_set_size", "seed",
+)
+VERSION_PACKAGES = ("finetune-worker", "axolotl", "transformers", "peft", "torch", "datasets", "tokenizers", "accelerate")
+
+
+def loss_points(progress_file: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, loss) and (step, eval_loss) from the progress plugin's records."""
+    train, evals = [], []
+    if not progress_file.exists():
+        return train, evals
+    for line in progress_file.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        logs = record.get("logs") or {}
+        if record.get("kind") == "log" and isinstance(logs.get("loss"), (int, float)):
+            train.append((record["step"], logs["loss"]))
+        if record.get("kind") == "eval" and isinstance((record.get("metrics") or {}).get("eval_loss"), (int, float)):
+            evals.append((record["step"], record["metrics"]["eval_loss"]))
+    # a resumed run logs some steps twice: keep the latest value of each step
+    return sorted(dict(train).items()), sorted(dict(evals).items())
+
+
+def write_loss_curve(progress_file: Path, png: Path, title: str) -> bool:
+    """Draw loss against step; False when there is nothing to draw."""
+    train, evals = loss_points(progress_file)
+    if not train:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    axes.plot([s for s, _ in train], [v for _, v in train], label="training loss", linewidth=1.2)
+    if evals:
+        axes.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="evaluation loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png)
+    plt.close(figure)
+    return True
+
+
+def framework_versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSION_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _is_local(value: str) -> bool:
+    return value.startswith("/") or value.startswith(".")
+
+
+def _dataset_names(config: dict) -> tuple[list[str], list[str]]:
+    """(Hub dataset ids, local file names); never a local path."""
+    hub, local = [], []
+    for entry in config.get("datasets") or []:
+        path = str(entry.get("path", ""))
+        if _is_local(path):
+            local.append(Path(path).name)
+        elif "://" not in path:
+            hub.append(path)
+    return hub, local
+
+
+def render_model_card(
+    *,
+    repo_id: str,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    versions: dict[str, str],
+    has_loss_curve: bool,
+    merged: str | None = None,
+    extra_sections: list[str] = (),
+) -> str:
+    """README.md for the pushed repo: Hub metadata, how to load it, what mattered."""
+    from huggingface_hub import ModelCardData
+
+    base = str(config.get("base_model", ""))
+    adapter = config.get("adapter") in ("lora", "qlora")
+    hub_datasets, local_datasets = _dataset_names(config)
+    data = ModelCardData(
+        base_model=None if _is_local(base) else base,
+        library_name="peft" if adapter else "transformers",
+        tags=["axolotl", "finetune-worker", "generated_from_trainer", config.get("adapter") or "full-fine-tune"],
+        datasets=hub_datasets or None,
+        pipeline_tag="text-generation",
+    )
+    base_text = f"a local model (`{Path(base).name}`)" if _is_local(base) else f"[{base}](https://huggingface.co/{base})"
+    kind = "A LoRA adapter" if adapter else "A fine-tune"
+    lines = [
+        "---", data.to_yaml(), "---", "",
+        f"# {repo_id.split('/')[-1]}", "",
+        f"{kind} of {base_text}, trained with [Axolotl](https://github.com/axolotl-ai-cloud/axolotl) "
+        "by finetune-worker on RunPod.", "",
+    ]
+    if hub_datasets or local_datasets:
+        names = [f"[{d}](https://huggingface.co/datasets/{d})" for d in hub_datasets] + [f"`{d}` (local)" for d in local_datasets]
+        lines += ["Trained on: " + ", ".join(names) + ".", ""]
+    lines += ["## How to use it", "", "```python"]
+    if adapter:
+        lines += [
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        ]
+    else:
+        lines += [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        ]
+    lines += ["```", ""]
+    if merged:
+        repo, _, folder = merged.partition(":")
+        args = f'"{repo}", subfolder="{folder}"' if folder else f'"{repo}"'
+        lines += ["The adapter merged into the base model, as plain weights:", "", "```python",
+                  f"model = AutoModelForCausalLM.from_pretrained({args})", "```", ""]
+    lines += ["## Training", "", "| hyperparameter | value |", "|---|---|"]
+    lines += [f"| `{key}` | `{config[key]}` |" for key in CARD_HYPERPARAMETERS if config.get(key) is not None]
+    lines += [""]
+    if metrics:
+        lines += ["## Results", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in metrics.items() if isinstance(value, (int, float))]
+        lines += [""]
+    if has_loss_curve:
+        lines += ["![Training loss](loss.png)", ""]
+    lines += list(extra_sections)
+    lines += ["## Framework versions", ""] + [f"- {name} {version}" for name, version in versions.items()] + [""]
+    return "\n".join(lines)

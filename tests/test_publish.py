@@ -1,0 +1,243 @@
+"""Publishing: the token checked up front, a verified push with a model card, merged
+weights, push_failed and re-push, W&B and TensorBoard. The real huggingface_hub talks
+to a loopback Hub (tests/fake_hub.py) through HF_ENDPOINT."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import collect, make_job, tiny_args
+from fake_hub import FakeHub, user
+from finetune_worker.hub import token_problem, with_retries
+from finetune_worker.report import render_model_card
+
+WRITE_TOKEN = "hf_CANARYaliceWriteToken000001"
+READ_TOKEN = "hf_aliceReadOnlyToken00000001"
+WANDB_CANARY = "CANARYwandbPublishKey000000000000000000001"
+
+
+# ------------------------------------------------------------------------ unit
+def test_token_problem_names_what_is_wrong():
+    assert token_problem(user("alice"), "alice/x") is None
+    assert "read-only" in token_problem(user("alice", role="read"), "alice/x")
+    assert "cannot write to 'bob'" in token_problem(user("alice"), "bob/x")
+    assert token_problem(user("alice", orgs=(("acme", "write"),)), "acme/x") is None
+    assert "role 'read'" in token_problem(user("alice", orgs=(("acme", "read"),)), "acme/x")
+    scoped = {"scoped": [{"entity": {"name": "acme"}, "permissions": ["repo.content.read", "repo.write"]}], "global": []}
+    fine = user("alice", role="fineGrained", orgs=(("acme", "admin"),), fine_grained=scoped)
+    assert token_problem(fine, "acme/x") is None
+    assert "no repo.write permission on 'alice'" in token_problem(fine, "alice/x")
+
+
+def test_retries_only_transient_errors():
+    class Response:
+        def __init__(self, status):
+            self.status_code = status
+
+    class Failure(Exception):
+        def __init__(self, status):
+            self.response = Response(status)
+
+    calls, waits = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise Failure(503)
+        return "ok"
+
+    assert with_retries(flaky, attempts=5, backoff=1.0, sleep=waits.append) == "ok"
+    assert waits == [1.0, 2.0]
+    with pytest.raises(Failure):
+        with_retries(lambda: (_ for _ in ()).throw(Failure(404)), attempts=5, backoff=1.0, sleep=waits.append)
+    assert waits == [1.0, 2.0]
+
+
+def test_model_card_has_metadata_and_no_local_paths():
+    config = {"base_model": "/runpod-volume/models/my-llama", "adapter": "lora", "lora_r": 16, "learning_rate": 2e-4,
+              "datasets": [{"path": "mhenrichsen/alpaca_2k_test", "type": "alpaca"}, {"path": "/runpod-volume/data/mine.jsonl"}],
+              "output_dir": "/runpod-volume/runs/a/b/output"}
+    card = render_model_card(repo_id="alice/x", config=config, metrics={"final_loss": 0.1}, versions={"axolotl": "0.19.0"},
+                             has_loss_curve=True, merged="alice/x:merged")
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "peft" and "axolotl" in meta["tags"] and meta["datasets"] == ["mhenrichsen/alpaca_2k_test"]
+    assert "base_model" not in meta
+    assert "/runpod-volume" not in card and "my-llama" in card and "mine.jsonl" in card
+    assert 'AutoPeftModelForCausalLM.from_pretrained("alice/x")' in card
+    assert 'subfolder="merged"' in card and "![Training loss](loss.png)" in card
+    hub_card = render_model_card(repo_id="alice/y", config={"base_model": "NousResearch/Llama-3.2-1B"}, metrics={},
+                                 versions={}, has_loss_curve=False)
+    meta = yaml.safe_load(hub_card.split("---")[1])
+    assert meta["base_model"] == "NousResearch/Llama-3.2-1B" and meta["library_name"] == "transformers"
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def hub():
+    fake = FakeHub().start()
+    fake.tokens[WRITE_TOKEN] = user("alice", orgs=(("acme", "write"),))
+    fake.tokens[READ_TOKEN] = user("alice", role="read")
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def hub_env(env, hub):
+    return {**env, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "WANDB_MODE": "offline"}
+
+
+def run_dir(volume: Path, job: dict) -> Path:
+    return volume / "runs" / job["user_id"] / job["run_id"]
+
+
+def assert_no_secret(*blobs: bytes) -> None:
+    for blob in blobs:
+        assert WRITE_TOKEN.encode() not in blob and WANDB_CANARY.encode() not in blob
+
+
+@pytest.mark.training
+def test_a_job_with_hub_model_id_pushes_adapter_tokenizer_card_and_curve(tiny, hub, hub_env, volume):
+    repo = f"alice/tiny-{time.time_ns()}"
+    job = make_job(tiny_args(tiny, num_epochs=3, hub_model_id=repo), credentials={"hf_token": WRITE_TOKEN})
+    evs = collect(job, hub_env)
+    result = evs[-1]
+    assert result["type"] == "result", result
+    files = hub.files(repo)
+    assert result["hub"]["repo_id"] == repo
+    assert result["hub"]["revision"] == hub.repos[repo].heads["main"]
+    assert result["hub"]["url"] == f"{hub.url}/{repo}"
+    assert hub.repos[repo].private is True
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "loss.png"):
+        assert name in files, sorted(files)
+    assert not [f for f in files if f.startswith("checkpoint-") or f in ("debug.log", "training_args.bin")]
+    assert files["loss.png"].startswith(b"\x89PNG")
+    card = files["README.md"].decode()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "peft" and "finetune-worker" in meta["tags"]
+    assert "![Training loss](loss.png)" in card and "final_loss" in card and "lora_r" in card and "axolotl" in card
+    assert str(volume) not in card and "/tmp" not in card
+    assert_no_secret(*files.values(), *hub.bodies[-3:], json.dumps(evs).encode())
+    stages = [e["stage"] for e in evs if e["type"] == "status"]
+    assert stages.index("publishing") < stages.index("training")  # the token check comes first
+    tensorboard = list((run_dir(volume, job) / "output" / "runs").rglob("events.out.tfevents.*"))
+    assert tensorboard, "every run writes TensorBoard logs"
+    assert any(name.startswith("runs/") for name in files)
+
+
+@pytest.mark.training
+def test_transient_hub_errors_are_retried(tiny, hub, hub_env):
+    repo = f"alice/retry-{time.time_ns()}"
+    hub.fail["commit"] = [503, 503]
+    before = hub.count("commit")
+    evs = collect(make_job(tiny_args(tiny, max_steps=3, hub_model_id=repo, hub_private_repo=False), credentials={"hf_token": WRITE_TOKEN}), hub_env)
+    assert evs[-1]["type"] == "result", evs[-1]
+    assert hub.count("commit") - before == 3
+    assert hub.repos[repo].private is False
+
+
+@pytest.mark.training
+@pytest.mark.parametrize(("token", "why"), [("hf_notAValidToken0000000001", "refused"), (READ_TOKEN, "read-only")])
+def test_a_bad_or_read_only_token_fails_in_seconds_before_training(tiny, hub, hub_env, volume, token, why):
+    job = make_job(tiny_args(tiny, hub_model_id="alice/never"), credentials={"hf_token": token})
+    started = time.monotonic()
+    evs = collect(job, hub_env)
+    assert time.monotonic() - started < 15
+    assert evs[-1]["code"] == "auth_error" and why in evs[-1]["message"]
+    assert not (run_dir(volume, job) / "train.log").exists()
+    assert "progress" not in [e["type"] for e in evs]
+    assert token not in json.dumps(evs)
+
+
+@pytest.mark.training
+def test_another_namespace_is_refused_before_training(tiny, hub, hub_env):
+    evs = collect(make_job(tiny_args(tiny, hub_model_id="bob/x"), credentials={"hf_token": WRITE_TOKEN}), hub_env)
+    assert evs[-1]["code"] == "auth_error" and "cannot write to 'bob'" in evs[-1]["message"]
+
+
+@pytest.mark.training
+def test_push_failed_keeps_artifacts_and_a_resubmission_pushes_without_training(tiny, hub, hub_env, volume):
+    repo = f"acme/flaky-{time.time_ns()}"
+    job = make_job(tiny_args(tiny, max_steps=4, hub_model_id=repo), credentials={"hf_token": WRITE_TOKEN})
+    hub.fail["commit"] = [500] * 5
+    evs = collect(job, hub_env)
+    error = evs[-1]
+    assert error["code"] == "push_failed", error
+    output = run_dir(volume, job) / "output"
+    assert str(output) in error["message"] and "resubmit the same run_id" in error["message"]
+    assert (output / "adapter_model.safetensors").is_file()
+    assert_no_secret(json.dumps(evs).encode())
+
+    hub.fail.pop("commit", None)
+    again = collect(job, hub_env)
+    assert again[-1]["type"] == "result", again[-1]
+    assert again[-1]["hub"]["repo_id"] == repo and "adapter_model.safetensors" in hub.files(repo)
+    assert "progress" not in [e["type"] for e in again]
+    assert any("without training again" in e.get("message", "") for e in again)
+    assert (run_dir(volume, job) / "train.log").read_text().count("===== training process") == 1
+    # pushing the same artifacts again changes nothing: the same commit comes back
+    third = collect(job, hub_env)
+    assert third[-1]["reused"] is True and third[-1]["hub"]["revision"] == again[-1]["hub"]["revision"]
+
+
+@pytest.mark.training
+def test_merged_weights_go_to_a_merged_folder_and_a_failed_merge_still_pushes_the_adapter(tiny, hub, hub_env, volume):
+    repo = f"alice/merged-{time.time_ns()}"
+    job = make_job(tiny_args(tiny, max_steps=4, hub_model_id=repo), credentials={"hf_token": WRITE_TOKEN},
+                   publish={"merge_lora": True})
+    evs = collect(job, hub_env)
+    assert evs[-1]["type"] == "result", evs[-1]
+    files = hub.files(repo)
+    assert "merged/model.safetensors" in files and "merged/config.json" in files
+    assert 'subfolder="merged"' in files["README.md"].decode()
+    assert evs[-1]["merged_dir"] == str(run_dir(volume, job) / "output" / "merged")
+
+    # a base model that breaks after training: the merge fails, the adapter is pushed anyway
+    base = volume / f"fragile-base-{time.time_ns()}"
+    shutil.copytree(tiny / "tiny-llama", base)
+    other = f"alice/unmerged-{time.time_ns()}"
+    job = make_job(tiny_args(tiny, base_model=str(base), max_steps=4, hub_model_id=other), credentials={"hf_token": WRITE_TOKEN})
+    hub.fail["commit"] = [500] * 5
+    assert collect(job, hub_env)[-1]["code"] == "push_failed"
+    hub.fail.pop("commit", None)
+    (base / "model.safetensors").write_bytes(b"broken")
+    evs = collect({**job, "publish": {"merge_lora": True}}, hub_env)
+    assert evs[-1]["type"] == "result", evs[-1]
+    assert any(e["type"] == "warning" and e["message"].startswith("merging the LoRA failed") for e in evs)
+    assert "adapter_model.safetensors" in hub.files(other) and not [f for f in hub.files(other) if f.startswith("merged/")]
+
+
+@pytest.mark.training
+def test_wandb_offline_logs_the_run_and_the_key_appears_nowhere(tiny, hub_env, volume):
+    job = make_job(tiny_args(tiny, max_steps=6), credentials={"wandb_api_key": WANDB_CANARY})
+    evs = collect(job, hub_env)
+    assert evs[-1]["type"] == "result", evs[-1]
+    wandb_status = [e for e in evs if e["type"] == "status" and e["message"].startswith("W&B run")]
+    assert wandb_status, [e["message"] for e in evs if e["type"] == "status"]
+    assert evs[-1]["wandb"]["project"] == "tiny" and evs[-1]["wandb"]["name"] == job["run_id"]
+    # wandb 0.31 keeps an offline run's history in its binary log (protobuf records)
+    logs = list((run_dir(volume, job) / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert logs, "the offline W&B run lives in the run directory"
+    history = logs[0].read_bytes()
+    assert history.count(b"train/loss") >= 6 and history.count(b"train/learning_rate") >= 6
+    for path in run_dir(volume, job).rglob("*"):
+        if path.is_file():
+            assert WANDB_CANARY.encode() not in path.read_bytes(), path
+    assert WANDB_CANARY not in json.dumps(evs)
+
+
+@pytest.mark.training
+def test_without_a_wandb_key_wandb_is_off_and_says_so(tiny, hub_env, volume):
+    job = make_job(tiny_args(tiny, max_steps=3, wandb_project="mine"))
+    evs = collect(job, hub_env)
+    assert evs[-1]["type"] == "result" and evs[-1]["wandb"] is None
+    assert any("W&B is off" in e["message"] for e in evs if e["type"] == "warning")
+    assert not (run_dir(volume, job) / "wandb").exists()
+    assert (run_dir(volume, job) / "loss.png").is_file()
