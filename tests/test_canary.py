@@ -77,8 +77,9 @@ def run_dir(volume: Path, job: dict) -> Path:
 def test_a_succeeding_job_leaks_no_secret(tiny, env, volume, caplog):
     job = make_job(tiny_args(tiny, num_epochs=3, save_steps=10), credentials=CREDENTIALS)
     with caplog.at_level(logging.DEBUG), ArgvWatcher() as argv:
-        evs = collect(job, env)
-    assert evs[-1]["type"] == "result"
+        evs = collect(job, {**env, "WANDB_MODE": "offline"})  # the W&B key turns W&B on
+    assert evs[-1]["type"] == "result", evs[-1]
+    assert list(run_dir(volume, job).glob("wandb/offline-run-*")), "W&B ran, so its files are searched too"
     assert argv.scans > 10 and argv.hits == []
     assert_clean_text(json.dumps(evs), "events")
     assert_clean_text(caplog.text, "the worker log")

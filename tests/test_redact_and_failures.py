@@ -46,6 +46,7 @@ def test_diagnosis_from_log_patterns():
     assert code("ValueError: unhandled prompt tokenization strategy: foo.") == errors.DATASET_ERROR
     assert code("OSError: x is not a local folder and is not a valid model identifier") == errors.MODEL_LOAD_ERROR
     assert code("huggingface_hub.errors.GatedRepoError: 401 Client Error") == errors.AUTH_ERROR
+    assert code("wandb.errors.errors.AuthenticationError: API key must be 40 characters long") == errors.AUTH_ERROR
     assert code("Traceback: something odd", stage="preprocessing") == errors.DATASET_ERROR
     assert code("Traceback: something odd", stage="downloading") == errors.MODEL_LOAD_ERROR
     assert code("Traceback: something odd") == errors.TRAINING_FAILED

@@ -30,6 +30,10 @@ LOG_PATTERNS: list[tuple[re.Pattern, Diagnosis]] = [
         Diagnosis(errors.AUTH_ERROR, "the Hugging Face Hub refused access; check that hf_token is valid and has accepted the model's or dataset's terms"),
     ),
     (
+        re.compile(r"wandb\.errors\.(\w+\.)?(AuthenticationError|UsageError)|wandb: ERROR .*(API key|api_key)|Invalid W&B API key", re.I),
+        Diagnosis(errors.AUTH_ERROR, "W&B refused the wandb_api_key; check the key, or leave it out to train without W&B"),
+    ),
+    (
         re.compile(r"unhandled prompt tokenization strategy|Failed to load prompt strategy|DatasetNotFoundError|DatasetGenerationError|Couldn't find (a dataset|any data file)|No valid dataset|dataset .* not found", re.I),
         Diagnosis(errors.DATASET_ERROR, "a dataset could not be loaded or tokenized; check its path, type and field names"),
     ),
