@@ -15,10 +15,20 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/finetune-worker run test_input.json
 
-## run the test suite
-test: $(STAMP)
-	$(VENV)/bin/python -m ruff check src tests
+## run the static checks and the test suite
+test: lint
 	$(VENV)/bin/python -m pytest
 
+## static checks: code, Dockerfile, workflows, RunPod Hub files, version pins
 lint: $(STAMP)
-	$(VENV)/bin/python -m ruff check src tests
+	$(VENV)/bin/python -m ruff check src tests builder
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(VENV)/bin/check-jsonschema --schemafile builder/schemas/runpod-hub.schema.json .runpod/hub.json
+	$(VENV)/bin/check-jsonschema --schemafile builder/schemas/runpod-tests.schema.json .runpod/tests.json
+	$(VENV)/bin/python builder/check_versions.py
+	@if command -v npm >/dev/null 2>&1; then \
+	  (cd builder/lint && npm ci --silent --no-audit --no-fund) && \
+	  for f in .github/workflows/*.yml; do builder/lint/node_modules/.bin/action-validator "$$f" || exit 1; done && \
+	  echo "action-validator: workflows ok"; \
+	else echo "npm not found: action-validator skipped"; fi

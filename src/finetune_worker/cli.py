@@ -150,6 +150,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _follow(endpoint, args.job_id, args)
 
 
+def cmd_configure(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .hardware import detect_hardware
+    from .pod import configure_from_env, write_config
+
+    template = yaml.safe_load(Path(args.template).read_text(encoding="utf-8")) if args.template else None
+    config, problems = configure_from_env(os.environ, detect_hardware(), Path.cwd(), template)
+    if problems:
+        print(f"{len(problems)} problem(s) in the AXOLOTL_* variables:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    write_config(config, Path(args.output))
+    print(f"wrote {args.output} ({len(config)} options); train it with: axolotl train {args.output}")
+    return 0
+
+
+def cmd_pod(args: argparse.Namespace) -> int:
+    from .pod import start_pod
+
+    return start_pod(os.environ)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-worker", description="Fine-tune LLMs with Axolotl, locally or on RunPod.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--endpoint", required=True, help="the endpoint id")
     status.add_argument("--cancel", action="store_true", help="cancel the job on Ctrl-C")
     status.set_defaults(func=cmd_status)
+
+    configure = commands.add_parser("configure", help="write an Axolotl YAML from AXOLOTL_* variables, validated like a job")
+    configure.add_argument("--from-env", action="store_true", required=True, help="read AXOLOTL_* variables (the only source for now)")
+    configure.add_argument("--output", required=True, help="where to write the YAML")
+    configure.add_argument("--template", help="a YAML of defaults that AXOLOTL_* variables override")
+    configure.set_defaults(func=cmd_configure)
+
+    pod = commands.add_parser("pod", help="Pod start-up: configure from AXOLOTL_*, log in to the Hub, print what to do next")
+    pod.set_defaults(func=cmd_pod)
 
     for command in (submit, status):
         command.add_argument("--json", action="store_true", help="print one JSON event per line, nothing else")

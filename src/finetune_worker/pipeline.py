@@ -28,7 +28,7 @@ from .hardware import Hardware, detect_hardware
 from .plan import AxolotlPlan, RunPaths, Tracking, build_axolotl_config, build_child_env, build_train_argv, run_paths
 from .redact import Redactor, secrets_in_env, secrets_in_raw_input
 from .report import framework_versions, render_model_card, write_loss_curve
-from .resources import estimate_disk, gib, model_facts
+from .resources import estimate_disk, gib, link_prebaked_model, model_facts
 from .rundir import (
     PreviousRun,
     append_event,
@@ -135,8 +135,10 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         final_problems = axolotl_schema.schema_problems(plan.config, tuple(plan.config["plugins"][:-1]))
         if final_problems:
             raise config_problems_error(final_problems)
-        for message in plan.warnings:
+        for message in (*valid.notes, *plan.warnings):
             yield events.warning(message)
+        if valid.defaults_used:
+            yield events.status("validating", f"using the endpoint's defaults for {', '.join(valid.defaults_used)} (AXOLOTL_* variables)")
 
         for event in _take_run(valid, paths, state):
             yield event
@@ -164,6 +166,11 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
             yield events.status("publishing", f"checking that the Hugging Face token may write to {ctx.repo_id}")
             user = await _check_token(ctx, state)
             yield events.status("preparing", f"the token of '{user}' may push to {ctx.repo_id}")
+
+        prebaked = env.get("FINETUNE_PREBAKED_HF_CACHE")
+        hub_cache = Path(child_env.get("HF_HUB_CACHE") or Path(child_env["HF_HOME"]) / "hub")
+        if link_prebaked_model(str(plan.config.get("base_model", "")), hub_cache, Path(prebaked) if prebaked else None):
+            yield events.status("downloading", f"{plan.config['base_model']} is baked into the image: nothing to download")
 
         trained = previous.trained
         if trained is not None:

@@ -137,3 +137,17 @@ def gib(n: int) -> str:
     if n >= 2**30:
         return f"{n / 2**30:.1f} GiB"
     return f"{n / 2**20:.1f} MiB"
+
+
+def link_prebaked_model(base_model: str, hub_cache: Path, prebaked_cache: Path | None) -> bool:
+    """A model baked into the image becomes visible in the volume's Hub cache (a
+    symlink), so the first job on a fresh volume downloads nothing. True if linked."""
+    if not prebaked_cache or base_model.startswith("/"):
+        return False
+    name = "models--" + base_model.replace("/", "--")
+    source, target = prebaked_cache / name, hub_cache / name
+    if not source.is_dir() or target.exists() or target.is_symlink():
+        return False
+    hub_cache.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(source, target_is_directory=True)
+    return True

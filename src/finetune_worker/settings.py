@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, SecretStr
 
+from .envconfig import args_from_env
+
 RUNPOD_VOLUME = Path("/runpod-volume")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # RunPod's /run payload limit
@@ -23,6 +25,9 @@ class WorkerSettings(BaseModel):
     wandb_api_key: SecretStr | None = None
     allow_trust_remote_code: bool = False
     max_request_bytes: int = MAX_REQUEST_BYTES
+    # AXOLOTL_* variables on the endpoint: defaults under every job's args.
+    default_args: dict = {}
+    default_arg_problems: list[str] = []
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
@@ -37,7 +42,8 @@ class WorkerSettings(BaseModel):
         for field, name in optional.items():
             if env.get(name):
                 values[field] = env[name]
-        settings = cls(**values)
+        default_args, _, problems = args_from_env(env)
+        settings = cls(**values, default_args=default_args, default_arg_problems=[str(p) for p in problems])
         settings.base_volume = settings.base_volume.absolute()
         return settings
 

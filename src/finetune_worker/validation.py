@@ -17,7 +17,9 @@ from .settings import WorkerSettings
 @dataclass(frozen=True)
 class ValidJob:
     job: JobInput
-    args: dict[str, Any]  # the user's args with local paths made absolute
+    args: dict[str, Any]  # the endpoint's defaults + the user's args, local paths made absolute
+    defaults_used: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # warnings about the endpoint's AXOLOTL_* defaults
 
 
 def validate_job(raw: Any, settings: WorkerSettings, hardware: Hardware) -> ValidJob:
@@ -26,7 +28,9 @@ def validate_job(raw: Any, settings: WorkerSettings, hardware: Hardware) -> Vali
     raw_args = raw.get("args") if isinstance(raw, dict) else None
     args: dict[str, Any] = {}
     arg_problems: list[Problem] = []
+    defaults, used, notes = _endpoint_defaults(settings, raw_args)
     if isinstance(raw_args, dict) and not any(p.path == "input" for p in problems):
+        raw_args = {**defaults, **raw_args}
         context = ArgsContext(
             roots=make_roots(settings.base_volume, settings.examples_dir),
             hardware=hardware,
@@ -39,7 +43,22 @@ def validate_job(raw: Any, settings: WorkerSettings, hardware: Hardware) -> Vali
         code = errors.INVALID_INPUT if problems else errors.INVALID_CONFIG
         raise problems_error(code, problems + arg_problems)
     assert job is not None
-    return ValidJob(job=job, args=args)
+    return ValidJob(job=job, args=args, defaults_used=used, notes=notes)
+
+
+def _endpoint_defaults(settings: WorkerSettings, raw_args: Any) -> tuple[dict, tuple[str, ...], tuple[str, ...]]:
+    """The endpoint's AXOLOTL_* defaults a job does not set itself; unknown ones are ignored with a note."""
+    if not settings.default_args and not settings.default_arg_problems:
+        return {}, (), ()
+    from . import axolotl_schema
+
+    known = axolotl_schema.known_keys()
+    defaults = {k: v for k, v in settings.default_args.items() if k in known}
+    notes = [f"endpoint default ignored: {p}" for p in settings.default_arg_problems]
+    notes += [f"endpoint default AXOLOTL_{k.upper()} is not an Axolotl option and was ignored" for k in settings.default_args if k not in known]
+    given = raw_args if isinstance(raw_args, dict) else {}
+    used = tuple(sorted(k for k in defaults if k not in given))
+    return defaults, used, tuple(notes)
 
 
 def config_problems_error(problems: list[Problem]) -> JobError:

@@ -92,10 +92,12 @@ def start() -> None:
     _quiet_sdk_logs()
     serving_api = "--rp_serve_api" in sys.argv or os.environ.get("RUNPOD_REALTIME_PORT")
     if not on_runpod() and not serving_api:
-        # RunPod's local test mode never iterates a generator handler: run the job in
-        # test_input.json through the local CLI instead.
         from .cli import main
 
+        if os.environ.get("RUNPOD_POD_ID") or os.environ.get("FINETUNE_MODE") == "pod":
+            sys.exit(main(["pod"]))  # the image started as a Pod
+        # RunPod's local test mode never iterates a generator handler: run the job in
+        # test_input.json through the local CLI instead.
         sys.exit(main(["run", "test_input.json"]))
 
     import runpod
