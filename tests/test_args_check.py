@@ -80,7 +80,8 @@ def test_datasets_must_be_a_list_of_objects(tiny, ctx):
         ("/etc/passwd", "absolute paths must be inside the allowed roots"),
         ("../../etc/passwd", "must not contain '..'"),
         ("data/missing.jsonl", "not found under"),
-        ("file:///etc/passwd", "URLs are not accepted"),
+        ("file:///etc/passwd", "URL is not accepted"),
+        ("http://example.com/data.jsonl", "URL is not accepted"),
     ],
 )
 def test_dataset_paths_are_confined(tiny, ctx, value, message):

@@ -23,6 +23,10 @@ WORKER_OWNED_KEYS = ("output_dir", "dataset_prepared_path")
 # Not Axolotl options, but read by the worker from `args` (publishing).
 WORKER_READ_KEYS = frozenset({"hub_private_repo"})
 DATASET_LIST_KEYS = ("datasets", "test_datasets", "pretraining_dataset")
+# Read by the worker from a dataset entry: rows inline in the request (written to
+# the run directory as JSON Lines before Axolotl sees them).
+INLINE_ROWS_KEY = "rows"
+MAX_INLINE_ROWS = 100_000
 # Keys holding a model or tokenizer location: a Hub id or a local directory.
 MODEL_PATH_KEYS = ("base_model", "base_model_config", "tokenizer_config", "processor_config")
 # Keys that must point at local files or directories.
@@ -89,7 +93,7 @@ def _dataset_problems(args: dict, ctx: ArgsContext) -> list[tuple[tuple[str, int
     for loc, entry in _dataset_entries(args):
         where = f"args.{loc[0]}[{loc[1]}]"
         for key in entry:
-            if key not in known:
+            if key not in known and key != INLINE_ROWS_KEY:
                 found.append((loc, Problem(f"{where}.{key}", f"unknown field{suggest(key, known)}")))
         kind = entry.get("type")
         if isinstance(kind, str) and not rl and loc[0] != "pretraining_dataset":
@@ -98,15 +102,31 @@ def _dataset_problems(args: dict, ctx: ArgsContext) -> list[tuple[tuple[str, int
                 found.append((loc, Problem(f"{where}.type", message)))
         elif kind is not None and not isinstance(kind, (str, dict)):
             found.append((loc, Problem(f"{where}.type", "must be a type name or an object of field mappings")))
-        if "path" in entry:
+        if INLINE_ROWS_KEY in entry:
+            found += [(loc, p) for p in _inline_rows_problems(entry, where)]
+        elif "path" in entry:
             try:
-                entry["path"] = resolve_local_or_hub(entry["path"], ctx.roots, remote_ok=True)
+                entry["path"] = resolve_local_or_hub(entry["path"], ctx.roots, remote_ok=True, url_ok=True)
             except PathRejected as exc:
                 found.append((loc, Problem(f"{where}.path", str(exc))))
         found += [(loc, p) for p in _data_files_problems(entry, where, ctx)]
         if entry.get("trust_remote_code") and not ctx.allow_trust_remote_code:
             found.append((loc, Problem(f"{where}.trust_remote_code", REMOTE_CODE_MESSAGE)))
     return found
+
+
+def _inline_rows_problems(entry: dict, where: str) -> list[Problem]:
+    rows = entry[INLINE_ROWS_KEY]
+    if "path" in entry:
+        return [Problem(f"{where}.path", "give either path or rows (inline data), not both")]
+    if not isinstance(rows, list) or not rows:
+        return [Problem(f"{where}.rows", "must be a non-empty list of row objects, e.g. [{\"instruction\": ..., \"output\": ...}]")]
+    if len(rows) > MAX_INLINE_ROWS:
+        return [Problem(f"{where}.rows", f"{len(rows)} rows; at most {MAX_INLINE_ROWS} inline, put larger datasets on the volume or the Hub")]
+    bad = next((index for index, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        return [Problem(f"{where}.rows[{bad}]", "must be an object with the fields of the dataset type")]
+    return []
 
 
 def _data_files_problems(entry: dict, where: str, ctx: ArgsContext) -> list[Problem]:
@@ -204,6 +224,13 @@ def _hardware_problems(args: dict, hardware: Hardware) -> list[Problem]:
     return problems
 
 
+def _without_inline_rows(entry: Any) -> Any:
+    if not isinstance(entry, dict) or INLINE_ROWS_KEY not in entry:
+        return entry
+    rest = {k: v for k, v in entry.items() if k != INLINE_ROWS_KEY}
+    return {**rest, "path": "inline/rows", "ds_type": "json"}
+
+
 # Stands in for a dataset entry already reported as broken, so that Axolotl still
 # validates the rest of the config (its validators stop at a missing `datasets`).
 PLACEHOLDER_DATASET = {"path": "placeholder/dataset", "type": "alpaca"}
@@ -212,6 +239,9 @@ PLACEHOLDER_DATASET = {"path": "placeholder/dataset", "type": "alpaca"}
 def _schema_problems(args: dict, bad_datasets: set[tuple[str, int]]) -> list[Problem]:
     """Axolotl's validation over the config, minus dataset entries already reported."""
     candidate = {k: v for k, v in args.items() if k not in WORKER_OWNED_KEYS and k not in WORKER_READ_KEYS}
+    for key, entries in list(candidate.items()):
+        if key in DATASET_LIST_KEYS and isinstance(entries, list):
+            candidate[key] = [_without_inline_rows(entry) for entry in entries]
     for key, index in bad_datasets:
         candidate[key] = list(candidate[key])
         candidate[key][index] = dict(PLACEHOLDER_DATASET)

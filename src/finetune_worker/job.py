@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -65,6 +65,11 @@ class JobInput(BaseModel):
     credentials: Credentials = Field(default_factory=Credentials)
     args: dict[str, Any] = Field(description="An Axolotl config: any option `axolotl train` accepts.")
     publish: PublishOptions = Field(default_factory=PublishOptions)
+    mode: Literal["train", "preflight"] = Field(
+        default="train",
+        description="preflight: validate, load and tokenize the datasets exactly as training would, report statistics "
+        "and marked-up examples, and stop without training (needs the tokenizer, not the model weights).",
+    )
     restart: bool = Field(
         default=False,
         description="Train this run_id again from scratch; an earlier attempt is kept, renamed <run_id>.previous-<time>.",

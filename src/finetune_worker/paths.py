@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", ".tsv")
@@ -39,14 +40,18 @@ class PathRejected(ValueError):
     pass
 
 
-def resolve_local_or_hub(value: str, roots: PathRoots, *, remote_ok: bool = False) -> str:
-    """Return an absolute local path, or the value itself when it names a Hub repo."""
+def resolve_local_or_hub(value: str, roots: PathRoots, *, remote_ok: bool = False, url_ok: bool = False) -> str:
+    """Return an absolute local path, or the value itself when it names a Hub repo
+    (or, with `remote_ok`, a cloud bucket; with `url_ok`, an https URL)."""
     if not isinstance(value, str) or not value.strip():
         raise PathRejected("must be a non-empty string")
     if "://" in value:
         if remote_ok and value.startswith(REMOTE_DATA_SCHEMES):
             return value
-        raise PathRejected("URLs are not accepted here; use a Hub id or a path on the volume")
+        if url_ok and is_https_url(value):
+            return value
+        hint = "an https URL, " if url_ok else ""
+        raise PathRejected(f"this URL is not accepted here; use {hint}a Hub id or a path on the volume")
     if "\x00" in value:
         raise PathRejected("contains a NUL character")
     pure = PurePosixPath(value)
@@ -71,6 +76,11 @@ def resolve_local_or_hub(value: str, roots: PathRoots, *, remote_ok: bool = Fals
     raise PathRejected(
         f"not found under {roots.describe()} and not a Hugging Face Hub id (owner/name)"
     )
+
+
+def is_https_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme == "https" and bool(parts.hostname) and not parts.username and not parts.password
 
 
 def resolve_inside(value: str, roots: PathRoots) -> str:

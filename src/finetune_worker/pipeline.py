@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import axolotl_schema, errors, events
+from .data import DatasetCheck, check_datasets, data_fingerprint, materialise
 from .errors import JobError
 from .events import ProgressTracker
 from .failures import diagnose
@@ -145,16 +146,23 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         state.paths = paths
         previous = inspect_previous(paths)
         _check_same_config(previous, valid)
-        if previous.result is not None:
+        preflight_only = valid.job.mode == "preflight"
+        if previous.result is not None and not preflight_only:
             yield events.status("preparing", "this run already completed; returning its stored result (send restart: true to train it again)")
             yield {**previous.result, "reused": True}
             return
-        if previous.trained is None:
+        if previous.trained is None and not preflight_only:
             for event in _resume_point(previous, plan):
                 yield event
             _check_disk(plan.config, settings, env)
 
         prepare_run_dir(paths)
+        checks: list[DatasetCheck] = []
+        if previous.trained is None or preflight_only:
+            yield events.status("preparing", "checking the datasets (files, rows, fields) before loading any model")
+            checks = _prepare_data(plan, settings)
+            if checks:
+                yield _data_checked(checks)
         write_config(paths, plan.config)
         write_json(paths.job_file, _job_record(valid))
         child_env = build_child_env(
@@ -162,6 +170,10 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         )
         ctx = JobContext(valid=valid, plan=plan, paths=paths, settings=settings, child_env=child_env)
         yield events.status("preparing", f"run directory {paths.run_dir} on {hardware.describe()}", run_dir=str(paths.run_dir))
+        if preflight_only:
+            async for event in _preflight(ctx, state, checks, started):
+                yield event
+            return
         if ctx.repo_id:
             yield events.status("publishing", f"checking that the Hugging Face token may write to {ctx.repo_id}")
             user = await _check_token(ctx, state)
@@ -233,6 +245,69 @@ def _take_run(valid: ValidJob, paths: RunPaths, state: JobState) -> list[dict]:
         if moved:
             out.append(events.status("preparing", f"restart: the earlier attempt was kept as {moved.name}"))
     return out
+
+
+def _prepare_data(plan: AxolotlPlan, settings: WorkerSettings) -> list[DatasetCheck]:
+    """Inline and URL datasets into the run dir, every local row checked, the cache keyed by content."""
+    materialise(plan.data_sources, settings.max_download_bytes)
+    inline = {source.where: source for source in plan.data_sources if source.rows is not None}
+    checks = check_datasets(plan.config, inline)
+    prepared_root = Path(plan.config["dataset_prepared_path"])
+    plan.config["dataset_prepared_path"] = str(prepared_root / data_fingerprint(plan.config, checks))
+    return checks
+
+
+def _data_checked(checks: list[DatasetCheck]) -> dict:
+    rows = sum(check.rows for check in checks)
+    empty = sum(check.empty_rows for check in checks)
+    note = f"; {empty} with an empty response (nothing to train on)" if empty else ""
+    return events.status(
+        "preparing",
+        f"{rows} rows in {len(checks)} local dataset(s) parse and have the fields their type needs{note}",
+        datasets={check.where: check.summary() for check in checks},
+    )
+
+
+async def _preflight(ctx: JobContext, state: JobState, checks: list[DatasetCheck], started: float) -> AsyncIterator[dict]:
+    """Tokenize as training would, report, and stop: no model weights, no training."""
+    paths = ctx.paths
+    yield events.status("preprocessing", "preflight: loading the tokenizer and tokenizing the datasets as training would")
+    paths.preflight_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "finetune_worker.preflight", str(paths.config_file), "--out", str(paths.preflight_file)]
+    tool = await _run_tool(ctx, state, argv, "preflight")
+    report = read_json(paths.preflight_file)
+    if tool.returncode != 0 or report is None:
+        diagnosis = diagnose(tool.returncode, tool.log_tail(), "preprocessing", None)
+        raise JobError(diagnosis.code, f"preflight failed: {diagnosis.message}", log_tail=tool.log_tail())
+    empty = {check.where: check.empty_rows for check in checks}
+    for dataset in report["datasets"]:
+        dataset["empty_rows"] = empty.get(dataset["where"], 0)
+    report["total"]["empty_rows"] = sum(dataset["empty_rows"] for dataset in report["datasets"])
+    for dataset in report["datasets"]:
+        yield events.status("preprocessing", _describe_dataset(dataset, report), dataset=dataset)
+    for example in report["examples"]:
+        yield events.status("preprocessing", f"example {example['dataset']} row {example['row']} ([[...]] is trained on)", example=example)
+    yield events.result(
+        ctx.valid.job.run_id, str(paths.run_dir), report["total"], time.monotonic() - started, mode="preflight", preflight=report,
+    )
+
+
+def _describe_dataset(dataset: dict, report: dict) -> str:
+    tokens = dataset["tokens"]
+    fates = []
+    if dataset["too_long"]:
+        fate = "truncated" if dataset["truncated"] else "dropped"
+        fates.append(f"{dataset['too_long']} longer than sequence_len {report['sequence_len']}: {fate}")
+    if dataset["too_short"]:
+        fates.append(f"{dataset['too_short']} too short: dropped")
+    if dataset["no_trained_tokens"]:
+        fates.append(f"{dataset['no_trained_tokens']} with nothing to train on")
+    return (
+        f"{dataset['where']}: {dataset['rows_read']} rows, {dataset['rows_kept']} kept"
+        + (f" ({'; '.join(fates)})" if fates else "")
+        + f"; {tokens['total']} tokens, {tokens['trained']} trained on; "
+        f"{tokens['min']}-{tokens['max']} per example (median {tokens['median']})"
+    )
 
 
 def _check_same_config(previous: PreviousRun, valid: ValidJob) -> None:

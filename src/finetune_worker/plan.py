@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .hardware import Hardware
 
@@ -82,6 +83,15 @@ class RunPaths:
         return self.run_dir / "hub"
 
     @property
+    def data_dir(self) -> Path:
+        """Datasets sent inline or by URL, written here before Axolotl reads them."""
+        return self.run_dir / "data"
+
+    @property
+    def preflight_file(self) -> Path:
+        return self.run_dir / "preflight.json"
+
+    @property
     def lock_file(self) -> Path:
         # Beside the run directory, so it can be held before the directory exists
         # and while an earlier attempt is moved aside.
@@ -93,11 +103,22 @@ def run_paths(runs_dir: Path, user_id: str, run_id: str) -> RunPaths:
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """A dataset the worker writes into the run directory before Axolotl reads it."""
+
+    where: str  # "args.datasets[0]"
+    dest: Path
+    rows: list | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
 class AxolotlPlan:
     config: dict[str, Any]
     warnings: list[str]
     publish: dict[str, Any]
     adapted_for_cpu: list[str]
+    data_sources: list[DataSource] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -123,12 +144,35 @@ def build_axolotl_config(
     if "plugins" in config and PROGRESS_PLUGIN in config["plugins"]:
         warnings.append(f"args.plugins: {PROGRESS_PLUGIN} is added by the worker; remove it from your config")
     config["plugins"] = [p for p in config.get("plugins") or [] if p != PROGRESS_PLUGIN] + [PROGRESS_PLUGIN]
+    sources = localise_datasets(config, paths.data_dir)
     changed: list[str] = []
     if not hardware.has_gpu:
         changed = adapt_for_cpu(config)
         if changed:
             warnings.append("no CUDA GPU on this worker, so the config was adapted to run on CPU: " + "; ".join(changed))
-    return AxolotlPlan(config=config, warnings=warnings, publish=publish, adapted_for_cpu=changed)
+    return AxolotlPlan(config=config, warnings=warnings, publish=publish, adapted_for_cpu=changed, data_sources=sources)
+
+
+DATASET_LIST_KEYS = ("datasets", "test_datasets")
+KNOWN_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
+
+
+def localise_datasets(config: dict[str, Any], data_dir: Path) -> list[DataSource]:
+    """Point inline-rows and https datasets at files in the run directory (in place)."""
+    sources = []
+    for key in DATASET_LIST_KEYS:
+        for index, entry in enumerate(config.get(key) or []):
+            where = f"args.{key}[{index}]"
+            if "rows" in entry:
+                dest = data_dir / f"{key}-{index}.jsonl"
+                sources.append(DataSource(where, dest, rows=entry.pop("rows")))
+                entry.update(path=str(dest), ds_type="json")
+            elif str(entry.get("path", "")).startswith("https://"):
+                suffix = Path(urlsplit(entry["path"]).path).suffix.lower()
+                dest = data_dir / f"{key}-{index}{suffix if suffix in KNOWN_DATA_SUFFIXES else '.jsonl'}"
+                sources.append(DataSource(where, dest, url=entry["path"]))
+                entry["path"] = str(dest)
+    return sources
 
 
 WANDB_KEYS = ("wandb_project", "wandb_entity", "wandb_name", "wandb_run_id", "wandb_watch", "wandb_log_model", "wandb_mode")

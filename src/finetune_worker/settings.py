@@ -12,6 +12,7 @@ from .envconfig import args_from_env
 RUNPOD_VOLUME = Path("/runpod-volume")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # RunPod's /run payload limit
+MAX_DOWNLOAD_BYTES = 5 * 1024**3  # a dataset given by https URL
 
 
 def default_base_volume() -> Path:
@@ -25,6 +26,7 @@ class WorkerSettings(BaseModel):
     wandb_api_key: SecretStr | None = None
     allow_trust_remote_code: bool = False
     max_request_bytes: int = MAX_REQUEST_BYTES
+    max_download_bytes: int = MAX_DOWNLOAD_BYTES
     # AXOLOTL_* variables on the endpoint: defaults under every job's args.
     default_args: dict = {}
     default_arg_problems: list[str] = []
@@ -38,6 +40,7 @@ class WorkerSettings(BaseModel):
             "wandb_api_key": "WANDB_API_KEY",
             "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE",
             "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES",
+            "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES",
         }
         for field, name in optional.items():
             if env.get(name):

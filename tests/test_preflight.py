@@ -1,0 +1,111 @@
+"""Preflight: the datasets tokenized exactly as training would, reported, and no training."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import collect, make_job, tiny_args
+from finetune_worker.preflight import length_outcome, packing_efficiency, render_example
+
+GOOD = {"instruction": "What colour is a lime?", "input": "", "output": "A lime is green."}
+LONG = {"instruction": "Describe a lime. " * 120, "input": "", "output": "Green."}
+EMPTY = {"instruction": "What colour is a plum?", "input": "", "output": ""}
+
+
+def test_render_marks_the_trained_spans():
+    text = render_example([1, 2, 3, 4, 5], [-100, -100, 3, 4, -100], lambda ids: "".join(f"<{i}>" for i in ids))
+    assert text == "<1><2>[[<3><4>]]<5>"
+
+
+def test_length_outcome_follows_the_excess_length_strategy():
+    lengths = [1, 10, 300, 500]
+    assert length_outcome(lengths, 256, 2, "drop") == {"too_long": 2, "too_short": 1, "dropped": 3, "truncated": 0}
+    assert length_outcome(lengths, 256, 2, "truncate") == {"too_long": 2, "too_short": 1, "dropped": 1, "truncated": 2}
+
+
+def test_packing_efficiency_uses_axolotls_packer():
+    assert packing_efficiency([100, 100, 50, 50], 200) == {"bins": 2, "efficiency": 0.75}
+    assert packing_efficiency([600], 200) == {"bins": 0, "efficiency": None}
+
+
+def _by_dataset(events: list[dict]) -> dict:
+    return {e["dataset"]["where"]: e["dataset"] for e in events if e["type"] == "status" and "dataset" in e}
+
+
+def _examples(events: list[dict], where: str) -> list[str]:
+    return [e["example"]["text"] for e in events if e["type"] == "status" and e.get("example", {}).get("dataset") == where]
+
+
+@pytest.fixture(scope="module")
+def preflight_events(tiny, volume):
+    import os
+
+    env = {**os.environ, "BASE_VOLUME": str(volume), "HF_HUB_OFFLINE": "1"}
+    datasets = [
+        {"path": str(tiny / "tiny_alpaca.jsonl"), "type": "alpaca", "ds_type": "json"},
+        {"path": str(tiny / "tiny_chat.jsonl"), "type": "chat_template", "chat_template": "chatml", "ds_type": "json"},
+        {"path": str(tiny / "tiny_completion.jsonl"), "type": "completion", "ds_type": "json"},
+        {"rows": [GOOD, LONG, EMPTY, GOOD], "type": "alpaca"},
+    ]
+    job = make_job(tiny_args(tiny, datasets=datasets, chat_template="chatml"), mode="preflight")
+    return collect(job, env), job
+
+
+def test_preflight_reports_every_dataset_and_stops_before_training(preflight_events, volume):
+    events, job = preflight_events
+    final = events[-1]
+    assert final["type"] == "result" and final["mode"] == "preflight", final
+    stages = [e.get("stage") for e in events if e["type"] == "status"]
+    assert "training" not in stages and "downloading" not in stages
+    run_dir = volume / "runs" / job["user_id"] / job["run_id"]
+    assert not list(run_dir.glob("output/**/*.safetensors")) and not (run_dir / "result.json").exists()
+    assert (run_dir / "preflight.json").is_file()
+    report = final["preflight"]
+    assert [d["where"] for d in report["datasets"]] == [f"args.datasets[{i}]" for i in range(4)]
+    for dataset in report["datasets"]:
+        tokens = dataset["tokens"]
+        assert dataset["rows_read"] > 0 and 0 < tokens["trained"] < tokens["total"] or dataset["type"] == "completion"
+        assert tokens["min"] <= tokens["median"] <= tokens["max"]
+    assert report["prepared"]["train_rows"] == report["total"]["rows_kept"] and report["prepared"]["total_num_steps"] > 0
+
+
+def test_too_long_and_empty_rows_are_counted(preflight_events):
+    events, _ = preflight_events
+    inline = _by_dataset(events)["args.datasets[3]"]
+    assert inline["rows_read"] == 4 and inline["too_long"] == 1 and inline["dropped"] == 1 and inline["rows_kept"] == 3
+    assert inline["empty_rows"] == 1 and inline["tokens"]["max"] > 256
+    assert events[-1]["preflight"]["total"]["empty_rows"] == 1
+
+
+def test_examples_mark_the_response_as_trained_and_the_prompt_not(preflight_events):
+    events, _ = preflight_events
+    alpaca = _examples(events, "args.datasets[0]")[0]
+    assert re.search(r"### Instruction:\nWhat colour is a \w+\?", alpaca) and "[[" not in alpaca.split("### Response:")[0]
+    assert re.search(r"### Response:\n\[\[A \w+ is \w+\.", alpaca)
+    chat = _examples(events, "args.datasets[1]")[0]
+    user, _, assistant = chat.partition("assistant")
+    assert "What colour" in user and "[[" not in user
+    assert re.search(r"\[\[A \w+ is \w+\.", assistant)
+    completion = _examples(events, "args.datasets[2]")[0]
+    assert completion.startswith("[[") and "Q: What colour" in completion  # completion trains on everything
+
+
+def test_train_on_inputs_marks_the_prompt_too_and_training_reuses_the_tokens(tiny, env, volume):
+    args = tiny_args(tiny, train_on_inputs=True, num_epochs=1)
+    job = make_job(args, mode="preflight")
+    events = collect(job, env)
+    assert events[-1]["type"] == "result", events[-1]
+    example = _examples(events, "args.datasets[0]")[0]
+    assert "[[" in example.split("### Response:")[0]  # the instruction is trained on too
+    train = collect({**job, "mode": "train"}, env)
+    assert train[-1]["type"] == "result", train[-1]
+    log = (volume / "runs" / job["user_id"] / job["run_id"] / "train.log").read_text()
+    assert "Loading prepared dataset from disk" in log and "Loading raw datasets" not in log
+
+
+def test_an_unknown_mode_is_rejected(tiny, env):
+    events = collect(make_job(tiny_args(tiny), mode="dry-run"), env)
+    assert events[-1]["code"] == "invalid_input"
+    assert any(d.startswith("mode: Input should be 'train' or 'preflight'") for d in events[-1]["details"])
