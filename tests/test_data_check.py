@@ -68,7 +68,7 @@ def test_a_malformed_row_names_its_line_and_field(tmp_path):
 
 def test_every_kind_of_bad_row_is_listed_with_its_line(tmp_path):
     path = write_lines(tmp_path / "mixed.jsonl", [GOOD, "{not json", "", GOOD, "[1, 2]"])
-    check = check_dataset("args.datasets[0]", path, {"type": "alpaca"}, "datasets")
+    check = check_dataset("args.datasets[0]", path, {}, row_shape(ALPACA, "datasets"))
     assert check.rows == 3  # the blank line is not a row
     assert check.problems == [
         "args.datasets[0] (mixed.jsonl): line 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
@@ -80,17 +80,17 @@ def test_json_arrays_csv_and_folders_are_read_too(tmp_path):
     (tmp_path / "set").mkdir()
     (tmp_path / "set" / "a.json").write_text(json.dumps([GOOD, {"instruction": "x", "output": ""}]), encoding="utf-8")
     (tmp_path / "set" / "b.csv").write_text("instruction,input,output\nq,,a\nq2,,a2\n", encoding="utf-8")
-    check = check_dataset("args.datasets[0]", tmp_path / "set", {"type": "alpaca"}, "datasets")
+    check = check_dataset("args.datasets[0]", tmp_path / "set", {}, row_shape(ALPACA, "datasets"))
     assert (check.rows, check.empty_rows, check.problems, len(check.files)) == (4, 1, [], 2)
     (tmp_path / "c.csv").write_text("instruction,input\nq,\n", encoding="utf-8")
-    check = check_dataset("args.datasets[1]", tmp_path / "c.csv", {"type": "alpaca"}, "datasets")
+    check = check_dataset("args.datasets[1]", tmp_path / "c.csv", {}, row_shape(ALPACA, "datasets"))
     assert check.problems == ["args.datasets[1] (c.csv): line 2: missing field 'output' (this dataset type needs instruction and output)"]
 
 
 def test_text_that_is_not_utf8_is_reported(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"instruction": "caf\xe9"}'.encode("latin-1") + b"\n")
-    check = check_dataset("args.datasets[0]", path, {"type": "alpaca"}, "datasets")
+    check = check_dataset("args.datasets[0]", path, {}, row_shape(ALPACA, "datasets"))
     assert check.problems == ["args.datasets[0] (latin1.jsonl): line 2: not UTF-8 text"]
 
 

@@ -35,15 +35,22 @@ class HumanPrinter:
         self._end_bar()
         if kind == "status":
             self._line(f"[{event['stage']}] {event['message']}")
+            if "example" in event:
+                self._line("  | " + event["example"]["text"].replace("\n", "\n  | "))
         elif kind == "warning":
             self._line(f"warning: {event['message']}")
         elif kind == "checkpoint":
             self._line(f"checkpoint saved at step {event['step']}: {event['path']}")
+        elif kind == "eval" and "base" in event:
+            self._line(f"evaluation on {event['examples']} examples (base model -> fine-tuned):")
+            for key, delta in event["delta"].items():
+                self._line(f"  {key:12} {event['base'][key]:>9} -> {event['finetuned'][key]:<9} ({delta:+})")
         elif kind == "eval":
             metrics = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "step"))
             self._line(f"eval at step {event.get('step')}: {metrics}")
         elif kind == "result":
-            self._line(f"completed in {event['duration_seconds']}s: {event['output_dir']}")
+            done = "preflight completed" if event.get("mode") == "preflight" else "completed"
+            self._line(f"{done} in {event['duration_seconds']}s: {event['output_dir']}")
             self._line(json.dumps(event["metrics"], indent=2))
         elif kind == "error":
             self._line(f"error [{event['code']}]: {event['message']}")

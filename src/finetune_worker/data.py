@@ -134,6 +134,17 @@ def row_shape(entry: dict, list_key: str) -> RowShape | None:
     return None
 
 
+EVAL_FORMAT_SHAPES = {
+    "alpaca": RowShape(text_fields=("instruction", "output")),
+    "messages": RowShape(messages_field="messages"),
+    "prompt_completion": RowShape(text_fields=("prompt", "completion")),
+}
+
+
+def eval_row_shape(fmt: str) -> RowShape | None:
+    return EVAL_FORMAT_SHAPES.get(fmt)
+
+
 def row_problem(row: Any, shape: RowShape | None) -> tuple[str | None, bool]:
     """(what is wrong with the row or None, whether it is empty)."""
     if not isinstance(row, dict):
@@ -211,7 +222,7 @@ def check_datasets(config: dict, inline: dict[str, DataSource]) -> list[DatasetC
             if not path.is_absolute() or not path.exists():
                 continue  # a Hub or cloud dataset: Axolotl loads it, the preflight checks it
             label = _inline_label if where in inline else _line_label
-            checks.append(check_dataset(where, path, entry, list_key, label))
+            checks.append(check_dataset(where, path, entry, row_shape(entry, list_key), label))
     problems = [(check, text) for check in checks for text in check.problems]
     if problems:
         total = sum(check.problem_count for check in checks)
@@ -219,6 +230,15 @@ def check_datasets(config: dict, inline: dict[str, DataSource]) -> list[DatasetC
         more = f" ({total} problems in all; the first {len(problems)} are in details)" if total > 1 else ""
         raise JobError(errors.DATASET_ERROR, f"{first}{more}", details=[text for _, text in problems])
     return checks
+
+
+def check_eval_file(path: str, fmt: str) -> None:
+    """The evaluation set's rows, when it is a local file."""
+    if not Path(path).is_absolute():
+        return
+    check = check_dataset("evaluation.dataset", Path(path), {}, eval_row_shape(fmt))
+    if check.problems:
+        raise JobError(errors.DATASET_ERROR, check.problems[0], details=check.problems)
 
 
 def _line_label(number: int) -> str:
@@ -239,9 +259,8 @@ def dataset_files(path: Path, entry: dict) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"))
 
 
-def check_dataset(where: str, path: Path, entry: dict, list_key: str, label: RowLabel = _line_label) -> DatasetCheck:
+def check_dataset(where: str, path: Path, entry: dict, shape: RowShape | None, label: RowLabel = _line_label) -> DatasetCheck:
     check = DatasetCheck(where)
-    shape = row_shape(entry, list_key)
     digest = hashlib.sha256()
     for file in dataset_files(path, entry):
         check.files.append(str(file))

@@ -46,6 +46,7 @@ LOG_PATTERNS: list[tuple[re.Pattern, Diagnosis]] = [
 STAGE_DEFAULTS = {
     "preprocessing": Diagnosis(errors.DATASET_ERROR, "training stopped while loading the datasets; see log_tail"),
     "downloading": Diagnosis(errors.MODEL_LOAD_ERROR, "training stopped while loading the base model; see log_tail"),
+    "evaluating": Diagnosis(errors.TRAINING_FAILED, "the evaluation process failed; see log_tail"),
 }
 
 

@@ -14,6 +14,7 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     ValidationError,
+    model_validator,
 )
 
 from .errors import Problem
@@ -56,6 +57,50 @@ class PublishOptions(BaseModel):
     )
 
 
+EVAL_METRICS = ("exact_match", "jaccard", "rouge1", "rouge2", "rougeL", "bleu", "loss", "perplexity")
+EvalMetric = Literal["exact_match", "jaccard", "rouge1", "rouge2", "rougeL", "bleu", "loss", "perplexity"]
+
+
+class EvaluationDataset(BaseModel):
+    """The eval examples: a Hub dataset, a file on the volume, or rows in the request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(default=None, description="A Hub dataset id or a file on the volume (.jsonl, .json, .csv, .parquet).")
+    rows: list[dict[str, Any]] | None = Field(default=None, max_length=1000, description="Examples inline in the request.")
+    format: Literal["auto", "alpaca", "messages", "prompt_completion"] = Field(
+        default="auto",
+        description="alpaca: instruction/input/output; messages: a conversation ending with the assistant's reference answer; "
+        "prompt_completion: prompt/completion; auto: told by the fields.",
+    )
+    name: str | None = Field(default=None, description="The Hub dataset's configuration name.")
+    split: str = "train"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvaluationDataset:
+        if (self.path is None) == (self.rows is None):
+            raise ValueError("give exactly one of path (a Hub dataset or a file on the volume) or rows (inline examples)")
+        if self.rows is not None and not self.rows:
+            raise ValueError("rows must not be empty")
+        return self
+
+
+class EvaluationOptions(BaseModel):
+    """Compare the fine-tune with its base model after training, and optionally gate the push."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: EvaluationDataset
+    num_examples: int = Field(default=20, ge=1, le=1000, description="How many examples (the first N) to evaluate.")
+    max_new_tokens: int = Field(default=64, ge=1, le=2048)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 means greedy decoding (the default).")
+    samples: int = Field(default=3, ge=0, le=20, description="How many examples to show in the result and the model card.")
+    publish_if_better: EvalMetric | None = Field(
+        default=None, description="Push only if the fine-tune beats the base model on this metric (loss/perplexity: lower is better)."
+    )
+    min_improvement: float = Field(default=0.0, ge=0.0, description="With publish_if_better: by more than this much.")
+
+
 class JobInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,6 +110,7 @@ class JobInput(BaseModel):
     credentials: Credentials = Field(default_factory=Credentials)
     args: dict[str, Any] = Field(description="An Axolotl config: any option `axolotl train` accepts.")
     publish: PublishOptions = Field(default_factory=PublishOptions)
+    evaluation: EvaluationOptions | None = Field(default=None, description="Evaluate the fine-tune against its base model before publishing.")
     mode: Literal["train", "preflight"] = Field(
         default="train",
         description="preflight: validate, load and tokenize the datasets exactly as training would, report statistics "
@@ -97,8 +143,7 @@ def _problem_from_pydantic(error: dict) -> Problem:
     kind = error["type"]
     field = loc[-1] if loc else ""
     if kind == "extra_forbidden":
-        model = {"credentials": Credentials, "publish": PublishOptions}.get(loc[0], JobInput) if len(loc) > 1 else JobInput
-        return Problem(format_loc(loc), f"unknown field{suggest(str(field), list(model.model_fields))}")
+        return Problem(format_loc(loc), f"unknown field{suggest(str(field), list(_model_at(loc[:-1]).model_fields))}")
     if kind == "missing":
         return Problem(format_loc(loc), "required field is missing")
     if field in ("user_id", "model_id", "run_id"):
@@ -107,6 +152,18 @@ def _problem_from_pydantic(error: dict) -> Problem:
         return Problem(format_loc(loc), "must be a Hub repo id like 'owner/name'")
     message = error["msg"].removeprefix("Value error, ")
     return Problem(format_loc(loc), message)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The pydantic model that holds the field at `loc`."""
+    model: type[BaseModel] = JobInput
+    for part in loc:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        nested = next((t for t in (annotation, *getattr(annotation, "__args__", ())) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if nested is None:
+            break
+        model = nested
+    return model
 
 
 def parse_job_input(raw: Any, max_bytes: int) -> tuple[JobInput | None, list[Problem]]:

@@ -21,14 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from . import axolotl_schema, errors, events
-from .data import DatasetCheck, check_datasets, data_fingerprint, materialise
+from .data import DatasetCheck, check_datasets, check_eval_file, data_fingerprint, materialise
 from .errors import JobError
+from .evaluation import gate
 from .events import ProgressTracker
 from .failures import diagnose
 from .hardware import Hardware, detect_hardware
+from .job import EvaluationOptions
 from .plan import AxolotlPlan, RunPaths, Tracking, build_axolotl_config, build_child_env, build_train_argv, run_paths
 from .redact import Redactor, secrets_in_env, secrets_in_raw_input
-from .report import framework_versions, render_model_card, write_loss_curve
+from .report import evaluation_sections, framework_versions, render_model_card, write_loss_curve
 from .resources import estimate_disk, gib, link_prebaked_model, model_facts
 from .rundir import (
     PreviousRun,
@@ -160,7 +162,7 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         checks: list[DatasetCheck] = []
         if previous.trained is None or preflight_only:
             yield events.status("preparing", "checking the datasets (files, rows, fields) before loading any model")
-            checks = _prepare_data(plan, settings)
+            checks = _prepare_data(plan, settings, valid.job.evaluation)
             if checks:
                 yield _data_checked(checks)
         write_config(paths, plan.config)
@@ -195,6 +197,19 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
             write_json(paths.trained_file, trained)
         has_curve = write_loss_curve(paths.progress_file, paths.loss_curve, f"{valid.job.model_id} / {valid.job.run_id}")
 
+        evaluation, publish_blocked = None, None
+        if valid.job.evaluation is not None:
+            async for event in _evaluation_step(ctx, state, trained):
+                yield event
+            evaluation = read_json(paths.evaluation_file)
+            options = valid.job.evaluation
+            if options.publish_if_better:
+                passed, verdict = gate(evaluation, options.publish_if_better, options.min_improvement)
+                if not passed:
+                    where = f"; nothing was pushed to {ctx.repo_id}" if ctx.repo_id else ""
+                    publish_blocked = f"not published: {verdict}{where}. The artifacts are in {paths.output_dir}"
+                    yield events.warning(publish_blocked)
+
         merged = None
         if valid.job.publish.merge_lora:
             yield events.status("publishing", "merging the LoRA into the base model")
@@ -202,12 +217,15 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
             if problem:
                 yield events.warning(f"merging the LoRA failed, so only the adapter is kept{' and pushed' if ctx.repo_id else ''}: {problem}")
         hub = None
-        if ctx.repo_id:
+        if ctx.repo_id and not publish_blocked:
             yield events.status("publishing", f"pushing to {ctx.repo_id}")
-            hub = await _push(ctx, state, trained, has_curve, merged)
+            hub = await _push(ctx, state, trained, has_curve, merged, evaluation)
+        extra = {} if evaluation is None else {"evaluation": evaluation, "published": hub is not None}
+        if publish_blocked:
+            extra["not_published_reason"] = publish_blocked
         result = events.result(
             valid.job.run_id, str(paths.output_dir), trained["metrics"], time.monotonic() - started,
-            hub=hub, wandb=trained.get("wandb"), merged_dir=str(merged) if merged else None,
+            hub=hub, wandb=trained.get("wandb"), merged_dir=str(merged) if merged else None, **extra,
         )
         write_json(paths.result_file, result)
         yield result
@@ -247,9 +265,11 @@ def _take_run(valid: ValidJob, paths: RunPaths, state: JobState) -> list[dict]:
     return out
 
 
-def _prepare_data(plan: AxolotlPlan, settings: WorkerSettings) -> list[DatasetCheck]:
+def _prepare_data(plan: AxolotlPlan, settings: WorkerSettings, evaluation: EvaluationOptions | None) -> list[DatasetCheck]:
     """Inline and URL datasets into the run dir, every local row checked, the cache keyed by content."""
     materialise(plan.data_sources, settings.max_download_bytes)
+    if evaluation is not None and evaluation.dataset.path:
+        check_eval_file(evaluation.dataset.path, evaluation.dataset.format)
     inline = {source.where: source for source in plan.data_sources if source.rows is not None}
     checks = check_datasets(plan.config, inline)
     prepared_root = Path(plan.config["dataset_prepared_path"])
@@ -402,13 +422,43 @@ async def _merge(ctx: JobContext, state: JobState) -> tuple[Path | None, str | N
     return None, (tail[-1] if tail else f"merge-lora exited with code {tool.returncode}")
 
 
-async def _push(ctx: JobContext, state: JobState, trained: dict, has_curve: bool, merged: Path | None) -> dict:
+async def _evaluation_step(ctx: JobContext, state: JobState, trained: dict) -> AsyncIterator[dict]:
+    """Base model vs fine-tune on the eval examples; kept in evaluation.json (a resubmission reuses it)."""
+    paths, options = ctx.paths, ctx.valid.job.evaluation
+    evaluation = read_json(paths.evaluation_file)
+    if evaluation is None:
+        yield events.status("evaluating", f"comparing the fine-tuned model with its base model on up to {options.num_examples} examples")
+        spec = {"config": str(paths.config_file), "evaluation": options.model_dump()}
+        write_json(paths.run_dir / "evaluation-spec.json", spec)
+        out = paths.run_dir / ".evaluation.json"
+        out.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "finetune_worker.evaluation", str(paths.run_dir / "evaluation-spec.json"), "--out", str(out)]
+        tool = await _run_tool(ctx, state, argv, "evaluation")
+        evaluation = read_json(out)
+        if tool.returncode != 0 or evaluation is None:
+            diagnosis = diagnose(tool.returncode, tool.log_tail(), "evaluating", None)
+            raise JobError(
+                diagnosis.code,
+                f"training succeeded, but the evaluation failed: {diagnosis.message}. The model is in {paths.output_dir}; "
+                "resubmit the same run_id to evaluate again without training",
+                log_tail=tool.log_tail(),
+            )
+        write_json(paths.evaluation_file, evaluation)
+    yield events.evaluation(
+        trained["metrics"].get("total_steps"),
+        {key: evaluation[key] for key in ("examples", "base", "finetuned", "delta")} | {"stage": "final"},
+    )
+
+
+async def _push(
+    ctx: JobContext, state: JobState, trained: dict, has_curve: bool, merged: Path | None, evaluation: dict | None = None
+) -> dict:
     paths, publish = ctx.paths, ctx.plan.publish
     merged_repo = ctx.valid.job.publish.merged_hub_model_id
     merged_where = None if merged is None else (merged_repo or f"{ctx.repo_id}:merged")
     card = render_model_card(
         repo_id=ctx.repo_id, config=ctx.plan.config, metrics=trained["metrics"], versions=framework_versions(),
-        has_loss_curve=has_curve, merged=merged_where,
+        has_loss_curve=has_curve, merged=merged_where, extra_sections=evaluation_sections(evaluation) if evaluation else [],
     )
     paths.hub_dir.mkdir(exist_ok=True)
     (paths.hub_dir / "README.md").write_text(card, encoding="utf-8")

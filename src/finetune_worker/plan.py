@@ -88,6 +88,10 @@ class RunPaths:
         return self.run_dir / "data"
 
     @property
+    def evaluation_file(self) -> Path:
+        return self.run_dir / "evaluation.json"
+
+    @property
     def preflight_file(self) -> Path:
         return self.run_dir / "preflight.json"
 

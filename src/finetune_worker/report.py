@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,29 @@ def render_model_card(
     lines += list(extra_sections)
     lines += ["## Framework versions", ""] + [f"- {name} {version}" for name, version in versions.items()] + [""]
     return "\n".join(lines)
+
+
+def _fenced(text: str) -> list[str]:
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", text, fence]
+
+
+def evaluation_sections(evaluation: dict) -> list[str]:
+    """The base-vs-fine-tuned table and the samples, for the model card."""
+    lines = [
+        "## Evaluation", "",
+        f"The fine-tuned model and its base model on the same {evaluation['examples']} held-out examples "
+        "(generation metrics against the reference answers; loss and perplexity of the references).", "",
+        "| metric | base model | fine-tuned | change |", "|---|---|---|---|",
+    ]
+    for key, delta in evaluation["delta"].items():
+        lines.append(f"| {key} | {evaluation['base'][key]} | {evaluation['finetuned'][key]} | {delta:+} |")
+    lines.append("")
+    if evaluation.get("samples"):
+        lines += ["### Samples", ""]
+        for number, sample in enumerate(evaluation["samples"], start=1):
+            lines += [f"**Example {number}: prompt**", ""] + _fenced(sample["prompt"]) + [""]
+            for key, title in (("reference", "reference"), ("base", "base model"), ("finetuned", "fine-tuned model")):
+                lines += [f"*{title}:*", ""] + _fenced(sample[key]) + [""]
+    return lines

@@ -37,6 +37,8 @@ def validate_job(raw: Any, settings: WorkerSettings, hardware: Hardware) -> Vali
             allow_trust_remote_code=settings.allow_trust_remote_code,
         )
         args, arg_problems = check_args(raw_args, context)
+    if job is not None and job.evaluation is not None:
+        arg_problems += _evaluation_problems(job, make_roots(settings.base_volume, settings.examples_dir))
     if job is not None and job.publish.merge_lora and args.get("adapter") not in ("lora", "qlora"):
         arg_problems.append(Problem("publish.merge_lora", "needs a LoRA run (args.adapter: lora or qlora); a full fine-tune is already merged"))
     if problems or arg_problems:
@@ -44,6 +46,26 @@ def validate_job(raw: Any, settings: WorkerSettings, hardware: Hardware) -> Vali
         raise problems_error(code, problems + arg_problems)
     assert job is not None
     return ValidJob(job=job, args=args, defaults_used=used, notes=notes)
+
+
+def _evaluation_problems(job: JobInput, roots) -> list[Problem]:
+    """Resolve the eval dataset's path (in place) and check inline eval rows."""
+    from .data import eval_row_shape, row_problem
+    from .paths import PathRejected, resolve_local_or_hub
+
+    dataset = job.evaluation.dataset
+    if dataset.path is not None:
+        try:
+            dataset.path = resolve_local_or_hub(dataset.path, roots)
+        except PathRejected as exc:
+            return [Problem("evaluation.dataset.path", str(exc))]
+        return []
+    shape = eval_row_shape(dataset.format)
+    for index, row in enumerate(dataset.rows or []):
+        problem, _ = row_problem(row, shape)
+        if problem:
+            return [Problem(f"evaluation.dataset.rows[{index}]", problem)]
+    return []
 
 
 def _endpoint_defaults(settings: WorkerSettings, raw_args: Any) -> tuple[dict, tuple[str, ...], tuple[str, ...]]:
