@@ -86,7 +86,8 @@ def test_argv_is_a_list_without_a_shell_and_without_secrets():
     argv = build_train_argv("/usr/bin/python3", PATHS.config_file)
     assert argv == ["/usr/bin/python3", "-m", "axolotl.cli.train", "/vol/runs/alice/r1/config.yaml"]
     multi = build_train_argv("/usr/bin/python3", PATHS.config_file, num_processes=2)
-    assert multi[:5] == ["/usr/bin/python3", "-m", "accelerate.commands.launch", "--num_processes", "2"]
+    assert multi[:6] == ["/usr/bin/python3", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    assert multi[-3:] == ["-m", "axolotl.cli.train", "/vol/runs/alice/r1/config.yaml"] and "--main_process_port" in multi
 
 
 def env_for(base, **secrets):

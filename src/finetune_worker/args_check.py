@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import axolotl_schema
+from .distributed import PRESET_DIR, combination_problems, resolve_presets
 from .errors import Problem
 from .hardware import Hardware
 from .job import HUB_REPO_ID, suggest
@@ -30,7 +31,7 @@ MAX_INLINE_ROWS = 100_000
 # Keys holding a model or tokenizer location: a Hub id or a local directory.
 MODEL_PATH_KEYS = ("base_model", "base_model_config", "tokenizer_config", "processor_config")
 # Keys that must point at local files or directories.
-LOCAL_PATH_KEYS = ("lora_model_dir", "resume_from_checkpoint")
+LOCAL_PATH_KEYS = ("lora_model_dir", "resume_from_checkpoint", "deepspeed")
 QUANTISED_LOADING = {
     "load_in_4bit": "4-bit loading",
     "load_in_8bit": "8-bit loading",
@@ -50,6 +51,7 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     """Return `args` with local paths made absolute, and every problem found."""
     args = copy.deepcopy(args)
     problems: list[Problem] = []
+    problems += resolve_presets(args)
     problems += _shape_problems(args)
     bad_datasets = _dataset_problems(args, ctx)
     problems += [p for _, p in bad_datasets]
@@ -58,6 +60,7 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     problems += _remote_code_problems(args, ctx)
     problems += _model_path_problems(args, ctx)
     problems += _hardware_problems(args, ctx.hardware)
+    problems += combination_problems(args, ctx.hardware.has_gpu)
     problems += _publish_problems(args)
     if not any(p.path in ("args.datasets", "args.plugins") for p in problems):
         problems += _schema_problems(args, {loc for loc, _ in bad_datasets})
@@ -191,8 +194,10 @@ def _model_path_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
     problems = []
     for key in MODEL_PATH_KEYS + LOCAL_PATH_KEYS:
         value = args.get(key)
-        if value is None:
+        if value is None or (key == "deepspeed" and isinstance(value, dict)):
             continue
+        if key == "deepspeed" and str(value).startswith(str(PRESET_DIR)):
+            continue  # a preset shipped with the worker
         resolve = resolve_inside if key in LOCAL_PATH_KEYS else resolve_local_or_hub
         try:
             args[key] = resolve(value, ctx.roots)

@@ -51,6 +51,8 @@ class HumanPrinter:
         elif kind == "result":
             done = "preflight completed" if event.get("mode") == "preflight" else "completed"
             self._line(f"{done} in {event['duration_seconds']}s: {event['output_dir']}")
+            if event.get("not_published_reason"):
+                self._line(event["not_published_reason"])
             self._line(json.dumps(event["metrics"], indent=2))
         elif kind == "error":
             self._line(f"error [{event['code']}]: {event['message']}")

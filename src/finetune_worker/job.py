@@ -111,6 +111,10 @@ class JobInput(BaseModel):
     args: dict[str, Any] = Field(description="An Axolotl config: any option `axolotl train` accepts.")
     publish: PublishOptions = Field(default_factory=PublishOptions)
     evaluation: EvaluationOptions | None = Field(default=None, description="Evaluate the fine-tune against its base model before publishing.")
+    num_processes: int | None = Field(
+        default=None, ge=1, le=64,
+        description="Training processes (accelerate launch); default: one per visible GPU. On a CPU worker, >1 runs DDP over gloo.",
+    )
     mode: Literal["train", "preflight"] = Field(
         default="train",
         description="preflight: validate, load and tokenize the datasets exactly as training would, report statistics "

@@ -22,12 +22,14 @@ from typing import Any
 
 from . import axolotl_schema, errors, events
 from .data import DatasetCheck, check_datasets, check_eval_file, data_fingerprint, materialise
+from .distributed import process_count
 from .errors import JobError
 from .evaluation import gate
 from .events import ProgressTracker
 from .failures import diagnose
 from .hardware import Hardware, detect_hardware
 from .job import EvaluationOptions
+from .memory import CLEARLY_OVER, estimate_gpu_memory, suggestions
 from .plan import AxolotlPlan, RunPaths, Tracking, build_axolotl_config, build_child_env, build_train_argv, run_paths
 from .redact import Redactor, secrets_in_env, secrets_in_raw_input
 from .report import evaluation_sections, framework_versions, render_model_card, write_loss_curve
@@ -117,6 +119,7 @@ class JobContext:
     paths: RunPaths
     settings: WorkerSettings
     child_env: dict[str, str]
+    num_processes: int = 1
 
     @property
     def repo_id(self) -> str | None:
@@ -156,6 +159,8 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         if previous.trained is None and not preflight_only:
             for event in _resume_point(previous, plan):
                 yield event
+            for event in _check_memory(plan.config, settings, env, hardware, process_count(valid.job.num_processes, hardware.gpu_count)):
+                yield event
             _check_disk(plan.config, settings, env)
 
         prepare_run_dir(paths)
@@ -170,7 +175,8 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         child_env = build_child_env(
             env, paths=paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token, wandb_api_key=wandb_key
         )
-        ctx = JobContext(valid=valid, plan=plan, paths=paths, settings=settings, child_env=child_env)
+        processes = process_count(valid.job.num_processes, hardware.gpu_count)
+        ctx = JobContext(valid=valid, plan=plan, paths=paths, settings=settings, child_env=child_env, num_processes=processes)
         yield events.status("preparing", f"run directory {paths.run_dir} on {hardware.describe()}", run_dir=str(paths.run_dir))
         if preflight_only:
             async for event in _preflight(ctx, state, checks, started):
@@ -350,6 +356,28 @@ def _resume_point(previous: PreviousRun, plan: AxolotlPlan) -> list[dict]:
     return out
 
 
+def _check_memory(config: dict, settings: WorkerSettings, env: Mapping[str, str], hardware: Hardware, processes: int) -> list[dict]:
+    """Peak GPU memory per GPU against the smallest GPU present; fail when it clearly cannot fit."""
+    if not hardware.has_gpu:
+        return []
+    hf_home = Path(env.get("HF_HOME") or settings.cache_dir / "huggingface")
+    model_config = model_facts(str(config.get("base_model", "")), hf_home).config
+    if not model_config or "hidden_size" not in model_config:
+        return [events.status("preparing", "no memory estimate: the base model's config is not on the volume yet")]
+    estimate = estimate_gpu_memory(config, model_config, processes)
+    capacity = min(hardware.gpu_memory_bytes)
+    if estimate.total > capacity * CLEARLY_OVER:
+        raise JobError(
+            errors.OUT_OF_MEMORY,
+            f"this config needs about {estimate.describe()}, but each GPU has {gib(capacity)}; "
+            f"it will not fit. Try {suggestions(config, processes)}",
+        )
+    return [events.status(
+        "preparing", f"estimated peak GPU memory: {estimate.describe()} of {gib(capacity)} per GPU",
+        memory_estimate_bytes=estimate.total, memory_parts_bytes=estimate.parts, gpu_memory_bytes=capacity,
+    )]
+
+
 def _check_disk(config: dict, settings: WorkerSettings, env: Mapping[str, str]) -> None:
     hf_home = Path(env.get("HF_HOME") or settings.cache_dir / "huggingface")
     estimate = estimate_disk(config, model_facts(str(config.get("base_model", "")), hf_home))
@@ -367,7 +395,9 @@ def _check_disk(config: dict, settings: WorkerSettings, env: Mapping[str, str]) 
 async def _train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> AsyncIterator[dict]:
     """Run `axolotl train` in a child process and turn its progress records into events."""
     paths = ctx.paths
-    argv = build_train_argv(sys.executable, paths.config_file)
+    argv = build_train_argv(sys.executable, paths.config_file, ctx.num_processes, _free_port())
+    if ctx.num_processes > 1:
+        yield events.status("training", f"launching {ctx.num_processes} training processes with accelerate (events come from rank 0)", num_processes=ctx.num_processes)
     training = TrainingProcess(argv, ctx.child_env, paths.log_file, paths.progress_file, state.redactor)
     state.training = training
     await training.start()
@@ -509,6 +539,15 @@ def _job_record(valid: ValidJob) -> dict:
         "args_sha256": args_digest(valid.args),
         "args": valid.job.args,
     }
+
+
+def _free_port() -> int:
+    """A free TCP port for torch.distributed's rendezvous, so jobs never collide on 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _raise_unless_trained(training: TrainingProcess, tracker: ProgressTracker) -> None:

@@ -210,11 +210,17 @@ def adapt_for_cpu(config: dict[str, Any]) -> list[str]:
     return changed
 
 
-def build_train_argv(python: str, config_file: Path, num_processes: int = 1) -> list[str]:
-    """`axolotl train`, as a module run by the worker's own interpreter."""
+def build_train_argv(python: str, config_file: Path, num_processes: int = 1, port: int = 29500) -> list[str]:
+    """`axolotl train`, as a module run by the worker's own interpreter; with several
+    processes, under `accelerate launch` (torchrun underneath: one process per GPU).
+    Mixed precision stays Axolotl's to choose (its bf16/fp16 override the launcher's)."""
     train = ["-m", "axolotl.cli.train", str(config_file)]
     if num_processes > 1:
-        return [python, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), *train]
+        launch = [
+            "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+        ]
+        return [python, *launch, *train]
     return [python, *train]
 
 

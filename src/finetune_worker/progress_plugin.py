@@ -46,6 +46,12 @@ def _numbers(logs: dict) -> dict:
     return numbers
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _wandb_run():
     import sys
 
@@ -53,8 +59,15 @@ def _wandb_run():
     return getattr(wandb, "run", None) if wandb else None
 
 
+def _rank_line(args, what: str, state) -> None:
+    """Every rank says when it starts and ends, so the log shows that all of them trained."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")  # set by torchrun
+    print(f"\n[finetune-worker] rank {rank} of {world}: {what} at step {state.global_step}", flush=True)
+
+
 class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
+        _rank_line(args, "training started", state)
         write_record(
             "train_begin",
             step=state.global_step,
@@ -88,6 +101,7 @@ class ProgressCallback(TrainerCallback):
         write_record("eval", step=state.global_step, metrics=_numbers(metrics or {}))
 
     def on_train_end(self, args, state, control, **kwargs):
+        _rank_line(args, "training finished", state)
         write_record("train_end", step=state.global_step, max_steps=state.max_steps)
 
 
@@ -96,6 +110,12 @@ class ProgressPlugin(BasePlugin):
 
     def load_datasets(self, cfg, preprocess: bool = False):
         write_record("stage", stage="preprocessing")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda():
+            # Axolotl 0.19 maps every rank to device index LOCAL_RANK, which means a
+            # GPU; a multi-process run without one (gloo: the tests' proof of the
+            # launch path) loads on the CPU. This is the last hook before the model
+            # loader reads cfg.device_map.
+            cfg.device_map = "cpu"
         return None  # let Axolotl load the datasets as usual
 
     def pre_model_load(self, cfg):

@@ -39,6 +39,8 @@ def validate_job(raw: Any, settings: WorkerSettings, hardware: Hardware) -> Vali
         args, arg_problems = check_args(raw_args, context)
     if job is not None and job.evaluation is not None:
         arg_problems += _evaluation_problems(job, make_roots(settings.base_volume, settings.examples_dir))
+    if job is not None and job.num_processes and hardware.has_gpu and job.num_processes > hardware.gpu_count:
+        arg_problems.append(Problem("num_processes", f"this worker has {hardware.gpu_count} GPU(s); use at most {hardware.gpu_count} processes, one per GPU"))
     if job is not None and job.publish.merge_lora and args.get("adapter") not in ("lora", "qlora"):
         arg_problems.append(Problem("publish.merge_lora", "needs a LoRA run (args.adapter: lora or qlora); a full fine-tune is already merged"))
     if problems or arg_problems:

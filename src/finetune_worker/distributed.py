@@ -1,0 +1,101 @@
+"""Several processes, one per GPU: presets for DeepSpeed and FSDP, and their checks.
+
+Pure: presets are resolved to what Axolotl expects (a DeepSpeed JSON shipped with
+the worker, or an `fsdp_config` mapping); the launcher is `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+DEEPSPEED_PRESETS = ("zero1", "zero2", "zero3", "zero3_offload")
+
+_FSDP_BASE = {
+    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # accelerate wraps the model's _no_split_modules
+    "state_dict_type": "FULL_STATE_DICT",
+    "reshard_after_forward": True,
+    "cpu_ram_efficient_loading": True,
+    "offload_params": False,
+}
+FSDP_PRESETS: dict[str, dict[str, Any]] = {
+    "full_shard": _FSDP_BASE,
+    "full_shard_offload": {**_FSDP_BASE, "offload_params": True},
+    # FSDP + QLoRA (Answer.AI): 4-bit base weights sharded across GPUs, LoRA trained.
+    # Axolotl 0.19 refuses cpu_ram_efficient_loading with 4-bit under FSDP2 (it deadlocks).
+    "qlora": {**_FSDP_BASE, "cpu_ram_efficient_loading": False},
+}
+
+
+def deepspeed_preset_path(name: str) -> Path:
+    return PRESET_DIR / "deepspeed" / f"{name}.json"
+
+
+def resolve_presets(args: dict[str, Any]) -> list[Problem]:
+    """Replace preset names in `args` (in place) by what Axolotl reads; return problems."""
+    problems = []
+    deepspeed = args.get("deepspeed")
+    if isinstance(deepspeed, str) and not deepspeed.endswith(".json"):
+        if deepspeed in DEEPSPEED_PRESETS:
+            args["deepspeed"] = str(deepspeed_preset_path(deepspeed))
+        else:
+            problems.append(Problem("args.deepspeed", f"unknown preset {deepspeed!r}; use one of {', '.join(DEEPSPEED_PRESETS)}, a .json file in the run or on the volume, or an object"))
+    fsdp = args.get("fsdp_config")
+    if isinstance(fsdp, str):
+        if fsdp in FSDP_PRESETS:
+            args["fsdp_config"] = dict(FSDP_PRESETS[fsdp])
+            args.setdefault("fsdp_version", 2)
+            if fsdp == "qlora" and not (args.get("adapter") == "qlora" and args.get("load_in_4bit")):
+                problems.append(Problem("args.fsdp_config", "the qlora preset needs adapter: qlora and load_in_4bit: true"))
+        else:
+            problems.append(Problem("args.fsdp_config", f"unknown preset {fsdp!r}; use one of {', '.join(FSDP_PRESETS)} or an object of FSDP options"))
+    return problems
+
+
+def combination_problems(args: dict[str, Any], has_gpu: bool) -> list[Problem]:
+    problems = []
+    sharded_fsdp = args.get("fsdp_config") or args.get("fsdp")
+    if args.get("deepspeed") and sharded_fsdp:
+        problems.append(Problem("args.deepspeed", "DeepSpeed and FSDP cannot be used together; keep one of deepspeed or fsdp_config"))
+    stage = deepspeed_stage(args.get("deepspeed"))
+    if stage == 3 and args.get("load_in_8bit"):
+        problems.append(Problem("args.load_in_8bit", "ZeRO-3 cannot shard 8-bit weights; use deepspeed: zero2, or adapter: qlora with load_in_4bit"))
+    if (args.get("deepspeed") or sharded_fsdp) and not has_gpu:
+        problems.append(Problem("args.deepspeed" if args.get("deepspeed") else "args.fsdp_config", "DeepSpeed and FSDP need CUDA GPUs and this worker has none"))
+    return problems
+
+
+def deepspeed_stage(value: Any) -> int | None:
+    """The ZeRO stage of a preset path, a JSON file or an inline object."""
+    import json
+
+    if isinstance(value, dict):
+        return (value.get("zero_optimization") or {}).get("stage")
+    if isinstance(value, str) and Path(value).is_file():
+        try:
+            return (json.loads(Path(value).read_text(encoding="utf-8")).get("zero_optimization") or {}).get("stage")
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def deepspeed_offloads(value: Any) -> tuple[bool, bool]:
+    """(optimizer offloaded, parameters offloaded) to the CPU."""
+    import json
+
+    config = value
+    if isinstance(value, str) and Path(value).is_file():
+        config = json.loads(Path(value).read_text(encoding="utf-8"))
+    zero = (config or {}).get("zero_optimization") or {} if isinstance(config, dict) else {}
+    device = lambda key: (zero.get(key) or {}).get("device") not in (None, "none")  # noqa: E731
+    return device("offload_optimizer"), device("offload_param")
+
+
+def process_count(requested: int | None, gpu_count: int) -> int:
+    """One process per visible GPU unless the job asks for a number."""
+    if requested:
+        return requested
+    return gpu_count if gpu_count > 1 else 1
