@@ -126,3 +126,22 @@ def test_child_env_without_keys_turns_wandb_off_and_keeps_an_operator_hf_home():
     assert "HF_TOKEN" not in env and "WANDB_API_KEY" not in env
     assert env["WANDB_MODE"] == "disabled"
     assert env["HF_HOME"] == "/models"
+
+
+def test_fast_defaults_on_a_gpu_fill_only_what_the_job_left_unset():
+    from finetune_worker.plan import LIGER_PLUGIN, Speedups, apply_fast_defaults
+
+    gpu = Hardware(gpu_count=1, gpu_names=("NVIDIA H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
+    config = {"datasets": [{"path": "x", "type": "alpaca"}], "plugins": ["finetune_worker.progress_plugin.ProgressPlugin"]}
+    chosen = apply_fast_defaults(config, gpu, Speedups(flash_attn=True, liger=True, model_type="llama"))
+    assert config["sample_packing"] is True and config["bf16"] is True and config["flash_attention"] is True
+    assert config["plugins"][0] == LIGER_PLUGIN and config["liger_fused_linear_cross_entropy"] is True
+    assert config["save_total_limit"] == 2 and "gradient_checkpointing" not in config
+    assert "sample_packing: True" in chosen and "flash_attention: True" in chosen
+    mine = {"sample_packing": False, "bf16": False, "fp16": True, "sdp_attention": True, "save_total_limit": 5}
+    chosen = apply_fast_defaults(mine, gpu, Speedups(flash_attn=True, fits_without_checkpointing=False))
+    assert mine["sample_packing"] is False and mine["fp16"] is True and "flash_attention" not in mine
+    assert mine["save_total_limit"] == 5 and mine["gradient_checkpointing"] is True
+    assert chosen == ["gradient_checkpointing: True"]
+    assert apply_fast_defaults({}, CPU_ONLY, Speedups(flash_attn=True)) == []
+    assert apply_fast_defaults(sdpa := {"rl": "dpo"}, gpu, Speedups()) and sdpa["sdp_attention"] is True and "sample_packing" not in sdpa

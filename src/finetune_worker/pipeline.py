@@ -30,7 +30,17 @@ from .failures import diagnose
 from .hardware import Hardware, detect_hardware
 from .job import EvaluationOptions
 from .memory import CLEARLY_OVER, estimate_gpu_memory, suggestions
-from .plan import AxolotlPlan, RunPaths, Tracking, build_axolotl_config, build_child_env, build_train_argv, run_paths
+from .plan import (
+    AxolotlPlan,
+    RunPaths,
+    Speedups,
+    Tracking,
+    apply_fast_defaults,
+    build_axolotl_config,
+    build_child_env,
+    build_train_argv,
+    run_paths,
+)
 from .redact import Redactor, secrets_in_env, secrets_in_raw_input
 from .report import evaluation_sections, framework_versions, render_model_card, write_loss_curve
 from .resources import estimate_disk, gib, link_prebaked_model, model_facts
@@ -138,11 +148,15 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         state.redactor.add(hf_token, wandb_key)
         tracking = Tracking(wandb_key=bool(wandb_key), model_id=valid.job.model_id, run_id=valid.job.run_id)
         plan = build_axolotl_config(valid.args, paths, settings.cache_dir / "prepared", hardware, tracking)
+        processes = process_count(valid.job.num_processes, hardware.gpu_count)
+        fast = apply_fast_defaults(plan.config, hardware, _speedups(plan.config, settings, env, hardware, processes))
         final_problems = axolotl_schema.schema_problems(plan.config, tuple(plan.config["plugins"][:-1]))
         if final_problems:
             raise config_problems_error(final_problems)
         for message in (*valid.notes, *plan.warnings):
             yield events.warning(message)
+        if fast:
+            yield events.status("validating", f"fast defaults for this GPU (set them in args to override): {'; '.join(fast)}", defaults=fast)
         if valid.defaults_used:
             yield events.status("validating", f"using the endpoint's defaults for {', '.join(valid.defaults_used)} (AXOLOTL_* variables)")
 
@@ -159,7 +173,7 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         if previous.trained is None and not preflight_only:
             for event in _resume_point(previous, plan):
                 yield event
-            for event in _check_memory(plan.config, settings, env, hardware, process_count(valid.job.num_processes, hardware.gpu_count)):
+            for event in _check_memory(plan.config, settings, env, hardware, processes):
                 yield event
             _check_disk(plan.config, settings, env)
 
@@ -175,7 +189,6 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         child_env = build_child_env(
             env, paths=paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token, wandb_api_key=wandb_key
         )
-        processes = process_count(valid.job.num_processes, hardware.gpu_count)
         ctx = JobContext(valid=valid, plan=plan, paths=paths, settings=settings, child_env=child_env, num_processes=processes)
         yield events.status("preparing", f"run directory {paths.run_dir} on {hardware.describe()}", run_dir=str(paths.run_dir))
         if preflight_only:
@@ -354,6 +367,26 @@ def _resume_point(previous: PreviousRun, plan: AxolotlPlan) -> list[dict]:
         step = previous.checkpoint.name.removeprefix("checkpoint-")
         out.append(events.status("preparing", f"resuming from step {step} ({previous.checkpoint.name})", resumed_from_step=int(step)))
     return out
+
+
+def _speedups(config: dict, settings: WorkerSettings, env: Mapping[str, str], hardware: Hardware, processes: int) -> Speedups:
+    """What this GPU worker can use for speed: installed kernels, the model type, memory headroom."""
+    if not hardware.has_gpu:
+        return Speedups()
+    import importlib.util
+
+    hf_home = Path(env.get("HF_HOME") or settings.cache_dir / "huggingface")
+    model_config = model_facts(str(config.get("base_model", "")), hf_home).config or {}
+    fits = True
+    if "hidden_size" in model_config and hardware.gpu_memory_bytes:
+        plain = estimate_gpu_memory({**config, "gradient_checkpointing": False}, model_config, processes)
+        fits = plain.total <= 0.9 * min(hardware.gpu_memory_bytes)
+    return Speedups(
+        flash_attn=importlib.util.find_spec("flash_attn") is not None,
+        liger=importlib.util.find_spec("liger_kernel") is not None,
+        model_type=model_config.get("model_type"),
+        fits_without_checkpointing=fits,
+    )
 
 
 def _check_memory(config: dict, settings: WorkerSettings, env: Mapping[str, str], hardware: Hardware, processes: int) -> list[dict]:

@@ -255,3 +255,54 @@ def build_child_env(
     else:
         env["WANDB_MODE"] = "disabled"
     return env
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """What the GPU worker's image offers, found by the pipeline (cheap checks, no imports)."""
+
+    flash_attn: bool = False
+    liger: bool = False
+    model_type: str | None = None
+    fits_without_checkpointing: bool = True
+
+
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+LIGER_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite")
+ATTENTION_KEYS = ("flash_attention", "sdp_attention", "xformers_attention", "flex_attention", "sage_attention", "eager_attention", "attn_implementation")
+
+
+def apply_fast_defaults(config: dict[str, Any], hardware: Hardware, speedups: Speedups) -> list[str]:
+    """On a GPU, what experienced Axolotl users set for speed, where the job left it unset.
+
+    Changes `config` in place and returns each default as "key: value" for a status event.
+    """
+    if not hardware.has_gpu:
+        return []
+    chosen: dict[str, Any] = {}
+
+    def default(key: str, value: Any) -> None:
+        if config.get(key) is None:
+            config[key] = chosen[key] = value
+
+    sft = not config.get("rl") and not config.get("pretraining_dataset")
+    if sft:
+        default("sample_packing", True)
+        if config.get("sample_packing"):
+            default("pad_to_sequence_len", True)
+    if config.get("bf16") in (None, "auto") and config.get("fp16") is None:
+        config["bf16"] = chosen["bf16"] = bool(hardware.bf16)
+        if not hardware.bf16:
+            default("fp16", True)
+    if not any(config.get(key) for key in ATTENTION_KEYS):
+        chosen["flash_attention" if speedups.flash_attn else "sdp_attention"] = True
+        config.update({k: True for k in chosen if k.endswith("_attention")})
+    if speedups.liger and speedups.model_type in LIGER_MODEL_TYPES and LIGER_PLUGIN not in (config.get("plugins") or []):
+        config["plugins"] = [LIGER_PLUGIN, *(config.get("plugins") or [])]
+        chosen["plugins"] = f"+ {LIGER_PLUGIN}"
+        for key in ("liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_fused_linear_cross_entropy"):
+            default(key, True)
+    if not speedups.fits_without_checkpointing:
+        default("gradient_checkpointing", True)
+    default("save_total_limit", 2)
+    return [f"{key}: {value}" for key, value in chosen.items()]
