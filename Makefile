@@ -3,7 +3,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export AXOLOTL_DO_NOT_TRACK := 1
 
-.PHONY: run test lint install
+.PHONY: run test lint install bench
 
 $(STAMP): pyproject.toml builder/setup_venv.sh builder/constraints.txt $(wildcard builder/requirements*.txt)
 	bash builder/setup_venv.sh
@@ -19,9 +19,13 @@ run: $(STAMP)
 test: lint
 	$(VENV)/bin/python -m pytest
 
+## benchmarks that print figures (docs/benchmarks.md): overhead, startup, warm start
+bench: $(STAMP)
+	$(VENV)/bin/python bench/run.py
+
 ## static checks: code, Dockerfile, workflows, RunPod Hub files, version pins
 lint: $(STAMP)
-	$(VENV)/bin/python -m ruff check src tests builder
+	$(VENV)/bin/python -m ruff check src tests builder bench
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	$(VENV)/bin/check-jsonschema --schemafile builder/schemas/runpod-hub.schema.json .runpod/hub.json

@@ -169,14 +169,14 @@ def test_https_datasets_are_downloaded_with_a_size_limit(https_server, tmp_path,
 def test_a_bad_row_fails_a_normal_job_before_any_model_loads(tiny, env, volume):
     rows = [GOOD] * 16 + [{"instruction": "no answer here", "input": ""}] + [GOOD] * 8
     path = write_lines(volume / "bad_line_17.jsonl", rows)
-    events = collect(make_job(tiny_args(tiny, datasets=[{"path": str(path), "type": "alpaca"}])), env)
+    job = make_job(tiny_args(tiny, datasets=[{"path": str(path), "type": "alpaca"}]))
+    events = collect(job, env)
     final = events[-1]
     assert final["type"] == "error" and final["code"] == "dataset_error"
     assert "line 17" in final["message"] and "missing field 'output'" in final["message"]
     stages = [e.get("stage") for e in events if e["type"] == "status"]
     assert "downloading" not in stages and "training" not in stages
-    run_dir = volume / "runs" / "tester"
-    assert not any(run_dir.glob("*/train.log"))  # no training process was started
+    assert not (volume / "runs" / job["user_id"] / job["run_id"] / "train.log").exists()  # no training process was started
 
 
 def test_an_unreachable_url_fails_before_any_model_loads(tiny, env, https_server, monkeypatch):

@@ -1,0 +1,181 @@
+"""Benchmarks that print figures (never asserted): worker overhead, time to first
+progress and where it goes, and the warm-start saving of the tokenized-data cache.
+
+    .venv/bin/python bench/run.py [overhead|startup|warm|all] [--runs N] [--epochs E]
+
+Every figure comes from runs made side by side in this one invocation, on the tiny
+model and dataset of test_input.json, on this machine's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+BASE_ENV = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def job(run_id: str, epochs: int) -> dict:
+    body = json.loads((REPO / "test_input.json").read_text())["input"]
+    body.pop("evaluation", None)  # the training alone, as `axolotl train` does it
+    body["run_id"] = run_id
+    body["args"]["num_epochs"] = epochs
+    return body
+
+
+def run_worker(volume: Path, run_id: str, epochs: int) -> tuple[float, Path]:
+    job_file = volume / f"{run_id}.json"
+    job_file.write_text(json.dumps({"input": job(run_id, epochs)}))
+    started = time.perf_counter()
+    subprocess.run(
+        [str(Path(PYTHON).parent / "finetune-worker"), "run", str(job_file), "--json"],
+        env={**BASE_ENV, "BASE_VOLUME": str(volume)}, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started, volume / "runs" / "local" / run_id / "config.yaml"
+
+
+def run_axolotl(config: Path, scratch: Path) -> float:
+    """`axolotl train` on the worker's YAML, with its own output and cache folders."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["output_dir"] = str(scratch / "output")
+    cfg["dataset_prepared_path"] = str(scratch / "prepared")
+    raw = scratch / "config.yaml"
+    raw.write_text(yaml.safe_dump(cfg))
+    env = {**BASE_ENV, "PYTHONPATH": str(REPO / "src"), "FINETUNE_PROGRESS_FILE": str(scratch / "progress.jsonl")}
+    started = time.perf_counter()
+    subprocess.run([PYTHON, "-m", "axolotl.cli.train", str(raw)], env=env, cwd=scratch, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def overhead(runs: int, epochs: int) -> dict:
+    """The same job through `finetune-worker run` and through `axolotl train`, interleaved."""
+    worker, raw = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(runs):
+            volume = Path(tmp) / f"w{index}"
+            volume.mkdir()
+            seconds, config = run_worker(volume, f"bench-{index}", epochs)
+            worker.append(seconds)
+            scratch = Path(tmp) / f"a{index}"
+            scratch.mkdir()
+            raw.append(run_axolotl(config, scratch))
+            print(f"  run {index + 1}: worker {worker[-1]:.2f}s, axolotl train {raw[-1]:.2f}s", flush=True)
+    w, a = statistics.median(worker), statistics.median(raw)
+    return {"runs": runs, "epochs": epochs, "worker_median_s": round(w, 2), "axolotl_median_s": round(a, 2), "ratio": round(w / a, 3)}
+
+
+async def _timed_events(body: dict, env: dict) -> list[tuple[float, float, dict]]:
+    from finetune_worker.pipeline import run_job
+
+    out = []
+    async for event in run_job(body, env=env):
+        out.append((time.perf_counter(), time.time(), event))
+    return out
+
+
+def startup(epochs: int) -> dict:
+    """Job receipt -> first progress event, split at the pipeline's and the child's milestones.
+
+    The worker imports the schema code once when it starts (before it takes jobs), so
+    that import is measured apart: it is paid once per worker, not per job.
+    """
+    from finetune_worker.worker import _warm_imports
+
+    started = time.perf_counter()
+    _warm_imports()
+    worker_start = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**BASE_ENV, "BASE_VOLUME": tmp}
+        received_perf, received_wall = time.perf_counter(), time.time()
+        timeline = asyncio.run(_timed_events(job("startup", epochs), env))
+        records = [json.loads(line) for line in (Path(tmp) / "runs/local/startup/progress.jsonl").read_text().splitlines()]
+    wall_of = {r.get("stage") or r["kind"]: r["time"] for r in reversed(records)}
+
+    def first(predicate) -> float:
+        return next(t - received_perf for t, _, e in timeline if predicate(e))
+
+    validated = first(lambda e: e["type"] == "status" and e["stage"] == "preparing")
+    child = first(lambda e: e["type"] == "status" and "run directory" in e.get("message", ""))
+    progress = first(lambda e: e["type"] == "progress")
+    marks = {
+        "preprocessing": wall_of["preprocessing"] - received_wall,
+        "downloading": wall_of["downloading"] - received_wall,
+        "train_begin": wall_of["train_begin"] - received_wall,
+    }
+    return {
+        "worker_start_imports_s (once per worker)": round(worker_start, 2),
+        "first_progress_s": round(progress, 2),
+        "breakdown_s": {
+            "worker: validation (pydantic + Axolotl schema)": round(validated, 2),
+            "worker: run dir, data check, YAML": round(child - validated, 2),
+            "child: Python + Axolotl imports, config load": round(marks["preprocessing"] - child, 2),
+            "child: datasets loaded and tokenized": round(marks["downloading"] - marks["preprocessing"], 2),
+            "child: model load, trainer build": round(marks["train_begin"] - marks["downloading"], 2),
+            "child: first optimizer step(s) to first event": round(progress - marks["train_begin"], 2),
+        },
+    }
+
+
+def warm(epochs: int) -> dict:
+    """Two jobs on the same data and volume: the second loads the tokenized dataset."""
+    with tempfile.TemporaryDirectory() as tmp:
+        volume = Path(tmp)
+        figures = {}
+        for name in ("cold", "warm"):
+            seconds, config = run_worker(volume, f"warm-{name}", epochs)
+            records = [json.loads(line) for line in (config.parent / "progress.jsonl").read_text().splitlines()]
+            stage = {r.get("stage"): r["time"] for r in records if r["kind"] == "stage"}
+            log = (config.parent / "train.log").read_text()
+            figures[name] = {
+                "job_s": round(seconds, 2),
+                "dataset_step_s": round(stage["downloading"] - stage["preprocessing"], 3),
+                "loaded_prepared_dataset": "Loading prepared dataset from disk" in log,
+            }
+        shutil.rmtree(volume / "runs", ignore_errors=True)
+    figures["dataset_step_saving"] = round(figures["cold"]["dataset_step_s"] / max(figures["warm"]["dataset_step_s"], 1e-3), 1)
+    return figures
+
+
+def machine() -> dict:
+    import importlib.metadata as md
+
+    return {
+        "python": platform.python_version(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        **{name: md.version(name) for name in ("axolotl", "torch", "transformers", "runpod")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", nargs="?", default="all", choices=["overhead", "startup", "warm", "all"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
+    options = parser.parse_args()
+    report = {"machine": machine()}
+    if options.what in ("overhead", "all"):
+        print("worker overhead (finetune-worker run vs axolotl train, same YAML):", flush=True)
+        report["overhead"] = overhead(options.runs, options.epochs)
+    if options.what in ("startup", "all"):
+        report["startup"] = startup(options.epochs)
+    if options.what in ("warm", "all"):
+        report["warm_start"] = warm(options.epochs)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
