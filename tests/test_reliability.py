@@ -95,7 +95,8 @@ def test_malformed_dataset_is_a_dataset_error(tiny, env, volume):
     data.write_text("".join(json.dumps({"question": f"q{i}", "answer": "a"}) + "\n" for i in range(8)))
     evs = collect(make_job(tiny_args(tiny, datasets=[{"path": str(data), "type": "alpaca", "ds_type": "json"}])), env)
     assert evs[-1]["code"] == "dataset_error", evs[-1]
-    assert evs[-1]["log_tail"]
+    # found by the worker's own row check, before any training process started
+    assert "line 1: missing field 'instruction'" in evs[-1]["message"] and evs[-1]["log_tail"] == []
 
 
 def test_training_process_killed_by_a_signal_is_named(tiny, env, volume, tmp_path):
