@@ -134,14 +134,33 @@ def test_fast_defaults_on_a_gpu_fill_only_what_the_job_left_unset():
     gpu = Hardware(gpu_count=1, gpu_names=("NVIDIA H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
     config = {"datasets": [{"path": "x", "type": "alpaca"}], "plugins": ["finetune_worker.progress_plugin.ProgressPlugin"]}
     chosen = apply_fast_defaults(config, gpu, Speedups(flash_attn=True, liger=True, model_type="llama"))
-    assert config["sample_packing"] is True and config["bf16"] is True and config["flash_attention"] is True
+    assert config["sample_packing"] is True and config["bf16"] is True and config["attn_implementation"] == "flash_attention_2"
     assert config["plugins"][0] == LIGER_PLUGIN and config["liger_fused_linear_cross_entropy"] is True
     assert config["save_total_limit"] == 2 and "gradient_checkpointing" not in config
-    assert "sample_packing: True" in chosen and "flash_attention: True" in chosen
+    assert "sample_packing: True" in chosen and "attn_implementation: flash_attention_2" in chosen
     mine = {"sample_packing": False, "bf16": False, "fp16": True, "sdp_attention": True, "save_total_limit": 5}
     chosen = apply_fast_defaults(mine, gpu, Speedups(flash_attn=True, fits_without_checkpointing=False))
-    assert mine["sample_packing"] is False and mine["fp16"] is True and "flash_attention" not in mine
+    assert mine["sample_packing"] is False and mine["fp16"] is True and "attn_implementation" not in mine
     assert mine["save_total_limit"] == 5 and mine["gradient_checkpointing"] is True
     assert chosen == ["gradient_checkpointing: True"]
     assert apply_fast_defaults({}, CPU_ONLY, Speedups(flash_attn=True)) == []
-    assert apply_fast_defaults(sdpa := {"rl": "dpo"}, gpu, Speedups()) and sdpa["sdp_attention"] is True and "sample_packing" not in sdpa
+    assert apply_fast_defaults(sdpa := {"datasets": []}, gpu, Speedups()) and sdpa["attn_implementation"] == "sdpa"
+    assert "sample_packing" not in sdpa  # packed samples would attend to each other without flash attention
+    assert apply_fast_defaults(dpo := {"rl": "dpo"}, gpu, Speedups(flash_attn=True)) and "sample_packing" not in dpo
+
+
+def test_fast_defaults_pass_axolotls_schema():
+    from finetune_worker import axolotl_schema
+    from finetune_worker.plan import Speedups, apply_fast_defaults
+
+    gpu = Hardware(gpu_count=1, gpu_names=("NVIDIA H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
+    for speedups in (Speedups(flash_attn=True, liger=True, model_type="llama"), Speedups()):
+        config = {"base_model": "org/m", "learning_rate": 1e-4, "datasets": [{"path": "org/d", "type": "alpaca"}]}
+        apply_fast_defaults(config, gpu, speedups)
+        assert axolotl_schema.schema_problems(config, tuple(config.get("plugins") or ())) == []
+
+
+def test_plugins_null_is_an_empty_list():
+    """Found by the fuzz test: `plugins: null` is valid for Axolotl and must not crash the plan."""
+    args = {"base_model": "x", "plugins": None}
+    assert plan(args, CPU_ONLY).config["plugins"] == ["finetune_worker.progress_plugin.ProgressPlugin"]

@@ -145,7 +145,7 @@ def build_axolotl_config(
         if key in config and config[key] != value:
             warnings.append(f"args.{key} is set by the worker: {config[key]!r} was replaced with {value!r}")
         config[key] = value
-    if "plugins" in config and PROGRESS_PLUGIN in config["plugins"]:
+    if PROGRESS_PLUGIN in (config.get("plugins") or []):
         warnings.append(f"args.plugins: {PROGRESS_PLUGIN} is added by the worker; remove it from your config")
     config["plugins"] = [p for p in config.get("plugins") or [] if p != PROGRESS_PLUGIN] + [PROGRESS_PLUGIN]
     sources = localise_datasets(config, paths.data_dir)
@@ -285,8 +285,11 @@ def apply_fast_defaults(config: dict[str, Any], hardware: Hardware, speedups: Sp
         if config.get(key) is None:
             config[key] = chosen[key] = value
 
-    sft = not config.get("rl") and not config.get("pretraining_dataset")
-    if sft:
+    if not any(config.get(key) for key in ATTENTION_KEYS):
+        default("attn_implementation", "flash_attention_2" if speedups.flash_attn else "sdpa")
+    # Axolotl keeps packed samples from attending to each other only with flash attention.
+    packs_cleanly = config.get("attn_implementation") == "flash_attention_2" or bool(config.get("flash_attention"))
+    if packs_cleanly and not config.get("rl") and not config.get("pretraining_dataset"):
         default("sample_packing", True)
         if config.get("sample_packing"):
             default("pad_to_sequence_len", True)
@@ -294,9 +297,6 @@ def apply_fast_defaults(config: dict[str, Any], hardware: Hardware, speedups: Sp
         config["bf16"] = chosen["bf16"] = bool(hardware.bf16)
         if not hardware.bf16:
             default("fp16", True)
-    if not any(config.get(key) for key in ATTENTION_KEYS):
-        chosen["flash_attention" if speedups.flash_attn else "sdp_attention"] = True
-        config.update({k: True for k in chosen if k.endswith("_attention")})
     if speedups.liger and speedups.model_type in LIGER_MODEL_TYPES and LIGER_PLUGIN not in (config.get("plugins") or []):
         config["plugins"] = [LIGER_PLUGIN, *(config.get("plugins") or [])]
         chosen["plugins"] = f"+ {LIGER_PLUGIN}"
