@@ -65,18 +65,17 @@ def download(url: str, dest: Path, max_bytes: int, where: str) -> None:
                     raise _too_big(where, shown, written, max_bytes)
                 out.write(chunk)
     except urllib.error.HTTPError as exc:
-        partial.unlink(missing_ok=True)
-        raise JobError(errors.DATASET_ERROR, f"{where}.path: downloading {shown} failed: HTTP {exc.code} {exc.reason}") from None
+        failure = JobError(errors.DATASET_ERROR, f"{where}.path: downloading {shown} failed: HTTP {exc.code} {exc.reason}")
     except (urllib.error.URLError, OSError) as exc:
-        partial.unlink(missing_ok=True)
-        if isinstance(exc, JobError):
-            raise
         reason = getattr(exc, "reason", None) or exc.__class__.__name__
-        raise JobError(errors.DATASET_ERROR, f"{where}.path: downloading {shown} failed: {reason}") from None
-    except JobError:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(dest)
+        failure = JobError(errors.DATASET_ERROR, f"{where}.path: downloading {shown} failed: {reason}")
+    except JobError as exc:
+        failure = exc
+    else:
+        partial.replace(dest)
+        return
+    partial.unlink(missing_ok=True)
+    raise failure from None
 
 
 def _too_big(where: str, shown: str, size: int, limit: int) -> JobError:
@@ -165,7 +164,7 @@ def row_problem(row: Any, shape: RowShape | None) -> tuple[str | None, bool]:
         if problem:
             return problem, False
         return None, not row[shape.messages_field]
-    empty = bool(shape.text_fields) and all(not row[name].strip() for name in shape.text_fields[-1:])
+    empty = bool(shape.text_fields) and not row[shape.text_fields[-1]].strip()  # the answer (or the text)
     return None, empty
 
 

@@ -6,6 +6,7 @@ the worker, or an `fsdp_config` mapping); the launcher is `accelerate launch`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -68,30 +69,29 @@ def combination_problems(args: dict[str, Any], has_gpu: bool) -> list[Problem]:
     return problems
 
 
-def deepspeed_stage(value: Any) -> int | None:
-    """The ZeRO stage of a preset path, a JSON file or an inline object."""
-    import json
-
+def deepspeed_config(value: Any) -> dict:
+    """The DeepSpeed config behind `args.deepspeed`: an inline object or a JSON file ({} if neither)."""
     if isinstance(value, dict):
-        return (value.get("zero_optimization") or {}).get("stage")
+        return value
     if isinstance(value, str) and Path(value).is_file():
         try:
-            return (json.loads(Path(value).read_text(encoding="utf-8")).get("zero_optimization") or {}).get("stage")
+            loaded = json.loads(Path(value).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None
-    return None
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+    return {}
+
+
+def deepspeed_stage(value: Any) -> int | None:
+    """The ZeRO stage of a preset path, a JSON file or an inline object."""
+    return (deepspeed_config(value).get("zero_optimization") or {}).get("stage")
 
 
 def deepspeed_offloads(value: Any) -> tuple[bool, bool]:
     """(optimizer offloaded, parameters offloaded) to the CPU."""
-    import json
-
-    config = value
-    if isinstance(value, str) and Path(value).is_file():
-        config = json.loads(Path(value).read_text(encoding="utf-8"))
-    zero = (config or {}).get("zero_optimization") or {} if isinstance(config, dict) else {}
-    device = lambda key: (zero.get(key) or {}).get("device") not in (None, "none")  # noqa: E731
-    return device("offload_optimizer"), device("offload_param")
+    zero = deepspeed_config(value).get("zero_optimization") or {}
+    offloaded = lambda key: (zero.get(key) or {}).get("device") not in (None, "none")  # noqa: E731
+    return offloaded("offload_optimizer"), offloaded("offload_param")
 
 
 def process_count(requested: int | None, gpu_count: int) -> int:

@@ -43,7 +43,7 @@ from .plan import (
 )
 from .redact import Redactor, secrets_in_env, secrets_in_raw_input
 from .report import evaluation_sections, framework_versions, render_model_card, write_loss_curve
-from .resources import estimate_disk, gib, link_prebaked_model, model_facts
+from .resources import ModelFacts, estimate_disk, gib, link_prebaked_model, model_facts
 from .rundir import (
     PreviousRun,
     append_event,
@@ -149,7 +149,8 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         tracking = Tracking(wandb_key=bool(wandb_key), model_id=valid.job.model_id, run_id=valid.job.run_id)
         plan = build_axolotl_config(valid.args, paths, settings.cache_dir / "prepared", hardware, tracking)
         processes = process_count(valid.job.num_processes, hardware.gpu_count)
-        fast = apply_fast_defaults(plan.config, hardware, _speedups(plan.config, settings, env, hardware, processes))
+        base = model_facts(str(plan.config.get("base_model", "")), Path(env.get("HF_HOME") or settings.cache_dir / "huggingface"))
+        fast = apply_fast_defaults(plan.config, hardware, _speedups(plan.config, base.config, hardware, processes))
         final_problems = axolotl_schema.schema_problems(plan.config, tuple(plan.config["plugins"][:-1]))
         if final_problems:
             raise config_problems_error(final_problems)
@@ -173,9 +174,9 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         if previous.trained is None and not preflight_only:
             for event in _resume_point(previous, plan):
                 yield event
-            for event in _check_memory(plan.config, settings, env, hardware, processes):
+            for event in _check_memory(plan.config, base.config, hardware, processes):
                 yield event
-            _check_disk(plan.config, settings, env)
+            _check_disk(plan.config, base, settings)
 
         prepare_run_dir(paths)
         checks: list[DatasetCheck] = []
@@ -218,10 +219,15 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
 
         evaluation, publish_blocked = None, None
         if valid.job.evaluation is not None:
-            async for event in _evaluation_step(ctx, state, trained):
-                yield event
-            evaluation = read_json(paths.evaluation_file)
             options = valid.job.evaluation
+            evaluation = read_json(paths.evaluation_file)  # from an earlier attempt of this run
+            if evaluation is None:
+                yield events.status("evaluating", f"comparing the fine-tuned model with its base model on up to {options.num_examples} examples")
+                evaluation = await _evaluate(ctx, state)
+            yield events.evaluation(
+                trained["metrics"].get("total_steps"),
+                {key: evaluation[key] for key in ("examples", "base", "finetuned", "delta")} | {"stage": "final"},
+            )
             if options.publish_if_better:
                 passed, verdict = gate(evaluation, options.publish_if_better, options.min_improvement)
                 if not passed:
@@ -311,10 +317,7 @@ async def _preflight(ctx: JobContext, state: JobState, checks: list[DatasetCheck
     """Tokenize as training would, report, and stop: no model weights, no training."""
     paths = ctx.paths
     yield events.status("preprocessing", "preflight: loading the tokenizer and tokenizing the datasets as training would")
-    paths.preflight_file.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "finetune_worker.preflight", str(paths.config_file), "--out", str(paths.preflight_file)]
-    tool = await _run_tool(ctx, state, argv, "preflight")
-    report = read_json(paths.preflight_file)
+    tool, report = await _json_tool(ctx, state, "preflight", "finetune_worker.preflight", str(paths.config_file), out=paths.preflight_file)
     if tool.returncode != 0 or report is None:
         diagnosis = diagnose(tool.returncode, tool.log_tail(), "preprocessing", None)
         raise JobError(diagnosis.code, f"preflight failed: {diagnosis.message}", log_tail=tool.log_tail())
@@ -369,14 +372,13 @@ def _resume_point(previous: PreviousRun, plan: AxolotlPlan) -> list[dict]:
     return out
 
 
-def _speedups(config: dict, settings: WorkerSettings, env: Mapping[str, str], hardware: Hardware, processes: int) -> Speedups:
+def _speedups(config: dict, model_config: dict | None, hardware: Hardware, processes: int) -> Speedups:
     """What this GPU worker can use for speed: installed kernels, the model type, memory headroom."""
     if not hardware.has_gpu:
         return Speedups()
     import importlib.util
 
-    hf_home = Path(env.get("HF_HOME") or settings.cache_dir / "huggingface")
-    model_config = model_facts(str(config.get("base_model", "")), hf_home).config or {}
+    model_config = model_config or {}
     fits = True
     if "hidden_size" in model_config and hardware.gpu_memory_bytes:
         plain = estimate_gpu_memory({**config, "gradient_checkpointing": False}, model_config, processes)
@@ -389,12 +391,10 @@ def _speedups(config: dict, settings: WorkerSettings, env: Mapping[str, str], ha
     )
 
 
-def _check_memory(config: dict, settings: WorkerSettings, env: Mapping[str, str], hardware: Hardware, processes: int) -> list[dict]:
+def _check_memory(config: dict, model_config: dict | None, hardware: Hardware, processes: int) -> list[dict]:
     """Peak GPU memory per GPU against the smallest GPU present; fail when it clearly cannot fit."""
     if not hardware.has_gpu:
         return []
-    hf_home = Path(env.get("HF_HOME") or settings.cache_dir / "huggingface")
-    model_config = model_facts(str(config.get("base_model", "")), hf_home).config
     if not model_config or "hidden_size" not in model_config:
         return [events.status("preparing", "no memory estimate: the base model's config is not on the volume yet")]
     estimate = estimate_gpu_memory(config, model_config, processes)
@@ -411,9 +411,8 @@ def _check_memory(config: dict, settings: WorkerSettings, env: Mapping[str, str]
     )]
 
 
-def _check_disk(config: dict, settings: WorkerSettings, env: Mapping[str, str]) -> None:
-    hf_home = Path(env.get("HF_HOME") or settings.cache_dir / "huggingface")
-    estimate = estimate_disk(config, model_facts(str(config.get("base_model", "")), hf_home))
+def _check_disk(config: dict, base: ModelFacts, settings: WorkerSettings) -> None:
+    estimate = estimate_disk(config, base)
     if estimate is None:
         return
     free = shutil.disk_usage(settings.base_volume).free
@@ -428,9 +427,11 @@ def _check_disk(config: dict, settings: WorkerSettings, env: Mapping[str, str]) 
 async def _train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> AsyncIterator[dict]:
     """Run `axolotl train` in a child process and turn its progress records into events."""
     paths = ctx.paths
-    argv = build_train_argv(sys.executable, paths.config_file, ctx.num_processes, _free_port())
     if ctx.num_processes > 1:
+        argv = build_train_argv(sys.executable, paths.config_file, ctx.num_processes, _free_port())
         yield events.status("training", f"launching {ctx.num_processes} training processes with accelerate (events come from rank 0)", num_processes=ctx.num_processes)
+    else:
+        argv = build_train_argv(sys.executable, paths.config_file)
     training = TrainingProcess(argv, ctx.child_env, paths.log_file, paths.progress_file, state.redactor)
     state.training = training
     await training.start()
@@ -457,11 +458,17 @@ async def _run_tool(ctx: JobContext, state: JobState, argv: list[str], name: str
     return tool
 
 
-async def _hub_tool(ctx: JobContext, state: JobState, name: str, *args: str) -> dict:
-    out = ctx.paths.run_dir / f".{name}.json"
+async def _json_tool(ctx: JobContext, state: JobState, name: str, module: str, *args: str, out: Path | None = None) -> tuple[TrainingProcess, Any]:
+    """`python -m <module> ARGS --out FILE` as a helper child; (the process, the JSON it wrote or None)."""
+    out = out or ctx.paths.run_dir / f".{name}.json"
     out.unlink(missing_ok=True)
-    tool = await _run_tool(ctx, state, [sys.executable, "-m", "finetune_worker.hub", *args, "--out", str(out)], name)
-    outcome = read_json(out) or {"ok": False, "code": errors.PUSH_FAILED, "message": f"the Hub step exited with code {tool.returncode}"}
+    tool = await _run_tool(ctx, state, [sys.executable, "-m", module, *args, "--out", str(out)], name)
+    return tool, read_json(out)
+
+
+async def _hub_tool(ctx: JobContext, state: JobState, name: str, *args: str) -> dict:
+    tool, outcome = await _json_tool(ctx, state, name, "finetune_worker.hub", *args)
+    outcome = outcome or {"ok": False, "code": errors.PUSH_FAILED, "message": f"the Hub step exited with code {tool.returncode}"}
     if not outcome.get("ok"):
         outcome["log_tail"] = tool.log_tail()
     return outcome
@@ -485,32 +492,22 @@ async def _merge(ctx: JobContext, state: JobState) -> tuple[Path | None, str | N
     return None, (tail[-1] if tail else f"merge-lora exited with code {tool.returncode}")
 
 
-async def _evaluation_step(ctx: JobContext, state: JobState, trained: dict) -> AsyncIterator[dict]:
-    """Base model vs fine-tune on the eval examples; kept in evaluation.json (a resubmission reuses it)."""
-    paths, options = ctx.paths, ctx.valid.job.evaluation
-    evaluation = read_json(paths.evaluation_file)
-    if evaluation is None:
-        yield events.status("evaluating", f"comparing the fine-tuned model with its base model on up to {options.num_examples} examples")
-        spec = {"config": str(paths.config_file), "evaluation": options.model_dump()}
-        write_json(paths.run_dir / "evaluation-spec.json", spec)
-        out = paths.run_dir / ".evaluation.json"
-        out.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "finetune_worker.evaluation", str(paths.run_dir / "evaluation-spec.json"), "--out", str(out)]
-        tool = await _run_tool(ctx, state, argv, "evaluation")
-        evaluation = read_json(out)
-        if tool.returncode != 0 or evaluation is None:
-            diagnosis = diagnose(tool.returncode, tool.log_tail(), "evaluating", None)
-            raise JobError(
-                diagnosis.code,
-                f"training succeeded, but the evaluation failed: {diagnosis.message}. The model is in {paths.output_dir}; "
-                "resubmit the same run_id to evaluate again without training",
-                log_tail=tool.log_tail(),
-            )
-        write_json(paths.evaluation_file, evaluation)
-    yield events.evaluation(
-        trained["metrics"].get("total_steps"),
-        {key: evaluation[key] for key in ("examples", "base", "finetuned", "delta")} | {"stage": "final"},
-    )
+async def _evaluate(ctx: JobContext, state: JobState) -> dict:
+    """Base model vs fine-tune on the eval examples, kept in evaluation.json (a resubmission reuses it)."""
+    paths = ctx.paths
+    spec_file = paths.run_dir / "evaluation-spec.json"
+    write_json(spec_file, {"config": str(paths.config_file), "evaluation": ctx.valid.job.evaluation.model_dump()})
+    tool, evaluation = await _json_tool(ctx, state, "evaluation", "finetune_worker.evaluation", str(spec_file))
+    if tool.returncode != 0 or evaluation is None:
+        diagnosis = diagnose(tool.returncode, tool.log_tail(), "evaluating", None)
+        raise JobError(
+            diagnosis.code,
+            f"training succeeded, but the evaluation failed: {diagnosis.message}. The model is in {paths.output_dir}; "
+            "resubmit the same run_id to evaluate again without training",
+            log_tail=tool.log_tail(),
+        )
+    write_json(paths.evaluation_file, evaluation)
+    return evaluation
 
 
 async def _push(
