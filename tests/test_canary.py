@@ -75,16 +75,29 @@ def run_dir(volume: Path, job: dict) -> Path:
 
 
 def test_a_succeeding_job_leaks_no_secret(tiny, env, volume, caplog):
-    job = make_job(tiny_args(tiny, num_epochs=3, save_steps=10), credentials=CREDENTIALS)
+    evaluation = {"dataset": {"rows": [{"prompt": "Q: What colour is a lime? A:", "completion": " A lime is green."}]}, "max_new_tokens": 4}
+    job = make_job(tiny_args(tiny, num_epochs=3, save_steps=10), credentials=CREDENTIALS, evaluation=evaluation)
     with caplog.at_level(logging.DEBUG), ArgvWatcher() as argv:
         evs = collect(job, {**env, "WANDB_MODE": "offline"})  # the W&B key turns W&B on
     assert evs[-1]["type"] == "result", evs[-1]
+    assert (run_dir(volume, job) / "evaluation.log").is_file(), "the evaluation child ran, so its files are searched too"
     assert list(run_dir(volume, job).glob("wandb/offline-run-*")), "W&B ran, so its files are searched too"
     assert argv.scans > 10 and argv.hits == []
     assert_clean_text(json.dumps(evs), "events")
     assert_clean_text(caplog.text, "the worker log")
     assert_clean_tree(run_dir(volume, job))
     assert_clean_tree(volume / "cache")
+
+
+def test_a_preflight_leaks_no_secret(tiny, env, volume, caplog):
+    job = make_job(tiny_args(tiny), credentials=CREDENTIALS, mode="preflight")
+    with caplog.at_level(logging.DEBUG), ArgvWatcher() as argv:
+        evs = collect(job, env)
+    assert evs[-1]["type"] == "result" and evs[-1]["mode"] == "preflight", evs[-1]
+    assert argv.hits == []
+    assert_clean_text(json.dumps(evs), "events")
+    assert_clean_text(caplog.text, "the worker log")
+    assert_clean_tree(run_dir(volume, job))
 
 
 def test_a_job_failing_validation_leaks_no_secret(tiny, env, volume, caplog):
