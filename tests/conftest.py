@@ -76,3 +76,30 @@ def collect(job_input: Any, env: dict[str, str], hardware=None) -> list[dict]:
         return [event async for event in run_job(job_input, env=env, hardware=hardware or CPU_ONLY)]
 
     return asyncio.run(run())
+
+
+# A training runs as `python -m axolotl.cli.train CONFIG`, or as the standby child
+# `python -m finetune_worker.standby CONFIG` that the pipeline starts at job receipt.
+TRAINING_PROGRAMS = ("axolotl.cli.train", "finetune_worker.standby")
+
+
+def live_processes(marker: str, programs: tuple[str, ...], parent: int | None = None) -> list[int]:
+    """Live (not zombie) processes whose command line names one of `programs` and holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, ppid = fields[0], int(fields[1])
+        if any(p in cmdline for p in programs) and marker in cmdline and state != "Z" and parent in (None, ppid):
+            found.append(int(entry.name))
+    return found
+
+
+def training_pids(marker: str) -> list[int]:
+    """Live training processes for the run whose path holds `marker`."""
+    return live_processes(marker, TRAINING_PROGRAMS)

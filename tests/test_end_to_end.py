@@ -91,6 +91,7 @@ def test_run_directory_keeps_config_events_and_log_without_secrets(successful_ru
     recorded = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert recorded == evs
     assert "loss" in (run_dir / "train.log").read_text()
+    assert "started (on standby, importing Axolotl, since the job arrived)" in (run_dir / "train.log").read_text().splitlines()[0]
     for path in run_dir.rglob("*"):
         if path.is_file():
             data = path.read_bytes()

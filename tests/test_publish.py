@@ -129,6 +129,12 @@ def test_a_job_with_hub_model_id_pushes_adapter_tokenizer_card_and_curve(tiny, h
     assert stages.index("publishing") < stages.index("training")  # the token check comes first
     tensorboard = list((run_dir(volume, job) / "output" / "runs").rglob("events.out.tfevents.*"))
     assert tensorboard, "every run writes TensorBoard logs"
+    # complete: the training child ends without the interpreter's teardown (fastexit.py)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(tensorboard[0].parent)).Reload()
+    steps = [event.step for event in scalars.Scalars("train/loss")]
+    assert steps == list(range(1, result["metrics"]["total_steps"] + 1))
     assert any(name.startswith("runs/") for name in files)
 
 

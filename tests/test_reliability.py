@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import collect, make_job, tiny_args
+from conftest import collect, make_job, tiny_args, training_pids
 from finetune_worker.settings import REPO_ROOT
 
 pytestmark = pytest.mark.training
@@ -57,20 +57,6 @@ def read_until(process: subprocess.Popen, predicate, timeout: float = 240) -> li
         if predicate(seen[-1]):
             return seen
     raise AssertionError(f"no matching event; saw {[e['type'] for e in seen]}")
-
-
-def training_pids(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if "axolotl.cli.train" in cmdline and marker in cmdline and state != "Z":
-                found.append(int(entry.name))
-    return found
 
 
 def wait_gone(marker: str, timeout: float = 15) -> None:

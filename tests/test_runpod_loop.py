@@ -18,29 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_job, tiny_args
+from conftest import make_job, tiny_args, training_pids
 from fake_runpod import FakeRunPod
 from finetune_worker import client as worker_client
 from finetune_worker.settings import REPO_ROOT
 
 pytestmark = pytest.mark.training
 CANARY = "hf_CANARYrunpodLoop0123456789"
-
-
-def training_pids(marker: str) -> list[int]:
-    """Live processes running `axolotl.cli.train` for the run whose path holds `marker`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if "axolotl.cli.train" in cmdline and marker in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 def wait_until(predicate, timeout: float, step: float = 0.1):

@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
+
+from .fastexit import exit_without_teardown
 
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 METRICS = ("exact_match", "jaccard", "rouge1", "rouge2", "rougeL", "bleu", "loss", "perplexity")
@@ -210,4 +211,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())  # a failure raises past this and exits as usual

@@ -28,7 +28,7 @@ from .evaluation import gate
 from .events import ProgressTracker
 from .failures import diagnose
 from .hardware import Hardware, detect_hardware
-from .job import EvaluationOptions
+from .job import EvaluationOptions, JobInput, parse_job_input
 from .memory import CLEARLY_OVER, estimate_gpu_memory, suggestions
 from .plan import (
     AxolotlPlan,
@@ -73,6 +73,7 @@ class JobState:
     paths: RunPaths | None = None
     lock: RunLock | None = None
     training: TrainingProcess | None = None
+    standby: TrainingProcess | None = None  # a training child importing Axolotl while the checks run
     ended: bool = False
 
     def on_task_done(self, task: asyncio.Task) -> None:
@@ -83,8 +84,7 @@ class JobState:
         the generator is then never resumed or closed, so its `finally` cannot be
         relied on. The task's done-callback always runs.
         """
-        if self.training is not None:
-            self.training.stop()
+        self.stop_children()
         if task.cancelled() and not self.ended and self.paths and self.paths.run_dir.is_dir():
             append_event(self.paths, events.error(JobError(errors.CANCELLED, "the job was cancelled")))
             self.ended = True
@@ -93,6 +93,16 @@ class JobState:
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
+
+    def stop_children(self) -> None:
+        for child in (self.training, self.standby):
+            if child is not None:
+                child.stop()
+
+    async def reap_children(self) -> None:
+        for child in (self.training, self.standby):
+            if child is not None:
+                await child.reap()
 
 
 async def run_job(
@@ -142,10 +152,16 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
     try:
         settings = WorkerSettings.from_env(env)
         hardware = hardware or detect_hardware()
-        valid = validate_job(raw_input, settings, hardware)
-        paths = run_paths(settings.runs_dir, valid.job.user_id, valid.job.run_id)
-        hf_token, wandb_key = _secrets(valid, settings)
-        state.redactor.add(hf_token, wandb_key)
+        job, problems = parse_job_input(raw_input, settings.max_request_bytes)
+        if job is not None:
+            paths = run_paths(settings.runs_dir, job.user_id, job.run_id)
+            hf_token, wandb_key = _secrets(job, settings)
+            state.redactor.add(hf_token, wandb_key)
+            child_env = build_child_env(
+                env, paths=paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token, wandb_api_key=wandb_key
+            )
+            await _start_standby(job, paths, child_env, hardware, state)
+        valid = validate_job(raw_input, settings, hardware, parsed=(job, problems))
         tracking = Tracking(wandb_key=bool(wandb_key), model_id=valid.job.model_id, run_id=valid.job.run_id)
         plan = build_axolotl_config(valid.args, paths, settings.cache_dir / "prepared", hardware, tracking)
         processes = process_count(valid.job.num_processes, hardware.gpu_count)
@@ -187,9 +203,6 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
                 yield _data_checked(checks)
         write_config(paths, plan.config)
         write_json(paths.job_file, _job_record(valid))
-        child_env = build_child_env(
-            env, paths=paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token, wandb_api_key=wandb_key
-        )
         ctx = JobContext(valid=valid, plan=plan, paths=paths, settings=settings, child_env=child_env, num_processes=processes)
         yield events.status("preparing", f"run directory {paths.run_dir} on {hardware.describe()}", run_dir=str(paths.run_dir))
         if preflight_only:
@@ -265,8 +278,8 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
             LOG.error("unexpected error: %s", state.redactor.text(traceback.format_exc()))
             yield events.error(JobError(errors.INTERNAL_ERROR, f"the worker hit an unexpected {type(exc).__name__}; see the worker log"))
     finally:
-        if state.training is not None:
-            state.training.stop()
+        state.stop_children()
+        await state.reap_children()
 
 
 def _take_run(valid: ValidJob, paths: RunPaths, state: JobState) -> list[dict]:
@@ -427,14 +440,20 @@ def _check_disk(config: dict, base: ModelFacts, settings: WorkerSettings) -> Non
 async def _train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> AsyncIterator[dict]:
     """Run `axolotl train` in a child process and turn its progress records into events."""
     paths = ctx.paths
-    if ctx.num_processes > 1:
-        argv = build_train_argv(sys.executable, paths.config_file, ctx.num_processes, _free_port())
-        yield events.status("training", f"launching {ctx.num_processes} training processes with accelerate (events come from rank 0)", num_processes=ctx.num_processes)
+    standby, state.standby = state.standby, None
+    if standby is not None and standby.on_standby:
+        training = state.training = standby
+        await training.go()
     else:
-        argv = build_train_argv(sys.executable, paths.config_file)
-    training = TrainingProcess(argv, ctx.child_env, paths.log_file, paths.progress_file, state.redactor)
-    state.training = training
-    await training.start()
+        if standby is not None:
+            standby.stop()
+        if ctx.num_processes > 1:
+            argv = build_train_argv(sys.executable, paths.config_file, ctx.num_processes, _free_port())
+            yield events.status("training", f"launching {ctx.num_processes} training processes with accelerate (events come from rank 0)", num_processes=ctx.num_processes)
+        else:
+            argv = build_train_argv(sys.executable, paths.config_file)
+        training = state.training = TrainingProcess(argv, ctx.child_env, paths.log_file, paths.progress_file, state.redactor)
+        await training.start()
     async for batch in training.records():
         for record in batch:
             for event in tracker.feed(record):
@@ -446,6 +465,19 @@ async def _train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> 
     if tracker.nan_step is not None:
         set_aside_diverged(paths.output_dir, tracker.nan_step)
     _raise_unless_trained(training, tracker)
+
+
+async def _start_standby(job: JobInput, paths: RunPaths, child_env: dict[str, str], hardware: Hardware, state: JobState) -> None:
+    """Start the training child now, so Axolotl's imports overlap the checks, the data
+    step and the Hub check; it trains only on `go`, and is stopped if the job ends first."""
+    if job.mode != "train" or process_count(job.num_processes, hardware.gpu_count) > 1:
+        return
+    if not job.restart and (paths.result_file.exists() or paths.trained_file.exists()):
+        return  # nothing left to train
+    argv = [sys.executable, "-m", "finetune_worker.standby", str(paths.config_file)]
+    standby = TrainingProcess(argv, child_env, paths.log_file, paths.progress_file, state.redactor)
+    await standby.start(standby=True)
+    state.standby = standby
 
 
 async def _run_tool(ctx: JobContext, state: JobState, argv: list[str], name: str) -> TrainingProcess:
@@ -550,9 +582,9 @@ async def _push(
     return outcome
 
 
-def _secrets(valid: ValidJob, settings: WorkerSettings) -> tuple[str | None, str | None]:
+def _secrets(job: JobInput, settings: WorkerSettings) -> tuple[str | None, str | None]:
     """The job's credentials, each falling back to the worker's environment."""
-    creds = valid.job.credentials
+    creds = job.credentials
     return _secret(creds.hf_token, settings.hf_token), _secret(creds.wandb_api_key, settings.wandb_api_key)
 
 

@@ -127,27 +127,50 @@ class TrainingProcess:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    async def start(self) -> None:
-        self.progress.offset = self.progress.path.stat().st_size if self.progress.path.exists() else 0
+    async def start(self, standby: bool = False) -> None:
+        """Start the process. A standby child (finetune_worker.standby) only imports
+        until `go`; its output waits in the pipe, and the run directory need not exist yet."""
         self.process = await asyncio.create_subprocess_exec(
             *self.argv,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if standby else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=self.env,
-            cwd=self.log_file.parent,  # the run directory: no relative path means anything else
+            # the run directory: no relative path means anything else
+            cwd=None if standby else self.log_file.parent,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
         LIVE_PROCESS_GROUPS.add(self.process.pid)
-        self._pump = asyncio.create_task(self._pump_output())
+        if not standby:
+            self._follow()
 
-    async def _pump_output(self) -> None:
+    async def go(self) -> None:
+        """Let a standby child train (its config is written by now)."""
+        assert self.process and self.process.stdin
+        try:
+            self.process.stdin.write(b"go\n")
+            await self.process.stdin.drain()
+            self.process.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it died while importing: its output says why, and records() ends at once
+        self._follow(" (on standby, importing Axolotl, since the job arrived)")
+
+    @property
+    def on_standby(self) -> bool:
+        """Started as a standby, not yet told to go, and still running."""
+        return self.process is not None and self.process.returncode is None and self._pump is None
+
+    def _follow(self, note: str = "") -> None:
+        self.progress.offset = self.progress.path.stat().st_size if self.progress.path.exists() else 0
+        self._pump = asyncio.create_task(self._pump_output(note))
+
+    async def _pump_output(self, note: str) -> None:
         assert self.process and self.process.stdout
         pending = b""
         # Unbuffered: a full volume fails a write here and there, never the close.
         with open(self.log_file, "ab", buffering=0) as log:
-            self._write_lines(log, [f"===== training process {self.process.pid} started {time.strftime('%Y-%m-%d %H:%M:%S %Z')} =====".encode()])
+            self._write_lines(log, [f"===== training process {self.process.pid} started{note} {time.strftime('%Y-%m-%d %H:%M:%S %Z')} =====".encode()])
             while chunk := await self.process.stdout.read(65536):
                 lines = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
                 pending = lines.pop()
@@ -199,5 +222,12 @@ class TrainingProcess:
         """End the whole process tree now (used on cancel and shutdown)."""
         if self.process and self.process.pid in LIVE_PROCESS_GROUPS:
             stop_process_group(self.process.pid)
+        if self.process and self.process.stdin and not self.process.stdin.is_closing():
+            self.process.stdin.close()  # a standby that was never told to go
         if self._pump and not self._pump.done():
             self._pump.cancel()
+
+    async def reap(self) -> None:
+        """Wait until a stopped process is collected, so its pipes close with the event loop still running."""
+        if self.process and self.process.returncode is None and self.process.pid not in LIVE_PROCESS_GROUPS:
+            await self.process.wait()

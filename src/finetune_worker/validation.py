@@ -22,9 +22,12 @@ class ValidJob:
     notes: tuple[str, ...] = ()  # warnings about the endpoint's AXOLOTL_* defaults
 
 
-def validate_job(raw: Any, settings: WorkerSettings, hardware: Hardware) -> ValidJob:
-    """Return the checked job, or raise one JobError that lists every problem."""
-    job, problems = parse_job_input(raw, settings.max_request_bytes)
+def validate_job(
+    raw: Any, settings: WorkerSettings, hardware: Hardware, parsed: tuple[JobInput | None, list[Problem]] | None = None
+) -> ValidJob:
+    """Return the checked job, or raise one JobError that lists every problem.
+    `parsed`: what parse_job_input(raw) already returned, if the caller needed it first."""
+    job, problems = parsed or parse_job_input(raw, settings.max_request_bytes)
     raw_args = raw.get("args") if isinstance(raw, dict) else None
     args: dict[str, Any] = {}
     arg_problems: list[Problem] = []
