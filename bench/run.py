@@ -84,9 +84,6 @@ def run_warm_worker(volume: Path, run_id: str, epochs: int) -> float:
 def overhead(runs: int, epochs: int) -> dict:
     """The same job through `finetune-worker run`, through a started worker, and through
     `axolotl train`, interleaved."""
-    from finetune_worker.worker import _warm_imports
-
-    _warm_imports()
     cli, warm, raw, teardown = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(runs):
@@ -128,16 +125,10 @@ async def _timed_events(body: dict, env: dict) -> list[tuple[float, float, dict]
 def startup(epochs: int) -> dict:
     """Job receipt -> first progress event, with the moments in between.
 
-    The worker imports the schema code once when it starts (before it takes jobs), so
-    that import is measured apart: it is paid once per worker, not per job. The
-    training child starts at receipt (on standby) and imports Axolotl while the
+    The worker imports the schema code once when it starts (before it takes jobs; main()
+    measures that apart): it is paid once per worker, not per job. The training child starts at receipt (on standby) and imports Axolotl while the
     worker validates, so the moments below overlap rather than add up.
     """
-    from finetune_worker.worker import _warm_imports
-
-    started = time.perf_counter()
-    _warm_imports()
-    worker_start = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
         env = {**BASE_ENV, "BASE_VOLUME": tmp}
         received_perf, received_wall = time.perf_counter(), time.time()
@@ -149,7 +140,6 @@ def startup(epochs: int) -> dict:
         return next(t - received_perf for t, _, e in timeline if predicate(e))
 
     return {
-        "worker_start_imports_s (once per worker)": round(worker_start, 2),
         "first_progress_s": round(first(lambda e: e["type"] == "progress"), 2),
         "seconds_after_receipt": {
             "worker: validated (pydantic + Axolotl schema)": round(first(lambda e: e["type"] == "status" and e["stage"] == "preparing"), 2),
@@ -199,6 +189,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     options = parser.parse_args()
     report = {"machine": machine()}
+    if options.what != "warm":
+        from finetune_worker.worker import _warm_imports
+
+        started = time.perf_counter()
+        _warm_imports()  # what a RunPod worker does once, before its first job
+        report["worker_start_imports_s"] = round(time.perf_counter() - started, 2)
     if options.what in ("overhead", "all"):
         print("worker overhead (finetune-worker run vs axolotl train, same YAML):", flush=True)
         report["overhead"] = overhead(options.runs, options.epochs)
