@@ -153,7 +153,7 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         settings = WorkerSettings.from_env(env)
         hardware = hardware or detect_hardware()
         job, problems = parse_job_input(raw_input, settings.max_request_bytes)
-        if job is not None:
+        if job is not None:  # else validate_job raises below, with every problem at once
             paths = run_paths(settings.runs_dir, job.user_id, job.run_id)
             hf_token, wandb_key = _secrets(job, settings)
             state.redactor.add(hf_token, wandb_key)

@@ -21,7 +21,6 @@ from .fastexit import exit_without_teardown
 def preload() -> None:
     """Import what `axolotl train` imports before it reads the config: the modules
     behind its own lazy names, so the list follows Axolotl's version."""
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     train_cli = importlib.import_module("axolotl.cli.train")
     for module in dict.fromkeys(train_cli._LAZY_IMPORTS.values()):
         importlib.import_module(module)
