@@ -147,9 +147,10 @@ def training_figures(run: Path) -> dict:
 def flops_per_token(shape: str, mode: str, mean_len: float) -> float:
     """6N for a full fine-tune (forward 2N, backward 4N); 4N for LoRA (frozen weights get no
     weight gradients); plus causal attention, 6 * layers * hidden * mean context."""
+    from finetune_worker.resources import linear_shapes
+
     s = SHAPES[shape]
-    kv = s["num_key_value_heads"] * s["head_dim"]
-    per_layer = s["hidden_size"] * (2 * s["hidden_size"] + 2 * kv) + 3 * s["hidden_size"] * s["intermediate_size"]
+    per_layer = sum(fan_in * fan_out for fan_in, fan_out in linear_shapes(s).values())
     params = s["num_hidden_layers"] * per_layer + s["vocab_size"] * s["hidden_size"]  # the LM head's matmul counts even when tied
     return (6 if mode == "full" else 4) * params + 6 * s["num_hidden_layers"] * s["hidden_size"] * mean_len
 

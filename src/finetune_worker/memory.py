@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .distributed import deepspeed_offloads, deepspeed_stage
-from .resources import lora_params
+from .resources import linear_shapes, lora_params
 
 GIB = 2**30
 OVERHEAD = 1 * GIB
@@ -33,10 +33,7 @@ CLEARLY_OVER = 1.25
 def params_from_config(c: dict) -> int:
     """Parameter count of a Llama-shaped decoder from its config.json."""
     hidden, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-    inter = c.get("intermediate_size", 4 * hidden)
-    heads = c.get("num_attention_heads", 1)
-    kv = hidden * c.get("num_key_value_heads", heads) // heads
-    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden
+    per_layer = sum(fan_in * fan_out for fan_in, fan_out in linear_shapes(c).values()) + 2 * hidden  # + 2 norms
     embeddings = vocab * hidden * (1 if c.get("tie_word_embeddings") else 2)
     return layers * per_layer + embeddings + hidden
 

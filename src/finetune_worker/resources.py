@@ -63,20 +63,24 @@ def model_facts(base_model: str, hf_home: Path) -> ModelFacts:
     return ModelFacts(weight_bytes=weights_size(directory), needs_download=False, config=config)
 
 
+def linear_shapes(model_config: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer in one decoder layer of a Llama-shaped model."""
+    hidden = model_config["hidden_size"]
+    inter = model_config.get("intermediate_size", 4 * hidden)
+    heads = model_config.get("num_attention_heads", 1)
+    kv = hidden * model_config.get("num_key_value_heads", heads) // heads
+    return {
+        "q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+    }
+
+
 def lora_params(cfg: dict[str, Any], model_config: dict | None, params: int) -> int:
     """Trainable LoRA parameters: r x (in + out) for every targeted linear layer."""
     r = int(cfg.get("lora_r") or 8)
     if not model_config or "hidden_size" not in model_config:
         return int(params * 0.01 * r / 16)
-    hidden = model_config["hidden_size"]
-    inter = model_config.get("intermediate_size", 4 * hidden)
-    heads = model_config.get("num_attention_heads", 1)
-    kv_heads = model_config.get("num_key_value_heads", heads)
-    kv = hidden * kv_heads // heads
-    shapes = {
-        "q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
-        "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
-    }
+    shapes = linear_shapes(model_config)
     targets = LORA_LINEAR_NAMES if cfg.get("lora_target_linear") else (cfg.get("lora_target_modules") or ("q_proj", "v_proj"))
     per_layer = sum(r * sum(shapes[name]) for name in targets if name in shapes)
     return per_layer * model_config.get("num_hidden_layers", 1)
