@@ -22,8 +22,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import errors
+from .args_check import DATASET_LIST_KEYS
 from .errors import JobError
-from .plan import DATASET_LIST_KEYS, DataSource
+from .plan import DataSource
 
 MAX_PROBLEMS = 10
 CHUNK = 1 << 20
@@ -213,7 +214,7 @@ RowLabel = Callable[[int], str]
 def check_datasets(config: dict, inline: dict[str, DataSource]) -> list[DatasetCheck]:
     """Read every local dataset of the config; raise `dataset_error` on broken rows."""
     checks = []
-    for list_key in (*DATASET_LIST_KEYS, "pretraining_dataset"):
+    for list_key in DATASET_LIST_KEYS:
         entries = config.get(list_key)
         for index, entry in enumerate(entries if isinstance(entries, list) else []):
             where = f"args.{list_key}[{index}]"

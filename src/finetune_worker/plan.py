@@ -157,14 +157,15 @@ def build_axolotl_config(
     return AxolotlPlan(config=config, warnings=warnings, publish=publish, adapted_for_cpu=changed, data_sources=sources)
 
 
-DATASET_LIST_KEYS = ("datasets", "test_datasets")
+# The dataset lists whose entries may carry inline rows or an https URL.
+INLINE_DATASET_KEYS = ("datasets", "test_datasets")
 KNOWN_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
 
 
 def localise_datasets(config: dict[str, Any], data_dir: Path) -> list[DataSource]:
     """Point inline-rows and https datasets at files in the run directory (in place)."""
     sources = []
-    for key in DATASET_LIST_KEYS:
+    for key in INLINE_DATASET_KEYS:
         for index, entry in enumerate(config.get(key) or []):
             where = f"args.{key}[{index}]"
             if "rows" in entry:
