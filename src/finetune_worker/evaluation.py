@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .fastexit import exit_without_teardown
+from .job import EVAL_METRICS
 
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
-METRICS = ("exact_match", "jaccard", "rouge1", "rouge2", "rougeL", "bleu", "loss", "perplexity")
 
 
 # -- pure: metrics and the gate ---------------------------------------------------
@@ -55,7 +55,7 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
 
 
 def compare(base: dict[str, float], finetuned: dict[str, float]) -> dict[str, float]:
-    return {key: round(finetuned[key] - base[key], 4) for key in METRICS if key in base and key in finetuned}
+    return {key: round(finetuned[key] - base[key], 4) for key in EVAL_METRICS if key in base and key in finetuned}
 
 
 def gate(evaluation: dict, metric: str, min_improvement: float) -> tuple[bool, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -57,8 +57,8 @@ class PublishOptions(BaseModel):
     )
 
 
-EVAL_METRICS = ("exact_match", "jaccard", "rouge1", "rouge2", "rougeL", "bleu", "loss", "perplexity")
 EvalMetric = Literal["exact_match", "jaccard", "rouge1", "rouge2", "rougeL", "bleu", "loss", "perplexity"]
+EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)
 
 
 class EvaluationDataset(BaseModel):
