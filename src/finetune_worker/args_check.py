@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import axolotl_schema
-from .distributed import PRESET_DIR, combination_problems, resolve_presets
+from .distributed import DEEPSPEED_PRESETS, combination_problems, resolve_presets, shipped_preset
 from .errors import Problem
 from .hardware import Hardware
 from .job import HUB_REPO_ID, suggest
-from .paths import PathRejected, PathRoots, resolve_inside, resolve_local_or_hub
+from .options import CREDENTIAL_ENV, Kind, is_nested, kind_of, mapping_key_problem
+from .paths import HUB_ID, PathRejected, PathRoots, resolve_inside, resolve_local_or_hub
 
 # Keys the worker sets itself; a user value is replaced (see plan.py).
 WORKER_OWNED_KEYS = ("output_dir", "dataset_prepared_path")
@@ -28,10 +30,12 @@ DATASET_LIST_KEYS = ("datasets", "test_datasets", "pretraining_dataset")
 # the run directory as JSON Lines before Axolotl sees them).
 INLINE_ROWS_KEY = "rows"
 MAX_INLINE_ROWS = 100_000
-# Keys holding a model or tokenizer location: a Hub id or a local directory.
-MODEL_PATH_KEYS = ("base_model", "base_model_config", "tokenizer_config", "processor_config")
-# Keys that must point at local files or directories.
-LOCAL_PATH_KEYS = ("lora_model_dir", "resume_from_checkpoint", "deepspeed")
+# Integrations that hand the training to a remote service or start servers and
+# clone repositories: refused on the worker.
+REFUSED_INTEGRATIONS = {
+    "hatchery": "it trains on a remote service with its own API key",
+    "nemo_gym": "it clones repositories and starts servers from the config",
+}
 QUANTISED_LOADING = {
     "load_in_4bit": "4-bit loading",
     "load_in_8bit": "8-bit loading",
@@ -45,19 +49,20 @@ class ArgsContext:
     roots: PathRoots
     hardware: Hardware
     allow_trust_remote_code: bool = False
+    notes: list[str] = field(default_factory=list)  # warnings for the job, filled by check_args
 
 
 def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], list[Problem]]:
     """Return `args` with local paths made absolute, and every problem found."""
     args = copy.deepcopy(args)
     problems: list[Problem] = []
-    problems += resolve_presets(args)
+    problems += resolve_presets(args, ctx.notes)
     problems += _shape_problems(args)
     bad_datasets = _dataset_problems(args, ctx)
     problems += [p for _, p in bad_datasets]
     problems += _unknown_key_problems(args)
     problems += _plugin_problems(args)
-    problems += _remote_code_problems(args, ctx)
+    problems += _option_problems(args, ctx)
     problems += _model_path_problems(args, ctx)
     problems += _hardware_problems(args, ctx.hardware)
     problems += combination_problems(args, ctx.hardware.has_gpu)
@@ -99,8 +104,8 @@ def _dataset_problems(args: dict, ctx: ArgsContext) -> list[tuple[tuple[str, int
             if key not in known and key != INLINE_ROWS_KEY:
                 found.append((loc, Problem(f"{where}.{key}", f"unknown field{suggest(key, known)}")))
         kind = entry.get("type")
-        if isinstance(kind, str) and not rl and loc[0] != "pretraining_dataset":
-            message = axolotl_schema.dataset_type_problem(kind)
+        if isinstance(kind, str) and loc[0] != "pretraining_dataset":
+            message = rl_type_problem(kind, str(rl)) if rl else axolotl_schema.dataset_type_problem(kind)
             if message:
                 found.append((loc, Problem(f"{where}.type", message)))
         elif kind is not None and not isinstance(kind, (str, dict)):
@@ -113,9 +118,36 @@ def _dataset_problems(args: dict, ctx: ArgsContext) -> list[tuple[tuple[str, int
             except PathRejected as exc:
                 found.append((loc, Problem(f"{where}.path", str(exc))))
         found += [(loc, p) for p in _data_files_problems(entry, where, ctx)]
-        if entry.get("trust_remote_code") and not ctx.allow_trust_remote_code:
-            found.append((loc, Problem(f"{where}.trust_remote_code", REMOTE_CODE_MESSAGE)))
     return found
+
+
+# Which package of Axolotl's prompt strategies each `rl` loads dataset types from.
+RL_STRATEGY_PACKAGES = {"orpo": "orpo", "kto": "kto", "ebft": "ebft"}
+
+
+def rl_type_problem(type_name: str, rl: str) -> str | None:
+    """None when `type` names a transform in Axolotl's own package for this `rl`.
+
+    Axolotl's loader first tries the type's first part as a top-level module, so a
+    name that is one (`this.x`) would import it: such names are refused.
+    """
+    import importlib.util
+
+    family = RL_STRATEGY_PACKAGES.get(rl, "dpo")
+    package = f"axolotl.prompt_strategies.{family}"
+    parts = type_name.split(".")
+    hint = f"a transform of {package} (e.g. chat_template.default, chatml.intel, llama3.argilla)"
+    if len(parts) > 2 or not all(part.isidentifier() for part in parts):
+        return f"unknown type '{type_name}' for rl: {rl}; use {hint}"
+    module, function = parts[0], (parts[1] if len(parts) == 2 else "default")
+    try:
+        shadowed = importlib.util.find_spec(module) is not None
+        found = importlib.util.find_spec(f"{package}.{module}") is not None
+    except (ImportError, ValueError):
+        shadowed, found = True, False
+    if shadowed or not found or not hasattr(importlib.import_module(f"{package}.{module}"), function):
+        return f"unknown type '{type_name}' for rl: {rl}; use {hint}"
+    return None
 
 
 def _inline_rows_problems(entry: dict, where: str) -> list[Problem]:
@@ -173,37 +205,133 @@ def _plugin_problems(args: dict) -> list[Problem]:
     problems = []
     for index, plugin in enumerate(plugins):
         message = axolotl_schema.plugin_problem(plugin)
+        integration = plugin.split(".")[2] if isinstance(plugin, str) and plugin.count(".") >= 3 else ""
+        if not message and integration in REFUSED_INTEGRATIONS:
+            message = f"the {integration} integration is not available on this worker: {REFUSED_INTEGRATIONS[integration]}"
         if message:
             problems.append(Problem(f"args.plugins[{index}]", message))
     return problems
 
 
 REMOTE_CODE_MESSAGE = (
-    "running code from a model or dataset repository is disabled on this worker; "
-    "the operator can allow it with FINETUNE_ALLOW_TRUST_REMOTE_CODE=1"
+    "running code from a model or dataset repository is disabled on this worker. "
+    "Remove it: the installed transformers has Llama, Mistral, Mixtral, Qwen2/3, Gemma, Phi-3, Falcon, Jamba, DBRX, "
+    "DeepSeek-V2/V3 and most other architectures built in, so they need no repository code; "
+    "if your model really ships its own code, ask the operator to set FINETUNE_ALLOW_TRUST_REMOTE_CODE=1"
 )
 
 
-def _remote_code_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
-    if args.get("trust_remote_code") and not ctx.allow_trust_remote_code:
-        return [Problem("args.trust_remote_code", REMOTE_CODE_MESSAGE)]
-    return []
-
-
 def _model_path_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
+    """Model locations (Hub id or confined local directory) and local-only paths."""
     problems = []
-    for key in MODEL_PATH_KEYS + LOCAL_PATH_KEYS:
-        value = args.get(key)
-        if value is None or (key == "deepspeed" and isinstance(value, dict)):
+    for key, value in list(args.items()):
+        kind = kind_of(key)
+        if value is None or kind not in (Kind.MODEL, Kind.READ) or (key == "deepspeed" and isinstance(value, dict)):
             continue
-        if key == "deepspeed" and str(value).startswith(str(PRESET_DIR)):
-            continue  # a preset shipped with the worker
-        resolve = resolve_inside if key in LOCAL_PATH_KEYS else resolve_local_or_hub
+        if key == "deepspeed" and shipped_preset(value):
+            continue
+        resolve = resolve_inside if kind is Kind.READ else resolve_local_or_hub
         try:
             args[key] = resolve(value, ctx.roots)
         except PathRejected as exc:
-            problems.append(Problem(f"args.{key}", str(exc)))
+            message = str(exc)
+            if key == "deepspeed":
+                message += f"; or use a preset shipped with the worker: {', '.join(DEEPSPEED_PRESETS)} (also Axolotl's deepspeed_configs/zero*.json names)"
+            problems.append(Problem(f"args.{key}", message))
     return problems
+
+
+def _option_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
+    """Every option checked against what its Kind may touch (see options.py)."""
+    problems: list[Problem] = []
+
+    def visit(node: dict, prefix: str, where: str) -> None:
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            here = f"{where}.{key}"
+            if value is None or value is False or key == INLINE_ROWS_KEY and prefix == "datasets":
+                continue
+            kind = kind_of(path)
+            if kind is None:
+                if is_nested(path) and isinstance(value, dict):
+                    visit(value, path, here)
+                elif is_nested(path) and isinstance(value, list):
+                    for index, item in enumerate(value):
+                        if isinstance(item, dict):
+                            visit(item, path if key not in DATASET_LIST_KEYS else "datasets", f"{here}[{index}]")
+                continue
+            message = _kind_problem(kind, key, value, here, ctx)
+            if message:
+                problems.append(Problem(here, message))
+            if kind is Kind.MAPPING or (kind is Kind.READ and isinstance(value, dict)):
+                problems.extend(_mapping_problems(value, here))
+            if kind is Kind.TEMPLATE and isinstance(value, str):
+                resolved, message = _template_path(value, ctx)
+                if message:
+                    problems.append(Problem(here, message))
+                elif resolved:
+                    node[key] = resolved
+
+    visit(args, "", "args")
+    return problems
+
+
+def _kind_problem(kind: Kind, key: str, value: Any, where: str, ctx: ArgsContext) -> str | None:
+    if kind is Kind.REMOTE_CODE and not ctx.allow_trust_remote_code:
+        return REMOTE_CODE_MESSAGE
+    if kind is Kind.CREDENTIAL:
+        env = CREDENTIAL_ENV.get(key)
+        instead = f"send it as credentials.{key}" if env else "this integration's credentials are not supported on this worker"
+        return f"a credential in args would be stored with the run; {instead}"
+    if kind is Kind.NETWORK:
+        return "makes the training contact a service at an address the config names; not allowed on this worker (remove it)"
+    if kind is Kind.UNSUPPORTED_CODE:
+        return "imports code the config names; not allowed on a shared worker (remove it)"
+    if kind is Kind.UNCLASSIFIED:
+        return "this Axolotl option is not yet classified by the worker's security rules, so it is refused; remove it or ask the operator to update the worker"
+    if kind is Kind.HUB and not (isinstance(value, str) and HUB_ID.match(value)):
+        return "must be a Hugging Face Hub repo id like 'owner/name'"
+    if kind is Kind.FILE_NAME and not (isinstance(value, str) and value not in (".", "..") and re.fullmatch(r"[A-Za-z0-9._-]+", value)):
+        return "must be a plain file name (it is created and deleted inside the run's output directory)"
+    if kind is Kind.CODE and key == "input_transform" and not _messages_transform_exists(value):
+        return "unknown input_transform; use one of Axolotl's messages transforms (e.g. chat)"
+    return None
+
+
+def _messages_transform_exists(value: Any) -> bool:
+    import importlib.util
+
+    return isinstance(value, str) and value.isidentifier() and importlib.util.find_spec(f"axolotl.prompt_strategies.messages.{value}") is not None
+
+
+def _mapping_problems(value: Any, where: str) -> list[Problem]:
+    """Keys refused anywhere inside a free-form mapping (remote code, credentials, paths)."""
+    problems = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            message = mapping_key_problem(key)
+            if message:
+                problems.append(Problem(f"{where}.{key}", message))
+            else:
+                problems.extend(_mapping_problems(item, f"{where}.{key}"))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            problems.extend(_mapping_problems(item, f"{where}[{index}]"))
+    return problems
+
+
+def _template_path(value: str, ctx: ArgsContext) -> tuple[str | None, str | None]:
+    """Axolotl reads `chat_template_jinja` as a file when the string names one: such a
+    value must be a file the job may read. Inline templates (with `{`) stay as they are."""
+    if "{" in value and "\n" in value:
+        return None, None
+    if "{" in value and not Path(value).exists():
+        return None, None
+    try:
+        resolved = resolve_inside(value, ctx.roots)
+    except PathRejected as exc:
+        return None, f"names a template file that cannot be used: {exc}; or give the Jinja template inline"
+    return resolved, None
 
 
 def _publish_problems(args: dict) -> list[Problem]:

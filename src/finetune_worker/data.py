@@ -51,6 +51,17 @@ def url_for_humans(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
+def without_url_queries(value: Any) -> Any:
+    """A JSON-like value with every https URL's query and fragment dropped."""
+    if isinstance(value, str) and value.startswith(("https://", "http://")):
+        return url_for_humans(value)
+    if isinstance(value, dict):
+        return {key: without_url_queries(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_url_queries(item) for item in value]
+    return value
+
+
 def download(url: str, dest: Path, max_bytes: int, where: str) -> None:
     shown = url_for_humans(url)
     partial = dest.with_name(dest.name + ".part")

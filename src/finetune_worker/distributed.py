@@ -31,15 +31,47 @@ FSDP_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The DeepSpeed files Axolotl's docs and examples name (deepspeed_configs/ in its
+# repository, /workspace/axolotl/deepspeed_configs/ in its image) -> our presets.
+AXOLOTL_DEEPSPEED_FILES = {
+    "zero1.json": "zero1",
+    "zero1_torch_compile.json": "zero1",
+    "zero2.json": "zero2",
+    "zero2_torch_compile.json": "zero2",
+    "zero3.json": "zero3",
+    "zero3_bf16.json": "zero3",
+    "zero3_bf16_cpuoffload_params.json": "zero3_offload",
+    "zero3_bf16_cpuoffload_all.json": "zero3_offload",
+}
+AXOLOTL_DEEPSPEED_DIRS = ("deepspeed_configs", "/workspace/axolotl/deepspeed_configs", "axolotl/deepspeed_configs")
+
+
 def deepspeed_preset_path(name: str) -> Path:
     return PRESET_DIR / "deepspeed" / f"{name}.json"
 
 
-def resolve_presets(args: dict[str, Any]) -> list[Problem]:
+def shipped_preset(value: Any) -> bool:
+    """Whether `value` is exactly one of the DeepSpeed presets shipped with the worker."""
+    return isinstance(value, str) and any(Path(value).resolve() == deepspeed_preset_path(name) for name in DEEPSPEED_PRESETS)
+
+
+def axolotl_docs_preset(value: str) -> str | None:
+    """The preset standing in for a DeepSpeed path from Axolotl's docs, if it is one."""
+    folder, _, name = value.rstrip("/").rpartition("/")
+    folder = folder.removeprefix("./")
+    return AXOLOTL_DEEPSPEED_FILES.get(name) if folder in AXOLOTL_DEEPSPEED_DIRS else None
+
+
+def resolve_presets(args: dict[str, Any], notes: list[str] | None = None) -> list[Problem]:
     """Replace preset names in `args` (in place) by what Axolotl reads; return problems."""
     problems = []
     deepspeed = args.get("deepspeed")
-    if isinstance(deepspeed, str) and not deepspeed.endswith(".json"):
+    if isinstance(deepspeed, str) and deepspeed.endswith(".json") and axolotl_docs_preset(deepspeed):
+        preset = axolotl_docs_preset(deepspeed)
+        args["deepspeed"] = str(deepspeed_preset_path(preset))
+        if notes is not None:
+            notes.append(f"args.deepspeed: {deepspeed} is a file of Axolotl's repository; the worker's {preset} preset stands in for it")
+    elif isinstance(deepspeed, str) and not deepspeed.endswith(".json"):
         if deepspeed in DEEPSPEED_PRESETS:
             args["deepspeed"] = str(deepspeed_preset_path(deepspeed))
         else:

@@ -23,6 +23,8 @@ from .errors import Problem
 def _not_dot_names(value: str) -> str:
     if value in (".", ".."):
         raise ValueError("must not be '.' or '..'")
+    if value.endswith(".lock") or ".previous-" in value:
+        raise ValueError("must not end with '.lock' or contain '.previous-' (the worker's own names beside a run)")
     return value
 
 
@@ -41,6 +43,8 @@ class Credentials(BaseModel):
 
     hf_token: SecretStr | None = None
     wandb_api_key: SecretStr | None = None
+    comet_api_key: SecretStr | None = Field(default=None, description="Comet ML key (COMET_API_KEY in the training child); never in args.")
+    swanlab_api_key: SecretStr | None = Field(default=None, description="SwanLab key (SWANLAB_API_KEY in the training child); never in args.")
 
 
 HUB_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"

@@ -17,23 +17,62 @@ DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt", "
 REMOTE_DATA_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "oci://")
 
 
+# Names the worker gives its own files beside a run: never a run id, never readable.
+LOCK_SUFFIX = ".lock"
+SET_ASIDE_MARKER = ".previous-"
+# The worker's own directories on the volume.
+RUNS_DIR = "runs"
+CACHE_DIR = "cache"
+
+
 @dataclass(frozen=True)
 class PathRoots:
-    """`allowed`: where local paths may point. `lookup`: where relative ones are searched."""
+    """`allowed`: where local paths may point, less `denied` (the worker's own
+    directories and other users' runs), plus `granted` (this job's user's runs).
+    `lookup`: where relative paths are searched."""
 
     allowed: tuple[Path, ...]
     lookup: tuple[Path, ...]
+    denied: tuple[Path, ...] = ()
+    granted: tuple[Path, ...] = ()
 
     def contains(self, path: Path) -> bool:
-        return any(path == root or root in path.parents for root in self.allowed)
+        if any(part.endswith(LOCK_SUFFIX) or SET_ASIDE_MARKER in part for part in self._run_parts(path)):
+            return False
+        if any(_within(root, path) for root in self.denied):
+            return False  # a folder that holds the worker's own (the volume itself, "runs")
+        if any(_within(path, root) for root in self.granted):
+            return True
+        if any(_within(path, root) for root in self.denied):
+            return False
+        return any(_within(path, root) for root in self.allowed)
+
+    def _run_parts(self, path: Path) -> tuple[str, ...]:
+        for root in (*self.granted, *self.denied):
+            if root.name == RUNS_DIR and _within(path, root):
+                return path.relative_to(root).parts
+        return ()
 
     def describe(self) -> str:
         return ", ".join(str(r) for r in self.allowed)
 
 
-def make_roots(base_volume: Path, examples_dir: Path) -> PathRoots:
-    allowed = (base_volume.resolve(), examples_dir.resolve())
-    return PathRoots(allowed=allowed, lookup=(base_volume.resolve(), examples_dir.resolve().parent))
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def make_roots(base_volume: Path, examples_dir: Path, user_id: str | None = None) -> PathRoots:
+    """A job reads the volume (less the worker's runs and caches), its own user's
+    runs, and the worker's bundled examples."""
+    volume = base_volume.resolve()
+    runs = volume / RUNS_DIR
+    granted = (runs / user_id,) if user_id else ()
+    return PathRoots(
+        allowed=(volume, examples_dir.resolve()),
+        lookup=(volume, examples_dir.resolve().parent),
+        denied=(runs, volume / CACHE_DIR),
+        granted=granted,
+    )
 
 
 class PathRejected(ValueError):
@@ -59,14 +98,15 @@ def resolve_local_or_hub(value: str, roots: PathRoots, *, remote_ok: bool = Fals
         raise PathRejected("must not contain '..'")
     if pure.is_absolute():
         resolved = Path(value).resolve()
-        if not roots.contains(resolved):
+        if not any(_within(resolved, root) for root in roots.allowed):
             raise PathRejected(f"absolute paths must be inside the allowed roots ({roots.describe()})")
-        if not resolved.exists():
+        if not roots.contains(resolved) or not resolved.exists():
+            # Another user's run answers exactly like a path that does not exist.
             raise PathRejected(f"no such file or directory: {value}")
         return str(resolved)
     for base in roots.lookup:
         candidate = (base / value).resolve()
-        if not candidate.exists():
+        if not candidate.exists() or (_within(candidate, base) and not roots.contains(candidate)):
             continue
         if not roots.contains(candidate):
             raise PathRejected(f"resolves outside the allowed roots ({roots.describe()}), through a symlink")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import axolotl_schema, errors, events
-from .data import DatasetCheck, check_datasets, check_eval_file, data_fingerprint, materialise
+from .data import DatasetCheck, check_datasets, check_eval_file, data_fingerprint, materialise, without_url_queries
 from .distributed import process_count
 from .errors import JobError
 from .evaluation import gate
@@ -30,6 +30,7 @@ from .failures import diagnose
 from .hardware import Hardware, detect_hardware
 from .job import EvaluationOptions, JobInput, parse_job_input
 from .memory import CLEARLY_OVER, estimate_gpu_memory, suggestions
+from .options import CREDENTIAL_ENV
 from .plan import (
     AxolotlPlan,
     RunPaths,
@@ -41,7 +42,7 @@ from .plan import (
     build_train_argv,
     run_paths,
 )
-from .redact import Redactor, secrets_in_env, secrets_in_raw_input
+from .redact import Redactor, redact_file, secrets_in_env, secrets_in_raw_input
 from .report import evaluation_sections, framework_versions, render_model_card, write_loss_curve
 from .resources import ModelFacts, estimate_disk, gib, link_prebaked_model, model_facts
 from .rundir import (
@@ -63,6 +64,7 @@ from .validation import ValidJob, config_problems_error, validate_job
 
 LOG = logging.getLogger("finetune_worker")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+AXOLOTL_DEBUG_LOG = "debug.log"  # Axolotl tees its own log into output_dir/debug.log
 
 
 @dataclass
@@ -158,7 +160,8 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
             hf_token, wandb_key = _secrets(job, settings)
             state.redactor.add(hf_token, wandb_key)
             child_env = build_child_env(
-                env, paths=paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token, wandb_api_key=wandb_key
+                env, paths=paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token, wandb_api_key=wandb_key,
+                other_secrets=_tracker_secrets(job),
             )
             await _start_standby(job, paths, child_env, hardware, state)
         valid = validate_job(raw_input, settings, hardware, parsed=(job, problems))
@@ -280,6 +283,8 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
     finally:
         state.stop_children()
         await state.reap_children()
+        if state.paths is not None:
+            redact_file(state.paths.output_dir / AXOLOTL_DEBUG_LOG, state.redactor)
 
 
 def _take_run(valid: ValidJob, paths: RunPaths, state: JobState) -> list[dict]:
@@ -588,19 +593,27 @@ def _secrets(job: JobInput, settings: WorkerSettings) -> tuple[str | None, str |
     return _secret(creds.hf_token, settings.hf_token), _secret(creds.wandb_api_key, settings.wandb_api_key)
 
 
+def _tracker_secrets(job: JobInput) -> dict[str, str]:
+    """Other trackers' keys from the job's credentials, under the names their libraries read."""
+    creds = job.credentials
+    given = {env: getattr(creds, field) for field, env in CREDENTIAL_ENV.items()}
+    return {env: value.get_secret_value() for env, value in given.items() if value is not None}
+
+
 def _secret(job_value, worker_value) -> str | None:
     chosen = job_value or worker_value
     return chosen.get_secret_value() if chosen else None
 
 
 def _job_record(valid: ValidJob) -> dict:
+    """What job.json keeps: no credential, and URLs without their query (a signed URL's query is one)."""
     creds = valid.job.credentials
-    return {
+    return without_url_queries({
         **valid.job.model_dump(exclude={"credentials", "args"}),
-        "credentials_given": {"hf_token": creds.hf_token is not None, "wandb_api_key": creds.wandb_api_key is not None},
+        "credentials_given": {name: getattr(creds, name) is not None for name in type(creds).model_fields},
         "args_sha256": args_digest(valid.args),
         "args": valid.job.args,
-    }
+    })
 
 
 def _free_port() -> int:

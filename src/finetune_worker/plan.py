@@ -32,7 +32,9 @@ CUDA_OPTIMIZER_MARKERS = ("8bit", "bnb", "paged", "apex", "fused", "ao_", "4bit"
 
 # Environment variables the child must not inherit: RunPod's job-queue addresses and keys.
 WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
-WORKER_ONLY_ENV = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+WORKER_ONLY_ENV = (
+    "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "COMET_API_KEY", "SWANLAB_API_KEY",
+)
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,7 @@ def build_child_env(
     package_root: Path,
     hf_token: str | None,
     wandb_api_key: str | None,
+    other_secrets: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The child's environment: the worker's, minus its own secrets, plus this job's."""
     env = {
@@ -255,6 +258,7 @@ def build_child_env(
         env["WANDB_API_KEY"] = wandb_api_key
     else:
         env["WANDB_MODE"] = "disabled"
+    env.update(other_secrets or {})
     return env
 
 

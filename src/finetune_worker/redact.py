@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 MASK = "***"
@@ -72,7 +73,38 @@ def secrets_in_raw_input(raw: Any) -> list[str]:
                 walk(item)
 
     walk(raw.get("credentials"))
+    _credential_options(raw.get("args"), found)
     return found
+
+
+# Option names that hold credentials in an Axolotl config (refused in args, see
+# options.Kind.CREDENTIAL), masked wherever they show up even so.
+CREDENTIAL_OPTION_NAMES = ("api_key", "secret", "token")
+
+
+def _credential_options(node: Any, found: list[str]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, str) and str(key).lower().endswith(CREDENTIAL_OPTION_NAMES):
+                found.append(value)
+            else:
+                _credential_options(value, found)
+    elif isinstance(node, list):
+        for item in node:
+            _credential_options(item, found)
+
+
+def redact_file(path: Path, redactor: Redactor) -> None:
+    """Rewrite a log a library wrote itself (Axolotl's debug.log) with secrets masked."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return
+    cleaned = redactor.text(text)
+    if cleaned != text:
+        partial = path.with_name(path.name + ".redacting")
+        partial.write_text(cleaned, encoding="utf-8")
+        partial.replace(path)
 
 
 def secrets_in_env(env: dict[str, str]) -> list[str]:

@@ -35,13 +35,14 @@ def validate_job(
     if isinstance(raw_args, dict) and not any(p.path == "input" for p in problems):
         raw_args = {**defaults, **raw_args}
         context = ArgsContext(
-            roots=make_roots(settings.base_volume, settings.examples_dir),
+            roots=make_roots(settings.base_volume, settings.examples_dir, job.user_id if job else None),
             hardware=hardware,
             allow_trust_remote_code=settings.allow_trust_remote_code,
         )
         args, arg_problems = check_args(raw_args, context)
+        notes = (*notes, *context.notes)
     if job is not None and job.evaluation is not None:
-        arg_problems += _evaluation_problems(job, make_roots(settings.base_volume, settings.examples_dir))
+        arg_problems += _evaluation_problems(job, make_roots(settings.base_volume, settings.examples_dir, job.user_id))
     if job is not None and job.num_processes and hardware.has_gpu and job.num_processes > hardware.gpu_count:
         arg_problems.append(Problem("num_processes", f"this worker has {hardware.gpu_count} GPU(s); use at most {hardware.gpu_count} processes, one per GPU"))
     if job is not None and job.publish.merge_lora and args.get("adapter") not in ("lora", "qlora"):
