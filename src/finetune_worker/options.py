@@ -80,13 +80,13 @@ rope_scaling overrides_of_model_config overrides_of_model_kwargs optim_args lr_s
 lora_rank_pattern lora_alpha_pattern peft_trainable_token_indices bnb_config_kwargs processor_kwargs
 model_quantization_config_kwargs trl.generation_kwargs trl.chat_template_kwargs accelerator_config device device_map
 gradient_checkpointing_kwargs flex_attn_compile_kwargs added_tokens_overrides torch_compile_options max_memory
-chat_template_kwargs comet_experiment_config datasets.message_property_mappings datasets.roles
+chat_template_kwargs comet_experiment_config datasets.message_property_mappings datasets.roles resources_per_worker
 """
 
 _BY_HAND: dict[Kind, str] = {
     Kind.VALUE: _VALUE,
     Kind.MAPPING: _MAPPING,
-    Kind.MODEL: "base_model base_model_config tokenizer_config processor_config lm_eval_model",
+    Kind.MODEL: "base_model base_model_config tokenizer_config lm_eval_model",
     Kind.DATA: "datasets.path datasets.data_files",
     Kind.READ: "lora_model_dir resume_from_checkpoint deepspeed",
     Kind.TEMPLATE: "chat_template_jinja datasets.chat_template_jinja",
@@ -100,7 +100,7 @@ _BY_HAND: dict[Kind, str] = {
         otel_metrics_host mlflow_tracking_uri trl.vllm_server_host vllm.host kd_online_server_base_url
         hatchery.base_url hatchery.project_id swanlab_web_host swanlab_api_host swanlab_lark_webhook_url
         bench_dataset nemo_gym_dir nemo_gym_config_paths nemo_gym_datasets nemo_gym_model_name nemo_gym_auto_clone
-        hatchery.loss_fn_config
+        hatchery.loss_fn_config hatchery.save_name_prefix
     """,
     Kind.UNSUPPORTED_CODE: "trainer_cls torchdistx_path trl.reward_funcs trl.rollout_func vllm.serve_module vllm.worker_extension_cls hatchery.reward_funcs",
 }
