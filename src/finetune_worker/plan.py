@@ -32,7 +32,7 @@ CUDA_OPTIMIZER_MARKERS = ("8bit", "bnb", "paged", "apex", "fused", "ao_", "4bit"
 
 # Environment variables the child must not inherit: RunPod's job-queue addresses and keys.
 WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
-WORKER_ONLY_ENV = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+WORKER_ONLY_ENV = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "FINETUNE_USER_TOKEN_SECRET")
 
 
 @dataclass(frozen=True)
