@@ -3,7 +3,8 @@
 RunPod authenticates the caller, not the user: anyone holding the endpoint's API
 key may submit any job, and `user_id` is only the namespace the caller names. An
 operator who puts the endpoint behind a service of its own, for many customers,
-sets FINETUNE_USER_TOKEN_SECRET (HMAC: HS256/HS384/HS512) and/or
+sets FINETUNE_USER_TOKEN_SECRET (HMAC: HS256, and HS384/HS512 for a secret of
+48/64 bytes or more) and/or
 FINETUNE_USER_TOKEN_PUBLIC_KEY (PEM: RS*/PS* for an RSA key, ES* for its EC curve,
 EdDSA for Ed25519/Ed448). Every job must then carry `credentials.user_token`, a JWT
 signed by that service whose `sub` is the job's user_id and which has an `exp`.
@@ -22,8 +23,10 @@ from . import errors
 from .errors import JobError
 from .settings import WorkerSettings
 
-HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as its hash
+# RFC 7518 3.2: an HMAC key at least as long as its hash. A secret verifies only the
+# algorithms it is long enough for (and at least HS256).
+HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+MIN_SECRET_BYTES = HMAC_MIN_BYTES["HS256"]
 MAX_TOKEN_CHARS = 16 * 1024
 LEEWAY_SECONDS = 30  # clock skew between the operator's service and the worker
 
@@ -43,16 +46,16 @@ def check_user_token(raw: Any, settings: WorkerSettings) -> str | None:
         if token is not None:
             return "credentials.user_token was ignored: this endpoint does not check user tokens"
         return None
+    try:
+        keys = verification_keys(settings)
+    except Misconfigured as exc:
+        raise JobError(errors.AUTH_ERROR, f"this endpoint's user-token check is misconfigured ({exc}); the operator must fix it") from None
     if token is None:
         raise _refused(MISSING)
     if not isinstance(token, str) or not token.strip():
         raise _refused("credentials.user_token must be a non-empty string: a JWT signed by the operator's service")
     if len(token) > MAX_TOKEN_CHARS:
         raise _refused(f"credentials.user_token is longer than {MAX_TOKEN_CHARS} characters; it is not a token from the operator's service")
-    try:
-        keys = verification_keys(settings)
-    except Misconfigured as exc:
-        raise JobError(errors.AUTH_ERROR, f"this endpoint's user-token check is misconfigured ({exc}); the operator must fix it") from None
     claims = _verify(token.strip(), keys, settings)
     user_id = raw.get("user_id")
     if claims.get("sub") != user_id:
@@ -74,7 +77,7 @@ def verification_keys(settings: WorkerSettings) -> list[tuple[Any, tuple[str, ..
         except jwt.exceptions.InvalidKeyError:  # PyJWT refuses key-shaped HMAC secrets (algorithm confusion)
             raise Misconfigured("FINETUNE_USER_TOKEN_SECRET looks like a key (PEM, DER, SSH or JWK), not an HMAC secret; "
                                 "a public key goes in FINETUNE_USER_TOKEN_PUBLIC_KEY") from None
-        keys.append((secret, HMAC_ALGORITHMS))
+        keys.append((secret, tuple(alg for alg, size in HMAC_MIN_BYTES.items() if len(secret) >= size)))
     if settings.user_token_public_key is not None:
         keys.append(_public_key(settings.user_token_public_key))
     return keys
