@@ -3,6 +3,8 @@
 Surfaces searched here: every yielded event, the run directory (YAML, job record,
 events, progress records, the training log, checkpoints, outputs), the worker's
 log and tracebacks, and the command line of every process while training runs.
+The endpoint checks user tokens here (FINETUNE_USER_TOKEN_SECRET is a canary too),
+so every job carries a valid credentials.user_token, itself a canary.
 The RunPod side (aggregated output, /status, /stream) is searched in
 test_runpod_loop.py, and the Hub side (model card, pushed files) in test_publish.py.
 """
@@ -13,8 +15,10 @@ import json
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 
+import jwt
 import pytest
 
 from conftest import collect, make_job, tiny_args
@@ -23,8 +27,16 @@ pytestmark = pytest.mark.training
 
 HF_CANARY = "hf_CANARYsecretToken0000000001"
 WANDB_CANARY = "CANARYwandbKey00000000000000000000000001"
-CANARIES = (HF_CANARY, WANDB_CANARY)
-CREDENTIALS = {"hf_token": HF_CANARY, "wandb_api_key": WANDB_CANARY}
+USER_TOKEN_SECRET_CANARY = "CANARYuserTokenSecret000000000000000000001"
+# make_job's user_id; valid for a day, so the check lets every job through
+USER_TOKEN_CANARY = jwt.encode({"sub": "tester", "exp": int(time.time()) + 86400, "jti": "CANARY"}, USER_TOKEN_SECRET_CANARY, "HS256")
+CANARIES = (HF_CANARY, WANDB_CANARY, USER_TOKEN_CANARY, USER_TOKEN_SECRET_CANARY)
+CREDENTIALS = {"hf_token": HF_CANARY, "wandb_api_key": WANDB_CANARY, "user_token": USER_TOKEN_CANARY}
+
+
+@pytest.fixture(autouse=True)
+def _user_tokens_checked(env):
+    env["FINETUNE_USER_TOKEN_SECRET"] = USER_TOKEN_SECRET_CANARY
 
 
 def assert_clean_text(text: str, where: str) -> None:

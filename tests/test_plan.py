@@ -107,9 +107,11 @@ def test_child_env_carries_job_secrets_and_drops_the_workers_own():
         "HF_TOKEN": "hf_worker_token_value",
         "RUNPOD_AI_API_KEY": "rpa_secret",
         "RUNPOD_WEBHOOK_GET_JOB": "https://api/job-take/x?token=abc",
+        "FINETUNE_USER_TOKEN_SECRET": "the-operator-signs-user-tokens-with-this",
         "PYTHONPATH": "/other",
     }
     env = env_for(base, hf="hf_job_token_value", wandb="wandb-key-value")
+    assert "FINETUNE_USER_TOKEN_SECRET" not in env
     assert env["HF_TOKEN"] == "hf_job_token_value"
     assert env["WANDB_API_KEY"] == "wandb-key-value"
     assert "RUNPOD_AI_API_KEY" not in env and "RUNPOD_WEBHOOK_GET_JOB" not in env

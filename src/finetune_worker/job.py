@@ -37,7 +37,7 @@ SAFE_ID_HINT = "use 1-64 letters, digits, '.', '_' or '-' (it names a directory)
 
 
 class Credentials(BaseModel):
-    """Per-job secrets; a missing one falls back to the worker's environment."""
+    """Per-job secrets; a missing token or key falls back to the worker's environment (user_token never does)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -45,6 +45,11 @@ class Credentials(BaseModel):
     wandb_api_key: SecretStr | None = None
     comet_api_key: SecretStr | None = Field(default=None, description="Comet ML key (COMET_API_KEY in the training child); never in args.")
     swanlab_api_key: SecretStr | None = Field(default=None, description="SwanLab key (SWANLAB_API_KEY in the training child); never in args.")
+    user_token: SecretStr | None = Field(
+        default=None,
+        description="A JWT signed by the operator's service, whose `sub` is this job's user_id; "
+        "required when the endpoint sets FINETUNE_USER_TOKEN_SECRET or FINETUNE_USER_TOKEN_PUBLIC_KEY, ignored otherwise.",
+    )
 
 
 HUB_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"

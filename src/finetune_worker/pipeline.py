@@ -60,6 +60,7 @@ from .rundir import (
 from .runlock import RunLock, RunLocked
 from .settings import WorkerSettings
 from .training import TrainingProcess, shutdown_requested
+from .usertoken import check_user_token
 from .validation import ValidJob, config_problems_error, validate_job
 
 LOG = logging.getLogger("finetune_worker")
@@ -153,6 +154,11 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
     yield events.status("validating", "checking the job input and the Axolotl config")
     try:
         settings = WorkerSettings.from_env(env)
+        # Who the user is comes first: nothing is parsed, locked or started for a job
+        # whose user_id the operator's service has not signed (when it signs them).
+        ignored_token = check_user_token(raw_input, settings)
+        if ignored_token:
+            yield events.warning(ignored_token)
         hardware = hardware or detect_hardware()
         job, problems = parse_job_input(raw_input, settings.max_request_bytes)
         if job is not None:  # else validate_job raises below, with every problem at once

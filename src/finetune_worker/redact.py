@@ -2,8 +2,8 @@
 
 Known secret values (the job's credentials, the worker's own tokens) are replaced
 wherever they appear, and anything shaped like a Hugging Face, W&B or RunPod key
-is masked too, so a token that reaches a log by some unexpected path is still
-caught.
+(or a JWT, like a user token) is masked too, so a token that reaches a log by
+some unexpected path is still caught.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ TOKEN_PATTERNS = [
     re.compile(r"rpa_[A-Za-z0-9]{8,}"),  # RunPod API keys
     re.compile(r"(?i)(wandb[_-]?api[_-]?key\s*[=:]\s*)\S+"),
     re.compile(r"(?i)(authorization:\s*bearer\s+)\S+"),
+    re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),  # a JWT (credentials.user_token)
 ]
 
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY")
+SECRET_ENV_VARS = (
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "FINETUNE_USER_TOKEN_SECRET",
+)
 
 
 class Redactor:

@@ -27,6 +27,12 @@ class WorkerSettings(BaseModel):
     allow_trust_remote_code: bool = False
     max_request_bytes: int = MAX_REQUEST_BYTES
     max_download_bytes: int = MAX_DOWNLOAD_BYTES
+    # Optional proof of who the user is (usertoken.py): with either key set, every
+    # job must carry credentials.user_token, a JWT whose `sub` is its user_id.
+    user_token_secret: SecretStr | None = None  # HS256/HS384/HS512
+    user_token_public_key: str | None = None  # PEM: RS*/PS*, ES*, EdDSA
+    user_token_audience: str | None = None
+    user_token_issuer: str | None = None
     # AXOLOTL_* variables on the endpoint: defaults under every job's args.
     default_args: dict = {}
     default_arg_problems: list[str] = []
@@ -41,6 +47,10 @@ class WorkerSettings(BaseModel):
             "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE",
             "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES",
             "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES",
+            "user_token_secret": "FINETUNE_USER_TOKEN_SECRET",
+            "user_token_public_key": "FINETUNE_USER_TOKEN_PUBLIC_KEY",
+            "user_token_audience": "FINETUNE_USER_TOKEN_AUDIENCE",
+            "user_token_issuer": "FINETUNE_USER_TOKEN_ISSUER",
         }
         for field, name in optional.items():
             if env.get(name):
@@ -49,6 +59,10 @@ class WorkerSettings(BaseModel):
         settings = cls(**values, default_args=default_args, default_arg_problems=[str(p) for p in problems])
         settings.base_volume = settings.base_volume.absolute()
         return settings
+
+    @property
+    def user_tokens_required(self) -> bool:
+        return self.user_token_secret is not None or self.user_token_public_key is not None
 
     @property
     def runs_dir(self) -> Path:
