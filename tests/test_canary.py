@@ -30,8 +30,9 @@ WANDB_CANARY = "CANARYwandbKey00000000000000000000000001"
 USER_TOKEN_SECRET_CANARY = "CANARYuserTokenSecret000000000000000000001"
 # make_job's user_id; valid for a day, so the check lets every job through
 USER_TOKEN_CANARY = jwt.encode({"sub": "tester", "exp": int(time.time()) + 86400, "jti": "CANARY"}, USER_TOKEN_SECRET_CANARY, "HS256")
-CANARIES = (HF_CANARY, WANDB_CANARY, USER_TOKEN_CANARY, USER_TOKEN_SECRET_CANARY)
-CREDENTIALS = {"hf_token": HF_CANARY, "wandb_api_key": WANDB_CANARY, "user_token": USER_TOKEN_CANARY}
+COMET_CANARY = "CANARYcometKey0000000000000000001"
+CANARIES = (HF_CANARY, WANDB_CANARY, USER_TOKEN_CANARY, USER_TOKEN_SECRET_CANARY, COMET_CANARY)
+CREDENTIALS = {"hf_token": HF_CANARY, "wandb_api_key": WANDB_CANARY, "user_token": USER_TOKEN_CANARY, "comet_api_key": COMET_CANARY}
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +114,7 @@ def test_a_preflight_leaks_no_secret(tiny, env, volume, caplog):
 
 
 def test_a_job_failing_validation_leaks_no_secret(tiny, env, volume, caplog):
-    args = tiny_args(tiny, lerning_rate=1, hf_token=HF_CANARY)
+    args = tiny_args(tiny, lerning_rate=1, hf_token=HF_CANARY, comet_api_key=COMET_CANARY)
     job = make_job(args, credentials={**CREDENTIALS, "hf_tokn": WANDB_CANARY})
     with caplog.at_level(logging.DEBUG):
         evs = collect(job, env)
@@ -159,3 +160,6 @@ def test_a_secret_printed_by_the_training_is_redacted_in_the_log(tiny, env, volu
     evs = collect(job, {**env, "WANDB_MODE": "offline"})
     assert_clean_text(json.dumps(evs), "events")
     assert_clean_text((run_dir(volume, job) / "train.log").read_text(), "train.log")
+    debug_log = run_dir(volume, job) / "output" / "debug.log"
+    assert debug_log.is_file(), "Axolotl tees its log into output/debug.log: searched too"
+    assert_clean_text(debug_log.read_text(), "Axolotl's debug.log")
