@@ -162,6 +162,18 @@ def test_a_bad_or_read_only_token_fails_in_seconds_before_training(tiny, hub, hu
     assert token not in json.dumps(evs)
 
 
+def test_a_repo_without_an_owner_goes_to_the_tokens_user(hub, monkeypatch):
+    """`hub_model_id: my-adapter` (as the Hub itself allows): the owner comes from whoami."""
+    from huggingface_hub import HfApi, constants
+
+    from finetune_worker.hub import check
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    assert check(HfApi(endpoint=hub.url, token=WRITE_TOKEN), "my-adapter") == {"user": "alice", "repo_id": "alice/my-adapter"}
+    assert check(HfApi(endpoint=hub.url, token=WRITE_TOKEN), "acme/x")["repo_id"] == "acme/x"
+
+
 @pytest.mark.training
 def test_another_namespace_is_refused_before_training(tiny, hub, hub_env):
     evs = collect(make_job(tiny_args(tiny, hub_model_id="bob/x"), credentials={"hf_token": WRITE_TOKEN}), hub_env)

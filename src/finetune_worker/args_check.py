@@ -17,8 +17,8 @@ from . import axolotl_schema
 from .distributed import DEEPSPEED_PRESETS, combination_problems, resolve_presets, shipped_preset
 from .errors import Problem
 from .hardware import Hardware
-from .job import HUB_REPO_ID, suggest
-from .options import CREDENTIAL_ENV, Kind, is_nested, kind_of, mapping_key_problem
+from .job import HUB_REPO_ID, HUB_REPO_NAME, suggest
+from .options import CREDENTIAL_ENV, Kind, dataset_fields, is_nested, kind_of, mapping_key_problem
 from .paths import HUB_ID, PathRejected, PathRoots, resolve_inside, resolve_local_or_hub
 
 # Keys the worker sets itself; a user value is replaced (see plan.py).
@@ -60,7 +60,7 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     problems += _shape_problems(args)
     bad_datasets = _dataset_problems(args, ctx)
     problems += [p for _, p in bad_datasets]
-    problems += _unknown_key_problems(args)
+    problems += _unknown_key_problems(args, ctx.notes)
     problems += _plugin_problems(args)
     problems += _option_problems(args, ctx)
     problems += _model_path_problems(args, ctx)
@@ -96,7 +96,7 @@ def _dataset_entries(args: dict):
 
 def _dataset_problems(args: dict, ctx: ArgsContext) -> list[tuple[tuple[str, int], Problem]]:
     found = []
-    known = sorted(axolotl_schema.dataset_keys())
+    known = sorted(dataset_fields())
     rl = args.get("rl")
     for loc, entry in _dataset_entries(args):
         where = f"args.{loc[0]}[{loc[1]}]"
@@ -164,31 +164,75 @@ def _inline_rows_problems(entry: dict, where: str) -> list[Problem]:
     return []
 
 
+# `datasets` builders that read local files named in data_files (not Hub repos).
+PACKAGED_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "xml", "webdataset", "imagefolder", "audiofolder"})
+
+
+def _is_hub_repo(path: Any) -> bool:
+    """A dataset `path` that names a Hub repo (a local path was made absolute already)."""
+    return isinstance(path, str) and bool(HUB_ID.match(path)) and path not in PACKAGED_BUILDERS
+
+
 def _data_files_problems(entry: dict, where: str, ctx: ArgsContext) -> list[Problem]:
+    """Beside a Hub repo, data_files are file names inside that repo (Axolotl hands them
+    to the Hub); otherwise they are local files, confined like every path."""
     files = entry.get("data_files")
     if files is None:
         return []
     values = files if isinstance(files, list) else [files]
+    in_repo = _is_hub_repo(entry.get("path"))
     problems, resolved = [], []
     for index, value in enumerate(values):
+        suffix = f"[{index}]" if isinstance(files, list) else ""
         try:
-            resolved.append(resolve_local_or_hub(value, ctx.roots, remote_ok=True))
+            resolved.append(_repo_file(value, entry["path"]) if in_repo else resolve_local_or_hub(value, ctx.roots, remote_ok=True))
         except PathRejected as exc:
-            suffix = f"[{index}]" if isinstance(files, list) else ""
             problems.append(Problem(f"{where}.data_files{suffix}", str(exc)))
     if not problems:
         entry["data_files"] = resolved if isinstance(files, list) else resolved[0]
     return problems
 
 
-def _unknown_key_problems(args: dict) -> list[Problem]:
+def _repo_file(value: Any, repo: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PathRejected("must be a file name inside the dataset repo")
+    if value.startswith("/") or "://" in value or ".." in value.split("/") or "\x00" in value:
+        raise PathRejected(f"must be a relative file name inside the Hub dataset repo {repo} (e.g. data/train.jsonl)")
+    return value
+
+
+# Options that earlier Axolotl releases read and 0.19 ignores: dropped with a warning.
+LEGACY_OPTIONS = frozenset({
+    "debug", "strict", "gptq_groupsize", "gptq_model_v1", "eta_min", "adam_eps", "eval_table_max_new_tokens",
+    "safe_serialization", "test_value", "rl_adapter_ref_model", "landmark_attention", "xpos_rope",
+    "sample_packing_seq_len_multiplier", "use_reentrant", "pretraining_dataset_streaming", "mpt_alibi",
+    "chat_template_strategy", "cut_cross_entropy", "flash_optimum", "dataset_keep_in_memory",
+})
+# Names users bring from other trainers, and what Axolotl calls them.
+OPTION_ALIASES = {
+    "epochs": "num_epochs", "lr": "learning_rate", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+    "max_seq_length": "sequence_len", "max_seq_len": "sequence_len", "seq_len": "sequence_len", "load_4bit": "load_in_4bit",
+    "load_8bit": "load_in_8bit", "model_name_or_path": "base_model", "model_name": "base_model", "lora_rank": "lora_r",
+    "gradient_accumulation": "gradient_accumulation_steps", "warmup_ratio_steps": "warmup_ratio",
+}
+
+
+def _unknown_key_problems(args: dict, notes: list[str]) -> list[Problem]:
+    """Typos are errors (Axolotl would drop them silently); empty values and options of
+    earlier Axolotl releases are dropped with a warning."""
     plugins = tuple(p for p in _plugin_list(args) if axolotl_schema.plugin_problem(p) is None)
     known = axolotl_schema.known_keys(plugins) | WORKER_READ_KEYS
-    return [
-        Problem(f"args.{key}", f"unknown option{suggest(key, sorted(known))} (Axolotl would silently ignore it)")
-        for key in args
-        if key not in known
-    ]
+    problems = []
+    for key in [k for k in args if k not in known]:
+        value = args[key]
+        if value in (None, False, "", [], {}) or key in LEGACY_OPTIONS and key not in OPTION_ALIASES:
+            del args[key]
+            why = "is empty" if value in (None, False, "", [], {}) else "is an option of earlier Axolotl releases"
+            notes.append(f"args.{key} {why} and Axolotl 0.19 ignores it; dropped")
+            continue
+        hint = f"; did you mean '{OPTION_ALIASES[key]}'?" if key in OPTION_ALIASES else suggest(key, sorted(known))
+        problems.append(Problem(f"args.{key}", f"unknown option{hint} (Axolotl would silently ignore it)"))
+    return problems
 
 
 def _plugin_list(args: dict) -> list[str]:
@@ -337,8 +381,8 @@ def _template_path(value: str, ctx: ArgsContext) -> tuple[str | None, str | None
 def _publish_problems(args: dict) -> list[Problem]:
     problems = []
     repo = args.get("hub_model_id")
-    if repo is not None and not (isinstance(repo, str) and re.match(HUB_REPO_ID, repo)):
-        problems.append(Problem("args.hub_model_id", "must be a Hub repo id like 'owner/name' (your user or one of your organisations)"))
+    if repo is not None and not (isinstance(repo, str) and (re.match(HUB_REPO_ID, repo) or re.match(HUB_REPO_NAME, repo))):
+        problems.append(Problem("args.hub_model_id", "must be a Hub repo id like 'owner/name' (your user or one of your organisations), or a name for a repo of the token's user"))
     if "hub_private_repo" in args and not isinstance(args["hub_private_repo"], bool):
         problems.append(Problem("args.hub_private_repo", "must be true or false"))
     return problems

@@ -86,10 +86,12 @@ def check(api, repo_id: str) -> dict:
         if _status(exc) in (401, 403):
             raise HubFailure("auth_error", "the Hugging Face token was refused (invalid or expired); check hf_token") from None
         raise
+    if "/" not in repo_id:  # like the Hub itself: a repo without an owner goes to the token's user
+        repo_id = f"{whoami.get('name')}/{repo_id}"
     problem = token_problem(whoami, repo_id)
     if problem:
         raise HubFailure("auth_error", f"cannot push to {repo_id}: {problem}")
-    return {"user": whoami.get("name")}
+    return {"user": whoami.get("name"), "repo_id": repo_id}
 
 
 def folder_files(folder: Path, ignored: tuple[str, ...] = IGNORED) -> list[str]:

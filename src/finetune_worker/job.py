@@ -53,6 +53,7 @@ class Credentials(BaseModel):
 
 
 HUB_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+HUB_REPO_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"  # no owner: the token's user
 
 
 class PublishOptions(BaseModel):
@@ -147,8 +148,27 @@ def format_loc(loc: tuple[Any, ...] | list[Any]) -> str:
 
 
 def suggest(word: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.75)
+    """A hint only when it is plausibly a typo: a few letters added, dropped, swapped
+    or changed (two for a word of up to 12 letters, three beyond)."""
+    allowed = 1 if len(word) <= 5 else 2 if len(word) <= 12 else 3
+    scored = sorted((_typo_distance(word.lower(), c.lower()), c) for c in candidates if abs(len(c) - len(word)) <= allowed)
+    if scored and scored[0][0] <= allowed:
+        return f"; did you mean '{scored[0][1]}'?"
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.9)
     return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _typo_distance(a: str, b: str) -> int:
+    """Edit distance counting a swap of two neighbouring letters as one edit."""
+    rows = [list(range(len(b) + 1))]
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 def _problem_from_pydantic(error: dict) -> Problem:

@@ -265,3 +265,10 @@ def kind_of(path: str) -> Kind | None:
 def is_nested(path: str) -> bool:
     entry = schema_options().get(_canonical(path))
     return bool(entry and entry[2])
+
+
+@lru_cache(maxsize=1)
+def dataset_fields() -> frozenset[str]:
+    """Every field a dataset entry of any kind may have (SFT, preference, KTO,
+    stepwise, pretraining), with aliases."""
+    return frozenset(path.split(".", 1)[1] for path in schema_options() if path.startswith("datasets.") and path.count(".") == 1)

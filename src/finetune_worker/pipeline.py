@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +220,10 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
             return
         if ctx.repo_id:
             yield events.status("publishing", f"checking that the Hugging Face token may write to {ctx.repo_id}")
-            user = await _check_token(ctx, state)
+            user, repo_id = await _check_token(ctx, state)
+            if repo_id != ctx.repo_id:
+                yield events.status("preparing", f"hub_model_id {ctx.repo_id!r} has no owner, so it goes to the token's user: {repo_id}")
+                ctx = replace(ctx, plan=replace(ctx.plan, publish={**ctx.plan.publish, "hub_model_id": repo_id}))
             yield events.status("preparing", f"the token of '{user}' may push to {ctx.repo_id}")
 
         prebaked = env.get("FINETUNE_PREBAKED_HF_CACHE")
@@ -517,11 +520,12 @@ async def _hub_tool(ctx: JobContext, state: JobState, name: str, *args: str) -> 
     return outcome
 
 
-async def _check_token(ctx: JobContext, state: JobState) -> str:
+async def _check_token(ctx: JobContext, state: JobState) -> tuple[str, str]:
+    """The token's user, and the repo the push goes to (with its owner)."""
     outcome = await _hub_tool(ctx, state, "hub-check", "check", "--repo-id", ctx.repo_id)
     if not outcome["ok"]:
         raise JobError(errors.AUTH_ERROR, outcome["message"], log_tail=outcome.get("log_tail", []))
-    return outcome.get("user", "?")
+    return outcome.get("user", "?"), outcome.get("repo_id", ctx.repo_id)
 
 
 async def _merge(ctx: JobContext, state: JobState) -> tuple[Path | None, str | None]:
