@@ -211,7 +211,7 @@ def test_preference_dataset_types_only_name_axolotl_transforms(tiny, alice, kind
     assert "unknown type" in only(problems(args, alice), "args.datasets[0].type")
 
 
-@pytest.mark.parametrize("rl, kind", [("dpo", "chatml.intel"), ("dpo", "chat_template.default"), ("ipo", "llama3.argilla"), ("kto", "llama3.ultra"), ("orpo", "chat_template.argilla")])
+@pytest.mark.parametrize("rl, kind", [("dpo", "chatml.intel"), ("dpo", "chat_template.default"), ("ipo", "llama3.argilla_chat"), ("kto", "llama3.ultra"), ("orpo", "chat_template.argilla")])
 def test_axolotls_own_preference_types_pass(tiny, alice, rl, kind):
     args = tiny_args(tiny, rl=rl, datasets=[{"path": str(tiny / "tiny_alpaca.jsonl"), "type": kind}])
     assert not [p for p in problems(args, alice) if p.startswith("args.datasets[0].type")]

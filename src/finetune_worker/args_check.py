@@ -136,7 +136,7 @@ def rl_type_problem(type_name: str, rl: str) -> str | None:
     family = RL_STRATEGY_PACKAGES.get(rl, "dpo")
     package = f"axolotl.prompt_strategies.{family}"
     parts = type_name.split(".")
-    hint = f"a transform of {package} (e.g. chat_template.default, chatml.intel, llama3.argilla)"
+    hint = f"a transform of {package} (e.g. chat_template.default, chatml.intel, llama3.argilla_chat)"
     if len(parts) > 2 or not all(part.isidentifier() for part in parts):
         return f"unknown type '{type_name}' for rl: {rl}; use {hint}"
     module, function = parts[0], (parts[1] if len(parts) == 2 else "default")
