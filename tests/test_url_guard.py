@@ -15,8 +15,11 @@ import pytest
 from finetune_worker import errors
 from finetune_worker.data import DownloadRules, download
 from finetune_worker.errors import JobError
-from finetune_worker.settings import WorkerSettings
+from finetune_worker.hardware import CPU_ONLY
+from finetune_worker.plan import localise_datasets
+from finetune_worker.settings import REPO_ROOT, WorkerSettings
 from finetune_worker.urlguard import Guard, GuardedHTTPSConnection, Refused, address_problem, host_allowed, parse_allowed_hosts
+from finetune_worker.validation import validate_job
 from loopback_sites import Site, drip, file, make_cert, redirect
 
 WHERE = "args.datasets[0]"
@@ -218,3 +221,24 @@ def test_a_server_that_drips_bytes_hits_the_deadline(site, tmp_path, in_headers)
         f"args.datasets[0].path: downloading https://localhost:{site.port}/slow.jsonl did not finish within the worker's "
         "1.5 s deadline; put the file on the volume or the Hub (the operator sets FINETUNE_DOWNLOAD_DEADLINE_S)"
     )
+
+
+# -- no URL is left for Axolotl to fetch -----------------------------------------
+
+
+def test_an_https_url_in_capitals_is_downloaded_by_the_worker_not_axolotl(tmp_path):
+    config = {"datasets": [{"path": "HTTPS://127.0.0.1/train.jsonl?sig=x", "type": "alpaca"}]}
+    sources = localise_datasets(config, tmp_path)
+    assert [source.url for source in sources] == ["HTTPS://127.0.0.1/train.jsonl?sig=x"]
+    assert config["datasets"][0]["path"] == str(tmp_path / "datasets-0.jsonl")
+
+
+def test_an_https_url_is_refused_where_the_worker_does_not_download_it(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    settings = WorkerSettings(base_volume=tmp_path, examples_dir=REPO_ROOT / "examples")
+    args = {"base_model": "examples/tiny-llama", "learning_rate": 1e-4, "streaming": True, "max_steps": 5,
+            "datasets": [{"path": "train.jsonl", "type": "alpaca"}],
+            "pretraining_dataset": [{"path": "https://127.0.0.1/corpus.jsonl", "type": "pretrain"}]}
+    with pytest.raises(JobError) as caught:
+        validate_job({"user_id": "u", "model_id": "m", "run_id": "r", "args": args}, settings, CPU_ONLY)
+    assert caught.value.details == ["args.pretraining_dataset[0].path: this URL is not accepted here; use a Hub id or a path on the volume"]
