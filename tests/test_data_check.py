@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import ssl
-import subprocess
-import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from conftest import collect, make_job, tiny_args
 from finetune_worker import errors
-from finetune_worker.data import check_dataset, check_datasets, data_fingerprint, download, materialise, row_problem, row_shape
+from finetune_worker.data import (
+    DownloadRules,
+    check_dataset,
+    check_datasets,
+    data_fingerprint,
+    download,
+    materialise,
+    row_problem,
+    row_shape,
+)
 from finetune_worker.errors import JobError
 from finetune_worker.plan import localise_datasets
+from loopback_sites import Site, file, make_cert
 
 
 def write_lines(path: Path, rows: list) -> Path:
@@ -99,7 +106,7 @@ def test_inline_rows_are_written_to_the_run_dir_and_named_by_index(tmp_path):
     sources = localise_datasets(config, tmp_path / "data")
     assert config["datasets"][0] == {"path": str(tmp_path / "data" / "datasets-0.jsonl"), "ds_type": "json", "type": "alpaca"}
     assert config["test_datasets"][0]["path"] == "org/evalset"  # a Hub id stays a Hub id
-    materialise(sources, max_download_bytes=1)
+    materialise(sources, DownloadRules(max_bytes=1))
     with pytest.raises(JobError) as caught:
         check_datasets(config, {s.where: s for s in sources})
     assert caught.value.message.startswith("args.datasets[0] (datasets-0.jsonl): rows[1]: missing field 'output'")
@@ -114,56 +121,34 @@ def test_the_fingerprint_follows_content_not_paths(tmp_path):
     assert data_fingerprint(config, check_datasets(config, {})) != before
 
 
-class _Files(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-
-    def do_GET(self):
-        body = self.files.get(self.path.split("?")[0])
-        if body is None:
-            self.send_error(404, "Not Found")
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
-def https_server(tmp_path_factory):
+def https_site(tmp_path_factory):
     """A real HTTPS server on loopback with a self-signed certificate the client trusts."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"https://localhost:{server.server_address[1]}", cert
-    server.shutdown()
+    cert_and_key = make_cert(tmp_path_factory.mktemp("tls"))
+    site = Site(cert_and_key)
+    yield site, cert_and_key[0]
+    site.close()
 
 
-def test_https_datasets_are_downloaded_with_a_size_limit(https_server, tmp_path, monkeypatch):
-    base, cert = https_server
+LOOPBACK_ALLOWED = DownloadRules(max_bytes=10_000, allowed_private_hosts=frozenset({"localhost"}))
+
+
+def test_https_datasets_are_downloaded_with_a_size_limit(https_site, tmp_path, monkeypatch):
+    site, cert = https_site
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    _Files.files["/data/train.jsonl"] = (json.dumps(GOOD) + "\n").encode() * 50
+    body = (json.dumps(GOOD) + "\n").encode() * 50
+    site.routes["/data/train.jsonl"] = file(body)
     dest = tmp_path / "train.jsonl"
-    download(f"{base}/data/train.jsonl?X-Signature=secret", dest, max_bytes=10_000, where="args.datasets[0]")
-    assert dest.read_bytes() == _Files.files["/data/train.jsonl"]
+    download(site.url("/data/train.jsonl?X-Signature=secret"), dest, "args.datasets[0]", LOOPBACK_ALLOWED)
+    assert dest.read_bytes() == body
     with pytest.raises(JobError) as caught:
-        download(f"{base}/data/train.jsonl?X-Signature=secret", tmp_path / "small.jsonl", max_bytes=100, where="args.datasets[0]")
+        download(site.url("/data/train.jsonl?X-Signature=secret"), tmp_path / "small.jsonl", "args.datasets[0]",
+                 replace(LOOPBACK_ALLOWED, max_bytes=100))
     assert "larger than the worker's download limit" in caught.value.message and "secret" not in caught.value.message
     assert not list(tmp_path.glob("small.jsonl*"))
     with pytest.raises(JobError) as caught:
-        download(f"{base}/missing.jsonl", tmp_path / "m.jsonl", max_bytes=100, where="args.datasets[0]")
-    assert caught.value.message == f"args.datasets[0].path: downloading {base}/missing.jsonl failed: HTTP 404 Not Found"
+        download(site.url("/missing.jsonl"), tmp_path / "m.jsonl", "args.datasets[0]", LOOPBACK_ALLOWED)
+    assert caught.value.message == f"args.datasets[0].path: downloading {site.url('/missing.jsonl')} failed: HTTP 404 Not Found"
 
 
 def test_a_bad_row_fails_a_normal_job_before_any_model_loads(tiny, env, volume):
@@ -179,8 +164,21 @@ def test_a_bad_row_fails_a_normal_job_before_any_model_loads(tiny, env, volume):
     assert not (volume / "runs" / job["user_id"] / job["run_id"] / "train.log").exists()  # no training process was started
 
 
-def test_an_unreachable_url_fails_before_any_model_loads(tiny, env, https_server, monkeypatch):
-    base, cert = https_server
+def test_an_unreachable_url_fails_before_any_model_loads(tiny, env, https_site, monkeypatch):
+    site, cert = https_site
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    events = collect(make_job(tiny_args(tiny, datasets=[{"path": f"{base}/nope.jsonl", "type": "alpaca"}])), env)
+    job = make_job(tiny_args(tiny, datasets=[{"path": site.url("/nope.jsonl"), "type": "alpaca"}]))
+    events = collect(job, {**env, "FINETUNE_ALLOWED_PRIVATE_HOSTS": "localhost"})
     assert events[-1]["code"] == "dataset_error" and "HTTP 404" in events[-1]["message"]
+
+
+def test_a_url_on_loopback_is_refused_by_the_worker_setting_defaults(tiny, env, https_site, monkeypatch):
+    site, cert = https_site
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    site.routes["/train.jsonl"] = file((json.dumps(GOOD) + "\n").encode() * 20)
+    hits = len(site.hits)
+    events = collect(make_job(tiny_args(tiny, datasets=[{"path": site.url("/train.jsonl?sig=secret"), "type": "alpaca"}])), env)
+    assert events[-1]["code"] == "dataset_error"
+    assert events[-1]["message"].startswith(f"args.datasets[0].path: {site.url('/train.jsonl')} was refused: localhost resolves to 127.0.0.1")
+    assert "secret" not in json.dumps(events)
+    assert len(site.hits) == hits

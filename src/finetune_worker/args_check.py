@@ -20,6 +20,7 @@ from .hardware import Hardware
 from .job import HUB_REPO_ID, HUB_REPO_NAME, suggest
 from .options import CREDENTIAL_ENV, Kind, dataset_fields, is_nested, kind_of, mapping_key_problem
 from .paths import HUB_ID, PathRejected, PathRoots, resolve_inside, resolve_local_or_hub
+from .plan import INLINE_DATASET_KEYS
 
 # Keys the worker sets itself; a user value is replaced (see plan.py).
 WORKER_OWNED_KEYS = ("output_dir", "dataset_prepared_path")
@@ -114,7 +115,9 @@ def _dataset_problems(args: dict, ctx: ArgsContext) -> list[tuple[tuple[str, int
             found += [(loc, p) for p in _inline_rows_problems(entry, where)]
         elif "path" in entry:
             try:
-                entry["path"] = resolve_local_or_hub(entry["path"], ctx.roots, remote_ok=True, url_ok=True)
+                # An https URL only where the worker downloads it under its rules (plan.localise_datasets).
+                url_ok = loc[0] in INLINE_DATASET_KEYS
+                entry["path"] = resolve_local_or_hub(entry["path"], ctx.roots, remote_ok=True, url_ok=url_ok)
             except PathRejected as exc:
                 found.append((loc, Problem(f"{where}.path", str(exc))))
         found += [(loc, p) for p in _data_files_problems(entry, where, ctx)]

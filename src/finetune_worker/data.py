@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import http.client
 import io
 import json
+import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from . import errors
 from .args_check import DATASET_LIST_KEYS
 from .errors import JobError
 from .plan import DataSource
+from .settings import DOWNLOAD_DEADLINE_S, MAX_DOWNLOAD_BYTES, WorkerSettings
+from .urlguard import Guard, Refused, open_url, url_for_humans
 
 MAX_PROBLEMS = 10
 CHUNK = 1 << 20
@@ -34,21 +36,27 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.tx
 # -- inline rows and URLs ---------------------------------------------------------
 
 
-def materialise(sources: list[DataSource], max_download_bytes: int) -> None:
+@dataclass(frozen=True)
+class DownloadRules:
+    """The operator's limits on a dataset fetched from an https URL."""
+
+    max_bytes: int = MAX_DOWNLOAD_BYTES
+    deadline_s: float = DOWNLOAD_DEADLINE_S
+    allowed_private_hosts: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> DownloadRules:
+        return cls(settings.max_download_bytes, settings.download_deadline_s, frozenset(settings.allowed_private_hosts))
+
+
+def materialise(sources: list[DataSource], rules: DownloadRules) -> None:
     for source in sources:
         source.dest.parent.mkdir(parents=True, exist_ok=True)
         if source.rows is not None:
             text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in source.rows)
             source.dest.write_text(text, encoding="utf-8")
         elif source.url is not None:
-            download(source.url, source.dest, max_download_bytes, source.where)
-
-
-def url_for_humans(url: str) -> str:
-    """The URL without its query: a signed URL's query is a credential."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+            download(source.url, source.dest, source.where, rules)
 
 
 def without_url_queries(value: Any) -> Any:
@@ -62,25 +70,34 @@ def without_url_queries(value: Any) -> Any:
     return value
 
 
-def download(url: str, dest: Path, max_bytes: int, where: str) -> None:
+def download(url: str, dest: Path, where: str, rules: DownloadRules) -> None:
+    """Fetch an https URL into `dest` under the rules, or raise `dataset_error`."""
     shown = url_for_humans(url)
     partial = dest.with_name(dest.name + ".part")
+    guard = Guard(allowed_hosts=rules.allowed_private_hosts, deadline=time.monotonic() + rules.deadline_s)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        with open_url(url, guard) as response, open(partial, "wb") as out:
             declared = int(response.headers.get("Content-Length") or 0)
-            if declared > max_bytes:
-                raise _too_big(where, shown, declared, max_bytes)
+            if declared > rules.max_bytes:
+                raise _too_big(where, shown, declared, rules.max_bytes)
             written = 0
             while chunk := response.read(CHUNK):
                 written += len(chunk)
-                if written > max_bytes:
-                    raise _too_big(where, shown, written, max_bytes)
+                if written > rules.max_bytes:
+                    raise _too_big(where, shown, written, rules.max_bytes)
                 out.write(chunk)
+    except Refused as exc:
+        failure = _refused(where, shown, guard, exc)
     except urllib.error.HTTPError as exc:
         failure = JobError(errors.DATASET_ERROR, f"{where}.path: downloading {shown} failed: HTTP {exc.code} {exc.reason}")
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc.__class__.__name__
-        failure = JobError(errors.DATASET_ERROR, f"{where}.path: downloading {shown} failed: {reason}")
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", None)
+        if isinstance(reason, Refused):  # raised while connecting: urllib wraps it
+            failure = _refused(where, shown, guard, reason)
+        elif guard.remaining() <= 0:
+            failure = _too_slow(where, shown, rules.deadline_s)
+        else:
+            failure = JobError(errors.DATASET_ERROR, f"{where}.path: downloading {shown} failed: {reason or exc.__class__.__name__}")
     except JobError as exc:
         failure = exc
     else:
@@ -88,6 +105,23 @@ def download(url: str, dest: Path, max_bytes: int, where: str) -> None:
         return
     partial.unlink(missing_ok=True)
     raise failure from None
+
+
+def _refused(where: str, shown: str, guard: Guard, refused: Refused) -> JobError:
+    hop = f" (redirected to {url_for_humans(guard.visited[-1])})" if len(guard.visited) > 1 else ""
+    allow = ", or ask the operator to allow the host with FINETUNE_ALLOWED_PRIVATE_HOSTS" if refused.operator_can_allow else ""
+    return JobError(
+        errors.DATASET_ERROR,
+        f"{where}.path: {shown}{hop} was refused: {refused.reason}. Put the file on the volume or the Hub{allow}",
+    )
+
+
+def _too_slow(where: str, shown: str, deadline_s: float) -> JobError:
+    return JobError(
+        errors.DATASET_ERROR,
+        f"{where}.path: downloading {shown} did not finish within the worker's {deadline_s:g} s deadline; "
+        "put the file on the volume or the Hub (the operator sets FINETUNE_DOWNLOAD_DEADLINE_S)",
+    )
 
 
 def _too_big(where: str, shown: str, size: int, limit: int) -> JobError:

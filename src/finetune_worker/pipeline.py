@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import axolotl_schema, errors, events
-from .data import DatasetCheck, check_datasets, check_eval_file, data_fingerprint, materialise, without_url_queries
+from .data import DatasetCheck, DownloadRules, check_datasets, check_eval_file, data_fingerprint, materialise, without_url_queries
 from .distributed import process_count
 from .errors import JobError
 from .evaluation import gate
@@ -319,7 +319,7 @@ def _take_run(valid: ValidJob, paths: RunPaths, state: JobState) -> list[dict]:
 
 def _prepare_data(plan: AxolotlPlan, settings: WorkerSettings, evaluation: EvaluationOptions | None) -> list[DatasetCheck]:
     """Inline and URL datasets into the run dir, every local row checked, the cache keyed by content."""
-    materialise(plan.data_sources, settings.max_download_bytes)
+    materialise(plan.data_sources, DownloadRules.from_settings(settings))
     if evaluation is not None and evaluation.dataset.path:
         check_eval_file(evaluation.dataset.path, evaluation.dataset.format)
     inline = {source.where: source for source in plan.data_sources if source.rows is not None}

@@ -175,7 +175,7 @@ def localise_datasets(config: dict[str, Any], data_dir: Path) -> list[DataSource
                 dest = data_dir / f"{key}-{index}.jsonl"
                 sources.append(DataSource(where, dest, rows=entry.pop("rows")))
                 entry.update(path=str(dest), ds_type="json")
-            elif str(entry.get("path", "")).startswith("https://"):
+            elif str(entry.get("path", "")).lower().startswith("https://"):  # HTTPS:// too: never left to Axolotl
                 suffix = Path(urlsplit(entry["path"]).path).suffix.lower()
                 dest = data_dir / f"{key}-{index}{suffix if suffix in KNOWN_DATA_SUFFIXES else '.jsonl'}"
                 sources.append(DataSource(where, dest, url=entry["path"]))

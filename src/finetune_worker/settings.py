@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from .envconfig import args_from_env
+from .urlguard import parse_allowed_hosts
 
 RUNPOD_VOLUME = Path("/runpod-volume")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # RunPod's /run payload limit
 MAX_DOWNLOAD_BYTES = 5 * 1024**3  # a dataset given by https URL
+DOWNLOAD_DEADLINE_S = 1800.0  # the whole download of one such dataset
 
 
 def default_base_volume() -> Path:
@@ -33,6 +35,9 @@ class WorkerSettings(BaseModel):
     user_token_public_key: str | None = None  # PEM: RS*/PS*, ES*, EdDSA
     user_token_audience: str | None = None
     user_token_issuer: str | None = None
+    download_deadline_s: float = Field(DOWNLOAD_DEADLINE_S, gt=0)
+    # Private hosts dataset URLs may reach anyway: `host` or `host:port`, lower case.
+    allowed_private_hosts: frozenset[str] = frozenset()
     # AXOLOTL_* variables on the endpoint: defaults under every job's args.
     default_args: dict = {}
     default_arg_problems: list[str] = []
@@ -51,6 +56,8 @@ class WorkerSettings(BaseModel):
             "user_token_public_key": "FINETUNE_USER_TOKEN_PUBLIC_KEY",
             "user_token_audience": "FINETUNE_USER_TOKEN_AUDIENCE",
             "user_token_issuer": "FINETUNE_USER_TOKEN_ISSUER",
+            "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S",
+            "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS",
         }
         for field, name in optional.items():
             if env.get(name):
@@ -59,6 +66,12 @@ class WorkerSettings(BaseModel):
         settings = cls(**values, default_args=default_args, default_arg_problems=[str(p) for p in problems])
         settings.base_volume = settings.base_volume.absolute()
         return settings
+
+    @field_validator("allowed_private_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: object) -> object:
+        """FINETUNE_ALLOWED_PRIVATE_HOSTS is comma-separated: `files.internal,10.0.0.5:8443`."""
+        return parse_allowed_hosts(value) if isinstance(value, (str, list, tuple, set, frozenset)) else value
 
     @property
     def user_tokens_required(self) -> bool:
