@@ -235,9 +235,10 @@ def test_an_inline_deepspeed_object_cannot_name_disk_paths(tiny, volume):
 # -- 8. secrets at rest ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["comet_api_key", "swanlab_api_key"])
-def test_tracker_keys_in_args_point_to_credentials(tiny, alice, key):
-    assert f"send it as credentials.{key}" in only(problems(tiny_args(tiny, **{key: "k" * 20}), alice), f"args.{key}")
+@pytest.mark.parametrize("key, plugins", [("comet_api_key", []), ("swanlab_api_key", ["axolotl.integrations.swanlab.SwanLabPlugin"])])
+def test_tracker_keys_in_args_point_to_credentials(tiny, alice, key, plugins):
+    args = tiny_args(tiny, plugins=plugins, **{key: "k" * 20})
+    assert f"send it as credentials.{key}" in only(problems(args, alice), f"args.{key}")
 
 
 def test_the_job_record_keeps_urls_without_their_query(tiny, volume):
@@ -257,3 +258,12 @@ def test_tracker_keys_reach_only_the_childs_environment(tiny, volume):
 
     job = JobInput.model_validate({"user_id": "a", "model_id": "m", "run_id": "r", "args": {}, "credentials": {"comet_api_key": "c" * 12}})
     assert _tracker_secrets(job) == {"COMET_API_KEY": "c" * 12}
+
+
+def test_a_pods_owner_may_use_what_a_shared_endpoint_refuses(tiny, volume):
+    from finetune_worker.pod import pod_roots
+
+    pod = ArgsContext(roots=pod_roots(volume), hardware=CPU_ONLY, allow_trust_remote_code=True, shared=False)
+    args = tiny_args(tiny, mlflow_tracking_uri="http://127.0.0.1:5000", model_kwargs={"trust_remote_code": True, "cache_dir": "/tmp"})
+    assert problems(args, pod) == []
+    assert problems(tiny_args(tiny, comet_api_key="k" * 20), pod), "a credential in the config is stored with the run, Pod or not"

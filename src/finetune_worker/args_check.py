@@ -18,7 +18,7 @@ from .distributed import DEEPSPEED_PRESETS, combination_problems, resolve_preset
 from .errors import Problem
 from .hardware import Hardware
 from .job import HUB_REPO_ID, HUB_REPO_NAME, suggest
-from .options import CREDENTIAL_ENV, Kind, dataset_fields, is_nested, kind_of, mapping_key_problem
+from .options import CREDENTIAL_ENV, REMOTE_CODE_KEYS, Kind, dataset_fields, is_nested, kind_of, mapping_key_problem
 from .paths import HUB_ID, PathRejected, PathRoots, resolve_inside, resolve_local_or_hub
 from .plan import INLINE_DATASET_KEYS
 
@@ -51,6 +51,9 @@ class ArgsContext:
     hardware: Hardware
     allow_trust_remote_code: bool = False
     notes: list[str] = field(default_factory=list)  # warnings for the job, filled by check_args
+    # A shared endpoint serves many users; a Pod's owner runs only their own config,
+    # so there options that contact other services or import code are theirs to use.
+    shared: bool = True
 
 
 def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], list[Problem]]:
@@ -291,6 +294,7 @@ def _model_path_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
 def _option_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
     """Every option checked against what its Kind may touch (see options.py)."""
     problems: list[Problem] = []
+    known = axolotl_schema.known_keys(tuple(p for p in _plugin_list(args) if axolotl_schema.plugin_problem(p) is None))
 
     def visit(node: dict, prefix: str, where: str) -> None:
         for key, value in node.items():
@@ -298,6 +302,8 @@ def _option_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
             here = f"{where}.{key}"
             if value is None or value is False or key == INLINE_ROWS_KEY and prefix == "datasets":
                 continue
+            if not prefix and key not in known:
+                continue  # an unknown option: reported as such
             kind = kind_of(path)
             if kind is None:
                 if is_nested(path) and isinstance(value, dict):
@@ -311,7 +317,7 @@ def _option_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
             if message:
                 problems.append(Problem(here, message))
             if kind is Kind.MAPPING or (kind is Kind.READ and isinstance(value, dict)):
-                problems.extend(_mapping_problems(value, here))
+                problems.extend(_mapping_problems(value, here, ctx))
             if kind is Kind.TEMPLATE and isinstance(value, str):
                 resolved, message = _template_path(value, ctx)
                 if message:
@@ -330,6 +336,8 @@ def _kind_problem(kind: Kind, key: str, value: Any, where: str, ctx: ArgsContext
         env = CREDENTIAL_ENV.get(key)
         instead = f"send it as credentials.{key}" if env else "this integration's credentials are not supported on this worker"
         return f"a credential in args would be stored with the run; {instead}"
+    if not ctx.shared and kind in (Kind.NETWORK, Kind.UNSUPPORTED_CODE, Kind.UNCLASSIFIED, Kind.FILE_NAME):
+        return None
     if kind is Kind.NETWORK:
         return "makes the training contact a service at an address the config names; not allowed on this worker (remove it)"
     if kind is Kind.UNSUPPORTED_CODE:
@@ -351,19 +359,20 @@ def _messages_transform_exists(value: Any) -> bool:
     return isinstance(value, str) and value.isidentifier() and importlib.util.find_spec(f"axolotl.prompt_strategies.messages.{value}") is not None
 
 
-def _mapping_problems(value: Any, where: str) -> list[Problem]:
+def _mapping_problems(value: Any, where: str, ctx: ArgsContext) -> list[Problem]:
     """Keys refused anywhere inside a free-form mapping (remote code, credentials, paths)."""
     problems = []
     if isinstance(value, dict):
         for key, item in value.items():
             message = mapping_key_problem(key)
-            if message:
+            waived = (ctx.allow_trust_remote_code and str(key).lower() in REMOTE_CODE_KEYS) or (not ctx.shared and "disk" in (message or ""))
+            if message and not waived:
                 problems.append(Problem(f"{where}.{key}", message))
             else:
-                problems.extend(_mapping_problems(item, f"{where}.{key}"))
+                problems.extend(_mapping_problems(item, f"{where}.{key}", ctx))
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            problems.extend(_mapping_problems(item, f"{where}[{index}]"))
+            problems.extend(_mapping_problems(item, f"{where}[{index}]", ctx))
     return problems
 
 

@@ -52,7 +52,7 @@ def configure_from_env(env: Mapping[str, str], hardware: Hardware, cwd: Path, te
     config = {**(template or {}), **env_args}
     if not config:
         return {}, [Problem("AXOLOTL_*", "no AXOLOTL_* variables are set (for example AXOLOTL_BASE_MODEL=NousResearch/Llama-3.2-1B)")]
-    checked, arg_problems = check_args(config, ArgsContext(roots=pod_roots(cwd), hardware=hardware, allow_trust_remote_code=True))
+    checked, arg_problems = check_args(config, ArgsContext(roots=pod_roots(cwd), hardware=hardware, allow_trust_remote_code=True, shared=False))
     return checked, problems + name_problems_by_variable(arg_problems, origin)
 
 
