@@ -267,3 +267,9 @@ def test_a_pods_owner_may_use_what_a_shared_endpoint_refuses(tiny, volume):
     args = tiny_args(tiny, mlflow_tracking_uri="http://127.0.0.1:5000", model_kwargs={"trust_remote_code": True, "cache_dir": "/tmp"})
     assert problems(args, pod) == []
     assert problems(tiny_args(tiny, comet_api_key="k" * 20), pod), "a credential in the config is stored with the run, Pod or not"
+
+
+def test_a_deepspeed_path_with_a_nul_byte_is_a_named_problem(tiny, volume):
+    """Found by the fuzz test: resolving it raised ValueError out of validation."""
+    gpu = ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples", "alice"), hardware=ONE_GPU)
+    assert "NUL" in only(problems(tiny_args(tiny, deepspeed="a\x00b.json"), gpu), "args.deepspeed")

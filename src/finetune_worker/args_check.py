@@ -376,12 +376,19 @@ def _mapping_problems(value: Any, where: str, ctx: ArgsContext) -> list[Problem]
     return problems
 
 
+def _exists(value: str) -> bool:
+    try:
+        return Path(value).exists()
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        return False
+
+
 def _template_path(value: str, ctx: ArgsContext) -> tuple[str | None, str | None]:
     """Axolotl reads `chat_template_jinja` as a file when the string names one: such a
     value must be a file the job may read. Inline templates (with `{`) stay as they are."""
     if "{" in value and "\n" in value:
         return None, None
-    if "{" in value and not Path(value).exists():
+    if "{" in value and not _exists(value):
         return None, None
     try:
         resolved = resolve_inside(value, ctx.roots)

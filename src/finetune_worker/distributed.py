@@ -52,7 +52,13 @@ def deepspeed_preset_path(name: str) -> Path:
 
 def shipped_preset(value: Any) -> bool:
     """Whether `value` is exactly one of the DeepSpeed presets shipped with the worker."""
-    return isinstance(value, str) and any(Path(value).resolve() == deepspeed_preset_path(name) for name in DEEPSPEED_PRESETS)
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        resolved = Path(value).resolve()
+    except (OSError, ValueError):
+        return False
+    return any(resolved == deepspeed_preset_path(name) for name in DEEPSPEED_PRESETS)
 
 
 def axolotl_docs_preset(value: str) -> str | None:
