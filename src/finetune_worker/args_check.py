@@ -251,5 +251,5 @@ def _schema_problems(args: dict, bad_datasets: set[tuple[str, int]]) -> list[Pro
         candidate[key] = list(candidate[key])
         candidate[key][index] = dict(PLACEHOLDER_DATASET)
     reported = tuple(f"args.{key}[{index}]" for key, index in bad_datasets)
-    plugins = tuple(_plugin_list(args))
+    plugins = tuple(p for p in _plugin_list(args) if axolotl_schema.plugin_problem(p) is None)  # others are reported already
     return [p for p in axolotl_schema.schema_problems(candidate, plugins) if not p.path.startswith(reported)]
