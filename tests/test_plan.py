@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from finetune_worker.hardware import CPU_ONLY, Hardware
 from finetune_worker.plan import (
     PROGRESS_FILE_ENV,
@@ -129,24 +131,24 @@ def test_child_env_without_keys_turns_wandb_off_and_keeps_an_operator_hf_home():
 
 
 def test_fast_defaults_on_a_gpu_fill_only_what_the_job_left_unset():
-    from finetune_worker.plan import LIGER_PLUGIN, Speedups, apply_fast_defaults
+    from finetune_worker.plan import LIGER_PLUGIN, FastDefaults, Speedups, apply_fast_defaults
 
     gpu = Hardware(gpu_count=1, gpu_names=("NVIDIA H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
     config = {"datasets": [{"path": "x", "type": "alpaca"}], "plugins": ["finetune_worker.progress_plugin.ProgressPlugin"]}
-    chosen = apply_fast_defaults(config, gpu, Speedups(flash_attn=True, liger=True, model_type="llama"))
+    chosen = apply_fast_defaults(config, gpu, Speedups(flash_attn=True, liger=True, model_type="llama")).chosen
     assert config["sample_packing"] is True and config["bf16"] is True and config["attn_implementation"] == "flash_attention_2"
     assert config["plugins"][0] == LIGER_PLUGIN and config["liger_fused_linear_cross_entropy"] is True
     assert config["save_total_limit"] == 2 and "gradient_checkpointing" not in config
     assert "sample_packing: True" in chosen and "attn_implementation: flash_attention_2" in chosen
     mine = {"sample_packing": False, "bf16": False, "fp16": True, "sdp_attention": True, "save_total_limit": 5}
-    chosen = apply_fast_defaults(mine, gpu, Speedups(flash_attn=True, fits_without_checkpointing=False))
+    chosen = apply_fast_defaults(mine, gpu, Speedups(flash_attn=True, fits_without_checkpointing=False)).chosen
     assert mine["sample_packing"] is False and mine["fp16"] is True and "attn_implementation" not in mine
     assert mine["save_total_limit"] == 5 and mine["gradient_checkpointing"] is True
     assert chosen == ["gradient_checkpointing: True"]
-    assert apply_fast_defaults({}, CPU_ONLY, Speedups(flash_attn=True)) == []
-    assert apply_fast_defaults(sdpa := {"datasets": []}, gpu, Speedups()) and sdpa["attn_implementation"] == "sdpa"
+    assert apply_fast_defaults({}, CPU_ONLY, Speedups(flash_attn=True)) == FastDefaults()
+    assert apply_fast_defaults(sdpa := {"datasets": []}, gpu, Speedups()).chosen and sdpa["attn_implementation"] == "sdpa"
     assert "sample_packing" not in sdpa  # packed samples would attend to each other without flash attention
-    assert apply_fast_defaults(dpo := {"rl": "dpo"}, gpu, Speedups(flash_attn=True)) and "sample_packing" not in dpo
+    assert apply_fast_defaults(dpo := {"rl": "dpo"}, gpu, Speedups(flash_attn=True)).chosen and "sample_packing" not in dpo
 
 
 def test_fast_defaults_pass_axolotls_schema():
@@ -164,3 +166,122 @@ def test_plugins_null_is_an_empty_list():
     """Found by the fuzz test: `plugins: null` is valid for Axolotl and must not crash the plan."""
     args = {"base_model": "x", "plugins": None}
     assert plan(args, CPU_ONLY).config["plugins"] == ["finetune_worker.progress_plugin.ProgressPlugin"]
+
+
+# --- fast defaults that must not clash with the config (planned as the pipeline plans) ---
+
+H100 = Hardware(gpu_count=1, gpu_names=("NVIDIA H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True, compute_capability=(9, 0))
+BASE = {"base_model": "org/m", "learning_rate": 1e-4, "datasets": [{"path": "org/d", "type": "alpaca"}]}
+CCE = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+LIGER = "axolotl.integrations.liger.LigerPlugin"
+
+
+def fast_speedups(**overrides):
+    from finetune_worker.plan import Speedups
+
+    return Speedups(**{"flash_attn": True, "liger": True, "model_type": "llama", **overrides})
+
+
+def planned(args, speedups, hardware=H100):
+    """The config as the pipeline plans it: plan, fast defaults (refused ones left out),
+    then Axolotl's check with the config's plugins registered. Returns all three."""
+    from finetune_worker.pipeline import _planned_config_problems
+    from finetune_worker.plan import apply_fast_defaults
+
+    config = plan({**BASE, **args}, hardware).config
+    fast = apply_fast_defaults(config, hardware, speedups, validate=_planned_config_problems)
+    return config, fast, _planned_config_problems(config)
+
+
+@pytest.mark.parametrize("extra", [{"plugins": [CCE]}, {"plugins": [CCE], "cut_cross_entropy": True}])
+def test_fast_defaults_add_no_second_fused_cross_entropy_to_cut_cross_entropy(extra):
+    config, fast, problems = planned(extra, fast_speedups())
+    assert problems == [] and fast.dropped == []
+    assert config["plugins"] == [LIGER, CCE, PROGRESS_PLUGIN]
+    assert "liger_fused_linear_cross_entropy" not in config  # CCE's plugin patches the loss, its option on or unset
+    assert config["liger_rms_norm"] is True and config["liger_glu_activation"] is True
+
+
+def test_fast_defaults_respect_tensor_parallelism_and_tiled_mlp():
+    config, fast, problems = planned({"tensor_parallel_size": 2}, fast_speedups())
+    assert problems == [] and fast.dropped == []
+    assert "liger_rms_norm" not in config and "liger_fused_linear_cross_entropy" not in config
+    assert config["liger_rope"] is True
+    config, fast, problems = planned({"tiled_mlp": True}, fast_speedups())
+    assert problems == [] and fast.dropped == []
+    assert "liger_glu_activation" not in config and config["liger_rms_norm"] is True
+
+
+@pytest.mark.parametrize(
+    ("extra", "model_type"),
+    [
+        ({}, "mamba"),  # no attention layers: transformers refuses an attn_implementation
+        ({}, "falcon_mamba"),
+        ({"base_model": "state-spaces/mamba-130m"}, None),  # no config.json model_type: Axolotl's Mamba fallback
+        ({"model_type": "MambaLMHeadModel"}, None),
+        ({}, "gemma3n"),  # Axolotl's examples leave its attention unset
+        ({"flex_attention": True}, "llama"),  # builds its own masks
+        ({"attn_implementation": "flex_attention"}, "llama"),
+        ({"gemma4_hybrid_attn_impl": True}, "gemma4"),  # Axolotl picks flash attention itself
+    ],
+)
+def test_fast_defaults_leave_attention_to_models_and_configs_that_choose_it(extra, model_type):
+    config, fast, problems = planned(extra, fast_speedups(model_type=model_type))
+    assert problems == [] and fast.dropped == []
+    assert config.get("attn_implementation") == extra.get("attn_implementation")
+    assert "sample_packing" not in config and "attn_implementation: flash_attention_2" not in fast.chosen
+
+
+def test_a_fast_default_axolotl_refuses_is_left_out_with_a_note():
+    config, fast, problems = planned({"eval_table_size": 5}, fast_speedups(liger=False))
+    assert problems == []
+    assert "sample_packing" not in config and "pad_to_sequence_len" not in config
+    assert config["attn_implementation"] == "flash_attention_2" and config["save_total_limit"] == 2
+    assert fast.dropped == [
+        "fast default sample_packing: True left out: Axolotl refuses it with this config (args: eval_table_size and "
+        "eval_sample_packing are not supported together with sample_packing. Please set 'eval_sample_packing' to false.)"
+        "; so are pad_to_sequence_len: True"
+    ]
+
+
+def test_left_out_defaults_take_what_needs_them_along_and_old_problems_are_not_theirs():
+    from finetune_worker.plan import apply_fast_defaults
+
+    def refuse_liger(config):
+        return ["args: no Liger here"] if LIGER in config["plugins"] else []
+
+    config = {"plugins": [PROGRESS_PLUGIN]}
+    fast = apply_fast_defaults(config, H100, fast_speedups(), validate=refuse_liger)
+    assert config["plugins"] == [PROGRESS_PLUGIN] and not any(key.startswith("liger_") for key in config)
+    assert fast.dropped == [
+        f"fast default plugins: + {LIGER} left out: Axolotl refuses it with this config (args: no Liger here); so are "
+        "liger_rope: True, liger_rms_norm: True, liger_glu_activation: True, liger_fused_linear_cross_entropy: True"
+    ]
+    assert "sample_packing: True" in fast.chosen and "save_total_limit: 2" in fast.chosen
+    everything = apply_fast_defaults(mine := {"plugins": [PROGRESS_PLUGIN]}, H100, fast_speedups(), validate=lambda c: ["args: yours"])
+    assert everything.dropped == [] and mine["plugins"][0] == LIGER
+
+
+def test_the_pipeline_warns_about_each_left_out_default(env, volume, monkeypatch):
+    """Through run_job: a refused default becomes a warning event, the rest a status event
+    (the job then stops at the memory check: an 8B full fine-tune on one 24 GiB GPU)."""
+    import json
+
+    from conftest import collect, make_job
+    from finetune_worker import pipeline
+    from finetune_worker.plan import Speedups
+
+    model = volume / "models" / "llama-8b-shape-fast-defaults"
+    model.mkdir(parents=True, exist_ok=True)
+    shape = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 128256, "intermediate_size": 14336,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    (model / "config.json").write_text(json.dumps(shape))
+    monkeypatch.setattr(pipeline, "_speedups", lambda *_: Speedups(flash_attn=True))  # as if flash-attn were installed
+    l4 = Hardware(gpu_count=1, gpu_names=("NVIDIA L4",), gpu_memory_bytes=(24 * 2**30,), bf16=True, compute_capability=(8, 9))
+    args = {**BASE, "base_model": str(model), "eval_table_size": 5}
+    events = collect(make_job(args), env, hardware=l4)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "out_of_memory", events[-1]
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert [w for w in warnings if w.startswith("fast default sample_packing: True left out: Axolotl refuses it")]
+    defaults = next(e["defaults"] for e in events if e["type"] == "status" and "defaults" in e)
+    assert "attn_implementation: flash_attention_2" in defaults and "sample_packing: True" not in defaults
