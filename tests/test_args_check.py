@@ -199,3 +199,16 @@ def test_only_plugin_classes_are_registered(tiny, ctx):
         with axolotl_schema.registered_plugins(("os.system",)):
             pass
 
+
+def test_gptq_on_cpu_names_its_own_kernels_not_bitsandbytes(tiny, ctx):
+    found = problems(tiny_args(tiny, gptq=True), ctx)
+    assert found[0] == (
+        "args.gptq: GPTQ needs a CUDA GPU (GPTQ kernels) and this worker has none; "
+        "use adapter: lora without quantised loading, or run on a GPU worker"
+    )
+
+
+def test_cuda_only_plugins_are_adapted_on_cpu_not_refused(tiny, ctx):
+    """On CPU the plan removes Liger (with its options); the check must not refuse it first."""
+    args = tiny_args(tiny, plugins=[LIGER], liger_rms_norm=True)
+    assert problems(args, ctx) == []

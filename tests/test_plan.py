@@ -262,6 +262,72 @@ def test_left_out_defaults_take_what_needs_them_along_and_old_problems_are_not_t
     assert everything.dropped == [] and mine["plugins"][0] == LIGER
 
 
+# --- CPU workers: nothing that needs CUDA is left on ---
+
+
+def test_cpu_swaps_gpu_only_attention_for_sdpa():
+    from finetune_worker import axolotl_schema
+
+    for attention in ("flash_attention_2", "flash_attention_3", "xformers", "sage", "fp8", "kernels-community/flash-attn3"):
+        result = plan({**BASE, "attn_implementation": attention}, CPU_ONLY)
+        assert result.config["attn_implementation"] == "sdpa"
+        assert f"attn_implementation: {attention!r} -> 'sdpa'" in result.adapted_for_cpu
+        assert f"attn_implementation: {attention!r} -> 'sdpa'" in result.warnings[0]
+    assert axolotl_schema.schema_problems(result.config, ()) == []
+    for attention in ("sdpa", "eager", "flex_attention"):
+        result = plan({**BASE, "attn_implementation": attention}, CPU_ONLY)
+        assert result.config["attn_implementation"] == attention and result.adapted_for_cpu == []
+
+
+def test_cpu_drops_cuda_only_plugins_with_their_options():
+    from finetune_worker import axolotl_schema
+
+    args = {**BASE, "plugins": [LIGER, CCE], "liger_rms_norm": True, "liger_glu_activation": True, "cut_cross_entropy": True, "bf16": True}
+    result = plan(args, CPU_ONLY)
+    config = result.config
+    assert config["plugins"] == [PROGRESS_PLUGIN]
+    assert not any(key.startswith("liger_") for key in config) and "cut_cross_entropy" not in config
+    assert result.adapted_for_cpu == [
+        "bf16: True -> false",
+        f"plugins: {LIGER} removed (needs CUDA), with its options liger_glu_activation, liger_rms_norm",
+        f"plugins: {CCE} removed (needs CUDA), with its options cut_cross_entropy",
+    ]
+    assert axolotl_schema.schema_problems(config, tuple(config["plugins"][:-1])) == []
+    # Axolotl refuses the user's config as it stood on CPU (CCE without half precision)
+    assert axolotl_schema.schema_problems({**args, "bf16": False}, (LIGER, CCE)) != []
+
+
+def test_cpu_turns_off_fp8_and_triton_kernels():
+    from finetune_worker import axolotl_schema
+
+    args = {**BASE, "adapter": "lora", "lora_r": 8, "lora_target_linear": True, "fp8": True, "lora_embedding_kernel": True,
+            "fused_attn_kernel": True, "large_head_attention": "triton_flash"}
+    result = plan(args, CPU_ONLY)
+    config = result.config
+    assert config["fp8"] is config["lora_embedding_kernel"] is config["fused_attn_kernel"] is False
+    assert config["large_head_attention"] == "sdpa"
+    assert result.adapted_for_cpu == [
+        "fp8: True -> false",
+        "lora_embedding_kernel: True -> false",
+        "fused_attn_kernel: True -> false",
+        "large_head_attention: 'triton_flash' -> 'sdpa'",
+    ]
+    assert axolotl_schema.schema_problems(config, ()) == []
+    assert "fp8" not in plan(BASE, CPU_ONLY).config  # unset stays unset
+
+
+def test_cuda_only_plugin_options_are_axolotls():
+    """plan.py lists the options of the plugins it drops on CPU; they must be exactly Axolotl's."""
+    from finetune_worker import axolotl_schema
+    from finetune_worker.plan import CUDA_ONLY_PLUGIN_OPTIONS
+
+    classes = {"cut_cross_entropy": "CutCrossEntropyPlugin", "liger": "LigerPlugin", "kernels": "KernelsPlugin", "expert_parallel": "ExpertParallelPlugin"}
+    assert set(CUDA_ONLY_PLUGIN_OPTIONS) == set(classes)
+    for name, options in CUDA_ONLY_PLUGIN_OPTIONS.items():
+        plugin = f"axolotl.integrations.{name}.{classes[name]}"
+        assert set(options) == axolotl_schema.known_keys((plugin,)) - axolotl_schema.known_keys(), name
+
+
 def test_the_pipeline_warns_about_each_left_out_default(env, volume, monkeypatch):
     """Through run_job: a refused default becomes a warning event, the rest a status event
     (the job then stops at the memory check: an 8B full fine-tune on one 24 GiB GPU)."""

@@ -33,9 +33,9 @@ MODEL_PATH_KEYS = ("base_model", "base_model_config", "tokenizer_config", "proce
 # Keys that must point at local files or directories.
 LOCAL_PATH_KEYS = ("lora_model_dir", "resume_from_checkpoint", "deepspeed")
 QUANTISED_LOADING = {
-    "load_in_4bit": "4-bit loading",
-    "load_in_8bit": "8-bit loading",
-    "gptq": "GPTQ",
+    "load_in_4bit": ("4-bit loading", "bitsandbytes"),
+    "load_in_8bit": ("8-bit loading", "bitsandbytes"),
+    "gptq": ("GPTQ", "GPTQ kernels"),
 }
 NO_GPU_FIX = "use adapter: lora without quantised loading, or run on a GPU worker"
 
@@ -220,8 +220,8 @@ def _hardware_problems(args: dict, hardware: Hardware) -> list[Problem]:
     if hardware.has_gpu:
         return []
     problems = [
-        Problem(f"args.{key}", f"{what} needs a CUDA GPU (bitsandbytes) and this worker has none; {NO_GPU_FIX}")
-        for key, what in QUANTISED_LOADING.items()
+        Problem(f"args.{key}", f"{what} needs a CUDA GPU ({library}) and this worker has none; {NO_GPU_FIX}")
+        for key, (what, library) in QUANTISED_LOADING.items()
         if args.get(key)
     ]
     if args.get("adapter") == "qlora":

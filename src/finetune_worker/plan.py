@@ -27,8 +27,33 @@ CUDA_ONLY_FLAGS = (
     "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp",
     "xformers_attention", "sage_attention", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
 )
+# Turned off on CPU only when set: unset, Axolotl leaves them off there.
+CUDA_ONLY_WHEN_SET = ("fp8", "lora_embedding_kernel", "fused_attn_kernel", "flash_attn_d512", "gemma4_hybrid_attn_impl")
 CPU_OPTIMIZER = "adamw_torch"
 CUDA_OPTIMIZER_MARKERS = ("8bit", "bnb", "paged", "apex", "fused", "ao_", "4bit")
+# Attention that runs on CPU; any other (flash, xformers, sage, fp8, Hub kernels) becomes CPU_ATTENTION.
+CPU_ATTENTION_IMPLS = ("eager", "sdpa", "flex_attention")
+CPU_ATTENTION = "sdpa"
+CPU_LARGE_HEAD_ATTENTION = "sdpa"  # 'auto' and 'triton_flash' use a Triton kernel
+# Axolotl integrations whose kernels need CUDA (Triton, CUDA extensions), with their options:
+# dropped on CPU, options and all (tests/test_plan.py checks these lists against Axolotl's).
+CUDA_ONLY_PLUGIN_OPTIONS = {
+    "cut_cross_entropy": ("cut_cross_entropy",),
+    "liger": (
+        "liger_cross_entropy", "liger_fused_linear_cross_entropy", "liger_glu_activation", "liger_kernel_impl", "liger_layer_norm",
+        "liger_rms_norm", "liger_rms_norm_gated", "liger_rope", "liger_swiglu", "liger_use_token_scaling",
+    ),
+    "kernels": (
+        "dsv4_bf16_all", "dsv4_fp4_grouped_mode", "dsv4_fp8_lora_kernel", "dsv4_fp8_nonexpert_mode", "dsv4_shared_mlp_lora_kernel",
+        "expert_backend", "gemma4_fp8_nonexpert", "gemma4_nf4_nonexpert", "moe_bnb_fast", "moe_dequant_chunk_size",
+        "moe_grouped_backend", "nonexpert_quantization", "nvfp4_merge_aware", "nvfp4_merge_aware_start_step", "use_dsv4_kernels",
+        "use_glm_dsa_kernels", "use_scattermoe", "use_sonicmoe",
+    ),
+    "expert_parallel": (
+        "expert_parallel_backend", "expert_parallel_fallback_on_unsupported", "expert_parallel_num_nvl_bytes",
+        "expert_parallel_num_rdma_bytes", "expert_parallel_size", "expert_parallel_token_capacity",
+    ),
+}
 
 # Environment variables the child must not inherit: RunPod's job-queue addresses and keys.
 WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
@@ -197,17 +222,50 @@ def apply_tracking(config: dict[str, Any], tracking: Tracking) -> list[str]:
 
 
 def adapt_for_cpu(config: dict[str, Any]) -> list[str]:
-    """Turn off CUDA-only features in place; return what a user-set value became."""
+    """Turn off CUDA-only features in place; return what a user-set value became.
+
+    What cannot be adapted without changing what the job asks for (quantised loading,
+    qlora, DeepSpeed/FSDP) is refused earlier, by args_check."""
     changed = []
     for flag in CUDA_ONLY_FLAGS:
         if config.get(flag) not in (None, False):
             changed.append(f"{flag}: {config[flag]!r} -> false")
         config[flag] = False
+    for flag in CUDA_ONLY_WHEN_SET:
+        if config.get(flag) not in (None, False):
+            changed.append(f"{flag}: {config[flag]!r} -> false")
+            config[flag] = False
+    attention = config.get("attn_implementation")
+    if attention is not None and attention not in CPU_ATTENTION_IMPLS:
+        changed.append(f"attn_implementation: {attention!r} -> {CPU_ATTENTION!r}")
+        config["attn_implementation"] = CPU_ATTENTION
+    large_heads = config.get("large_head_attention")
+    if large_heads is not None and str(large_heads).lower() != CPU_LARGE_HEAD_ATTENTION:
+        changed.append(f"large_head_attention: {large_heads!r} -> {CPU_LARGE_HEAD_ATTENTION!r}")
+        config["large_head_attention"] = CPU_LARGE_HEAD_ATTENTION
+    changed += _drop_cuda_only_plugins(config)
     optimizer = config.get("optimizer")
     if optimizer is None or any(marker in str(optimizer) for marker in CUDA_OPTIMIZER_MARKERS):
         if optimizer is not None:
             changed.append(f"optimizer: {optimizer!r} -> {CPU_OPTIMIZER!r}")
         config["optimizer"] = CPU_OPTIMIZER
+    return changed
+
+
+def _drop_cuda_only_plugins(config: dict[str, Any]) -> list[str]:
+    """Remove CUDA-only integrations, and the options only they read (without the plugin
+    Axolotl would ignore them silently)."""
+    changed = []
+    kept = []
+    for plugin in config.get("plugins") or []:
+        options = CUDA_ONLY_PLUGIN_OPTIONS.get(integration_name(plugin) or "")
+        if options is None:
+            kept.append(plugin)
+            continue
+        removed = [key for key in options if config.pop(key, None) is not None]
+        changed.append(f"plugins: {plugin} removed (needs CUDA)" + (f", with its options {', '.join(removed)}" if removed else ""))
+    if changed:
+        config["plugins"] = kept
     return changed
 
 
