@@ -147,3 +147,68 @@ def test_check_does_not_modify_the_callers_args(tiny, ctx):
 def test_examples_dir_is_the_repo_examples():
     assert (REPO_ROOT / "examples" / "tiny-llama" / "config.json").is_file()
     assert Path(REPO_ROOT / "test_input.json").is_file()
+
+
+LIGER = "axolotl.integrations.liger.LigerPlugin"
+
+
+def test_plugin_validators_run_as_in_axolotl_train(tiny, ctx):
+    """Axolotl adds a plugin's validators only once the plugin is registered: Liger's
+    refuses its GLU kernel with tiled MLP, which the training child would reject."""
+    args = tiny_args(tiny, plugins=[LIGER], liger_glu_activation=True, tiled_mlp=True)
+    found = problems(args, ctx)
+    assert found == ["args: You cannot have both `liger_glu_activation` and `tiled_mlp` set without `tiled_mlp_use_original_mlp: true`."]
+    assert problems({**args, "tiled_mlp_use_original_mlp": True}, ctx) == []
+
+
+def test_a_plugin_adapter_is_known_once_its_plugin_is_registered(tiny, ctx):
+    args = tiny_args(tiny, plugins=["axolotl.integrations.mora.MoraPlugin"], adapter="mora")
+    assert problems(args, ctx) == []
+
+
+def test_plugin_registration_does_not_leak_into_the_next_check():
+    from axolotl.integrations.base import PluginManager
+
+    from finetune_worker import axolotl_schema
+
+    manager = PluginManager.get_instance()
+    before = dict(manager.plugins)
+    config = {"base_model": "org/m", "learning_rate": 1e-4, "datasets": [{"path": "org/d", "type": "alpaca"}]}
+    conflict = {**config, "liger_glu_activation": True, "tiled_mlp": True}
+    assert axolotl_schema.schema_problems({**conflict, "plugins": [LIGER]}, (LIGER,)) != []
+    assert dict(manager.plugins) == before
+    # the same keys without the plugin: Liger's validator is gone (Axolotl ignores the unknown keys)
+    assert axolotl_schema.schema_problems({**conflict, "plugins": ["x.Y"]}, ()) == []
+    assert "liger_glu_activation" not in axolotl_schema.input_config_model().model_fields
+    assert "liger_glu_activation" in axolotl_schema.input_config_model((LIGER,)).model_fields
+    assert "liger_glu_activation" in axolotl_schema.known_keys((LIGER,)) - axolotl_schema.known_keys()
+    with axolotl_schema.registered_plugins((LIGER,)):
+        assert list(manager.plugins) == [LIGER]
+    assert dict(manager.plugins) == before
+
+
+def test_only_plugin_classes_are_registered(tiny, ctx):
+    """Registering a plugin instantiates it: a function of an integration module is not a plugin."""
+    from finetune_worker import axolotl_schema
+
+    name = "axolotl.integrations.liger.plugin.get_logger"
+    assert problems(tiny_args(tiny, plugins=[name]), ctx) == [
+        "args.plugins[0]: 'get_logger' in axolotl.integrations.liger.plugin is not an Axolotl plugin class"
+    ]
+    with pytest.raises(ValueError, match="cannot be registered"):
+        with axolotl_schema.registered_plugins(("os.system",)):
+            pass
+
+
+def test_gptq_on_cpu_names_its_own_kernels_not_bitsandbytes(tiny, ctx):
+    found = problems(tiny_args(tiny, gptq=True), ctx)
+    assert found[0] == (
+        "args.gptq: GPTQ needs a CUDA GPU (GPTQ kernels) and this worker has none; "
+        "use adapter: lora without quantised loading, or run on a GPU worker"
+    )
+
+
+def test_cuda_only_plugins_are_adapted_on_cpu_not_refused(tiny, ctx):
+    """On CPU the plan removes Liger (with its options); the check must not refuse it first."""
+    args = tiny_args(tiny, plugins=[LIGER], liger_rms_norm=True)
+    assert problems(args, ctx) == []

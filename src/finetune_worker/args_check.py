@@ -38,9 +38,9 @@ REFUSED_INTEGRATIONS = {
     "nemo_gym": "it clones repositories and starts servers from the config",
 }
 QUANTISED_LOADING = {
-    "load_in_4bit": "4-bit loading",
-    "load_in_8bit": "8-bit loading",
-    "gptq": "GPTQ",
+    "load_in_4bit": ("4-bit loading", "bitsandbytes"),
+    "load_in_8bit": ("8-bit loading", "bitsandbytes"),
+    "gptq": ("GPTQ", "GPTQ kernels"),
 }
 NO_GPU_FIX = "use adapter: lora without quantised loading, or run on a GPU worker"
 
@@ -411,8 +411,8 @@ def _hardware_problems(args: dict, hardware: Hardware) -> list[Problem]:
     if hardware.has_gpu:
         return []
     problems = [
-        Problem(f"args.{key}", f"{what} needs a CUDA GPU (bitsandbytes) and this worker has none; {NO_GPU_FIX}")
-        for key, what in QUANTISED_LOADING.items()
+        Problem(f"args.{key}", f"{what} needs a CUDA GPU ({library}) and this worker has none; {NO_GPU_FIX}")
+        for key, (what, library) in QUANTISED_LOADING.items()
         if args.get(key)
     ]
     if args.get("adapter") == "qlora":
@@ -442,5 +442,5 @@ def _schema_problems(args: dict, bad_datasets: set[tuple[str, int]]) -> list[Pro
         candidate[key] = list(candidate[key])
         candidate[key][index] = dict(PLACEHOLDER_DATASET)
     reported = tuple(f"args.{key}[{index}]" for key, index in bad_datasets)
-    plugins = tuple(_plugin_list(args))
+    plugins = tuple(p for p in _plugin_list(args) if axolotl_schema.plugin_problem(p) is None)  # others are reported already
     return [p for p in axolotl_schema.schema_problems(candidate, plugins) if not p.path.startswith(reported)]

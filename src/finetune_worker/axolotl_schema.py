@@ -1,12 +1,15 @@
 """Axolotl's own config schema, asked the questions the worker needs answered.
 
-Axolotl is imported lazily (it pulls in torch and transformers), and never in a way
-that changes process-wide state: plugins' input-argument models are merged into a
-fresh class here instead of through Axolotl's singleton plugin manager.
+Axolotl is imported lazily (it pulls in torch and transformers). A config is checked
+the way `axolotl train` checks it: its plugins are registered in Axolotl's plugin
+manager (which adds their options and validators), then it is validated. The plugin
+manager is a process-wide singleton, so registration happens inside
+`registered_plugins`, which gives the manager back exactly as it found it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import importlib
@@ -15,6 +18,7 @@ import os
 import pkgutil
 import sys
 import tempfile
+import threading
 import warnings
 from functools import cache, lru_cache
 from typing import Any
@@ -84,19 +88,48 @@ def load_plugin_class(plugin: str) -> Any:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def input_config_model(plugins: tuple[str, ...] = ()) -> Any:
-    """AxolotlInputConfig, extended with the input args of the given plugins."""
-    import_axolotl()
-    from axolotl.utils.schemas.config import AxolotlInputConfig
+_REGISTRY_LOCK = threading.RLock()
 
-    extra = []
+
+@contextlib.contextmanager
+def registered_plugins(plugins: tuple[str, ...] = ()):
+    """Axolotl's plugin manager holding exactly `plugins` (in order), as `axolotl train`
+    registers a config's plugins before validating it; afterwards the manager holds
+    what it held before, so one job's plugins never reach the next job's checks.
+
+    Only the registration is done: the plugins' `register(cfg)` hooks are not run,
+    because they act on the process (Liger sets LIGER_KERNEL_IMPL, NeMo Gym clones
+    and starts servers), which belongs to the training child. A plugin that cannot
+    be loaded raises here (Axolotl's own `register` would log it and carry on), and so
+    does a name that `plugin_problem` refuses: loading a plugin instantiates it.
+    """
+    import_axolotl()
+    from axolotl.integrations.base import PluginManager, load_plugin
+
     for plugin in plugins:
-        args_path = load_plugin_class(plugin)().get_input_args()
-        if args_path:
-            extra.append(load_plugin_class(args_path))
-    if not extra:
-        return AxolotlInputConfig
-    return type("AxolotlInputConfig", (AxolotlInputConfig, *extra), {})
+        message = plugin_problem(plugin)
+        if message:
+            raise ValueError(f"plugin {plugin!r} cannot be registered: {message}")
+    with _REGISTRY_LOCK:
+        manager = PluginManager.get_instance()
+        saved_plugins, saved_cfg = manager.plugins, manager.cfg
+        manager.plugins = collections.OrderedDict()
+        try:
+            for plugin in plugins:
+                manager.plugins[plugin] = load_plugin(plugin)
+            yield manager
+        finally:
+            manager.plugins = saved_plugins
+            manager.cfg = saved_cfg
+
+
+def input_config_model(plugins: tuple[str, ...] = ()) -> Any:
+    """AxolotlInputConfig as Axolotl builds it with `plugins` registered (their input args merged in)."""
+    import_axolotl()
+    from axolotl.integrations.config import merge_input_args
+
+    with registered_plugins(plugins):
+        return merge_input_args()[1]
 
 
 @cache
@@ -168,14 +201,23 @@ def plugin_problem(plugin: Any) -> str | None:
         integration = module_name[len(INTEGRATIONS_PACKAGE):].split(".")[0]
         return f"no such integration '{integration}'{suggest(integration, list(bundled_integrations()))}"
     try:
-        load_plugin_class(plugin)
+        plugin_class = load_plugin_class(plugin)
     except (ImportError, AttributeError) as exc:
         return f"cannot load plugin class '{class_name}': {exc.__class__.__name__}"
+    from axolotl.integrations.base import BasePlugin
+
+    # Registering a plugin calls the named object: it must be a plugin class, not any callable of the module.
+    if not (isinstance(plugin_class, type) and issubclass(plugin_class, BasePlugin)):
+        return f"'{class_name}' in {module_name} is not an Axolotl plugin class"
     return None
 
 
 def schema_problems(args: dict[str, Any], plugins: tuple[str, ...] = ()) -> list[Problem]:
-    """Run Axolotl's own validation (the one `axolotl train` runs) over `args`."""
+    """Run Axolotl's own validation (the one `axolotl train` runs) over `args`, with
+    `plugins` registered first, as `axolotl train` registers the config's plugins.
+
+    Axolotl merges the plugins' options and validators only when `args` lists plugins
+    (`cfg.plugins`), as in the training child."""
     import_axolotl()
     from axolotl.utils.config import validate_config
     from axolotl.utils.dict import DictDefault
@@ -183,7 +225,8 @@ def schema_problems(args: dict[str, Any], plugins: tuple[str, ...] = ()) -> list
 
     problems: list[Problem] = []
     try:
-        validate_config(DictDefault(copy.deepcopy(args)))
+        with registered_plugins(plugins):
+            validate_config(DictDefault(copy.deepcopy(args)))
     except ValidationError as exc:
         for error in exc.errors():
             message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")

@@ -175,14 +175,15 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         plan = build_axolotl_config(valid.args, paths, settings.cache_dir / "prepared", hardware, tracking)
         processes = process_count(valid.job.num_processes, hardware.gpu_count)
         base = model_facts(str(plan.config.get("base_model", "")), Path(env.get("HF_HOME") or settings.cache_dir / "huggingface"))
-        fast = apply_fast_defaults(plan.config, hardware, _speedups(plan.config, base.config, hardware, processes))
-        final_problems = axolotl_schema.schema_problems(plan.config, tuple(plan.config["plugins"][:-1]))
+        speedups = _speedups(plan.config, base.config, hardware, processes)
+        fast = apply_fast_defaults(plan.config, hardware, speedups, validate=_planned_config_problems)
+        final_problems = _planned_config_problems(plan.config)
         if final_problems:
             raise config_problems_error(final_problems)
-        for message in (*valid.notes, *plan.warnings):
+        for message in (*valid.notes, *plan.warnings, *fast.dropped):
             yield events.warning(message)
-        if fast:
-            yield events.status("validating", f"fast defaults for this GPU (set them in args to override): {'; '.join(fast)}", defaults=fast)
+        if fast.chosen:
+            yield events.status("validating", f"fast defaults for this GPU (set them in args to override): {'; '.join(fast.chosen)}", defaults=fast.chosen)
         if valid.defaults_used:
             yield events.status("validating", f"using the endpoint's defaults for {', '.join(valid.defaults_used)} (AXOLOTL_* variables)")
 
@@ -397,6 +398,12 @@ def _resume_point(previous: PreviousRun, plan: AxolotlPlan) -> list[dict]:
         step = previous.checkpoint.name.removeprefix("checkpoint-")
         out.append(events.status("preparing", f"resuming from step {step} ({previous.checkpoint.name})", resumed_from_step=int(step)))
     return out
+
+
+def _planned_config_problems(config: dict) -> list:
+    """Axolotl's check of the planned config, its plugins registered as `axolotl train`
+    registers them (the last one is the worker's progress plugin, not Axolotl's)."""
+    return axolotl_schema.schema_problems(config, tuple(config["plugins"][:-1]))
 
 
 def _speedups(config: dict, model_config: dict | None, hardware: Hardware, processes: int) -> Speedups:

@@ -6,7 +6,7 @@ Nothing here reads globals, files or the environment: every input is an argument
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,33 @@ CUDA_ONLY_FLAGS = (
     "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp",
     "xformers_attention", "sage_attention", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
 )
+# Turned off on CPU only when set: unset, Axolotl leaves them off there.
+CUDA_ONLY_WHEN_SET = ("fp8", "lora_embedding_kernel", "fused_attn_kernel", "flash_attn_d512", "gemma4_hybrid_attn_impl")
 CPU_OPTIMIZER = "adamw_torch"
 CUDA_OPTIMIZER_MARKERS = ("8bit", "bnb", "paged", "apex", "fused", "ao_", "4bit")
+# Attention that runs on CPU; any other (flash, xformers, sage, fp8, Hub kernels) becomes CPU_ATTENTION.
+CPU_ATTENTION_IMPLS = ("eager", "sdpa", "flex_attention")
+CPU_ATTENTION = "sdpa"
+CPU_LARGE_HEAD_ATTENTION = "sdpa"  # 'auto' and 'triton_flash' use a Triton kernel
+# Axolotl integrations whose kernels need CUDA (Triton, CUDA extensions), with their options:
+# dropped on CPU, options and all (tests/test_plan.py checks these lists against Axolotl's).
+CUDA_ONLY_PLUGIN_OPTIONS = {
+    "cut_cross_entropy": ("cut_cross_entropy",),
+    "liger": (
+        "liger_cross_entropy", "liger_fused_linear_cross_entropy", "liger_glu_activation", "liger_kernel_impl", "liger_layer_norm",
+        "liger_rms_norm", "liger_rms_norm_gated", "liger_rope", "liger_swiglu", "liger_use_token_scaling",
+    ),
+    "kernels": (
+        "dsv4_bf16_all", "dsv4_fp4_grouped_mode", "dsv4_fp8_lora_kernel", "dsv4_fp8_nonexpert_mode", "dsv4_shared_mlp_lora_kernel",
+        "expert_backend", "gemma4_fp8_nonexpert", "gemma4_nf4_nonexpert", "moe_bnb_fast", "moe_dequant_chunk_size",
+        "moe_grouped_backend", "nonexpert_quantization", "nvfp4_merge_aware", "nvfp4_merge_aware_start_step", "use_dsv4_kernels",
+        "use_glm_dsa_kernels", "use_scattermoe", "use_sonicmoe",
+    ),
+    "expert_parallel": (
+        "expert_parallel_backend", "expert_parallel_fallback_on_unsupported", "expert_parallel_num_nvl_bytes",
+        "expert_parallel_num_rdma_bytes", "expert_parallel_size", "expert_parallel_token_capacity",
+    ),
+}
 
 # Environment variables the child must not inherit: RunPod's job-queue addresses and keys.
 WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
@@ -200,17 +225,50 @@ def apply_tracking(config: dict[str, Any], tracking: Tracking) -> list[str]:
 
 
 def adapt_for_cpu(config: dict[str, Any]) -> list[str]:
-    """Turn off CUDA-only features in place; return what a user-set value became."""
+    """Turn off CUDA-only features in place; return what a user-set value became.
+
+    What cannot be adapted without changing what the job asks for (quantised loading,
+    qlora, DeepSpeed/FSDP) is refused earlier, by args_check."""
     changed = []
     for flag in CUDA_ONLY_FLAGS:
         if config.get(flag) not in (None, False):
             changed.append(f"{flag}: {config[flag]!r} -> false")
         config[flag] = False
+    for flag in CUDA_ONLY_WHEN_SET:
+        if config.get(flag) not in (None, False):
+            changed.append(f"{flag}: {config[flag]!r} -> false")
+            config[flag] = False
+    attention = config.get("attn_implementation")
+    if attention is not None and attention not in CPU_ATTENTION_IMPLS:
+        changed.append(f"attn_implementation: {attention!r} -> {CPU_ATTENTION!r}")
+        config["attn_implementation"] = CPU_ATTENTION
+    large_heads = config.get("large_head_attention")
+    if large_heads is not None and str(large_heads).lower() != CPU_LARGE_HEAD_ATTENTION:
+        changed.append(f"large_head_attention: {large_heads!r} -> {CPU_LARGE_HEAD_ATTENTION!r}")
+        config["large_head_attention"] = CPU_LARGE_HEAD_ATTENTION
+    changed += _drop_cuda_only_plugins(config)
     optimizer = config.get("optimizer")
     if optimizer is None or any(marker in str(optimizer) for marker in CUDA_OPTIMIZER_MARKERS):
         if optimizer is not None:
             changed.append(f"optimizer: {optimizer!r} -> {CPU_OPTIMIZER!r}")
         config["optimizer"] = CPU_OPTIMIZER
+    return changed
+
+
+def _drop_cuda_only_plugins(config: dict[str, Any]) -> list[str]:
+    """Remove CUDA-only integrations, and the options only they read (without the plugin
+    Axolotl would ignore them silently)."""
+    changed = []
+    kept = []
+    for plugin in config.get("plugins") or []:
+        options = CUDA_ONLY_PLUGIN_OPTIONS.get(integration_name(plugin) or "")
+        if options is None:
+            kept.append(plugin)
+            continue
+        removed = [key for key in options if config.pop(key, None) is not None]
+        changed.append(f"plugins: {plugin} removed (needs CUDA)" + (f", with its options {', '.join(removed)}" if removed else ""))
+    if changed:
+        config["plugins"] = kept
     return changed
 
 
@@ -273,42 +331,158 @@ class Speedups:
     fits_without_checkpointing: bool = True
 
 
+@dataclass(frozen=True)
+class FastDefaults:
+    """What `apply_fast_defaults` set ("key: value", for a status event), and a note for
+    each default it left out because Axolotl refuses it with this config (for a warning)."""
+
+    chosen: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
 LIGER_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite")
 ATTENTION_KEYS = ("flash_attention", "sdp_attention", "xformers_attention", "flex_attention", "sage_attention", "eager_attention", "attn_implementation")
+# Models without attention layers: transformers refuses them any attn_implementation.
+ATTENTION_FREE_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm")
+AXOLOTL_MAMBA_CLASS = "MambaLMHeadModel"  # `model_type:` of Axolotl's own Mamba loader
+# Models whose Axolotl examples leave attention unset on purpose.
+UNSET_ATTENTION_MODEL_TYPES = ("gemma3n", "gemma3n_text")
+
+# Checks a whole config (plugins registered), as the pipeline's final check does.
+Validator = Callable[[dict[str, Any]], list[Any]]
 
 
-def apply_fast_defaults(config: dict[str, Any], hardware: Hardware, speedups: Speedups) -> list[str]:
-    """On a GPU, what experienced Axolotl users set for speed, where the job left it unset.
+@dataclass(frozen=True)
+class _Default:
+    key: str
+    value: Any
+    needs: str | None = None  # the default this one only makes sense with
 
-    Changes `config` in place and returns each default as "key: value" for a status event.
-    """
-    if not hardware.has_gpu:
-        return []
-    chosen: dict[str, Any] = {}
+    def apply(self, config: dict[str, Any]) -> None:
+        if self.key == "plugins":
+            config["plugins"] = [self.value, *(config.get("plugins") or [])]
+        else:
+            config[self.key] = self.value
 
-    def default(key: str, value: Any) -> None:
-        if config.get(key) is None:
-            config[key] = chosen[key] = value
+    def describe(self) -> str:
+        return f"plugins: + {self.value}" if self.key == "plugins" else f"{self.key}: {self.value}"
 
-    if not any(config.get(key) for key in ATTENTION_KEYS):
+
+def integration_name(plugin: Any) -> str | None:
+    """`liger` for axolotl.integrations.liger.LigerPlugin (or .liger.plugin.LigerPlugin)."""
+    parts = str(plugin).split(".")
+    return parts[2] if len(parts) > 3 and parts[:2] == ["axolotl", "integrations"] else None
+
+
+def _plugin_names(config: dict[str, Any]) -> set[str | None]:
+    return {integration_name(p) for p in config.get("plugins") or []}
+
+
+def uses_cut_cross_entropy(config: dict[str, Any]) -> bool:
+    """The CCE plugin patches the loss unless `cut_cross_entropy: false` (its option defaults to on)."""
+    if config.get("cut_cross_entropy"):
+        return True
+    return "cut_cross_entropy" in _plugin_names(config) and config.get("cut_cross_entropy") is not False
+
+
+def _attention_default_applies(config: dict[str, Any], speedups: Speedups) -> bool:
+    """False where the config or the model decides attention itself."""
+    if any(config.get(key) for key in ATTENTION_KEYS):
+        return False  # the user's choice, flex attention (which builds its own masks) included
+    if config.get("gemma4_hybrid_attn_impl"):
+        return False  # Axolotl picks flash attention for it, and refuses any other
+    model_type = speedups.model_type or ""
+    if model_type in ATTENTION_FREE_MODEL_TYPES or config.get("model_type") == AXOLOTL_MAMBA_CLASS:
+        return False
+    if not speedups.model_type and "mamba" in str(config.get("base_model", "")).lower():
+        return False  # Axolotl's loader treats a config-less "mamba" repo as Mamba
+    return model_type not in UNSET_ATTENTION_MODEL_TYPES
+
+
+def _candidate_defaults(config: dict[str, Any], hardware: Hardware, speedups: Speedups) -> list[_Default]:
+    """The defaults for `config`, each guarded by what it must not clash with, in order."""
+    work = copy.deepcopy(config)
+    chosen: list[_Default] = []
+
+    def default(key: str, value: Any, needs: str | None = None, force: bool = False) -> None:
+        if force or work.get(key) is None:
+            chosen.append(_Default(key, value, needs))
+            chosen[-1].apply(work)
+
+    def ours(key: str) -> str | None:
+        return key if any(d.key == key for d in chosen) else None
+
+    if _attention_default_applies(work, speedups):
         default("attn_implementation", "flash_attention_2" if speedups.flash_attn else "sdpa")
     # Axolotl keeps packed samples from attending to each other only with flash attention.
-    packs_cleanly = config.get("attn_implementation") == "flash_attention_2" or bool(config.get("flash_attention"))
-    if packs_cleanly and not config.get("rl") and not config.get("pretraining_dataset"):
-        default("sample_packing", True)
-        if config.get("sample_packing"):
-            default("pad_to_sequence_len", True)
-    if config.get("bf16") in (None, "auto") and config.get("fp16") is None:
-        config["bf16"] = chosen["bf16"] = bool(hardware.bf16)
+    packs_cleanly = work.get("attn_implementation") == "flash_attention_2" or bool(work.get("flash_attention"))
+    if packs_cleanly and not work.get("rl") and not work.get("pretraining_dataset"):
+        default("sample_packing", True, needs=ours("attn_implementation"))
+        if work.get("sample_packing"):
+            default("pad_to_sequence_len", True, needs=ours("sample_packing"))
+    if work.get("bf16") in (None, "auto") and work.get("fp16") is None:
+        default("bf16", bool(hardware.bf16), force=True)
         if not hardware.bf16:
             default("fp16", True)
-    if speedups.liger and speedups.model_type in LIGER_MODEL_TYPES and LIGER_PLUGIN not in (config.get("plugins") or []):
-        config["plugins"] = [LIGER_PLUGIN, *(config.get("plugins") or [])]
-        chosen["plugins"] = f"+ {LIGER_PLUGIN}"
-        for key in ("liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_fused_linear_cross_entropy"):
-            default(key, True)
+    if speedups.liger and speedups.model_type in LIGER_MODEL_TYPES and "liger" not in _plugin_names(work):
+        tensor_parallel = (work.get("tensor_parallel_size") or 1) > 1
+        own_mlp = work.get("tiled_mlp") and not work.get("tiled_mlp_use_original_mlp")
+        other_loss = uses_cut_cross_entropy(work) or work.get("chunked_cross_entropy")
+        default("plugins", LIGER_PLUGIN, force=True)
+        default("liger_rope", True, needs="plugins")
+        if not tensor_parallel:  # Liger's RMSNorm and its losses do not support tensor parallelism
+            default("liger_rms_norm", True, needs="plugins")
+        if not own_mlp:  # tiled MLP replaces the MLP Liger's GLU kernel would patch
+            default("liger_glu_activation", True, needs="plugins")
+        if not (tensor_parallel or other_loss):  # one fused cross-entropy at a time
+            default("liger_fused_linear_cross_entropy", True, needs="plugins")
     if not speedups.fits_without_checkpointing:
         default("gradient_checkpointing", True)
     default("save_total_limit", 2)
-    return [f"{key}: {value}" for key, value in chosen.items()]
+    return chosen
+
+
+def _with(config: dict[str, Any], defaults: list[_Default]) -> dict[str, Any]:
+    result = copy.deepcopy(config)
+    for d in defaults:
+        d.apply(result)
+    return result
+
+
+def _accepted_defaults(config: dict[str, Any], defaults: list[_Default], validate: Validator) -> tuple[list[_Default], list[str]]:
+    """Add the defaults one by one, keeping each one Axolotl accepts (no problem the
+    config did not have already); a left-out default takes the ones that need it along."""
+    already = {str(p) for p in validate(config)}
+    kept: list[_Default] = []
+    left_out: dict[str, tuple[str, list[str]]] = {}
+    for d in defaults:
+        if d.needs in left_out:
+            left_out[d.needs][1].append(d.describe())
+            continue
+        new = [str(p) for p in validate(_with(config, [*kept, d])) if str(p) not in already]
+        if new:
+            left_out[d.key] = (f"fast default {d.describe()} left out: Axolotl refuses it with this config ({new[0]})", [])
+        else:
+            kept.append(d)
+    notes = [note + (f"; so are {', '.join(along)}" if along else "") for note, along in left_out.values()]
+    return kept, notes
+
+
+def apply_fast_defaults(config: dict[str, Any], hardware: Hardware, speedups: Speedups, validate: Validator | None = None) -> FastDefaults:
+    """On a GPU, what experienced Axolotl users set for speed, where the job left it unset.
+
+    A default never changes what the config asks for: each applies only where it is
+    compatible with the rest of the config, and with `validate` (Axolotl's check of the
+    whole config) a default Axolotl would refuse is left out, with a note, instead of
+    failing the job. Changes `config` in place.
+    """
+    if not hardware.has_gpu:
+        return FastDefaults()
+    defaults = _candidate_defaults(config, hardware, speedups)
+    dropped: list[str] = []
+    if validate is not None and defaults and validate(_with(config, defaults)):
+        defaults, dropped = _accepted_defaults(config, defaults, validate)
+    for d in defaults:
+        d.apply(config)
+    return FastDefaults(chosen=[d.describe() for d in defaults], dropped=dropped)
