@@ -17,6 +17,7 @@ import pytest
 from finetune_worker import axolotl_schema
 from finetune_worker.errors import JobError
 from finetune_worker.hardware import CPU_ONLY, Hardware
+from finetune_worker.pipeline import _planned_config_problems
 from finetune_worker.plan import Speedups, Tracking, apply_fast_defaults, build_axolotl_config, run_paths
 from finetune_worker.settings import REPO_ROOT, WorkerSettings
 from finetune_worker.validation import validate_job
@@ -123,13 +124,23 @@ def test_the_corpus_is_large_and_axolotl_accepts_every_config():
     assert rejected == {}
 
 
+# The model type config.json would give (the pipeline reads it; here there is no download).
+MODEL_TYPES = {"gemma-3n": "gemma3n", "gemma-3": "gemma3", "gemma-2": "gemma2", "Mixtral": "mixtral", "Mistral": "mistral",
+               "Qwen3": "qwen3", "Qwen2": "qwen2", "Phi-3": "phi3", "falcon": "falcon", "mamba": "mamba", "Llama": "llama"}
+
+
+def model_type(base_model: str) -> str | None:
+    return next((kind for marker, kind in MODEL_TYPES.items() if marker.lower() in base_model.lower()), None)
+
+
 def plan_on(args: dict, hardware: Hardware, tmp_path):
+    """Validation, the plan and the fast defaults, as the pipeline runs them."""
     settings = WorkerSettings(base_volume=tmp_path, examples_dir=REPO_ROOT / "examples")
     raw = {"user_id": "corpus", "model_id": "m", "run_id": "r", "args": args}
     valid = validate_job(raw, settings, hardware)
     plan = build_axolotl_config(valid.args, run_paths(settings.runs_dir, "corpus", "r"), tmp_path / "prepared", hardware, Tracking())
-    speedups = Speedups(flash_attn=True, liger=True, model_type=None)
-    apply_fast_defaults(plan.config, hardware, speedups)
+    speedups = Speedups(flash_attn=True, liger=True, model_type=model_type(args["base_model"]))
+    apply_fast_defaults(plan.config, hardware, speedups, validate=_planned_config_problems)
     return valid, plan
 
 
@@ -142,5 +153,5 @@ def test_the_worker_accepts_what_axolotl_accepts(name, hardware, tmp_path):
         if hardware is CPU_ONLY and all(any(r in d for r in CPU_REFUSALS) for d in exc.details):
             return  # a documented refusal the user can act on (the message says what to use instead)
         raise AssertionError(f"{name} on {'GPU' if hardware.has_gpu else 'CPU'} refused: {exc.details}") from None
-    final = axolotl_schema.schema_problems(plan.config, _plugins(plan.config))
+    final = _planned_config_problems(plan.config)
     assert final == [], f"Axolotl refuses the worker's final config for {name}: {final}"
