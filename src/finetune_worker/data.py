@@ -352,7 +352,7 @@ def check_dataset(
             if kind in ("json", "jsonl"):
                 _check_json_file(chunks, f"{where} ({file.name})", check, shape, label)
             elif kind == "csv":
-                _check_rows(chunks, f"{where} ({file.name})", check, shape, _line_label, _csv_rows)
+                _check_rows(chunks, f"{where} ({file.name})", check, shape, label, _csv_rows)
             chunks.drain()  # parquet, arrow, text: only hashed (Axolotl's loader checks them)
         digest.update(file.name.encode() + b"\0" + chunks.sha.digest())
     check.digest = digest.hexdigest()
