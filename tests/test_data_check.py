@@ -190,6 +190,15 @@ def test_a_json_array_read_in_chunks_reports_what_json_loads_reports(chunk, monk
         assert got == want, text
 
 
+def test_lines_end_only_at_newlines_as_json_lines_loaders_read_them(tmp_path):
+    """U+2028, U+0085 and the like are valid inside a JSON string (and the worker writes inline
+    rows with them raw); reading the whole text with splitlines() used to break rows there."""
+    row = {"instruction": "one\u2028two\u0085three", "output": "ok\x1c"}
+    path = write_lines(tmp_path / "seps.jsonl", [json.dumps(row, ensure_ascii=False), GOOD])
+    check = check_dataset("args.datasets[0]", path, {}, row_shape(ALPACA, "datasets"))
+    assert (check.rows, check.problems) == (2, [])
+
+
 def test_a_byte_that_is_not_utf8_after_bad_json_is_what_is_reported(tmp_path):
     path = tmp_path / "a.json"
     path.write_bytes(b'[{"instruction": "q", "output": "a"},\n oops,\n' + b'"caf\xe9"]\n')
