@@ -3,7 +3,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export AXOLOTL_DO_NOT_TRACK := 1
 
-.PHONY: run test lint install bench
+.PHONY: run test lint install bench bench-data
 
 $(STAMP): pyproject.toml builder/setup_venv.sh builder/constraints.txt $(wildcard builder/requirements*.txt)
 	bash builder/setup_venv.sh
@@ -22,6 +22,10 @@ test: lint
 ## benchmarks that print figures (docs/benchmarks.md): overhead, startup, warm start
 bench: $(STAMP)
 	$(VENV)/bin/python bench/run.py
+
+## the data step's row check on 10K/100K/1M-row JSON Lines: rows/s, MB/s, peak RSS (ARGS=--huge adds 2 GB)
+bench-data: $(STAMP)
+	$(VENV)/bin/python bench/data_check.py $(ARGS)
 
 ## static checks: code, Dockerfile, workflows, RunPod Hub files, version pins
 lint: $(STAMP)

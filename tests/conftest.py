@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,30 @@ def tiny(volume) -> Path:
     assets = volume / "assets"
     make_tiny(assets)
     return assets
+
+
+@pytest.fixture
+def full_volume(tmp_path):
+    """A real 64 KiB tmpfs, filled up but for `free` bytes; needs root, skipped elsewhere."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+
+    def fill(free: int = 0) -> Path:
+        filler = mount / "filler"
+        with open(filler, "wb") as handle:
+            try:
+                handle.write(b"\0" * (1 << 20))
+                handle.flush()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+        os.truncate(filler, max(0, filler.stat().st_size - free))
+        return filler
+
+    yield mount, fill
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.fixture

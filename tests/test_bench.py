@@ -1,4 +1,5 @@
-"""The benchmark harnesses run end to end on the tiny model (their figures are printed, never asserted)."""
+"""The benchmark harnesses run end to end (their figures are printed, never asserted), and
+the data step's row check holds its memory flat whatever the file's size."""
 
 import json
 import subprocess
@@ -8,8 +9,6 @@ import pytest
 
 from finetune_worker.settings import REPO_ROOT
 
-pytestmark = pytest.mark.training
-
 
 def run_bench(*argv: str) -> dict:
     done = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -17,6 +16,7 @@ def run_bench(*argv: str) -> dict:
     return json.loads(done.stdout[done.stdout.index("{\n"):])
 
 
+@pytest.mark.training
 def test_throughput_harness_compares_worker_and_axolotl_defaults_on_the_same_tokens():
     report = run_bench("bench/throughput.py", "--shape", "tiny", "--rows", "32", "--modes", "lora")
     assert report["tokens_per_epoch"] > 32 and report["rows"] == 32
@@ -27,7 +27,24 @@ def test_throughput_harness_compares_worker_and_axolotl_defaults_on_the_same_tok
     assert lora["speedup"] > 0
 
 
+@pytest.mark.training
 def test_overhead_harness_reports_the_three_ways_of_running_a_job():
     report = run_bench("bench/run.py", "overhead", "--runs", "1", "--epochs", "1")["overhead"]
     assert report["cli_median_s"] > 0 and report["started_worker_median_s"] > 0 and report["axolotl_median_s"] > 0
     assert report["ratio"] == pytest.approx(report["cli_median_s"] / report["axolotl_median_s"], abs=0.002)  # from unrounded medians
+
+
+def test_data_check_harness_reports_speed_and_memory_per_size():
+    report = run_bench("bench/data_check.py", "--rows", "1000", "2500")
+    assert [size["rows"] for size in report["data_check"]] == [1000, 2500]
+    for size in report["data_check"]:
+        assert size["rows_per_s"] > 0 and size["mb_per_s"] > 0 and size["peak_rss_mb"] >= size["rss_before_check_mb"] > 0
+
+
+def test_the_row_check_memory_does_not_grow_with_the_file():
+    """A 50 MB and a 200 MB JSON Lines file, each checked in a child process of its own:
+    the peak resident memory stays the same (reading the files whole, it grew by ~4x their size)."""
+    small, big = run_bench("bench/data_check.py", "--rows", "100000", "400000")["data_check"]
+    assert big["file_mb"] > 3.5 * small["file_mb"] > 150
+    assert big["peak_rss_mb"] - small["peak_rss_mb"] < 20, (small, big)
+    assert big["peak_rss_mb"] - big["rss_before_check_mb"] < 50, big

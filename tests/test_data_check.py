@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import io
 import json
+import random
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from conftest import collect, make_job, tiny_args
-from finetune_worker import errors
+from finetune_worker import data, errors
 from finetune_worker.data import (
+    Cancelled,
     DownloadRules,
     check_dataset,
     check_datasets,
@@ -22,7 +30,8 @@ from finetune_worker.data import (
 )
 from finetune_worker.errors import JobError
 from finetune_worker.plan import localise_datasets
-from loopback_sites import Site, file, make_cert
+from finetune_worker.settings import REPO_ROOT
+from loopback_sites import Site, drip, file, make_cert
 
 
 def write_lines(path: Path, rows: list) -> Path:
@@ -112,6 +121,18 @@ def test_inline_rows_are_written_to_the_run_dir_and_named_by_index(tmp_path):
     assert caught.value.message.startswith("args.datasets[0] (datasets-0.jsonl): rows[1]: missing field 'output'")
 
 
+def test_a_full_volume_leaves_no_partial_inline_dataset(full_volume):
+    mount, fill = full_volume
+    config = {"datasets": [{"rows": [GOOD] * 500, "type": "alpaca"}]}  # about 40 KB
+    sources = localise_datasets(config, mount / "data")
+    (mount / "data").mkdir()
+    fill(free=8192)
+    with pytest.raises(OSError) as caught:
+        materialise(sources, DownloadRules())
+    assert caught.value.errno == errno.ENOSPC
+    assert not list((mount / "data").iterdir())  # neither datasets-0.jsonl nor its .part
+
+
 def test_the_fingerprint_follows_content_not_paths(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", [GOOD])
     config = {"datasets": [{"path": str(path), "type": "alpaca"}]}
@@ -119,6 +140,84 @@ def test_the_fingerprint_follows_content_not_paths(tmp_path):
     assert data_fingerprint(config, check_datasets(config, {})) == before
     write_lines(path, [GOOD, GOOD])
     assert data_fingerprint(config, check_datasets(config, {})) != before
+
+
+def test_files_are_read_in_small_chunks_with_the_same_rows_problems_and_digest(tmp_path, monkeypatch):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    write_lines(folder / "a.jsonl", [GOOD, "{not json", "", {"instruction": "caf\u00e9 \u2028", "output": "\u00e9"}, "[1]"])
+    (folder / "b.json").write_text("\ufeff [\n" + ",\n".join(json.dumps(r) for r in [GOOD, {"instruction": "x"}]) + "\n]\n", encoding="utf-8")
+    (folder / "c.csv").write_text('instruction,input,output\r\n"multi\nline",,a\r\nq2,,\r\n', encoding="utf-8")
+    whole = check_dataset("args.datasets[0]", folder, {}, row_shape(ALPACA, "datasets"))
+    assert (whole.rows, whole.empty_rows) == (7, 1)
+    assert whole.problems == [
+        "args.datasets[0] (a.jsonl): line 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        "args.datasets[0] (a.jsonl): line 5: is list, not an object",
+        "args.datasets[0] (b.json): line 2: missing field 'output' (this dataset type needs instruction and output)",
+    ]
+    monkeypatch.setattr(data, "READ_CHUNK", 3)  # every row, line and character split across reads
+    chunked = check_dataset("args.datasets[0]", folder, {}, row_shape(ALPACA, "datasets"))
+    assert (chunked.rows, chunked.empty_rows, chunked.problems, chunked.digest) == (whole.rows, whole.empty_rows, whole.problems, whole.digest)
+    import hashlib
+
+    expected = hashlib.sha256()
+    for name in ("a.jsonl", "b.json", "c.csv"):
+        expected.update(name.encode() + b"\0" + hashlib.sha256((folder / name).read_bytes()).digest())
+    assert whole.digest == expected.hexdigest()  # as when the files were read whole: the cache stays warm
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1 << 20])
+def test_a_json_array_read_in_chunks_reports_what_json_loads_reports(chunk, monkeypatch):
+    monkeypatch.setattr(data, "READ_CHUNK", chunk)
+    rng = random.Random(chunk)
+    base = '[\n {"instruction": "caf\u00e9 \\ud83d\\ude00", "output": "x\\ny"},\n {"a": [1, 2.5e3, true, null]}, 12, "s\\"t"\n]\n'
+    for _ in range(400):
+        text = base
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(text))
+            text = text[:at] + rng.choice(["", "", " ", "\n", ",", "]", "{", '"', "1", "\\"]) + text[at + 1:]
+        if not text.lstrip().startswith("["):
+            continue
+        try:
+            want = ("ok", json.loads(text))
+        except json.JSONDecodeError as exc:
+            want = ("error", exc.lineno, exc.msg)
+        items = data._Text(data._Chunks(io.BytesIO(text.encode()), None))
+        try:
+            got = ("ok", list(items.array_items()))
+        except data._BadJson as bad:
+            got = ("error", bad.line, bad.msg)
+        assert got == want, text
+
+
+def test_lines_end_only_at_newlines_as_json_lines_loaders_read_them(tmp_path):
+    """U+2028, U+0085 and the like are valid inside a JSON string (and the worker writes inline
+    rows with them raw); reading the whole text with splitlines() used to break rows there."""
+    row = {"instruction": "one\u2028two\u0085three", "output": "ok\x1c"}
+    path = write_lines(tmp_path / "seps.jsonl", [json.dumps(row, ensure_ascii=False), GOOD])
+    check = check_dataset("args.datasets[0]", path, {}, row_shape(ALPACA, "datasets"))
+    assert (check.rows, check.problems) == (2, [])
+
+
+def test_a_byte_that_is_not_utf8_after_bad_json_is_what_is_reported(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_bytes(b'[{"instruction": "q", "output": "a"},\n oops,\n' + b'"caf\xe9"]\n')
+    check = check_dataset("args.datasets[0]", path, {}, row_shape(ALPACA, "datasets"))
+    assert (check.rows, check.problems) == (0, ["args.datasets[0] (a.json): line 3: not UTF-8 text"])
+    path.write_bytes(b'[{"instruction": "q", "output": "a"},\n oops]\n')
+    check = check_dataset("args.datasets[0]", path, {}, row_shape(ALPACA, "datasets"))
+    assert (check.rows, check.problems) == (0, ["args.datasets[0] (a.json): line 2: not valid JSON (Expecting value)"])
+
+
+def test_a_cancel_stops_the_row_check_between_chunks(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text((json.dumps(GOOD) + "\n") * 400_000, encoding="utf-8")  # about 30 MB
+    cancel = threading.Event()
+    threading.Timer(0.05, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        check_datasets({"datasets": [{"path": str(path), "type": "alpaca"}]}, {}, cancel)
+    assert time.monotonic() - started < 1.0
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +281,43 @@ def test_a_url_on_loopback_is_refused_by_the_worker_setting_defaults(tiny, env, 
     assert events[-1]["message"].startswith(f"args.datasets[0].path: {site.url('/train.jsonl')} was refused: localhost resolves to 127.0.0.1")
     assert "secret" not in json.dumps(events)
     assert len(site.hits) == hits
+
+
+def test_a_cancel_lands_while_the_data_step_runs(env, volume, https_site, monkeypatch):
+    """The data step runs off the event loop: a cancel during a slow download ends the job
+    at once (cancelled), with no partial file and the run free again."""
+    site, cert = https_site
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    site.routes["/slow.jsonl"] = drip(size=400, every=0.05)  # 20 s in all
+    job = make_job(tiny_args(REPO_ROOT / "examples", datasets=[{"path": site.url("/slow.jsonl"), "type": "alpaca"}]))
+    run_dir = volume / "runs" / job["user_id"] / job["run_id"]
+
+    async def run() -> tuple[float, list[dict]]:
+        from finetune_worker.pipeline import run_job
+
+        seen: list[dict] = []
+        data_step_began = None
+
+        async def consume():
+            nonlocal data_step_began
+            async for event in run_job(job, env={**env, "FINETUNE_ALLOWED_PRIVATE_HOSTS": "localhost"}):
+                seen.append(event)
+                if "checking the datasets" in event.get("message", ""):
+                    data_step_began = time.monotonic()
+
+        task = asyncio.create_task(consume())
+        while data_step_began is None:
+            assert not task.done(), seen[-1:]
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # the download is under way (on the loop, this sleep would last until it ended)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return time.monotonic() - data_step_began, seen
+
+    took, _ = asyncio.run(run())
+    assert took < 3.5, took  # the whole download would take 20 s
+    recorded = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert recorded[-1]["type"] == "error" and recorded[-1]["code"] == "cancelled"
+    assert not list((run_dir / "data").glob("*"))  # no partial download left behind
+    assert not run_dir.with_name(run_dir.name + ".lock").exists()

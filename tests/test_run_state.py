@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -81,6 +82,34 @@ def test_heartbeat_keeps_a_held_lock_fresh(tmp_path, monkeypatch):
     os.utime(path, (then, then))
     time.sleep(0.3)
     assert time.time() - path.stat().st_mtime < 5
+    lock.release()
+
+
+def test_an_empty_or_unreadable_lock_is_stale_after_a_moment(tmp_path):
+    path = tmp_path / "r.lock"
+    path.write_text("")  # a worker died between creating the lock and writing it
+    with pytest.raises(RunLocked):
+        RunLock(path).acquire()  # maybe a worker writing it right now
+    then = time.time() - runlock.PARTIAL_GRACE_SECONDS - 1
+    os.utime(path, (then, then))
+    lock = RunLock(path)
+    lock.acquire()
+    assert lock.took_over == {} and json.loads(path.read_text())["token"] == lock.token
+    lock.release()
+
+
+def test_a_full_volume_leaves_no_lock_behind(full_volume):
+    mount, fill = full_volume
+    path = mount / "r.lock"
+    filler = fill()
+    with pytest.raises(OSError) as caught:
+        RunLock(path, "job-1").acquire()
+    assert caught.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in mount.iterdir()) == ["filler"]  # no lock, no temporary file
+    filler.unlink()  # space is freed: the next submission gets the run at once
+    lock = RunLock(path, "job-2")
+    lock.acquire()
+    assert json.loads(path.read_text())["job_id"] == "job-2"
     lock.release()
 
 

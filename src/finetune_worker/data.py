@@ -1,19 +1,23 @@
 """The cheap data step, run for every job before anything is downloaded.
 
-Datasets sent inline or by https URL are written into the run directory; every
-local dataset file is then read once, to check that its rows parse and carry the
-fields their `type` needs (a `dataset_error` naming the row and the field, not a
-crash inside Axolotl after the model has downloaded), and to fingerprint its
-content for the tokenized-data cache.
+Datasets sent inline or by https URL are written into the run directory (through a
+`.part` file, renamed once whole); every local dataset file is then streamed once,
+chunk by chunk in constant memory whatever its size, to check that its rows parse
+and carry the fields their `type` needs (a `dataset_error` naming the row and the
+field, not a crash inside Axolotl after the model has downloaded), and to
+fingerprint its content for the tokenized-data cache. The pipeline runs all this in
+a thread; a cancel sets the `cancel` flag, which is checked between chunks.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import http.client
-import io
 import json
+import json.scanner
+import threading
 import time
 import urllib.error
 from collections.abc import Callable, Iterator
@@ -30,6 +34,17 @@ from .urlguard import Guard, Refused, open_url, url_for_humans
 
 MAX_PROBLEMS = 10
 CHUNK = 1 << 20
+READ_CHUNK = 1 << 20  # local files are read this much at a time, whatever their size
+Cancel = threading.Event | None
+
+
+class Cancelled(Exception):
+    """The job was cancelled while its data step ran (the step checks between chunks)."""
+
+
+def raise_if_cancelled(cancel: Cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model", "chat_template*")
 
 
@@ -49,14 +64,29 @@ class DownloadRules:
         return cls(settings.max_download_bytes, settings.download_deadline_s, frozenset(settings.allowed_private_hosts))
 
 
-def materialise(sources: list[DataSource], rules: DownloadRules) -> None:
+def materialise(sources: list[DataSource], rules: DownloadRules, cancel: Cancel = None) -> None:
     for source in sources:
         source.dest.parent.mkdir(parents=True, exist_ok=True)
         if source.rows is not None:
-            text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in source.rows)
-            source.dest.write_text(text, encoding="utf-8")
+            write_rows(source.rows, source.dest, cancel)
         elif source.url is not None:
-            download(source.url, source.dest, source.where, rules)
+            download(source.url, source.dest, source.where, rules, cancel)
+
+
+def write_rows(rows: list, dest: Path, cancel: Cancel = None) -> None:
+    """JSON Lines into `dest.part`, renamed to `dest` once whole: a full volume or a cancel
+    leaves no partial file behind."""
+    partial = dest.with_name(dest.name + ".part")
+    try:
+        with open(partial, "w", encoding="utf-8") as out:
+            for index, row in enumerate(rows):
+                if index % 10_000 == 0:
+                    raise_if_cancelled(cancel)
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        partial.replace(dest)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def without_url_queries(value: Any) -> Any:
@@ -70,7 +100,7 @@ def without_url_queries(value: Any) -> Any:
     return value
 
 
-def download(url: str, dest: Path, where: str, rules: DownloadRules) -> None:
+def download(url: str, dest: Path, where: str, rules: DownloadRules, cancel: Cancel = None) -> None:
     """Fetch an https URL into `dest` under the rules, or raise `dataset_error`."""
     shown = url_for_humans(url)
     partial = dest.with_name(dest.name + ".part")
@@ -81,7 +111,8 @@ def download(url: str, dest: Path, where: str, rules: DownloadRules) -> None:
             if declared > rules.max_bytes:
                 raise _too_big(where, shown, declared, rules.max_bytes)
             written = 0
-            while chunk := response.read(CHUNK):
+            while chunk := response.read1(CHUNK):  # what has arrived: a cancel is seen between reads
+                raise_if_cancelled(cancel)
                 written += len(chunk)
                 if written > rules.max_bytes:
                     raise _too_big(where, shown, written, rules.max_bytes)
@@ -100,6 +131,9 @@ def download(url: str, dest: Path, where: str, rules: DownloadRules) -> None:
             failure = JobError(errors.DATASET_ERROR, f"{where}.path: downloading {shown} failed: {reason or exc.__class__.__name__}")
     except JobError as exc:
         failure = exc
+    except BaseException:  # cancelled
+        partial.unlink(missing_ok=True)
+        raise
     else:
         partial.replace(dest)
         return
@@ -256,7 +290,7 @@ class DatasetCheck:
 RowLabel = Callable[[int], str]
 
 
-def check_datasets(config: dict, inline: dict[str, DataSource]) -> list[DatasetCheck]:
+def check_datasets(config: dict, inline: dict[str, DataSource], cancel: Cancel = None) -> list[DatasetCheck]:
     """Read every local dataset of the config; raise `dataset_error` on broken rows."""
     checks = []
     for list_key in DATASET_LIST_KEYS:
@@ -267,7 +301,7 @@ def check_datasets(config: dict, inline: dict[str, DataSource]) -> list[DatasetC
             if not path.is_absolute() or not path.exists():
                 continue  # a Hub or cloud dataset: Axolotl loads it, the preflight checks it
             label = _inline_label if where in inline else _line_label
-            checks.append(check_dataset(where, path, entry, row_shape(entry, list_key), label))
+            checks.append(check_dataset(where, path, entry, row_shape(entry, list_key), label, cancel))
     problems = [(check, text) for check in checks for text in check.problems]
     if problems:
         total = sum(check.problem_count for check in checks)
@@ -277,11 +311,11 @@ def check_datasets(config: dict, inline: dict[str, DataSource]) -> list[DatasetC
     return checks
 
 
-def check_eval_file(path: str, fmt: str) -> None:
+def check_eval_file(path: str, fmt: str, cancel: Cancel = None) -> None:
     """The evaluation set's rows, when it is a local file."""
     if not Path(path).is_absolute():
         return
-    check = check_dataset("evaluation.dataset", Path(path), {}, eval_row_shape(fmt))
+    check = check_dataset("evaluation.dataset", Path(path), {}, eval_row_shape(fmt), cancel=cancel)
     if check.problems:
         raise JobError(errors.DATASET_ERROR, check.problems[0], details=check.problems)
 
@@ -304,74 +338,275 @@ def dataset_files(path: Path, entry: dict) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"))
 
 
-def check_dataset(where: str, path: Path, entry: dict, shape: RowShape | None, label: RowLabel = _line_label) -> DatasetCheck:
+def check_dataset(
+    where: str, path: Path, entry: dict, shape: RowShape | None, label: RowLabel = _line_label, cancel: Cancel = None,
+) -> DatasetCheck:
+    """Stream each file once: its rows checked and its content hashed, in constant memory."""
     check = DatasetCheck(where)
     digest = hashlib.sha256()
     for file in dataset_files(path, entry):
         check.files.append(str(file))
-        data = file.read_bytes()
-        digest.update(file.name.encode() + b"\0" + hashlib.sha256(data).digest())
         kind = (entry.get("ds_type") or file.suffix.lstrip(".")).lower()
-        where_file = f"{where} ({file.name})"
-        if kind in ("json", "jsonl"):
-            rows = _json_rows(data, where_file, check, label)
-        elif kind == "csv":
-            rows = _csv_rows(data, where_file, check)
-        else:
-            continue  # parquet, arrow, text: Axolotl's loader checks them
-        for number, row in rows:
-            check.rows += 1
-            problem, empty = row_problem(row, shape)
-            if problem:
-                check.add_problem(f"{where_file}: {label(number)}: {problem}")
-            check.empty_rows += empty
+        with open(file, "rb") as handle:
+            chunks = _Chunks(handle, cancel)
+            if kind in ("json", "jsonl"):
+                _check_json_file(chunks, f"{where} ({file.name})", check, shape, label)
+            elif kind == "csv":
+                _check_rows(chunks, f"{where} ({file.name})", check, shape, label, _csv_rows)
+            chunks.drain()  # parquet, arrow, text: only hashed (Axolotl's loader checks them)
+        digest.update(file.name.encode() + b"\0" + chunks.sha.digest())
     check.digest = digest.hexdigest()
     return check
 
 
-def _json_rows(data: bytes, where: str, check: DatasetCheck, label: RowLabel) -> Iterator[tuple[int, Any]]:
-    text = _decode(data, where, check)
-    if text is None:
-        return
-    if text.lstrip().startswith("["):
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            check.add_problem(f"{where}: line {exc.lineno}: not valid JSON ({exc.msg})")
-            return
-        yield from ((number, row) for number, row in enumerate(document, start=1))
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+class _NotUtf8(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
+class _BadJson(Exception):
+    def __init__(self, line: int, msg: str):
+        self.line, self.msg = line, msg
+
+
+class _Chunks:
+    """A file's bytes, READ_CHUNK at a time, hashed as they are read (one pass gives the
+    rows and the digest), checking the cancel flag between chunks."""
+
+    def __init__(self, handle, cancel: Cancel):
+        self.handle, self.cancel = handle, cancel
+        self.sha = hashlib.sha256()
+        self.pending: list[bytes] = []
+
+    def read(self) -> bytes:
+        if self.pending:
+            return self.pending.pop(0)
+        raise_if_cancelled(self.cancel)
+        chunk = self.handle.read(READ_CHUNK)
+        self.sha.update(chunk)
+        return chunk
+
+    def unread(self, chunks: list[bytes]) -> None:
+        self.pending[:0] = chunks
+
+    def drain(self) -> None:
+        while self.read():
+            pass
+
+
+def _starts_with_bracket(chunks: _Chunks) -> bool:
+    """Whether the text starts, after whitespace, with `[` (a JSON array, not JSON Lines)."""
+    seen, decoder, found = [], codecs.getincrementaldecoder("utf-8")("replace"), False
+    while chunk := chunks.read():
+        seen.append(chunk)
+        text = decoder.decode(chunk).lstrip()
+        if len(seen) == 1:
+            text = text.removeprefix("\ufeff").lstrip()
+        if text:
+            found = text.startswith("[")
+            break
+    chunks.unread(seen)
+    return found
+
+
+def _line_batches(chunks: _Chunks) -> Iterator[tuple[int, list[str], bool]]:
+    """(number of the first line, the lines, whether the last one ended with \\n) for the
+    whole lines of each chunk, split at \\n (without it) and decoded together. UTF-8 never has a newline byte inside a
+    character, so a byte that is not UTF-8 names its line: `_NotUtf8`."""
+    pieces: list[bytes] = []
+    number, first = 1, True
+    while True:
+        chunk = chunks.read()
+        cut = chunk.rfind(b"\n")
+        if chunk and cut < 0:
+            pieces.append(chunk)  # a line longer than a chunk
             continue
+        if not chunk:
+            whole, pieces = b"".join(pieces), []
+            if not whole:
+                return
+        else:
+            whole, pieces = b"".join([*pieces, chunk[:cut]]), [chunk[cut + 1:]]
         try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            check.add_problem(f"{where}: {label(number)}: not valid JSON ({exc.msg} at column {exc.colno})")
+            text = whole.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _NotUtf8(number + whole.count(b"\n", 0, exc.start)) from None
+        if first:
+            text, first = text.removeprefix("\ufeff"), False
+        lines = text.split("\n")
+        yield number, lines, bool(chunk)
+        number += len(lines)
+        if not chunk:
+            return
 
 
-def _csv_rows(data: bytes, where: str, check: DatasetCheck) -> Iterator[tuple[int, Any]]:
-    text = _decode(data, where, check)
-    if text is None:
+RowReader = Callable[[_Chunks, str, DatasetCheck, RowLabel], Iterator[tuple[int, Any]]]
+
+
+def _check_json_file(chunks: _Chunks, where: str, check: DatasetCheck, shape: RowShape | None, label: RowLabel) -> None:
+    reader = _json_array_rows if _starts_with_bracket(chunks) else _jsonl_rows
+    _check_rows(chunks, where, check, shape, label, reader)
+
+
+def _check_rows(chunks: _Chunks, where: str, check: DatasetCheck, shape: RowShape | None, label: RowLabel, reader: RowReader) -> None:
+    """Check every row of one file. A file that is not UTF-8, or a JSON array that does not
+    parse, is one problem and has no rows (what reading the whole file first reported)."""
+    before = (check.rows, check.empty_rows, check.problem_count, len(check.problems))
+    try:
+        for number, row in reader(chunks, where, check, label):
+            check.rows += 1
+            problem, empty = row_problem(row, shape)
+            if problem:
+                check.add_problem(f"{where}: {label(number)}: {problem}")
+            check.empty_rows += empty
         return
-    reader = csv.DictReader(io.StringIO(text))
+    except _NotUtf8 as bad:
+        problem = f"{where}: line {bad.line}: not UTF-8 text"
+    except _BadJson as bad:
+        problem = f"{where}: line {bad.line}: not valid JSON ({bad.msg})"
+    check.rows, check.empty_rows, check.problem_count, kept = before
+    del check.problems[kept:]
+    check.add_problem(problem)
+
+
+def _jsonl_rows(chunks: _Chunks, where: str, check: DatasetCheck, label: RowLabel) -> Iterator[tuple[int, Any]]:
+    scan = _SCANNER
+    for number, lines, _ in _line_batches(chunks):
+        for number, line in enumerate(lines, start=number):  # noqa: B020 (the batch's first line number)
+            try:  # the common case, fast: one value that fills the line (what json.loads accepts)
+                row, end = scan(line, 0)
+            except (StopIteration, json.JSONDecodeError):
+                end = -1
+            if end != len(line):  # anything else as json.loads sees it, with its message
+                line = line.removesuffix("\r")  # CRLF ends one line, as splitlines() read it
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    check.add_problem(f"{where}: {label(number)}: not valid JSON ({exc.msg} at column {exc.colno})")
+                    continue
+            yield number, row
+
+
+def _csv_rows(chunks: _Chunks, where: str, check: DatasetCheck, label: RowLabel) -> Iterator[tuple[int, Any]]:
+    def lines() -> Iterator[str]:  # each with its newline, as io.StringIO gave them
+        for _, batch, ended in _line_batches(chunks):
+            yield from (line + "\n" for line in batch) if ended else batch
+
+    reader = csv.DictReader(lines())
     for row in reader:
         yield reader.line_num, {k: v for k, v in row.items() if k is not None}
 
 
-def _decode(data: bytes, where: str, check: DatasetCheck) -> str | None:
+def _json_array_rows(chunks: _Chunks, where: str, check: DatasetCheck, label: RowLabel) -> Iterator[tuple[int, Any]]:
+    text = _Text(chunks)
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        check.add_problem(f"{where}: line {line}: not UTF-8 text")
-        return None
+        yield from enumerate(text.array_items(), start=1)
+    except _BadJson:
+        text.drain()  # a byte that is not UTF-8 anywhere in the file is what is reported
+        raise
+
+
+_SCANNER = json.scanner.make_scanner(json.JSONDecoder())  # json.loads without its checks around the C scanner
+JSON_SPACE = " \t\n\r"
+MARGIN = 64  # a value parsed this far from the end of the text read so far cannot change with more text
+
+
+class _Text:
+    """A JSON array's text decoded chunk by chunk; the items one at a time.
+
+    What `json.loads` does with the whole text, with the same error messages and line
+    numbers, holding only the unparsed tail (one item at most, plus a chunk)."""
+
+    def __init__(self, chunks: _Chunks):
+        self.chunks = chunks
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.buf, self.pos = "", 0
+        self.lines_dropped = 0  # newlines in the text already dropped from buf
+        self.byte_lines = 0  # newlines in the bytes already decoded
+        self.eof, self.first = False, True
+        self.scan = json.JSONDecoder().raw_decode
+
+    def more(self) -> bool:
+        """Read more text (at least as much again as the unparsed tail); False at the end."""
+        if self.eof:
+            return False
+        self.lines_dropped += self.buf.count("\n", 0, self.pos)
+        tail = self.buf[self.pos:]
+        parts, wanted = [], max(len(tail), 1)
+        while wanted > 0:
+            data = self.chunks.read()
+            pending = self.decoder.getstate()[0]
+            try:
+                decoded = self.decoder.decode(data, final=not data)
+            except UnicodeDecodeError as exc:
+                raise _NotUtf8(self.byte_lines + (pending + data)[: exc.start].count(b"\n") + 1) from None
+            self.byte_lines += data.count(b"\n")
+            if self.first and decoded:
+                decoded, self.first = decoded.removeprefix("\ufeff"), False
+            parts.append(decoded)
+            wanted -= len(decoded)
+            if not data:
+                self.eof = True
+                break
+        self.buf, self.pos = tail + "".join(parts), 0
+        return True
+
+    def drain(self) -> None:
+        self.buf, self.pos = "", 0
+        while self.more():
+            self.buf = ""
+
+    def error(self, msg: str, pos: int) -> _BadJson:
+        return _BadJson(self.lines_dropped + self.buf.count("\n", 0, pos) + 1, msg)
+
+    def char(self) -> str:
+        """The character at pos after JSON whitespace ('' at the end of the text)."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in JSON_SPACE:
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos:self.pos + 1]
+
+    def value(self) -> Any:
+        self.char()
+        while True:
+            try:
+                value, end = self.scan(self.buf, self.pos)
+            except json.JSONDecodeError as exc:
+                settled = exc.pos + MARGIN <= len(self.buf) and not exc.msg.startswith("Unterminated string")
+                if self.eof or settled:
+                    raise self.error(exc.msg, exc.pos) from None
+            else:
+                if self.eof or end + MARGIN <= len(self.buf):
+                    self.pos = end
+                    return value
+            self.more()
+
+    def array_items(self) -> Iterator[Any]:
+        if self.char() != "[":
+            raise self.error("Expecting value", self.pos)
+        self.pos += 1
+        if self.char() != "]":
+            while True:
+                yield self.value()
+                found = self.char()
+                self.pos += 1
+                if found == "]":
+                    break
+                if found != ",":
+                    raise self.error("Expecting ',' delimiter", self.pos - 1)
+        else:
+            self.pos += 1
+        if self.char():
+            raise self.error("Extra data", self.pos)
 
 
 # -- the cache key ----------------------------------------------------------------
 
 
-def data_fingerprint(config: dict, checks: list[DatasetCheck]) -> str:
+def data_fingerprint(config: dict, checks: list[DatasetCheck], cancel: Cancel = None) -> str:
     """Content of the local datasets and tokenizer files, for the prepared-data cache.
 
     Axolotl keys its cache by dataset *paths* and the tokenizer *name*: an edited file
@@ -386,6 +621,13 @@ def data_fingerprint(config: dict, checks: list[DatasetCheck]) -> str:
         if directory.is_absolute() and directory.is_dir():
             for pattern in TOKENIZER_FILES:
                 for file in sorted(directory.glob(pattern)):
-                    digest.update(file.name.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+                    digest.update(file.name.encode() + b"\0" + _file_sha256(file, cancel))
             break
     return digest.hexdigest()[:16]
+
+
+def _file_sha256(file: Path, cancel: Cancel = None) -> bytes:
+    with open(file, "rb") as handle:
+        chunks = _Chunks(handle, cancel)
+        chunks.drain()
+    return chunks.sha.digest()

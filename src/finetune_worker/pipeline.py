@@ -13,12 +13,13 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import axolotl_schema, errors, events
 from .data import DatasetCheck, DownloadRules, check_datasets, check_eval_file, data_fingerprint, materialise, without_url_queries
@@ -66,6 +67,8 @@ from .validation import ValidJob, config_problems_error, validate_job
 LOG = logging.getLogger("finetune_worker")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 AXOLOTL_DEBUG_LOG = "debug.log"  # Axolotl tees its own log into output_dir/debug.log
+STEP_STOP_S = 10.0  # how long a cancelled job waits for its data step's thread to stop
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,6 +80,7 @@ class JobState:
     lock: RunLock | None = None
     training: TrainingProcess | None = None
     standby: TrainingProcess | None = None  # a training child importing Axolotl while the checks run
+    step_cancel: threading.Event | None = None  # set to stop the blocking step running in a thread
     ended: bool = False
 
     def on_task_done(self, task: asyncio.Task) -> None:
@@ -98,6 +102,8 @@ class JobState:
             self.lock.release()
 
     def stop_children(self) -> None:
+        if self.step_cancel is not None:
+            self.step_cancel.set()
         for child in (self.training, self.standby):
             if child is not None:
                 child.stop()
@@ -208,7 +214,7 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         checks: list[DatasetCheck] = []
         if previous.trained is None or preflight_only:
             yield events.status("preparing", "checking the datasets (files, rows, fields) before loading any model")
-            checks = _prepare_data(plan, settings, valid.job.evaluation)
+            checks = await _off_loop(state, lambda cancel: _prepare_data(plan, settings, valid.job.evaluation, cancel))
             if checks:
                 yield _data_checked(checks)
         write_config(paths, plan.config)
@@ -318,15 +324,38 @@ def _take_run(valid: ValidJob, paths: RunPaths, state: JobState) -> list[dict]:
     return out
 
 
-def _prepare_data(plan: AxolotlPlan, settings: WorkerSettings, evaluation: EvaluationOptions | None) -> list[DatasetCheck]:
-    """Inline and URL datasets into the run dir, every local row checked, the cache keyed by content."""
-    materialise(plan.data_sources, DownloadRules.from_settings(settings))
+async def _off_loop(state: JobState, step: Callable[[threading.Event], T]) -> T:
+    """Run a blocking step in a thread, so that the event loop (and a cancel) keeps running.
+
+    A cancel sets the step's flag, which the step checks between chunks of what it reads
+    or writes; the job waits for the thread to stop before it ends and frees the run.
+    """
+    cancel = state.step_cancel = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, step, cancel)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        await asyncio.wait([future], timeout=STEP_STOP_S)
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())  # its Cancelled is expected
+        raise
+    finally:
+        state.step_cancel = None
+
+
+def _prepare_data(
+    plan: AxolotlPlan, settings: WorkerSettings, evaluation: EvaluationOptions | None, cancel: threading.Event | None = None,
+) -> list[DatasetCheck]:
+    """Inline and URL datasets into the run dir, every local row checked, the cache keyed by content.
+
+    Runs in a thread (`_off_loop`); every file is streamed, in constant memory."""
+    materialise(plan.data_sources, DownloadRules.from_settings(settings), cancel)
     if evaluation is not None and evaluation.dataset.path:
-        check_eval_file(evaluation.dataset.path, evaluation.dataset.format)
+        check_eval_file(evaluation.dataset.path, evaluation.dataset.format, cancel)
     inline = {source.where: source for source in plan.data_sources if source.rows is not None}
-    checks = check_datasets(plan.config, inline)
+    checks = check_datasets(plan.config, inline, cancel)
     prepared_root = Path(plan.config["dataset_prepared_path"])
-    plan.config["dataset_prepared_path"] = str(prepared_root / data_fingerprint(plan.config, checks))
+    plan.config["dataset_prepared_path"] = str(prepared_root / data_fingerprint(plan.config, checks, cancel))
     return checks
 
 

@@ -1,15 +1,25 @@
 """One job per run at a time, across every worker that shares the volume.
 
-The lock is a file created with O_EXCL (atomic on local and network filesystems,
-unlike flock on many network volumes), holding who owns it. The owner refreshes
-its heartbeat (the file's mtime) every few seconds. A lock is stale when its
-owner's process is gone (same host) or its heartbeat is older than STALE_SECONDS
-(any host); a stale lock is taken over by renaming it away first, so that of two
-workers racing for it exactly one wins the O_EXCL create.
+The lock is a file holding who owns it, put in place whole: the owner record is
+written to a private temporary file, which is then hard-linked to the lock's name
+(link fails if the name exists: atomic on local and network filesystems, unlike
+flock on many network volumes). A full volume therefore fails the write of the
+temporary file, which is removed, and never leaves an empty lock behind. Where the
+filesystem has no hard links, the lock is created with O_EXCL and written, and
+removed again if the write fails.
+
+The owner refreshes its heartbeat (the file's mtime) every few seconds. A lock is
+stale when its owner's process is gone (same host), its heartbeat is older than
+STALE_SECONDS (any host), or it is empty or unreadable and older than
+PARTIAL_GRACE_SECONDS (a worker that died while writing it; the grace covers only
+the O_EXCL fallback's moment between create and write). A stale lock is taken over
+by renaming it away first, so that of two workers racing for it exactly one wins
+the create.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -20,6 +30,8 @@ from pathlib import Path
 
 HEARTBEAT_SECONDS = 5.0
 STALE_SECONDS = 60.0
+PARTIAL_GRACE_SECONDS = 2.0
+NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
 
 
 class RunLocked(Exception):
@@ -43,13 +55,15 @@ def _read(path: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except ValueError:
-        return {}  # half-written by a dying owner: judged by its age alone
+    except (ValueError, OSError):
+        return {}  # empty or half-written (a worker died while writing it), or unreadable
 
 
 def is_stale(owner: dict, heartbeat_age: float, host: str) -> bool:
     if heartbeat_age > STALE_SECONDS:
         return True
+    if not owner.get("token"):  # no owner record: nobody will ever refresh or remove it
+        return heartbeat_age > PARTIAL_GRACE_SECONDS
     if owner.get("host") == host and isinstance(owner.get("pid"), int):
         return not _pid_alive(owner["pid"])
     return False
@@ -91,12 +105,23 @@ class RunLock:
         raise RunLocked(owner)
 
     def _create(self) -> bool:
+        """Put the lock in place with its owner record, whole, or not at all (False: it exists)."""
+        temporary = self.path.with_name(f"{self.path.name}.new-{self.token}")
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            _write_new(temporary, self.owner)
+            os.link(temporary, self.path)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(self.owner, handle)
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS:
+                raise
+        finally:
+            temporary.unlink(missing_ok=True)
+        try:
+            _write_new(self.path, self.owner)  # no hard links here: O_EXCL, removed if the write fails
+        except FileExistsError:
+            return False
         return True
 
     def _start_heartbeat(self) -> None:
@@ -115,3 +140,14 @@ class RunLock:
         self._stop.set()
         if (_read(self.path) or {}).get("token") == self.token:
             self.path.unlink(missing_ok=True)
+
+
+def _write_new(path: Path, owner: dict) -> None:
+    """Create `path` (O_EXCL) holding the owner record; on any failure, remove it again."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(owner, handle)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
