@@ -87,7 +87,7 @@ CORPUS = {
     "liger-plugin": config("NousResearch/Meta-Llama-3.1-8B", **LORA, plugins=["axolotl.integrations.liger.LigerPlugin"],
                            liger_rope=True, liger_rms_norm=True, liger_glu_activation=True, liger_fused_linear_cross_entropy=True),
     "cce-plugin": config("NousResearch/Meta-Llama-3.1-8B", **LORA, plugins=["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"],
-                         cut_cross_entropy=True),
+                         cut_cross_entropy=True, bf16=True),
     "hub-data-files": config("NousResearch/Llama-3.2-1B", [{"path": "my-org/mixed-data", "data_files": ["data/train-00000.jsonl"],
                                                             "type": "alpaca"}], **LORA),
     "legacy-options": config("NousResearch/Llama-3.2-1B", **LORA, debug=None, strict=False, gptq_groupsize=None, eval_table_max_new_tokens=128,
