@@ -168,9 +168,13 @@ def plugin_problem(plugin: Any) -> str | None:
         integration = module_name[len(INTEGRATIONS_PACKAGE):].split(".")[0]
         return f"no such integration '{integration}'{suggest(integration, list(bundled_integrations()))}"
     try:
-        load_plugin_class(plugin)
+        loaded = load_plugin_class(plugin)
     except (ImportError, AttributeError) as exc:
         return f"cannot load plugin class '{class_name}': {exc.__class__.__name__}"
+    from axolotl.integrations.base import BasePlugin
+
+    if not (isinstance(loaded, type) and issubclass(loaded, BasePlugin)):
+        return f"'{class_name}' is not a plugin class (a subclass of axolotl.integrations.base.BasePlugin)"
     return None
 
 

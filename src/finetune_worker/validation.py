@@ -9,7 +9,7 @@ from . import errors
 from .args_check import ArgsContext, check_args
 from .errors import JobError, Problem, problems_error
 from .hardware import Hardware
-from .job import JobInput, parse_job_input
+from .job import JobInput, blocks_args_check, parse_job_input
 from .paths import make_roots
 from .settings import WorkerSettings
 
@@ -32,7 +32,7 @@ def validate_job(
     args: dict[str, Any] = {}
     arg_problems: list[Problem] = []
     defaults, used, notes = _endpoint_defaults(settings, raw_args)
-    if isinstance(raw_args, dict) and not any(p.path == "input" for p in problems):
+    if isinstance(raw_args, dict) and not any(blocks_args_check(p) for p in problems):
         raw_args = {**defaults, **raw_args}
         context = ArgsContext(
             roots=make_roots(settings.base_volume, settings.examples_dir, job.user_id if job else None),

@@ -30,11 +30,13 @@ AGGREGATE_BUDGET_BYTES = 4 * 1024 * 1024
 DROPPABLE_EVENTS = ("progress", "checkpoint", "eval", "warning", "status")
 
 
-def make_handler(send_progress: Callable[[dict, Any], None] | None = None):
-    """The async generator handler RunPod iterates; `send_progress` feeds /status."""
+def make_handler(send_progress: Callable[[dict, Any], None] | None = None, chain_sigterm: bool = True):
+    """The async generator handler RunPod iterates; `send_progress` feeds /status.
+    `chain_sigterm=False`: the caller handles SIGTERM itself (the local CLI)."""
 
     async def handler(job: dict) -> AsyncIterator[dict]:
-        _chain_sigterm()
+        if chain_sigterm:
+            _chain_sigterm()
         streamed = 0
         async for event in run_job(job.get("input")):
             if send_progress and event["type"] in STATUS_EVENTS:
