@@ -346,7 +346,7 @@ async def _preflight(ctx: JobContext, state: JobState, checks: list[DatasetCheck
     yield events.status("preprocessing", "preflight: loading the tokenizer and tokenizing the datasets as training would")
     tool, report = await _json_tool(ctx, state, "preflight", "finetune_worker.preflight", str(paths.config_file), out=paths.preflight_file)
     if tool.returncode != 0 or report is None:
-        diagnosis = diagnose(tool.returncode, tool.log_tail(), "preprocessing", None)
+        diagnosis = diagnose(tool.returncode, tool.log_tail(), "preprocessing", None, ctx.plan.config.get("base_model"))
         raise JobError(diagnosis.code, f"preflight failed: {diagnosis.message}", log_tail=tool.log_tail())
     empty = {check.where: check.empty_rows for check in checks}
     for dataset in report["datasets"]:
@@ -478,7 +478,7 @@ async def _train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> 
         yield progress
     if tracker.nan_step is not None:
         set_aside_diverged(paths.output_dir, tracker.nan_step)
-    _raise_unless_trained(training, tracker)
+    _raise_unless_trained(training, tracker, ctx.plan.config.get("base_model"))
 
 
 async def _start_standby(job: JobInput, paths: RunPaths, child_env: dict[str, str], hardware: Hardware, state: JobState) -> None:
@@ -546,7 +546,7 @@ async def _evaluate(ctx: JobContext, state: JobState) -> dict:
     write_json(spec_file, {"config": str(paths.config_file), "evaluation": ctx.valid.job.evaluation.model_dump()})
     tool, evaluation = await _json_tool(ctx, state, "evaluation", "finetune_worker.evaluation", str(spec_file))
     if tool.returncode != 0 or evaluation is None:
-        diagnosis = diagnose(tool.returncode, tool.log_tail(), "evaluating", None)
+        diagnosis = diagnose(tool.returncode, tool.log_tail(), "evaluating", None, ctx.plan.config.get("base_model"))
         raise JobError(
             diagnosis.code,
             f"training succeeded, but the evaluation failed: {diagnosis.message}. The model is in {paths.output_dir}; "
@@ -635,14 +635,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _raise_unless_trained(training: TrainingProcess, tracker: ProgressTracker) -> None:
+def _raise_unless_trained(training: TrainingProcess, tracker: ProgressTracker, model: str | None = None) -> None:
     """Only a training that ran to its end, saved its model and kept a finite loss counts."""
     finished = training.returncode == 0 and tracker.saw_train_end and tracker.saw_saved
     if finished and tracker.nan_step is None:
         return
     if shutdown_requested():
         raise JobError(errors.CANCELLED, "the worker is shutting down and stopped the training; resubmit the same run_id to resume")
-    diagnosis = diagnose(training.returncode, training.log_tail(), tracker.stage, tracker.nan_step)
+    diagnosis = diagnose(training.returncode, training.log_tail(), tracker.stage, tracker.nan_step, model)
     if training.returncode == 0 and diagnosis.code == errors.TRAINING_FAILED:
         diagnosis = diagnosis.__class__(errors.TRAINING_FAILED, "the training process exited before training finished; see log_tail")
     raise JobError(diagnosis.code, diagnosis.message, log_tail=training.log_tail())
