@@ -58,7 +58,7 @@ from .rundir import (
     write_json,
 )
 from .runlock import RunLock, RunLocked
-from .settings import WorkerSettings
+from .settings import SettingsInvalid, WorkerSettings
 from .training import TrainingProcess, shutdown_requested
 from .usertoken import check_user_token
 from .validation import ValidJob, config_problems_error, validate_job
@@ -66,6 +66,7 @@ from .validation import ValidJob, config_problems_error, validate_job
 LOG = logging.getLogger("finetune_worker")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 AXOLOTL_DEBUG_LOG = "debug.log"  # Axolotl tees its own log into output_dir/debug.log
+ETA_WARNING_SECONDS = 24 * 3600  # a training whose ETA is beyond this (or FINETUNE_MAX_HOURS) is warned about once
 
 
 @dataclass
@@ -153,7 +154,10 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
     started = time.monotonic()
     yield events.status("validating", "checking the job input and the Axolotl config")
     try:
-        settings = WorkerSettings.from_env(env)
+        try:
+            settings = WorkerSettings.from_env(env)
+        except SettingsInvalid as exc:
+            raise JobError(errors.INVALID_CONFIG, f"this worker is misconfigured (the operator must fix its environment): {exc}") from None
         # Who the user is comes first: nothing is parsed, locked or started for a job
         # whose user_id the operator's service has not signed (when it signs them).
         ignored_token = check_user_token(raw_input, settings)
@@ -183,6 +187,9 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
             yield events.warning(message)
         if fast:
             yield events.status("validating", f"fast defaults for this GPU (set them in args to override): {'; '.join(fast)}", defaults=fast)
+        if settings.limits():
+            limits = settings.limits()
+            yield events.status("validating", "this worker's limits: " + ", ".join(f"{k}={v}" for k, v in limits.items()), limits=limits)
         if valid.defaults_used:
             yield events.status("validating", f"using the endpoint's defaults for {', '.join(valid.defaults_used)} (AXOLOTL_* variables)")
 
@@ -235,7 +242,7 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         if trained is not None:
             yield events.status("training", "training completed in an earlier attempt; publishing its output without training again")
         else:
-            tracker = ProgressTracker()
+            tracker = ProgressTracker(eta_warning_seconds=min(ETA_WARNING_SECONDS, 3600 * (settings.max_hours or float("inf"))))
             async for event in _train(ctx, state, tracker):
                 yield event
             trained = {"metrics": {**tracker.metrics, "total_steps": tracker.max_steps}, "wandb": tracker.wandb}
@@ -468,14 +475,35 @@ async def _train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> 
             argv = build_train_argv(sys.executable, paths.config_file)
         training = state.training = TrainingProcess(argv, ctx.child_env, paths.log_file, paths.progress_file, state.redactor)
         await training.start()
-    async for batch in training.records():
+    settings = ctx.settings
+    deadline = time.monotonic() + 3600 * settings.max_hours if settings.max_hours else None
+    over_steps = None
+    async for batch in training.records(deadline=deadline):
         for record in batch:
             for event in tracker.feed(record):
                 yield event
+        if settings.max_steps and tracker.max_steps and tracker.max_steps > settings.max_steps and over_steps is None:
+            over_steps = tracker.max_steps
+            training.stop()  # before its first step: records() ends as the process does
         if progress := tracker.progress_due():
             yield progress
+        if slow := tracker.eta_warning():
+            yield slow
     if progress := tracker.progress_due(force=True):
         yield progress
+    if over_steps is not None:
+        raise JobError(
+            errors.INVALID_CONFIG,
+            f"this run would train {over_steps} steps, over this worker's limit of {settings.max_steps} (FINETUNE_MAX_STEPS); "
+            "lower num_epochs, or set max_steps",
+        )
+    if training.timed_out:
+        raise JobError(
+            errors.TRAINING_FAILED,
+            f"the training was stopped after {settings.max_hours} h, this worker's limit (FINETUNE_MAX_HOURS), at step {tracker.step}"
+            f" of {tracker.max_steps}; its checkpoints are kept: resubmit the same run_id to go on, or train fewer steps",
+            log_tail=training.log_tail(),
+        )
     if tracker.nan_step is not None:
         set_aside_diverged(paths.output_dir, tracker.nan_step)
     _raise_unless_trained(training, tracker, ctx.plan.config.get("base_model"))

@@ -102,6 +102,14 @@ def start() -> None:
         # test_input.json through the local CLI instead.
         sys.exit(main(["run", "test_input.json"]))
 
+    from .settings import SettingsInvalid, WorkerSettings
+
+    try:
+        WorkerSettings.from_env(os.environ)
+    except SettingsInvalid as exc:
+        print(f"finetune-worker: cannot start, a worker setting is invalid: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
     import runpod
 
     _warm_imports()
