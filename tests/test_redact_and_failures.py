@@ -132,3 +132,18 @@ def test_real_library_errors_are_diagnosed(tmp_path):
     assert diagnosis.code == errors.MODEL_LOAD_ERROR and "someone/not-cached-model" in diagnosis.message, offline
     diagnosis = diagnose(1, remote.splitlines()[-40:], "preprocessing", None, str(custom))
     assert diagnosis.code == errors.MODEL_LOAD_ERROR and "trust_remote_code" in diagnosis.message, remote
+
+
+def test_an_offline_hub_model_that_is_not_cached_fails_fast_as_model_load_error(env, tmp_path):
+    """A real job: the training child looks the model up offline and fails; nothing is downloaded."""
+    from conftest import collect, make_job
+    from finetune_worker.settings import REPO_ROOT
+
+    args = {"base_model": "someone/not-cached-model", "learning_rate": 1e-4, "adapter": "lora", "lora_r": 8, "lora_alpha": 16,
+            "lora_target_linear": True, "sequence_len": 128, "micro_batch_size": 1, "num_epochs": 1,
+            "datasets": [{"path": str(REPO_ROOT / "examples" / "tiny_alpaca.jsonl"), "type": "alpaca", "ds_type": "json"}]}
+    hf_home = tmp_path / "hf"
+    final = collect(make_job(args), {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)})[-1]
+    assert final["type"] == "error" and final["code"] == errors.MODEL_LOAD_ERROR, final
+    assert "'someone/not-cached-model'" in final["message"]
+    assert not list(hf_home.rglob("*.safetensors"))
