@@ -104,6 +104,13 @@ def test_a_tokenizer_that_needs_remote_code_is_a_model_load_error():
     assert diagnosis.code == errors.MODEL_LOAD_ERROR and "trust_remote_code" in diagnosis.message
 
 
+def test_network_noise_from_other_services_is_not_a_model_load_error():
+    line = "requests.exceptions.ConnectionError: HTTPSConnectionPool(host='api.wandb.ai', port=443): Max retries exceeded with url: /graphql"
+    assert diagnose(1, [line, "RuntimeError: something else"], "training", None, "a/b").code == errors.TRAINING_FAILED
+    hub = "HTTPSConnectionPool(host='huggingface.co', port=443): Max retries exceeded with url: /api/models/a/b (Caused by NameResolutionError)"
+    assert diagnose(1, [hub], "downloading", None, "a/b").code == errors.MODEL_LOAD_ERROR
+
+
 def test_a_hub_dataset_not_reachable_stays_a_dataset_error():
     line = "ConnectionError: Couldn't reach 'someone/some-dataset' on the Hub (LocalEntryNotFoundError)"
     assert diagnose(1, [line], "preprocessing", None, "someone/model").code == errors.DATASET_ERROR

@@ -61,8 +61,10 @@ LOG_PATTERNS: list[tuple[re.Pattern, Diagnosis]] = [
         re.compile(
             r"OfflineModeIsEnabled|LocalEntryNotFoundError|offline mode is enabled|outgoing traffic has been disabled|"
             r"We couldn't connect to '.*' to load the files|There was a specific connection error when trying to load|"
-            r"RepositoryNotFoundError|Repository Not Found for url|Max retries exceeded with url|Failed to resolve '[^']*huggingface|"
-            r"ConnectTimeout|ConnectError|Temporary failure in name resolution"
+            r"RepositoryNotFoundError|Repository Not Found for url|"
+            # a network failure counts only when it names the Hub (W&B and others retry noisily too)
+            r"(Max retries exceeded|Failed to resolve|ConnectTimeout|ConnectError|Temporary failure in name resolution).*huggingface\.co|"
+            r"huggingface\.co.*(Max retries exceeded|Failed to resolve|timed out)"
         ),
         Diagnosis(
             errors.MODEL_LOAD_ERROR,
