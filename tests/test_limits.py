@@ -112,3 +112,23 @@ def test_a_far_eta_is_warned_about_once():
     for step in range(1, 10):
         quick.feed({"kind": "step", "time": 1.0 * step, "step": step})
         assert quick.eta_warning() is None
+
+
+def _quickstart_args() -> dict:
+    import json
+
+    return json.loads((REPO_ROOT / "test_input.json").read_text())["input"]["args"]
+
+
+@pytest.mark.training
+def test_a_run_over_the_step_limit_is_stopped_before_its_first_step(env):
+    out = collect(make_job(_quickstart_args()), {**env, "FINETUNE_MAX_STEPS": "5"})
+    final = out[-1]
+    assert final["code"] == errors.INVALID_CONFIG and "FINETUNE_MAX_STEPS" in final["message"], final
+    assert not [e for e in out if e["type"] == "progress"]
+
+
+@pytest.mark.training
+def test_the_hours_cap_ends_the_job_naming_the_setting(env):
+    final = collect(make_job(_quickstart_args()), {**env, "FINETUNE_MAX_HOURS": "0.0003"})[-1]  # about 1 s
+    assert final["code"] == errors.TRAINING_FAILED and "FINETUNE_MAX_HOURS" in final["message"], final

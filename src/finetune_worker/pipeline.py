@@ -59,7 +59,7 @@ from .rundir import (
 )
 from .runlock import RunLock, RunLocked
 from .settings import SettingsInvalid, WorkerSettings
-from .training import TrainingProcess, shutdown_requested
+from .training import TrainingProcess, shutdown_requested, stop_process_group
 from .usertoken import check_user_token
 from .validation import ValidJob, config_problems_error, validate_job
 
@@ -484,7 +484,8 @@ async def _train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> 
                 yield event
         if settings.max_steps and tracker.max_steps and tracker.max_steps > settings.max_steps and over_steps is None:
             over_steps = tracker.max_steps
-            training.stop()  # before its first step: records() ends as the process does
+            # before its first step; records() goes on draining its output and ends as the process does
+            await asyncio.to_thread(stop_process_group, training.pid)
         if progress := tracker.progress_due():
             yield progress
         if slow := tracker.eta_warning():
