@@ -14,6 +14,8 @@ def _local_server(monkeypatch, tmp_path):
     from runpod.serverless.modules import rp_fastapi
 
     monkeypatch.setenv("BASE_VOLUME", str(tmp_path))
+    # The SDK keeps its job list in .runpod_jobs.pkl in the working directory: not in the repo.
+    monkeypatch.setattr(type(rp_fastapi.job_list), "_STATE_FILE", str(tmp_path / ".runpod_jobs.pkl"))
     # The SDK's simulation endpoints, called without starting its web server or heartbeat.
     return rp_fastapi, SimpleNamespace(config={"handler": make_handler(chain_sigterm=False)})
 
