@@ -158,3 +158,130 @@ def test_tiny_args_from_conftest_are_valid(worker_settings, tiny):
     # the fixtures the other tests use pass the same validation
     settings_with_tiny = worker_settings.model_copy(update={"base_volume": tiny.parent})
     validate_job(job(args=tiny_args(tiny)), settings_with_tiny, CPU_ONLY)
+
+
+# ------------------------------------------------------- odd values: named codes only
+NAMED_REFUSALS = (errors.INVALID_INPUT, errors.INVALID_CONFIG, errors.DATASET_ERROR)
+
+
+def nested(depth: int, leaf=1):
+    value = leaf
+    for index in range(depth):
+        value = [value] if index % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("args_update", "where", "code"),
+    [
+        ({"base_model": "a" * 300}, "args.base_model", errors.INVALID_CONFIG),  # ENAMETOOLONG
+        ({"base_model": "examples/" + "a" * 300}, "args.base_model", errors.INVALID_CONFIG),
+        ({"datasets": [{"path": "data/" + "b" * 300 + ".jsonl", "type": "alpaca"}]}, "args.datasets[0].path", errors.INVALID_CONFIG),
+        ({"lora_model_dir": "/" + "c" * 300}, "args.lora_model_dir", errors.INVALID_CONFIG),
+        ({"deepspeed": "\x00"}, "args.deepspeed", errors.INVALID_CONFIG),  # ValueError: embedded null byte
+        ({"deepspeed": "d" * 300}, "args.deepspeed", errors.INVALID_CONFIG),
+        ({"note": nested(900)}, "input", errors.INVALID_INPUT),  # RecursionError
+        ({"datasets": [{"type": "alpaca", "rows": [{"instruction": "a\ud800", "output": "b"}]}]},
+         "args.datasets[0].rows[0].instruction", errors.INVALID_INPUT),  # UnicodeEncodeError
+        ({"plugins": ["axolotl.integrations.base.importlib"]}, "args.plugins[0]", errors.INVALID_CONFIG),  # TypeError
+        ({"learning_rate": float("nan")}, "args.learning_rate", errors.INVALID_INPUT),
+        ({"learning_rate": float("inf")}, "args.learning_rate", errors.INVALID_INPUT),
+        ({"weight_decay": float("-inf")}, "args.weight_decay", errors.INVALID_INPUT),
+        ({"datasets": [{"path": "data/train.jsonl", "type": "alpaca", "x\udcff": 1}]}, "args.datasets[0].x\\udcff", errors.INVALID_INPUT),
+    ],
+)
+def test_odd_values_end_with_a_named_refusal(worker_settings, args_update, where, code):
+    raw = job()
+    raw["args"].update(args_update)
+    with pytest.raises(JobError) as caught:
+        validate_job(raw, worker_settings, CPU_ONLY)
+    assert caught.value.code == code
+    assert any(detail.startswith(where + ":") for detail in caught.value.details), caught.value.details
+    assert all(detail.encode() for detail in caught.value.details)  # printable: no lone surrogate left
+
+
+def test_non_finite_numbers_outside_args_are_refused(worker_settings):
+    raw = job(evaluation={"dataset": {"rows": [{"instruction": "a", "output": "b"}]}, "min_improvement": float("inf")})
+    error = rejected(raw, worker_settings)
+    assert any(d.startswith("evaluation.min_improvement: must be a finite number") for d in error.details)
+
+
+def test_odd_input_through_the_whole_job_never_ends_internal(volume, env):
+    from conftest import collect, make_job
+
+    for args in ({"base_model": "x" * 300, "datasets": [{"path": "data/train.jsonl", "type": "alpaca"}]},
+                 {"base_model": "a/b", "learning_rate": float("nan"), "note": nested(950)},
+                 {"base_model": "a/b", "datasets": [{"type": "alpaca", "rows": [{"instruction": "\udc80", "output": "b"}]}]}):
+        final = collect(make_job(args, mode="preflight"), env)[-1]
+        assert final["type"] == "error" and final["code"] in NAMED_REFUSALS, final
+
+
+DEEP_DEPTHS = st.integers(0, 1200)
+ODD_TEXT = st.one_of(
+    st.text(max_size=40),  # surrogates included
+    st.text(alphabet="abc/._-~\\ ", min_size=200, max_size=600),
+    st.sampled_from(["a" * 256, "a/" + "b" * 300, "/" + "c" * 4100, "x\ud800y", "\udfff", "data/" + "d" * 300 + ".jsonl",
+                     "examples/" + "e" * 255, "e" * 255, "\x00", "..", "~root", "\n", "%s%n", "\u202e"]),
+)
+ODD_NUMBER = st.one_of(
+    st.floats(), st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e308, -1e308, 5e-324]),
+    st.integers(-10**30, 10**30), st.just(10**400), st.just(-(10**400)),
+)
+ODD_LEAF = st.one_of(ODD_TEXT, ODD_NUMBER, st.booleans(), st.none())
+ODD_VALUE = st.one_of(ODD_LEAF, st.builds(nested, DEEP_DEPTHS, ODD_LEAF),
+                      st.lists(ODD_LEAF, max_size=3), st.dictionaries(ODD_TEXT, ODD_LEAF, max_size=2))
+PATH_OPTIONS = ("base_model", "base_model_config", "tokenizer_config", "lm_eval_model", "lora_model_dir", "resume_from_checkpoint",
+                "deepspeed", "chat_template_jinja", "output_dir", "dataset_prepared_path", "hub_model_id", "axolotl_config_path",
+                "push_dataset_to_hub", "cache_dir", "plugins")
+ODD_KEYS = st.one_of(st.sampled_from(PATH_OPTIONS), st.sampled_from(["learning_rate", "num_epochs", "max_steps", "sequence_len",
+                     "lora_r", "micro_batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "lora_dropout"]), ODD_TEXT)
+ODD_DATASET = st.fixed_dictionaries(
+    {"type": st.one_of(st.just("alpaca"), ODD_VALUE)},
+    optional={"path": ODD_VALUE, "data_files": st.one_of(ODD_VALUE, st.lists(ODD_TEXT, max_size=2)),
+              "rows": st.lists(st.dictionaries(st.sampled_from(["instruction", "output", "input"]), ODD_VALUE, max_size=3), max_size=2),
+              "chat_template_jinja": ODD_VALUE},
+)
+ODD_REQUEST = st.fixed_dictionaries(
+    {"user_id": st.one_of(GOOD_ID, GOOD_ID, GOOD_ID, ODD_TEXT), "model_id": GOOD_ID, "run_id": st.one_of(GOOD_ID, GOOD_ID, ODD_TEXT),
+     "args": st.one_of(
+         st.dictionaries(ODD_KEYS, ODD_VALUE, max_size=4).map(lambda d: {**BASE_ARGS, **d}),
+         st.lists(ODD_DATASET, min_size=1, max_size=2).map(lambda ds: {**BASE_ARGS, "datasets": ds}),
+         ODD_VALUE,
+     )},
+    optional={"credentials": st.dictionaries(st.sampled_from(["hf_token", "wandb_api_key", "x"]), ODD_VALUE, max_size=2),
+              "evaluation": ODD_VALUE, "num_processes": ODD_NUMBER, "mode": st.sampled_from(["train", "preflight", "\ud800"])},
+)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(raw=ODD_REQUEST)
+def test_fuzz_odd_values_end_with_a_named_code(worker_settings, raw):
+    """Deep nesting, long and odd strings, surrogates, NaN/Infinity, huge numbers, every path
+    option: validation and the plan either accept the job or refuse it by name."""
+    try:
+        valid = validate_job(raw, worker_settings, CPU_ONLY)
+        paths = run_paths(worker_settings.runs_dir, valid.job.user_id, valid.job.run_id)
+        build_axolotl_config(valid.args, paths, worker_settings.cache_dir / "prepared", CPU_ONLY)
+    except JobError as error:
+        event(f"refused: {error.code}")
+        assert error.code in NAMED_REFUSALS, error
+        assert all(detail.encode() for detail in error.details)
+        return
+    event("accepted")
+
+
+@pytest.mark.parametrize("depth", [900, 10_000])
+def test_the_cli_never_raises_out_on_deep_json(tmp_path, volume, depth):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    job_file = tmp_path / "deep.json"
+    job_file.write_text('{"input": {"user_id": "u", "model_id": "m", "run_id": "r", "args": {"x": ' + "[" * depth + "]" * depth + "}}}")
+    env = {**os.environ, "BASE_VOLUME": str(volume), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
+    out = subprocess.run([sys.executable, "-m", "finetune_worker.cli", "run", str(job_file), "--json"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode not in (0,) and "Traceback" not in out.stderr, out.stderr[-2000:]
+    final = json.loads(out.stdout.strip().splitlines()[-1])
+    assert final["type"] == "error" and final["code"] == errors.INVALID_INPUT and "nested" in (final["message"] + str(final["details"]))

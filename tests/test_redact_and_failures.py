@@ -1,6 +1,12 @@
 """The redactor, and how a failed training is named."""
 
+import json
+import os
 import signal
+import subprocess
+import sys
+
+import pytest
 
 from finetune_worker import errors
 from finetune_worker.failures import diagnose
@@ -55,5 +61,96 @@ def test_diagnosis_from_log_patterns():
 def test_nan_wins_and_signals_are_named():
     assert diagnose(0, [], "training", 12).code == errors.NAN_LOSS
     assert "step 12" in diagnose(0, [], "training", 12).message
-    killed = diagnose(-signal.SIGKILL, ["..."], "training", None)
-    assert killed.code == errors.TRAINING_FAILED and "SIGKILL" in killed.message and "RAM" in killed.message
+    killed = diagnose(-signal.SIGTERM, ["..."], "training", None)
+    assert killed.code == errors.TRAINING_FAILED and "SIGTERM" in killed.message
+
+
+def test_host_memory_oom_is_out_of_memory():
+    # The kernel's OOM killer sends SIGKILL: a CPU worker's training ends with returncode -9.
+    killed = diagnose(-signal.SIGKILL, ["{'loss': 2.1, 'epoch': 0.1}"], "training", None)
+    assert killed.code == errors.OUT_OF_MEMORY and "SIGKILL" in killed.message and "RAM" in killed.message
+    # Under accelerate launch the launcher exits 1 and torch elastic names the killed rank.
+    elastic = ["  exitcode  : -9 (pid: 4242) ", "  traceback : Signal 9 (SIGKILL) received by PID 4242"]
+    assert diagnose(1, elastic, "training", None).code == errors.OUT_OF_MEMORY
+
+
+# The messages huggingface_hub and transformers raise, copied from their source in the venv.
+OFFLINE_LINES = [
+    "huggingface_hub.errors.OfflineModeIsEnabled: Cannot reach https://huggingface.co/api/models/someone/not-cached-model/revision/main: "
+    "offline mode is enabled. To disable it, please unset the `HF_HUB_OFFLINE` environment variable.",
+    "huggingface_hub.errors.LocalEntryNotFoundError: Cannot find an appropriate cached snapshot folder for the specified revision on "
+    "the local disk and outgoing traffic has been disabled. To enable repo look-ups and downloads online, set 'HF_HUB_OFFLINE=0' as "
+    "environment variable.",
+    "OSError: We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.",
+    "OSError: There was a specific connection error when trying to load someone/not-cached-model:",
+]
+REMOTE_CODE_LINE = (
+    "ValueError: The repository someone/custom-model contains custom code which must be executed to correctly load the model. "
+    "You can inspect the repository content at https://hf.co/someone/custom-model .\n"
+    "Please pass the argument `trust_remote_code=True` to allow custom code to be run."
+)
+
+
+@pytest.mark.parametrize("line", OFFLINE_LINES)
+@pytest.mark.parametrize("stage", [None, "preprocessing", "downloading", "training"])
+def test_a_hub_model_not_cached_offline_is_a_model_load_error(line, stage):
+    diagnosis = diagnose(1, ["Traceback (most recent call last):", line], stage, None, "someone/not-cached-model")
+    assert diagnosis.code == errors.MODEL_LOAD_ERROR
+    assert "'someone/not-cached-model'" in diagnosis.message and "download" in diagnosis.message
+
+
+def test_a_tokenizer_that_needs_remote_code_is_a_model_load_error():
+    diagnosis = diagnose(1, [REMOTE_CODE_LINE], "preprocessing", None, "someone/custom-model")
+    assert diagnosis.code == errors.MODEL_LOAD_ERROR and "trust_remote_code" in diagnosis.message
+
+
+def test_network_noise_from_other_services_is_not_a_model_load_error():
+    line = "requests.exceptions.ConnectionError: HTTPSConnectionPool(host='api.wandb.ai', port=443): Max retries exceeded with url: /graphql"
+    assert diagnose(1, [line, "RuntimeError: something else"], "training", None, "a/b").code == errors.TRAINING_FAILED
+    hub = "HTTPSConnectionPool(host='huggingface.co', port=443): Max retries exceeded with url: /api/models/a/b (Caused by NameResolutionError)"
+    assert diagnose(1, [hub], "downloading", None, "a/b").code == errors.MODEL_LOAD_ERROR
+
+
+def test_a_hub_dataset_not_reachable_stays_a_dataset_error():
+    line = "ConnectionError: Couldn't reach 'someone/some-dataset' on the Hub (LocalEntryNotFoundError)"
+    assert diagnose(1, [line], "preprocessing", None, "someone/model").code == errors.DATASET_ERROR
+
+
+def test_real_library_errors_are_diagnosed(tmp_path):
+    """The exact lines transformers prints, offline, for a Hub id that is not cached and for a
+    model directory whose config needs remote code."""
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"model_type": "custom-x", "auto_map": {"AutoConfig": "conf.CustomConfig"}}))
+    script = (
+        "import sys, traceback\n"
+        "from transformers import AutoConfig, AutoTokenizer\n"
+        "for load, name in ((AutoTokenizer.from_pretrained, 'someone/not-cached-model'), (AutoConfig.from_pretrained, sys.argv[1])):\n"
+        "    try:\n"
+        "        load(name)\n"
+        "    except Exception:\n"
+        "        traceback.print_exc()\n"
+        "    print('=====', flush=True)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TRANSFORMERS_VERBOSITY": "error"}
+    out = subprocess.run([sys.executable, "-c", script, str(custom)], capture_output=True, text=True, env=env, timeout=300)
+    offline, remote, _ = (out.stderr + out.stdout).split("=====")
+    diagnosis = diagnose(1, offline.splitlines()[-40:], "preprocessing", None, "someone/not-cached-model")
+    assert diagnosis.code == errors.MODEL_LOAD_ERROR and "someone/not-cached-model" in diagnosis.message, offline
+    diagnosis = diagnose(1, remote.splitlines()[-40:], "preprocessing", None, str(custom))
+    assert diagnosis.code == errors.MODEL_LOAD_ERROR and "trust_remote_code" in diagnosis.message, remote
+
+
+def test_an_offline_hub_model_that_is_not_cached_fails_fast_as_model_load_error(env, tmp_path):
+    """A real job: the training child looks the model up offline and fails; nothing is downloaded."""
+    from conftest import collect, make_job
+    from finetune_worker.settings import REPO_ROOT
+
+    args = {"base_model": "someone/not-cached-model", "learning_rate": 1e-4, "adapter": "lora", "lora_r": 8, "lora_alpha": 16,
+            "lora_target_linear": True, "sequence_len": 128, "micro_batch_size": 1, "num_epochs": 1,
+            "datasets": [{"path": str(REPO_ROOT / "examples" / "tiny_alpaca.jsonl"), "type": "alpaca", "ds_type": "json"}]}
+    hf_home = tmp_path / "hf"
+    final = collect(make_job(args), {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)})[-1]
+    assert final["type"] == "error" and final["code"] == errors.MODEL_LOAD_ERROR, final
+    assert "'someone/not-cached-model'" in final["message"]
+    assert not list(hf_home.rglob("*.safetensors"))

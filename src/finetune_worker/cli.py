@@ -93,24 +93,71 @@ def print_json(event: dict) -> None:
     sys.stdout.flush()
 
 
+EXIT_SIGTERM = 128 + 15
+
+
 async def _run(job_input: Any, emit) -> int:
+    """Run the job, printing every event. SIGTERM stops the job (its training too) and
+    prints its final `cancelled` event before the command exits with 143."""
+    import signal
+
+    from . import errors, events
+    from .errors import JobError
+    from .training import request_shutdown
     from .worker import make_handler
 
     last: dict | None = None
-    async for event in make_handler()({"id": "local", "input": job_input}):
-        emit(event)
-        last = event
+
+    async def consume() -> None:
+        nonlocal last
+        async for event in make_handler(chain_sigterm=False)({"id": "local", "input": job_input}):
+            emit(event)
+            last = event
+
+    job = asyncio.ensure_future(consume())
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        request_shutdown()  # stops the training tree; its job ends cancelled
+        job.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        await job
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+    except Exception as exc:  # never a traceback: the client reads a final error event
+        emit(events.error(JobError(errors.INTERNAL_ERROR, f"finetune-worker run hit an unexpected {type(exc).__name__}")))
+        return 1
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    if terminated:
+        if not (last and last["type"] in ("result", "error")):
+            emit(events.error(JobError(errors.CANCELLED, "finetune-worker run got SIGTERM and stopped the job; run the same job again to resume it")))
+        return EXIT_SIGTERM
     return 0 if last and last["type"] == "result" else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    emit = print_json if args.json else HumanPrinter(sys.stdout)
     try:
         job_input = load_job_file(Path(args.job))
+    except RecursionError:
+        from . import errors, events
+        from .errors import JobError
+        from .job import MAX_NESTING_DEPTH
+
+        message = f"{args.job}: lists and objects are nested more than {MAX_NESTING_DEPTH} levels deep; no job needs that many"
+        emit(events.error(JobError(errors.INVALID_INPUT, message)))
+        return 2
     except (OSError, ValueError) as exc:
         print(f"cannot read {args.job}: {exc}", file=sys.stderr)
         return 2
-    emit = print_json if args.json else HumanPrinter(sys.stdout)
     return asyncio.run(_run(job_input, emit))
 
 

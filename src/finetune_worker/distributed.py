@@ -52,11 +52,11 @@ def deepspeed_preset_path(name: str) -> Path:
 
 def shipped_preset(value: Any) -> bool:
     """Whether `value` is exactly one of the DeepSpeed presets shipped with the worker."""
-    if not isinstance(value, str) or "\x00" in value:
+    if not isinstance(value, str):
         return False
     try:
         resolved = Path(value).resolve()
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # a NUL, a name too long: no preset, and the path check refuses it
         return False
     return any(resolved == deepspeed_preset_path(name) for name in DEEPSPEED_PRESETS)
 
@@ -111,13 +111,13 @@ def deepspeed_config(value: Any) -> dict:
     """The DeepSpeed config behind `args.deepspeed`: an inline object or a JSON file ({} if neither)."""
     if isinstance(value, dict):
         return value
-    if isinstance(value, str) and Path(value).is_file():
-        try:
-            loaded = json.loads(Path(value).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return loaded if isinstance(loaded, dict) else {}
-    return {}
+    if not isinstance(value, str):
+        return {}
+    try:  # a name too long or with a NUL (refused by the path check) is no file either
+        loaded = json.loads(Path(value).read_text(encoding="utf-8")) if Path(value).is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def deepspeed_stage(value: Any) -> int | None:

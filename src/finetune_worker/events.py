@@ -9,6 +9,7 @@ from typing import Any
 from .errors import JobError
 
 LONG_RUN_EVENTS = 600
+ETA_MIN_STEPS = 3  # the ETA is judged only after a few steps
 STAGES = ("validating", "preparing", "downloading", "preprocessing", "training", "evaluating", "publishing")
 STAGE_MESSAGES = {
     "downloading": "loading the base model (downloading it unless it is cached)",
@@ -82,6 +83,8 @@ class ProgressTracker:
     saw_saved: bool = False
     wandb: dict | None = None
     metrics: dict = field(default_factory=dict)
+    eta_warning_seconds: float | None = None  # warn once when the ETA is beyond this
+    eta_warned: bool = False
 
     def feed(self, record: dict) -> list[dict]:
         """Update state from one record; return the events it causes at once."""
@@ -150,6 +153,19 @@ class ProgressTracker:
             return None
         self.last_emitted, self.last_emit_time = state, self.now
         return self.progress_event()
+
+    def eta_warning(self) -> dict | None:
+        """A `warning`, once, when the ETA is far beyond reasonable (`eta_warning_seconds`)."""
+        eta = self._eta()
+        if self.eta_warned or self.eta_warning_seconds is None or eta is None or eta <= self.eta_warning_seconds:
+            return None
+        if self.step - self.begin_step < ETA_MIN_STEPS:
+            return None
+        self.eta_warned = True
+        return warning(
+            f"at this pace the training needs about {eta / 3600:.1f} more hours ({self.max_steps - self.step} steps left), "
+            f"beyond {self.eta_warning_seconds / 3600:g} h; consider fewer steps (num_epochs, max_steps) or a faster worker"
+        )
 
     def _interval(self) -> float:
         """About one a second, then slower for long runs, so a run of any length

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -199,10 +200,72 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
     return model
 
 
+# Lists and objects inside one another, counting the request itself: a real
+# Axolotl config needs fewer than 10; past this, the checks would recurse too deep.
+MAX_NESTING_DEPTH = 32
+
+
+def nesting_depth(value: Any, stop_after: int = MAX_NESTING_DEPTH) -> int:
+    """How deeply lists and objects nest in `value` (a scalar: 0), without recursion;
+    stops counting past `stop_after`."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop_after:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def printable(text: str) -> str:
+    """`text` with any lone surrogate written as an escape, so it can be printed or saved."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def value_problems(raw: Any) -> list[Problem]:
+    """Numbers that are not finite (NaN, Infinity: JSON has neither, but Python's parser
+    accepts them, and 1e400 reads as Infinity) and strings with a lone surrogate (they
+    cannot be written as UTF-8), anywhere in the request, keys included."""
+    problems: list[Problem] = []
+    stack: list[tuple[Any, tuple]] = [(raw, ())]
+    while stack and len(problems) < 20:
+        node, loc = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            problems.append(Problem(printable(format_loc(loc)) or "input", f"must be a finite number, not {node}"))
+        elif isinstance(node, str) and printable(node) != node:
+            problems.append(Problem(printable(format_loc(loc)) or "input", "contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text"))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(key, str) and printable(key) != key:
+                    problems.append(Problem(printable(format_loc((*loc, key))), "this key contains a lone surrogate: not valid Unicode text"))
+                stack.append((value, (*loc, key)))
+        elif isinstance(node, list):
+            stack.extend((value, (*loc, index)) for index, value in enumerate(node))
+    return sorted(problems, key=lambda p: p.path)
+
+
+def blocks_args_check(problem: Problem) -> bool:
+    """A problem the parser found that the args check must not run past."""
+    return problem.path == "input" or problem.path.startswith(("args.", "args["))
+
+
 def parse_job_input(raw: Any, max_bytes: int) -> tuple[JobInput | None, list[Problem]]:
     """Parse the request; return the job or every problem found."""
     if not isinstance(raw, dict):
         return None, [Problem("input", "must be a JSON object with user_id, model_id, run_id, credentials and args")]
+    if nesting_depth(raw) > MAX_NESTING_DEPTH:
+        return None, [Problem("input", f"lists and objects are nested more than {MAX_NESTING_DEPTH} levels deep; no job needs that many")]
+    odd_values = value_problems(raw)
+    if odd_values:
+        return None, odd_values
     size = len(json.dumps(raw, default=str))
     if size > max_bytes:
         return None, [Problem("input", f"request is {size} bytes; the limit is {max_bytes} bytes")]

@@ -82,6 +82,14 @@ class PathRejected(ValueError):
 def resolve_local_or_hub(value: str, roots: PathRoots, *, remote_ok: bool = False, url_ok: bool = False) -> str:
     """Return an absolute local path, or the value itself when it names a Hub repo
     (or, with `remote_ok`, a cloud bucket; with `url_ok`, an https URL)."""
+    try:
+        return _resolve_local_or_hub(value, roots, remote_ok=remote_ok, url_ok=url_ok)
+    except OSError as exc:  # a name too long, a loop of links, a component that is a file...
+        reason = exc.strerror or type(exc).__name__
+        raise PathRejected(f"cannot be used as a path on this machine ({reason})") from None
+
+
+def _resolve_local_or_hub(value: str, roots: PathRoots, *, remote_ok: bool, url_ok: bool) -> str:
     if not isinstance(value, str) or not value.strip():
         raise PathRejected("must be a non-empty string")
     if "://" in value:

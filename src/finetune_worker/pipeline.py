@@ -59,8 +59,8 @@ from .rundir import (
     write_json,
 )
 from .runlock import RunLock, RunLocked
-from .settings import WorkerSettings
-from .training import TrainingProcess, shutdown_requested
+from .settings import SettingsInvalid, WorkerSettings
+from .training import TrainingProcess, shutdown_requested, stop_process_group
 from .usertoken import check_user_token
 from .validation import ValidJob, config_problems_error, validate_job
 
@@ -69,6 +69,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 AXOLOTL_DEBUG_LOG = "debug.log"  # Axolotl tees its own log into output_dir/debug.log
 STEP_STOP_S = 10.0  # how long a cancelled job waits for its data step's thread to stop
 T = TypeVar("T")
+ETA_WARNING_SECONDS = 24 * 3600  # a training whose ETA is beyond this (or FINETUNE_MAX_HOURS) is warned about once
 
 
 @dataclass
@@ -159,7 +160,10 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
     started = time.monotonic()
     yield events.status("validating", "checking the job input and the Axolotl config")
     try:
-        settings = WorkerSettings.from_env(env)
+        try:
+            settings = WorkerSettings.from_env(env)
+        except SettingsInvalid as exc:
+            raise JobError(errors.INVALID_CONFIG, f"this worker is misconfigured (the operator must fix its environment): {exc}") from None
         # Who the user is comes first: nothing is parsed, locked or started for a job
         # whose user_id the operator's service has not signed (when it signs them).
         ignored_token = check_user_token(raw_input, settings)
@@ -190,6 +194,9 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
             yield events.warning(message)
         if fast.chosen:
             yield events.status("validating", f"fast defaults for this GPU (set them in args to override): {'; '.join(fast.chosen)}", defaults=fast.chosen)
+        if settings.limits():
+            limits = settings.limits()
+            yield events.status("validating", "this worker's limits: " + ", ".join(f"{k}={v}" for k, v in limits.items()), limits=limits)
         if valid.defaults_used:
             yield events.status("validating", f"using the endpoint's defaults for {', '.join(valid.defaults_used)} (AXOLOTL_* variables)")
 
@@ -242,7 +249,7 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         if trained is not None:
             yield events.status("training", "training completed in an earlier attempt; publishing its output without training again")
         else:
-            tracker = ProgressTracker()
+            tracker = ProgressTracker(eta_warning_seconds=min(ETA_WARNING_SECONDS, 3600 * (settings.max_hours or float("inf"))))
             async for event in _train(ctx, state, tracker):
                 yield event
             trained = {"metrics": {**tracker.metrics, "total_steps": tracker.max_steps}, "wandb": tracker.wandb}
@@ -376,7 +383,7 @@ async def _preflight(ctx: JobContext, state: JobState, checks: list[DatasetCheck
     yield events.status("preprocessing", "preflight: loading the tokenizer and tokenizing the datasets as training would")
     tool, report = await _json_tool(ctx, state, "preflight", "finetune_worker.preflight", str(paths.config_file), out=paths.preflight_file)
     if tool.returncode != 0 or report is None:
-        diagnosis = diagnose(tool.returncode, tool.log_tail(), "preprocessing", None)
+        diagnosis = diagnose(tool.returncode, tool.log_tail(), "preprocessing", None, ctx.plan.config.get("base_model"))
         raise JobError(diagnosis.code, f"preflight failed: {diagnosis.message}", log_tail=tool.log_tail())
     empty = {check.where: check.empty_rows for check in checks}
     for dataset in report["datasets"]:
@@ -504,17 +511,39 @@ async def _train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> 
             argv = build_train_argv(sys.executable, paths.config_file)
         training = state.training = TrainingProcess(argv, ctx.child_env, paths.log_file, paths.progress_file, state.redactor)
         await training.start()
-    async for batch in training.records():
+    settings = ctx.settings
+    deadline = time.monotonic() + 3600 * settings.max_hours if settings.max_hours else None
+    over_steps = None
+    async for batch in training.records(deadline=deadline):
         for record in batch:
             for event in tracker.feed(record):
                 yield event
+        if settings.max_steps and tracker.max_steps and tracker.max_steps > settings.max_steps and over_steps is None:
+            over_steps = tracker.max_steps
+            # before its first step; records() goes on draining its output and ends as the process does
+            await asyncio.to_thread(stop_process_group, training.pid)
         if progress := tracker.progress_due():
             yield progress
+        if slow := tracker.eta_warning():
+            yield slow
     if progress := tracker.progress_due(force=True):
         yield progress
+    if over_steps is not None:
+        raise JobError(
+            errors.INVALID_CONFIG,
+            f"this run would train {over_steps} steps, over this worker's limit of {settings.max_steps} (FINETUNE_MAX_STEPS); "
+            "lower num_epochs, or set max_steps",
+        )
+    if training.timed_out:
+        raise JobError(
+            errors.TRAINING_FAILED,
+            f"the training was stopped after {settings.max_hours} h, this worker's limit (FINETUNE_MAX_HOURS), at step {tracker.step}"
+            f" of {tracker.max_steps}; its checkpoints are kept: resubmit the same run_id to go on, or train fewer steps",
+            log_tail=training.log_tail(),
+        )
     if tracker.nan_step is not None:
         set_aside_diverged(paths.output_dir, tracker.nan_step)
-    _raise_unless_trained(training, tracker)
+    _raise_unless_trained(training, tracker, ctx.plan.config.get("base_model"))
 
 
 async def _start_standby(job: JobInput, paths: RunPaths, child_env: dict[str, str], hardware: Hardware, state: JobState) -> None:
@@ -582,7 +611,7 @@ async def _evaluate(ctx: JobContext, state: JobState) -> dict:
     write_json(spec_file, {"config": str(paths.config_file), "evaluation": ctx.valid.job.evaluation.model_dump()})
     tool, evaluation = await _json_tool(ctx, state, "evaluation", "finetune_worker.evaluation", str(spec_file))
     if tool.returncode != 0 or evaluation is None:
-        diagnosis = diagnose(tool.returncode, tool.log_tail(), "evaluating", None)
+        diagnosis = diagnose(tool.returncode, tool.log_tail(), "evaluating", None, ctx.plan.config.get("base_model"))
         raise JobError(
             diagnosis.code,
             f"training succeeded, but the evaluation failed: {diagnosis.message}. The model is in {paths.output_dir}; "
@@ -671,14 +700,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _raise_unless_trained(training: TrainingProcess, tracker: ProgressTracker) -> None:
+def _raise_unless_trained(training: TrainingProcess, tracker: ProgressTracker, model: str | None = None) -> None:
     """Only a training that ran to its end, saved its model and kept a finite loss counts."""
     finished = training.returncode == 0 and tracker.saw_train_end and tracker.saw_saved
     if finished and tracker.nan_step is None:
         return
     if shutdown_requested():
         raise JobError(errors.CANCELLED, "the worker is shutting down and stopped the training; resubmit the same run_id to resume")
-    diagnosis = diagnose(training.returncode, training.log_tail(), tracker.stage, tracker.nan_step)
+    diagnosis = diagnose(training.returncode, training.log_tail(), tracker.stage, tracker.nan_step, model)
     if training.returncode == 0 and diagnosis.code == errors.TRAINING_FAILED:
         diagnosis = diagnosis.__class__(errors.TRAINING_FAILED, "the training process exited before training finished; see log_tail")
     raise JobError(diagnosis.code, diagnosis.message, log_tail=training.log_tail())

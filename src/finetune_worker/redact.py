@@ -64,18 +64,15 @@ def secrets_in_raw_input(raw: Any) -> list[str]:
     if not isinstance(raw, dict):
         return []
     found: list[str] = []
-
-    def walk(node: Any) -> None:
+    stack = [raw.get("credentials")]  # no recursion: the input may nest arbitrarily deep
+    while stack:
+        node = stack.pop()
         if isinstance(node, str):
             found.append(node)
         elif isinstance(node, dict):
-            for item in node.values():
-                walk(item)
+            stack.extend(node.values())
         elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(raw.get("credentials"))
+            stack.extend(node)
     _credential_options(raw.get("args"), found)
     return found
 
@@ -86,15 +83,17 @@ CREDENTIAL_OPTION_NAMES = ("api_key", "secret", "token")
 
 
 def _credential_options(node: Any, found: list[str]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if isinstance(value, str) and str(key).lower().endswith(CREDENTIAL_OPTION_NAMES):
-                found.append(value)
-            else:
-                _credential_options(value, found)
-    elif isinstance(node, list):
-        for item in node:
-            _credential_options(item, found)
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, str) and str(key).lower().endswith(CREDENTIAL_OPTION_NAMES):
+                    found.append(value)
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def redact_file(path: Path, redactor: Redactor) -> None:

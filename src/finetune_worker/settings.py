@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
 from .envconfig import args_from_env
 from .urlguard import parse_allowed_hosts
@@ -15,6 +15,32 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # RunPod's /run payload limit
 MAX_DOWNLOAD_BYTES = 5 * 1024**3  # a dataset given by https URL
 DOWNLOAD_DEADLINE_S = 1800.0  # the whole download of one such dataset
+
+
+# The operator limits: field -> environment variable.
+LIMIT_SETTINGS = {
+    "max_steps": "FINETUNE_MAX_STEPS",
+    "max_hours": "FINETUNE_MAX_HOURS",
+    "max_sequence_len": "FINETUNE_MAX_SEQUENCE_LEN",
+    "max_lora_r": "FINETUNE_MAX_LORA_R",
+    "max_dataset_bytes": "FINETUNE_MAX_DATASET_BYTES",
+}
+ENV_NAMES = {
+    "base_volume": "BASE_VOLUME", "examples_dir": "FINETUNE_EXAMPLES_DIR", "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE",
+    "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES", "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES",
+    "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S", "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", **LIMIT_SETTINGS,
+}
+
+
+def _setting_problem(error: dict) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    if field in ENV_NAMES:  # never a secret's value
+        return f"{ENV_NAMES[field]}={error.get('input')!r}: {error['msg']}"
+    return f"{field or 'settings'}: {error['msg']}"
+
+
+class SettingsInvalid(ValueError):
+    """A worker setting in the environment has a value the worker cannot use."""
 
 
 def default_base_volume() -> Path:
@@ -38,6 +64,12 @@ class WorkerSettings(BaseModel):
     download_deadline_s: float = Field(DOWNLOAD_DEADLINE_S, gt=0)
     # Private hosts dataset URLs may reach anyway: `host` or `host:port`, lower case.
     allowed_private_hosts: frozenset[str] = frozenset()
+    # Operator limits (unset: none). Checked at validation, hours and steps during training too.
+    max_steps: int | None = Field(None, gt=0)
+    max_hours: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_sequence_len: int | None = Field(None, gt=0)
+    max_lora_r: int | None = Field(None, gt=0)
+    max_dataset_bytes: int | None = Field(None, gt=0)
     # AXOLOTL_* variables on the endpoint: defaults under every job's args.
     default_args: dict = {}
     default_arg_problems: list[str] = []
@@ -58,12 +90,17 @@ class WorkerSettings(BaseModel):
             "user_token_issuer": "FINETUNE_USER_TOKEN_ISSUER",
             "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S",
             "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS",
+            **LIMIT_SETTINGS,
         }
         for field, name in optional.items():
             if env.get(name):
                 values[field] = env[name]
         default_args, _, problems = args_from_env(env)
-        settings = cls(**values, default_args=default_args, default_arg_problems=[str(p) for p in problems])
+        try:
+            settings = cls(**values, default_args=default_args, default_arg_problems=[str(p) for p in problems])
+        except ValidationError as exc:
+            wrong = [_setting_problem(e) for e in exc.errors()]
+            raise SettingsInvalid("; ".join(wrong)) from None
         settings.base_volume = settings.base_volume.absolute()
         return settings
 
@@ -72,6 +109,10 @@ class WorkerSettings(BaseModel):
     def _host_list(cls, value: object) -> object:
         """FINETUNE_ALLOWED_PRIVATE_HOSTS is comma-separated: `files.internal,10.0.0.5:8443`."""
         return parse_allowed_hosts(value) if isinstance(value, (str, list, tuple, set, frozenset)) else value
+
+    def limits(self) -> dict[str, float | int]:
+        """The operator limits that are set, by environment variable."""
+        return {name: getattr(self, field) for field, name in LIMIT_SETTINGS.items() if getattr(self, field) is not None}
 
     @property
     def user_tokens_required(self) -> bool:

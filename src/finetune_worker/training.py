@@ -122,6 +122,7 @@ class TrainingProcess:
         self.process: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task | None = None
         self.log_failed = False
+        self.timed_out = False  # stopped at the deadline given to records()
 
     @property
     def pid(self) -> int | None:
@@ -190,10 +191,14 @@ class TrainingProcess:
                 except OSError:  # a full volume: keep the tail in memory, keep draining the pipe
                     self.log_failed = True
 
-    async def records(self) -> AsyncIterator[list[dict]]:
-        """Batches of progress records, until the process exits and its output is drained."""
+    async def records(self, deadline: float | None = None) -> AsyncIterator[list[dict]]:
+        """Batches of progress records, until the process exits and its output is drained.
+        Past `deadline` (time.monotonic()), the process tree is stopped and `timed_out` set."""
         assert self.process
         while self.process.returncode is None:
+            if deadline is not None and time.monotonic() > deadline and not self.timed_out:
+                self.timed_out = True
+                await asyncio.to_thread(stop_process_group, self.process.pid)
             try:
                 await asyncio.wait_for(asyncio.shield(self.process.wait()), POLL_SECONDS)
             except TimeoutError:

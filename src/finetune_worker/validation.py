@@ -9,7 +9,7 @@ from . import errors
 from .args_check import ArgsContext, check_args
 from .errors import JobError, Problem, problems_error
 from .hardware import Hardware
-from .job import JobInput, parse_job_input
+from .job import JobInput, blocks_args_check, parse_job_input
 from .paths import make_roots
 from .settings import WorkerSettings
 
@@ -32,7 +32,7 @@ def validate_job(
     args: dict[str, Any] = {}
     arg_problems: list[Problem] = []
     defaults, used, notes = _endpoint_defaults(settings, raw_args)
-    if isinstance(raw_args, dict) and not any(p.path == "input" for p in problems):
+    if isinstance(raw_args, dict) and not any(blocks_args_check(p) for p in problems):
         raw_args = {**defaults, **raw_args}
         context = ArgsContext(
             roots=make_roots(settings.base_volume, settings.examples_dir, job.user_id if job else None),
@@ -45,6 +45,8 @@ def validate_job(
         arg_problems += _evaluation_problems(job, make_roots(settings.base_volume, settings.examples_dir, job.user_id))
     if job is not None and job.num_processes and hardware.has_gpu and job.num_processes > hardware.gpu_count:
         arg_problems.append(Problem("num_processes", f"this worker has {hardware.gpu_count} GPU(s); use at most {hardware.gpu_count} processes, one per GPU"))
+    if args:
+        arg_problems += limit_problems(args, settings)
     if job is not None and job.publish.merge_lora and args.get("adapter") not in ("lora", "qlora"):
         arg_problems.append(Problem("publish.merge_lora", "needs a LoRA run (args.adapter: lora or qlora); a full fine-tune is already merged"))
     if problems or arg_problems:
@@ -52,6 +54,58 @@ def validate_job(
         raise problems_error(code, problems + arg_problems)
     assert job is not None
     return ValidJob(job=job, args=args, defaults_used=used, notes=notes)
+
+
+AXOLOTL_DEFAULT_SEQUENCE_LEN = 512  # AxolotlInputConfig.sequence_len
+
+
+def limit_problems(args: dict[str, Any], settings: WorkerSettings) -> list[Problem]:
+    """The operator's limits (FINETUNE_MAX_*), against the checked args (local paths absolute)."""
+    problems = []
+
+    def over(where: str, value: Any, limit: int | float | None, name: str, what: str = "") -> None:
+        if limit is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
+            problems.append(Problem(where, f"{value}{what} is over this worker's limit of {limit} ({name})"))
+
+    over("args.max_steps", args.get("max_steps"), settings.max_steps, "FINETUNE_MAX_STEPS")
+    sequence_len = args.get("sequence_len")
+    over("args.sequence_len", AXOLOTL_DEFAULT_SEQUENCE_LEN if sequence_len is None else sequence_len, settings.max_sequence_len,
+         "FINETUNE_MAX_SEQUENCE_LEN", " (Axolotl's default)" if sequence_len is None else "")
+    if args.get("adapter") in ("lora", "qlora"):
+        over("args.lora_r", args.get("lora_r"), settings.max_lora_r, "FINETUNE_MAX_LORA_R")
+    if settings.max_dataset_bytes is not None:
+        total = local_dataset_bytes(args)
+        if total > settings.max_dataset_bytes:
+            problems.append(Problem(
+                "args.datasets", f"the local datasets hold {total} bytes, over this worker's limit of {settings.max_dataset_bytes} (FINETUNE_MAX_DATASET_BYTES)"
+            ))
+    return problems
+
+
+def local_dataset_bytes(args: dict[str, Any]) -> int:
+    """The size of the datasets' local files (a directory: every file in it) and inline rows."""
+    import json
+    from pathlib import Path
+
+    total = 0
+    for key in ("datasets", "test_datasets", "pretraining_dataset"):
+        for entry in args.get(key) or []:
+            if not isinstance(entry, dict):
+                continue
+            if isinstance(entry.get("rows"), list):
+                total += len(json.dumps(entry["rows"]))
+            files = entry.get("data_files")
+            names = [entry.get("path")] + (files if isinstance(files, list) else [files])
+            for name in {n for n in names if isinstance(n, str) and n.startswith("/")}:
+                path = Path(name)
+                try:
+                    if path.is_file():
+                        total += path.stat().st_size
+                    elif path.is_dir():
+                        total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                except OSError:
+                    continue
+    return total
 
 
 def _evaluation_problems(job: JobInput, roots) -> list[Problem]:

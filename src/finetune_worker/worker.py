@@ -30,11 +30,13 @@ AGGREGATE_BUDGET_BYTES = 4 * 1024 * 1024
 DROPPABLE_EVENTS = ("progress", "checkpoint", "eval", "warning", "status")
 
 
-def make_handler(send_progress: Callable[[dict, Any], None] | None = None):
-    """The async generator handler RunPod iterates; `send_progress` feeds /status."""
+def make_handler(send_progress: Callable[[dict, Any], None] | None = None, chain_sigterm: bool = True):
+    """The async generator handler RunPod iterates; `send_progress` feeds /status.
+    `chain_sigterm=False`: the caller handles SIGTERM itself (the local CLI)."""
 
     async def handler(job: dict) -> AsyncIterator[dict]:
-        _chain_sigterm()
+        if chain_sigterm:
+            _chain_sigterm()
         streamed = 0
         async for event in run_job(job.get("input")):
             if send_progress and event["type"] in STATUS_EVENTS:
@@ -99,6 +101,14 @@ def start() -> None:
         # RunPod's local test mode never iterates a generator handler: run the job in
         # test_input.json through the local CLI instead.
         sys.exit(main(["run", "test_input.json"]))
+
+    from .settings import SettingsInvalid, WorkerSettings
+
+    try:
+        WorkerSettings.from_env(os.environ)
+    except SettingsInvalid as exc:
+        print(f"finetune-worker: cannot start, a worker setting is invalid: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
     import runpod
 

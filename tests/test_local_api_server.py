@@ -1,0 +1,46 @@
+"""RunPod's local API server (`--rp_serve_api`) and what the README says of it."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from finetune_worker import errors
+from finetune_worker.settings import REPO_ROOT
+from finetune_worker.worker import make_handler
+
+
+def _local_server(monkeypatch, tmp_path):
+    from runpod.serverless.modules import rp_fastapi
+
+    monkeypatch.setenv("BASE_VOLUME", str(tmp_path))
+    # The SDK keeps its job list in .runpod_jobs.pkl in the working directory: not in the repo.
+    monkeypatch.setattr(type(rp_fastapi.job_list), "_STATE_FILE", str(tmp_path / ".runpod_jobs.pkl"))
+    # The SDK's simulation endpoints, called without starting its web server or heartbeat.
+    return rp_fastapi, SimpleNamespace(config={"handler": make_handler(chain_sigterm=False)})
+
+
+FAILING_JOB = {"user_id": "u", "model_id": "m", "run_id": "../bad", "args": {"base_model": "a/b"}}
+
+
+def test_the_local_runsync_reports_a_failed_job_as_completed(monkeypatch, tmp_path):
+    rp_fastapi, server = _local_server(monkeypatch, tmp_path)
+    answer = asyncio.run(rp_fastapi.WorkerAPI._sim_runsync(server, rp_fastapi.DefaultRequest(input=FAILING_JOB)))
+    assert answer["status"] == "COMPLETED"  # the SDK's behaviour, not a deployed endpoint's
+    assert answer["output"][-1]["type"] == "error" and answer["output"][-1]["code"] == errors.INVALID_INPUT
+
+
+def test_the_local_status_runs_the_stored_job_once(monkeypatch, tmp_path):
+    rp_fastapi, server = _local_server(monkeypatch, tmp_path)
+    queued = asyncio.run(rp_fastapi.WorkerAPI._sim_run(server, rp_fastapi.DefaultRequest(input=FAILING_JOB)))
+    assert queued["status"] == "IN_PROGRESS"
+    answer = asyncio.run(rp_fastapi.WorkerAPI._sim_status(server, queued["id"]))
+    assert answer["status"] == "COMPLETED" and answer["output"][-1]["type"] == "error"
+    again = asyncio.run(rp_fastapi.WorkerAPI._sim_status(server, queued["id"]))
+    assert again == {"id": queued["id"], "status": "FAILED", "error": "Job ID not found"}
+
+
+def test_the_readme_documents_the_local_server():
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert "local `--rp_serve_api`" in readme
+    assert "**also when the job failed**" in readme and "Job ID not found" in readme
