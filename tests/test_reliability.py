@@ -94,7 +94,8 @@ def test_training_process_killed_by_a_signal_is_named(tiny, env, volume, tmp_pat
         os.kill(pid, signal.SIGKILL)
     final = read_until(process, lambda e: e["type"] in ("result", "error"))[-1]
     process.wait(30)
-    assert final["code"] == "training_failed" and "SIGKILL" in final["message"]
+    # SIGKILL is what the kernel's OOM killer sends: named as host memory (issue 19)
+    assert final["code"] == "out_of_memory" and "SIGKILL" in final["message"] and "RAM" in final["message"]
     assert process.returncode == 1
 
 
