@@ -18,9 +18,9 @@ from .distributed import DEEPSPEED_PRESETS, combination_problems, resolve_preset
 from .errors import Problem
 from .hardware import Hardware
 from .job import HUB_REPO_ID, HUB_REPO_NAME, suggest
-from .options import CREDENTIAL_ENV, REMOTE_CODE_KEYS, Kind, dataset_fields, is_nested, kind_of, mapping_key_problem
+from .options import CREDENTIAL_ENV, Kind, dataset_fields, is_nested, kind_of, mapping_key_problem
 from .paths import HUB_ID, PathRejected, PathRoots, resolve_inside, resolve_local_or_hub
-from .plan import INLINE_DATASET_KEYS
+from .plan import INLINE_DATASET_KEYS, integration_name
 
 # Keys the worker sets itself; a user value is replaced (see plan.py).
 WORKER_OWNED_KEYS = ("output_dir", "dataset_prepared_path")
@@ -226,8 +226,7 @@ OPTION_ALIASES = {
 def _unknown_key_problems(args: dict, notes: list[str]) -> list[Problem]:
     """Typos are errors (Axolotl would drop them silently); empty values and options of
     earlier Axolotl releases are dropped with a warning."""
-    plugins = tuple(p for p in _plugin_list(args) if axolotl_schema.plugin_problem(p) is None)
-    known = axolotl_schema.known_keys(plugins) | WORKER_READ_KEYS
+    known = axolotl_schema.known_keys(_loadable_plugins(args)) | WORKER_READ_KEYS
     problems = []
     for key in [k for k in args if k not in known]:
         value = args[key]
@@ -246,6 +245,11 @@ def _plugin_list(args: dict) -> list[str]:
     return [p for p in plugins if isinstance(p, str)] if isinstance(plugins, list) else []
 
 
+def _loadable_plugins(args: dict) -> tuple[str, ...]:
+    """The config's plugins that pass the plugin check (the others are reported by it)."""
+    return tuple(p for p in _plugin_list(args) if axolotl_schema.plugin_problem(p) is None)
+
+
 def _plugin_problems(args: dict) -> list[Problem]:
     plugins = args.get("plugins")
     if plugins is None:
@@ -255,7 +259,7 @@ def _plugin_problems(args: dict) -> list[Problem]:
     problems = []
     for index, plugin in enumerate(plugins):
         message = axolotl_schema.plugin_problem(plugin)
-        integration = plugin.split(".")[2] if isinstance(plugin, str) and plugin.count(".") >= 3 else ""
+        integration = integration_name(plugin)
         if not message and integration in REFUSED_INTEGRATIONS:
             message = f"the {integration} integration is not available on this worker: {REFUSED_INTEGRATIONS[integration]}"
         if message:
@@ -294,7 +298,7 @@ def _model_path_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
 def _option_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
     """Every option checked against what its Kind may touch (see options.py)."""
     problems: list[Problem] = []
-    known = axolotl_schema.known_keys(tuple(p for p in _plugin_list(args) if axolotl_schema.plugin_problem(p) is None))
+    known = axolotl_schema.known_keys(_loadable_plugins(args))
 
     def visit(node: dict, prefix: str, where: str) -> None:
         for key, value in node.items():
@@ -313,7 +317,7 @@ def _option_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
                         if isinstance(item, dict):
                             visit(item, path if key not in DATASET_LIST_KEYS else "datasets", f"{here}[{index}]")
                 continue
-            message = _kind_problem(kind, key, value, here, ctx)
+            message = _kind_problem(kind, key, value, ctx)
             if message:
                 problems.append(Problem(here, message))
             if kind is Kind.MAPPING or (kind is Kind.READ and isinstance(value, dict)):
@@ -329,7 +333,7 @@ def _option_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
     return problems
 
 
-def _kind_problem(kind: Kind, key: str, value: Any, where: str, ctx: ArgsContext) -> str | None:
+def _kind_problem(kind: Kind, key: str, value: Any, ctx: ArgsContext) -> str | None:
     if kind is Kind.REMOTE_CODE and not ctx.allow_trust_remote_code:
         return REMOTE_CODE_MESSAGE
     if kind is Kind.CREDENTIAL:
@@ -364,10 +368,12 @@ def _mapping_problems(value: Any, where: str, ctx: ArgsContext) -> list[Problem]
     problems = []
     if isinstance(value, dict):
         for key, item in value.items():
-            message = mapping_key_problem(key)
-            waived = (ctx.allow_trust_remote_code and str(key).lower() in REMOTE_CODE_KEYS) or (not ctx.shared and "disk" in (message or ""))
-            if message and not waived:
-                problems.append(Problem(f"{where}.{key}", message))
+            found = mapping_key_problem(key)
+            waived = found is not None and (
+                (found[0] is Kind.REMOTE_CODE and ctx.allow_trust_remote_code) or (found[0] is Kind.READ and not ctx.shared)
+            )
+            if found and not waived:
+                problems.append(Problem(f"{where}.{key}", found[1]))
             else:
                 problems.extend(_mapping_problems(item, f"{where}.{key}", ctx))
     elif isinstance(value, list):
@@ -442,5 +448,5 @@ def _schema_problems(args: dict, bad_datasets: set[tuple[str, int]]) -> list[Pro
         candidate[key] = list(candidate[key])
         candidate[key][index] = dict(PLACEHOLDER_DATASET)
     reported = tuple(f"args.{key}[{index}]" for key, index in bad_datasets)
-    plugins = tuple(p for p in _plugin_list(args) if axolotl_schema.plugin_problem(p) is None)  # others are reported already
+    plugins = _loadable_plugins(args)  # others are reported already
     return [p for p in axolotl_schema.schema_problems(candidate, plugins) if not p.path.startswith(reported)]

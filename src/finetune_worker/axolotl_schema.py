@@ -138,17 +138,6 @@ def known_keys(plugins: tuple[str, ...] = ()) -> frozenset[str]:
 
 
 @lru_cache(maxsize=1)
-def dataset_keys() -> frozenset[str]:
-    import_axolotl()
-    from axolotl.utils.schemas.datasets import DPODataset, KTODataset, SFTDataset, StepwiseSupervisedDataset
-
-    keys: set[str] = set()
-    for model in (SFTDataset, DPODataset, KTODataset, StepwiseSupervisedDataset):
-        keys |= _field_names(model)
-    return frozenset(keys)
-
-
-@lru_cache(maxsize=1)
 def builtin_dataset_types() -> tuple[str, ...]:
     """The `type:` names Axolotl resolves for SFT datasets."""
     import_axolotl()

@@ -119,15 +119,16 @@ PATH_KEY_SUFFIXES = ("_dir", "_path", "_file", "_folder", "_paths", "_files")
 PATH_KEYS = frozenset({"cache_dir", "offload_folder", "nvme_path", "pretrained_model_name_or_path", "output_path", "output_file"})
 
 
-def mapping_key_problem(key: str) -> str | None:
-    """Why a key inside a free-form mapping is refused, or None."""
+def mapping_key_problem(key: str) -> tuple[Kind, str] | None:
+    """What a key inside a free-form mapping touches (REMOTE_CODE, CREDENTIAL or READ
+    for a place on disk) and why it is refused, or None."""
     lowered = str(key).lower()
     if lowered in REMOTE_CODE_KEYS:
-        return "runs code from a model repository; refused inside any mapping"
+        return Kind.REMOTE_CODE, "runs code from a model repository; refused inside any mapping"
     if lowered in CREDENTIAL_KEYS or lowered.endswith("_token") or lowered.endswith("api_key"):
-        return "looks like a credential; send credentials in `credentials`, never in args"
+        return Kind.CREDENTIAL, "looks like a credential; send credentials in `credentials`, never in args"
     if lowered in PATH_KEYS or lowered.endswith(PATH_KEY_SUFFIXES):
-        return "names a place on disk for the library to read or write; the worker owns where files go"
+        return Kind.READ, "names a place on disk for the library to read or write; the worker owns where files go"
     return None
 
 
