@@ -177,7 +177,7 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
             state.redactor.add(hf_token, wandb_key)
             child_env = build_child_env(
                 env, paths=paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token, wandb_api_key=wandb_key,
-                other_secrets=_tracker_secrets(job),
+                other_secrets=_tracker_secrets(job), step_limit=settings.max_steps,
             )
             await _start_standby(job, paths, child_env, hardware, state)
         valid = validate_job(raw_input, settings, hardware, parsed=(job, problems))

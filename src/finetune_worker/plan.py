@@ -16,6 +16,7 @@ from .hardware import Hardware
 
 PROGRESS_PLUGIN = "finetune_worker.progress_plugin.ProgressPlugin"
 PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
+STEP_LIMIT_ENV = "FINETUNE_MAX_STEPS"
 
 # Read by the worker, which publishes after a successful run; never given to Axolotl
 # (the HF Trainer would create the repo up front and push on every save).
@@ -295,8 +296,10 @@ def build_child_env(
     hf_token: str | None,
     wandb_api_key: str | None,
     other_secrets: Mapping[str, str] | None = None,
+    step_limit: int | None = None,
 ) -> dict[str, str]:
-    """The child's environment: the worker's, minus its own secrets, plus this job's."""
+    """The child's environment: the worker's, minus its own secrets, plus this job's
+    (and the operator's step limit, which the progress plugin enforces before step 1)."""
     env = {
         key: value
         for key, value in base_env.items()
@@ -317,6 +320,9 @@ def build_child_env(
         env["WANDB_API_KEY"] = wandb_api_key
     else:
         env["WANDB_MODE"] = "disabled"
+    env.pop(STEP_LIMIT_ENV, None)
+    if step_limit:
+        env[STEP_LIMIT_ENV] = str(step_limit)
     env.update(other_secrets or {})
     return env
 

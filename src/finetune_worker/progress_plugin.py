@@ -22,6 +22,7 @@ from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
 PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
+STEP_LIMIT_ENV = "FINETUNE_MAX_STEPS"
 
 
 def _is_main_process() -> bool:
@@ -65,6 +66,15 @@ def _rank_line(args, what: str, state) -> None:
     print(f"\n[finetune-worker] rank {rank} of {world}: {what} at step {state.global_step}", flush=True)
 
 
+def _stop_if_over_step_limit(max_steps: int) -> None:
+    """The operator's FINETUNE_MAX_STEPS, enforced here, before the first step: stopping
+    the child from the worker after it reads train_begin races the first steps."""
+    limit = os.environ.get(STEP_LIMIT_ENV, "").strip()
+    if limit.isdigit() and int(limit) > 0 and max_steps > int(limit):
+        print(f"\n[finetune-worker] {max_steps} steps is over this worker's limit of {limit} ({STEP_LIMIT_ENV}); stopping", flush=True)
+        os._exit(3)  # every rank sees the same max_steps and exits; nothing has been trained or saved
+
+
 class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         _rank_line(args, "training started", state)
@@ -74,6 +84,7 @@ class ProgressCallback(TrainerCallback):
             max_steps=state.max_steps,
             num_train_epochs=state.num_train_epochs,
         )
+        _stop_if_over_step_limit(state.max_steps)
         run = _wandb_run()
         if run is not None:
             write_record("wandb", url=run.url, project=run.project, name=run.name, run_id=run.id, dir=run.dir)
