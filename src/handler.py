@@ -1,6 +1,6 @@
 """RunPod starts this file: `python -u src/handler.py`."""
 
-from finetune_worker.worker import start
+from finetune_worker.cli import start_image
 
 if __name__ == "__main__":
-    start()
+    start_image()

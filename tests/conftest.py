@@ -12,14 +12,13 @@ from typing import Any
 
 import pytest
 
+from finetune_worker.settings import SECRET_ENV_VARS, USER_TOKEN_SETTINGS
+
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-SECRET_ENV = (
-    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY",
-    "FINETUNE_USER_TOKEN_SECRET", "FINETUNE_USER_TOKEN_PUBLIC_KEY", "FINETUNE_USER_TOKEN_AUDIENCE", "FINETUNE_USER_TOKEN_ISSUER",
-)
+SECRET_ENV = (*SECRET_ENV_VARS, *USER_TOKEN_SETTINGS.values())
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from finetune_worker.events import ProgressTracker
 from finetune_worker.hardware import CPU_ONLY
 from finetune_worker.redact import Redactor
 from finetune_worker.settings import REPO_ROOT, SettingsInvalid, WorkerSettings
-from finetune_worker.training import TrainingProcess
+from finetune_worker.training import ChildProcess
 from finetune_worker.validation import validate_job
 
 
@@ -86,8 +86,8 @@ def test_the_limits_are_reported_in_a_status_event(env):
 
 
 def test_the_hours_cap_stops_the_training_process(tmp_path):
-    async def run() -> tuple[TrainingProcess, float]:
-        child = TrainingProcess(["sleep", "60"], {}, tmp_path / "log.txt", tmp_path / "progress.jsonl", Redactor())
+    async def run() -> tuple[ChildProcess, float]:
+        child = ChildProcess(["sleep", "60"], {}, tmp_path / "log.txt", tmp_path / "progress.jsonl", Redactor())
         await child.start()
         started = time.monotonic()
         async for _ in child.records(deadline=started + 1.0):

@@ -336,7 +336,7 @@ def test_the_pipeline_warns_about_each_left_out_default(env, volume, monkeypatch
     import json
 
     from conftest import collect, make_job
-    from finetune_worker import pipeline
+    from finetune_worker import capacity
     from finetune_worker.plan import Speedups
 
     model = volume / "models" / "llama-8b-shape-fast-defaults"
@@ -344,7 +344,7 @@ def test_the_pipeline_warns_about_each_left_out_default(env, volume, monkeypatch
     shape = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 128256, "intermediate_size": 14336,
              "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
     (model / "config.json").write_text(json.dumps(shape))
-    monkeypatch.setattr(pipeline, "_speedups", lambda *_: Speedups(flash_attn=True))  # as if flash-attn were installed
+    monkeypatch.setattr(capacity, "speedups", lambda *_: Speedups(flash_attn=True))  # as if flash-attn were installed
     l4 = Hardware(gpu_count=1, gpu_names=("NVIDIA L4",), gpu_memory_bytes=(24 * 2**30,), bf16=True, compute_capability=(8, 9))
     args = {**BASE, "base_model": str(model), "eval_table_size": 5}
     events = collect(make_job(args), env, hardware=l4)

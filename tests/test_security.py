@@ -253,8 +253,8 @@ def test_the_job_record_keeps_urls_without_their_query(tiny, volume):
 
 
 def test_tracker_keys_reach_only_the_childs_environment(tiny, volume):
+    from finetune_worker.credentials import tracker_secrets as _tracker_secrets
     from finetune_worker.job import JobInput
-    from finetune_worker.pipeline import _tracker_secrets
 
     job = JobInput.model_validate({"user_id": "a", "model_id": "m", "run_id": "r", "args": {}, "credentials": {"comet_api_key": "c" * 12}})
     assert _tracker_secrets(job) == {"COMET_API_KEY": "c" * 12}

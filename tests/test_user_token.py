@@ -24,7 +24,7 @@ from finetune_worker import pipeline, redact
 from finetune_worker.job import JobInput
 from finetune_worker.plan import run_paths
 from finetune_worker.redact import Redactor, secrets_in_raw_input
-from finetune_worker.training import TrainingProcess
+from finetune_worker.training import ChildProcess
 from finetune_worker.usertoken import MISSING
 from finetune_worker.validation import ValidJob
 
@@ -82,7 +82,7 @@ def calls(monkeypatch) -> list[str]:
     spy(pipeline, "parse_job_input", "parse")
     spy(pipeline, "validate_job", "validate")
     spy(pipeline, "_take_run", "lock")
-    spy(TrainingProcess, "start", "child")
+    spy(ChildProcess, "start", "child")
     return seen
 
 

@@ -18,15 +18,23 @@ from .distributed import DEEPSPEED_PRESETS, combination_problems, resolve_preset
 from .errors import Problem
 from .hardware import Hardware
 from .job import HUB_REPO_ID, HUB_REPO_NAME, suggest
-from .options import CREDENTIAL_ENV, Kind, dataset_fields, is_nested, kind_of, mapping_key_problem
+from .options import (
+    CREDENTIAL_ENV,
+    DATASET_LIST_KEYS,
+    INLINE_DATASET_KEYS,
+    Kind,
+    dataset_fields,
+    is_nested,
+    kind_of,
+    mapping_key_problem,
+)
 from .paths import HUB_ID, PathRejected, PathRoots, resolve_inside, resolve_local_or_hub
-from .plan import INLINE_DATASET_KEYS, integration_name
+from .plan import integration_name
 
 # Keys the worker sets itself; a user value is replaced (see plan.py).
 WORKER_OWNED_KEYS = ("output_dir", "dataset_prepared_path")
 # Not Axolotl options, but read by the worker from `args` (publishing).
 WORKER_READ_KEYS = frozenset({"hub_private_repo"})
-DATASET_LIST_KEYS = ("datasets", "test_datasets", "pretraining_dataset")
 # Read by the worker from a dataset entry: rows inline in the request (written to
 # the run directory as JSON Lines before Axolotl sees them).
 INLINE_ROWS_KEY = "rows"

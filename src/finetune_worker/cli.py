@@ -142,6 +142,21 @@ async def _run(job_input: Any, emit) -> int:
     return 0 if last and last["type"] == "result" else 1
 
 
+def start_image() -> None:
+    """The image's entry: the RunPod job loop on RunPod (or serving the SDK's local API);
+    elsewhere a Pod (RUNPOD_POD_ID or FINETUNE_MODE=pod), else the job in test_input.json:
+    RunPod's local test mode never iterates a generator handler, so the CLI runs it."""
+    from . import worker
+
+    if worker.on_runpod() or worker.serving_local_api():
+        worker.start()
+        return
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    if os.environ.get("RUNPOD_POD_ID") or os.environ.get("FINETUNE_MODE") == "pod":
+        sys.exit(main(["pod"]))
+    sys.exit(main(["run", "test_input.json"]))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     emit = print_json if args.json else HumanPrinter(sys.stdout)

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from . import errors
-from .args_check import DATASET_LIST_KEYS
 from .errors import JobError
+from .options import DATASET_LIST_KEYS
 from .plan import DataSource
 from .settings import DOWNLOAD_DEADLINE_S, MAX_DOWNLOAD_BYTES, WorkerSettings
 from .urlguard import Guard, Refused, open_url, url_for_humans

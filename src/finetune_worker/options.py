@@ -40,7 +40,10 @@ class Kind(enum.Enum):
     UNCLASSIFIED = "not classified by the worker's security table (a newer Axolotl option)"
 
 
-DATASET_LISTS = ("datasets", "test_datasets", "pretraining_dataset")
+# The options that hold lists of datasets, and those whose entries may carry inline
+# rows or an https URL (the worker writes them into the run directory).
+DATASET_LIST_KEYS = ("datasets", "test_datasets", "pretraining_dataset")
+INLINE_DATASET_KEYS = ("datasets", "test_datasets")
 
 _VALUE = """
 evaluation_strategy eval_strategy save_strategy type_of_model revision_of_model tokenizer_type processor_type
@@ -227,7 +230,7 @@ def plugin_arg_models() -> list[type]:
 
 def _canonical(path: str) -> str:
     head, _, rest = path.partition(".")
-    return f"datasets.{rest}" if head in DATASET_LISTS and rest else ("datasets" if head in DATASET_LISTS else path)
+    return f"datasets.{rest}" if head in DATASET_LIST_KEYS and rest else ("datasets" if head in DATASET_LIST_KEYS else path)
 
 
 def unclassified() -> list[str]:

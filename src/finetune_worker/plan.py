@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from .hardware import Hardware
+from .options import INLINE_DATASET_KEYS
+from .settings import SECRET_ENV_VARS, WORKER_ONLY_ENV_PREFIXES
 
 PROGRESS_PLUGIN = "finetune_worker.progress_plugin.ProgressPlugin"
 PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
@@ -55,14 +57,6 @@ CUDA_ONLY_PLUGIN_OPTIONS = {
         "expert_parallel_num_rdma_bytes", "expert_parallel_size", "expert_parallel_token_capacity",
     ),
 }
-
-# Environment variables the child must not inherit: RunPod's job-queue addresses and keys.
-WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
-WORKER_ONLY_ENV = (
-    "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "COMET_API_KEY", "SWANLAB_API_KEY",
-    "FINETUNE_USER_TOKEN_SECRET",
-)
-
 
 @dataclass(frozen=True)
 class RunPaths:
@@ -186,8 +180,6 @@ def build_axolotl_config(
     return AxolotlPlan(config=config, warnings=warnings, publish=publish, adapted_for_cpu=changed, data_sources=sources)
 
 
-# The dataset lists whose entries may carry inline rows or an https URL.
-INLINE_DATASET_KEYS = ("datasets", "test_datasets")
 KNOWN_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
 
 
@@ -273,11 +265,20 @@ def _drop_cuda_only_plugins(config: dict[str, Any]) -> list[str]:
     return changed
 
 
+# The child processes a job runs, each `python -m <module>`; every argv is built here.
+TRAIN_MODULE = "axolotl.cli.train"
+MERGE_MODULE = "axolotl.cli.merge_lora"
+STANDBY_MODULE = "finetune_worker.standby"
+HUB_MODULE = "finetune_worker.hub"
+PREFLIGHT_MODULE = "finetune_worker.preflight"
+EVALUATION_MODULE = "finetune_worker.evaluation"
+
+
 def build_train_argv(python: str, config_file: Path, num_processes: int = 1, port: int = 29500) -> list[str]:
     """`axolotl train`, as a module run by the worker's own interpreter; with several
     processes, under `accelerate launch` (torchrun underneath: one process per GPU).
     Mixed precision stays Axolotl's to choose (its bf16/fp16 override the launcher's)."""
-    train = ["-m", "axolotl.cli.train", str(config_file)]
+    train = ["-m", TRAIN_MODULE, str(config_file)]
     if num_processes > 1:
         launch = [
             "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
@@ -285,6 +286,33 @@ def build_train_argv(python: str, config_file: Path, num_processes: int = 1, por
         ]
         return [python, *launch, *train]
     return [python, *train]
+
+
+def build_standby_argv(python: str, config_file: Path) -> list[str]:
+    """A training child that imports Axolotl now and trains when told to (see standby.py)."""
+    return [python, "-m", STANDBY_MODULE, str(config_file)]
+
+
+def build_merge_argv(python: str, config_file: Path, output_dir: Path) -> list[str]:
+    """Axolotl's merge-lora: the adapter in output_dir merged into <output_dir>/merged."""
+    return [python, "-m", MERGE_MODULE, str(config_file), f"--lora_model_dir={output_dir}"]
+
+
+def build_tool_argv(python: str, module: str, *args: str, out: Path) -> list[str]:
+    """A helper child that writes one JSON object to `out` (Hub steps, preflight, evaluation)."""
+    return [python, "-m", module, *args, "--out", str(out)]
+
+
+def build_hub_argv(python: str, command: str, *args: str, out: Path) -> list[str]:
+    return build_tool_argv(python, HUB_MODULE, command, *args, out=out)
+
+
+def build_preflight_argv(python: str, config_file: Path, out: Path) -> list[str]:
+    return build_tool_argv(python, PREFLIGHT_MODULE, str(config_file), out=out)
+
+
+def build_evaluation_argv(python: str, spec_file: Path, out: Path) -> list[str]:
+    return build_tool_argv(python, EVALUATION_MODULE, str(spec_file), out=out)
 
 
 def build_child_env(
@@ -303,7 +331,7 @@ def build_child_env(
     env = {
         key: value
         for key, value in base_env.items()
-        if key not in WORKER_ONLY_ENV and not key.startswith(WORKER_ONLY_ENV_PREFIXES)
+        if key not in SECRET_ENV_VARS and not key.startswith(WORKER_ONLY_ENV_PREFIXES)
     }
     env.update(
         AXOLOTL_DO_NOT_TRACK="1",
@@ -492,3 +520,37 @@ def apply_fast_defaults(config: dict[str, Any], hardware: Hardware, speedups: Sp
     for d in defaults:
         d.apply(config)
     return FastDefaults(chosen=[d.describe() for d in defaults], dropped=dropped)
+
+
+# The plan after build_axolotl_config: each later fact is an input to a pure function
+# that returns a new plan (the config dicts are never shared between two plans).
+
+
+def with_fast_defaults(plan: AxolotlPlan, hardware: Hardware, speedups: Speedups, validate: Validator | None = None) -> tuple[AxolotlPlan, FastDefaults]:
+    config = copy.deepcopy(plan.config)
+    fast = apply_fast_defaults(config, hardware, speedups, validate)
+    return replace(plan, config=config), fast
+
+
+def with_config(plan: AxolotlPlan, **changes: Any) -> AxolotlPlan:
+    """A new plan whose config has these keys set (a value of None removes the key)."""
+    config = copy.deepcopy(plan.config)
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    return replace(plan, config=config)
+
+
+def with_prepared_data(plan: AxolotlPlan, fingerprint: str) -> AxolotlPlan:
+    """Axolotl's prepared-data cache, keyed by the datasets' content and the tokenizing options."""
+    return with_config(plan, dataset_prepared_path=str(Path(plan.config["dataset_prepared_path"]) / fingerprint))
+
+
+def with_resume_point(plan: AxolotlPlan, checkpoint: Path | None) -> AxolotlPlan:
+    return plan if checkpoint is None else with_config(plan, resume_from_checkpoint=str(checkpoint))
+
+
+def with_repo_id(plan: AxolotlPlan, repo_id: str) -> AxolotlPlan:
+    return replace(plan, publish={**plan.publish, "hub_model_id": repo_id})

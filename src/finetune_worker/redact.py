@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .settings import SECRET_ENV_VARS
+
 MASK = "***"
 MIN_SECRET_LENGTH = 6
 
@@ -24,11 +26,6 @@ TOKEN_PATTERNS = [
     re.compile(r"(?i)(authorization:\s*bearer\s+)\S+"),
     re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),  # a JWT (credentials.user_token)
 ]
-
-SECRET_ENV_VARS = (
-    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "FINETUNE_USER_TOKEN_SECRET",
-)
-
 
 class Redactor:
     def __init__(self, secrets: Iterable[str] = ()):

@@ -25,16 +25,31 @@ LIMIT_SETTINGS = {
     "max_lora_r": "FINETUNE_MAX_LORA_R",
     "max_dataset_bytes": "FINETUNE_MAX_DATASET_BYTES",
 }
-ENV_NAMES = {
-    "base_volume": "BASE_VOLUME", "examples_dir": "FINETUNE_EXAMPLES_DIR", "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE",
-    "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES", "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES",
-    "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S", "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", **LIMIT_SETTINGS,
+USER_TOKEN_SETTINGS = {
+    "user_token_secret": "FINETUNE_USER_TOKEN_SECRET", "user_token_public_key": "FINETUNE_USER_TOKEN_PUBLIC_KEY",
+    "user_token_audience": "FINETUNE_USER_TOKEN_AUDIENCE", "user_token_issuer": "FINETUNE_USER_TOKEN_ISSUER",
 }
+# Every setting but BASE_VOLUME: field -> environment variable.
+ENV_NAMES = {
+    "examples_dir": "FINETUNE_EXAMPLES_DIR", "hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY",
+    "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE", "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES",
+    "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES", "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S",
+    "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
+}
+# Environment variables whose values are secrets: the worker's own credentials. No
+# child inherits them (a child gets the job's own: plan.build_child_env), and their
+# values are masked wherever the worker writes (redact.py).
+SECRET_ENV_VARS = (
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "COMET_API_KEY", "SWANLAB_API_KEY",
+    "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "FINETUNE_USER_TOKEN_SECRET",
+)
+# RunPod's job-queue addresses (they carry its key): the worker's, never a child's.
+WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
 
 
 def _setting_problem(error: dict) -> str:
     field = str(error["loc"][0]) if error["loc"] else ""
-    if field in ENV_NAMES:  # never a secret's value
+    if field in ENV_NAMES and ENV_NAMES[field] not in SECRET_ENV_VARS:  # never a secret's value
         return f"{ENV_NAMES[field]}={error.get('input')!r}: {error['msg']}"
     return f"{field or 'settings'}: {error['msg']}"
 
@@ -77,22 +92,7 @@ class WorkerSettings(BaseModel):
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
         values: dict = {"base_volume": env.get("BASE_VOLUME") or default_base_volume()}
-        optional = {
-            "examples_dir": "FINETUNE_EXAMPLES_DIR",
-            "hf_token": "HF_TOKEN",
-            "wandb_api_key": "WANDB_API_KEY",
-            "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE",
-            "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES",
-            "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES",
-            "user_token_secret": "FINETUNE_USER_TOKEN_SECRET",
-            "user_token_public_key": "FINETUNE_USER_TOKEN_PUBLIC_KEY",
-            "user_token_audience": "FINETUNE_USER_TOKEN_AUDIENCE",
-            "user_token_issuer": "FINETUNE_USER_TOKEN_ISSUER",
-            "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S",
-            "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS",
-            **LIMIT_SETTINGS,
-        }
-        for field, name in optional.items():
+        for field, name in ENV_NAMES.items():
             if env.get(name):
                 values[field] = env[name]
         default_args, _, problems = args_from_env(env)
@@ -125,7 +125,3 @@ class WorkerSettings(BaseModel):
     @property
     def cache_dir(self) -> Path:
         return self.base_volume / "cache"
-
-    def allowed_roots(self) -> list[Path]:
-        """Where local paths in a job may point (the run directory is added per job)."""
-        return [self.base_volume, self.examples_dir]

@@ -1,4 +1,4 @@
-"""The training child process: start it, follow it, stop it completely.
+"""The child processes of a job (training and helpers): start one, follow it, stop it completely.
 
 The child runs in its own process group (session), so a cancel or a worker
 shutdown can end the whole tree (accelerate launchers and their ranks included),
@@ -111,7 +111,10 @@ class JsonLinesTail:
         return records
 
 
-class TrainingProcess:
+class ChildProcess:
+    """One child process of a job (training, or a helper: Hub steps, merge, preflight,
+    evaluation): started in its own process group, its output redacted into its log."""
+
     def __init__(self, argv: list[str], env: dict[str, str], log_file: Path, progress_file: Path, redactor: Redactor):
         self.argv = argv
         self.env = env

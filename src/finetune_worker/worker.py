@@ -88,20 +88,15 @@ def _warm_imports() -> None:
     print(f"finetune-worker: Axolotl schema loaded in {time.monotonic() - started:.1f}s", flush=True)
 
 
+def serving_local_api(env=os.environ) -> bool:
+    """The SDK's local API server (`--rp_serve_api`), or a realtime endpoint."""
+    return "--rp_serve_api" in sys.argv or bool(env.get("RUNPOD_REALTIME_PORT"))
+
+
 def start() -> None:
-    """Entry point of the image (`python -u src/handler.py`)."""
+    """The RunPod job loop (the image's entry, `src/handler.py`, calls it on RunPod)."""
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     _quiet_sdk_logs()
-    serving_api = "--rp_serve_api" in sys.argv or os.environ.get("RUNPOD_REALTIME_PORT")
-    if not on_runpod() and not serving_api:
-        from .cli import main
-
-        if os.environ.get("RUNPOD_POD_ID") or os.environ.get("FINETUNE_MODE") == "pod":
-            sys.exit(main(["pod"]))  # the image started as a Pod
-        # RunPod's local test mode never iterates a generator handler: run the job in
-        # test_input.json through the local CLI instead.
-        sys.exit(main(["run", "test_input.json"]))
-
     from .settings import SettingsInvalid, WorkerSettings
 
     try:
