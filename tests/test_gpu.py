@@ -249,7 +249,7 @@ def test_memory_estimate_is_close_to_the_real_peak_on_a_1b_model(tiny, env, hard
     "argv",
     [
         pytest.param(["--shape", "tiny", "--rows", "64", "--modes", "lora,full"], id="tiny"),
-        pytest.param(["--shape", "llama-3.2-1b", "--rows", "256", "--modes", "lora", "--sequence-len", "1024"], id="llama-3.2-1b-lora"),
+        pytest.param(["--shape", "llama-3.2-1b", "--rows", "256", "--modes", "lora", "--sequence-len", "512"], id="llama-3.2-1b-lora"),
     ],
 )
 def test_throughput_bench_prints_figures_with_the_fast_defaults(hardware, argv):
