@@ -21,7 +21,7 @@ test: lint
 
 ## GPU acceptance tests (tests/test_gpu.py, README "GPU acceptance tests"): on a machine with CUDA,
 ## in a venv (.venv) or in the image (its python); without a GPU they all skip
-GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python)
 gpu-test:
 	PYTHONPATH=$(CURDIR)/src $(GPU_PYTHON) -m pytest -m gpu -v -s
 
