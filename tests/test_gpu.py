@@ -143,7 +143,7 @@ def test_quantised_base_models_train_an_adapter(tiny, env, hardware, quantised):
 @pytest.mark.parametrize("processes", [1, 2], ids=["1gpu", "2gpu"])
 @pytest.mark.parametrize("adapter", ["lora", None], ids=["lora", "full"])
 @pytest.mark.parametrize(("key", "preset"), [("deepspeed", "zero2"), ("fsdp_config", "full_shard")], ids=["zero2", "fsdp2"])
-def test_sharded_training_on_the_gpus_present(tiny, env, volume, hardware, key, preset, adapter, processes):
+def test_sharded_training_on_the_gpus_present(tiny, env, hardware, key, preset, adapter, processes):
     """The worker's presets, one process per GPU (accelerate launch for two). With one GPU
     the worker starts one plain process: DeepSpeed still runs (Axolotl sets up a world of
     one), while accelerate only shards with FSDP in a distributed launch, so the 1-GPU FSDP
