@@ -3,7 +3,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export AXOLOTL_DO_NOT_TRACK := 1
 
-.PHONY: run test lint install bench bench-data
+.PHONY: run test gpu-test lint install bench bench-data
 
 $(STAMP): pyproject.toml builder/setup_venv.sh builder/constraints.txt $(wildcard builder/requirements*.txt)
 	bash builder/setup_venv.sh
@@ -18,6 +18,12 @@ run: $(STAMP)
 ## run the static checks and the test suite
 test: lint
 	$(VENV)/bin/python -m pytest
+
+## GPU acceptance tests (tests/test_gpu.py, README "GPU acceptance tests"): on a machine with CUDA,
+## in a venv (.venv) or in the image (its python); without a GPU they all skip
+GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python)
+gpu-test:
+	PYTHONPATH=$(CURDIR)/src $(GPU_PYTHON) -m pytest -m gpu -v -s
 
 ## benchmarks that print figures (docs/benchmarks.md): overhead, startup, warm start
 bench: $(STAMP)

@@ -131,3 +131,18 @@ def live_processes(marker: str, programs: tuple[str, ...], parent: int | None = 
 def training_pids(marker: str) -> list[int]:
     """Live training processes for the run whose path holds `marker`."""
     return live_processes(marker, TRAINING_PROGRAMS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: on a machine without it (this project's CI) they are
+    skipped, with the reason, in every run (`make test`, `pytest -m gpu`)."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here); run `make gpu-test` on a GPU machine")
+    for item in gpu_tests:
+        item.add_marker(skip)

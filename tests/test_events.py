@@ -107,3 +107,42 @@ def test_a_ten_hour_run_streams_a_bounded_number_of_progress_events():
     assert 2_000 < len(progress) < 3_500  # ~600 + 600 * ln(36000 / 600)
     assert progress[-1]["step"] == 36_000
     assert sum(len(json.dumps(e)) for e in progress) < 1_000_000
+
+
+def test_train_end_carries_the_peak_gpu_memory_into_the_metrics_only_when_reported():
+    gpu = ProgressTracker()
+    gpu.feed({"kind": "train_end", "step": 3, "time": 1.0, "peak_memory_reserved": 5 * 2**30})
+    assert gpu.metrics["peak_memory_reserved"] == 5 * 2**30
+    cpu = ProgressTracker()  # a CPU run's train_end has no figure: the metric is absent, not 0
+    cpu.feed({"kind": "train_end", "step": 3, "time": 1.0})
+    odd = ProgressTracker()
+    odd.feed({"kind": "train_end", "step": 3, "time": 1.0, "peak_memory_reserved": "lots"})
+    assert "peak_memory_reserved" not in cpu.metrics and "peak_memory_reserved" not in odd.metrics
+
+
+def test_the_progress_plugin_reports_the_peak_reserved_gpu_memory_at_train_end(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from finetune_worker import progress_plugin
+
+    records = tmp_path / "progress.jsonl"
+    monkeypatch.setenv(progress_plugin.PROGRESS_FILE_ENV, str(records))
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    state = SimpleNamespace(global_step=4, max_steps=4)
+    callback = progress_plugin.ProgressCallback()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    callback.on_train_end(None, state, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 3 * 2**30)
+    callback.on_train_end(None, state, None)
+
+    cpu, gpu = [json.loads(line) for line in records.read_text().splitlines()]
+    assert cpu["kind"] == gpu["kind"] == "train_end" and "peak_memory_reserved" not in cpu
+    assert gpu["peak_memory_reserved"] == 3 * 2**30
+    tracker = ProgressTracker()
+    tracker.feed(gpu)
+    assert tracker.metrics["peak_memory_reserved"] == 3 * 2**30

@@ -63,6 +63,10 @@ def test_hub_smoke_test_is_a_valid_tiny_gpu_job(gpu_settings):
         valid = validate_job(case["input"], gpu_settings, ONE_GPU)
         assert valid.args["max_steps"] <= 20 and valid.args["base_model"].endswith("examples/tiny-llama")
         assert case["timeout"] >= 5 * 60 * 1000
+    args = {case["name"]: case["input"]["args"] for case in tests["tests"]}
+    # on the real GPU: a plain LoRA job that leaves precision to the worker's fast defaults, and QLoRA
+    assert args["tiny_lora_fast_defaults_on_gpu"]["bf16"] == "auto" and args["tiny_lora_fast_defaults_on_gpu"]["adapter"] == "lora"
+    assert args["tiny_qlora_4bit"]["adapter"] == "qlora" and args["tiny_qlora_4bit"]["load_in_4bit"] is True
 
 
 def test_hub_listing_env_and_presets_make_valid_jobs(gpu_settings):

@@ -122,6 +122,9 @@ class ProgressTracker:
             return [status("training", f"W&B run: {where}", wandb_url=record.get("url"))]
         elif kind == "train_end":
             self.saw_train_end = True
+            peak = record.get("peak_memory_reserved")
+            if isinstance(peak, int) and not isinstance(peak, bool):  # on a GPU only
+                self.metrics["peak_memory_reserved"] = peak
         elif kind == "saved":
             self.saw_saved = True
         return []

@@ -6,7 +6,8 @@ records into events. Only the main process (rank 0) writes.
 
 Records: {"kind": "stage", "stage": ...}, {"kind": "train_begin", "max_steps": ...},
 {"kind": "step", ...}, {"kind": "log", "logs": {...}}, {"kind": "checkpoint", ...},
-{"kind": "eval", "metrics": {...}}, {"kind": "train_end", ...}, {"kind": "saved"},
+{"kind": "eval", "metrics": {...}}, {"kind": "train_end", ...} (with "peak_memory_reserved",
+bytes, on a GPU), {"kind": "saved"},
 {"kind": "nan_loss", ...}. Every record has "step" (when known) and "time".
 """
 
@@ -51,6 +52,16 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _peak_memory() -> dict:
+    """The most GPU memory PyTorch's allocator held on this rank's GPU during the run, in
+    bytes (torch.cuda.max_memory_reserved: what the estimate is compared with); {} on CPU."""
+    if not _has_cuda():
+        return {}
+    import torch
+
+    return {"peak_memory_reserved": int(torch.cuda.max_memory_reserved())}
 
 
 def _wandb_run():
@@ -113,7 +124,7 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         _rank_line(args, "training finished", state)
-        write_record("train_end", step=state.global_step, max_steps=state.max_steps)
+        write_record("train_end", step=state.global_step, max_steps=state.max_steps, **_peak_memory())
 
 
 class ProgressPlugin(BasePlugin):
