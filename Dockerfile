@@ -28,7 +28,7 @@ COPY pyproject.toml README.md test_input.json ./
 COPY examples examples
 COPY src src
 RUN python -m pip install --no-cache-dir --no-deps -e . \
-    && python -c "import finetune_worker.worker, axolotl, runpod"
+    && python -c "import finetune_worker.entry.worker, axolotl, runpod"
 
 # The model is fetched anonymously: a gated model needs a build secret
 # (docker buildx build --secret id=hf_token,env=HF_TOKEN), never a build argument.

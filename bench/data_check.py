@@ -70,7 +70,7 @@ def vm_hwm_kib() -> int:
 
 def child(path: str) -> None:
     """In the child: check one file as the worker's data step does, and report."""
-    from finetune_worker.data import check_datasets
+    from finetune_worker.data.files import check_datasets
 
     before = vm_hwm_kib()
     started, cpu = time.perf_counter(), time.process_time()

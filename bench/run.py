@@ -190,7 +190,7 @@ def main() -> None:
     options = parser.parse_args()
     report = {"machine": machine()}
     if options.what != "warm":
-        from finetune_worker.worker import _warm_imports
+        from finetune_worker.entry.worker import _warm_imports
 
         started = time.perf_counter()
         _warm_imports()  # what a RunPod worker does once, before its first job

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from finetune_worker.settings import SECRET_ENV_VARS, USER_TOKEN_SETTINGS
+from finetune_worker.contract.settings import SECRET_ENV_VARS, USER_TOKEN_SETTINGS
 
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,7 +30,7 @@ def volume(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(volume) -> Path:
     """The tiny Llama, tokenizer and datasets, generated here (no network)."""
-    from finetune_worker.tiny import make_tiny
+    from finetune_worker.entry.tiny import make_tiny
 
     assets = volume / "assets"
     make_tiny(assets)
@@ -97,8 +97,8 @@ def make_job(args: dict[str, Any], **fields: Any) -> dict[str, Any]:
 
 
 def collect(job_input: Any, env: dict[str, str], hardware=None) -> list[dict]:
-    from finetune_worker.hardware import CPU_ONLY
     from finetune_worker.pipeline import run_job
+    from finetune_worker.run.hardware import CPU_ONLY
 
     async def run() -> list[dict]:
         return [event async for event in run_job(job_input, env=env, hardware=hardware or CPU_ONLY)]
@@ -107,8 +107,8 @@ def collect(job_input: Any, env: dict[str, str], hardware=None) -> list[dict]:
 
 
 # A training runs as `python -m axolotl.cli.train CONFIG`, or as the standby child
-# `python -m finetune_worker.standby CONFIG` that the pipeline starts at job receipt.
-TRAINING_PROGRAMS = ("axolotl.cli.train", "finetune_worker.standby")
+# `python -m finetune_worker.run.standby CONFIG` that the pipeline starts at job receipt.
+TRAINING_PROGRAMS = ("axolotl.cli.train", "finetune_worker.run.standby")
 
 
 def live_processes(marker: str, programs: tuple[str, ...], parent: int | None = None) -> list[int]:

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_args
-from finetune_worker.args_check import ArgsContext, check_args
-from finetune_worker.hardware import CPU_ONLY, Hardware
-from finetune_worker.paths import make_roots
-from finetune_worker.settings import REPO_ROOT
+from finetune_worker.checks.args import ArgsContext, check_args
+from finetune_worker.checks.paths import make_roots
+from finetune_worker.contract.settings import REPO_ROOT
+from finetune_worker.run.hardware import CPU_ONLY, Hardware
 
 ONE_GPU = Hardware(gpu_count=1, gpu_names=("H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
 
@@ -169,7 +169,7 @@ def test_a_plugin_adapter_is_known_once_its_plugin_is_registered(tiny, ctx):
 def test_plugin_registration_does_not_leak_into_the_next_check():
     from axolotl.integrations.base import PluginManager
 
-    from finetune_worker import axolotl_schema
+    from finetune_worker.checks import axolotl_schema
 
     manager = PluginManager.get_instance()
     before = dict(manager.plugins)
@@ -189,7 +189,7 @@ def test_plugin_registration_does_not_leak_into_the_next_check():
 
 def test_only_plugin_classes_are_registered(tiny, ctx):
     """Registering a plugin instantiates it: a function of an integration module is not a plugin."""
-    from finetune_worker import axolotl_schema
+    from finetune_worker.checks import axolotl_schema
 
     name = "axolotl.integrations.liger.plugin.get_logger"
     assert problems(tiny_args(tiny, plugins=[name]), ctx) == [

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from finetune_worker.settings import REPO_ROOT
+from finetune_worker.contract.settings import REPO_ROOT
 
 
 def run_bench(*argv: str) -> dict:

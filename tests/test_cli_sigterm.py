@@ -9,8 +9,8 @@ import subprocess
 import sys
 import uuid
 
-from finetune_worker import errors
-from finetune_worker.settings import REPO_ROOT
+from finetune_worker.contract import errors
+from finetune_worker.contract.settings import REPO_ROOT
 
 
 def test_sigterm_prints_the_final_cancelled_event(tmp_path):
@@ -20,7 +20,7 @@ def test_sigterm_prints_the_final_cancelled_event(tmp_path):
     job_file.write_text(json.dumps(job))
     env = {**os.environ, "BASE_VOLUME": str(tmp_path / "volume"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
     child = subprocess.Popen(
-        [sys.executable, "-m", "finetune_worker.cli", "run", str(job_file), "--json"],
+        [sys.executable, "-m", "finetune_worker.entry.cli", "run", str(job_file), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT,
     )
     try:

@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from finetune_worker.client import final_event, job_from_config
+from finetune_worker.entry.client import final_event, job_from_config
 
 
 def test_yaml_config_becomes_the_args_of_a_new_job(tmp_path):

@@ -8,13 +8,13 @@ import json
 import pytest
 
 from conftest import collect, make_job, tiny_args
-from finetune_worker import axolotl_schema
-from finetune_worker.args_check import ArgsContext, check_args
-from finetune_worker.distributed import deepspeed_preset_path, process_count
-from finetune_worker.hardware import Hardware
-from finetune_worker.memory import GIB, estimate_gpu_memory, params_from_config
-from finetune_worker.paths import make_roots
-from finetune_worker.settings import REPO_ROOT
+from finetune_worker.checks import axolotl_schema
+from finetune_worker.checks.args import ArgsContext, check_args
+from finetune_worker.checks.memory import GIB, estimate_gpu_memory, params_from_config
+from finetune_worker.checks.paths import make_roots
+from finetune_worker.contract.settings import REPO_ROOT
+from finetune_worker.plan.distributed import deepspeed_preset_path, process_count
+from finetune_worker.run.hardware import Hardware
 
 H100 = Hardware(gpu_count=2, gpu_names=("NVIDIA H100",) * 2, gpu_memory_bytes=(80 * GIB,) * 2, bf16=True, compute_capability=(9, 0))
 LLAMA_3_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 128256, "intermediate_size": 14336,

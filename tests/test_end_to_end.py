@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import collect, make_job, tiny_args
-from finetune_worker.settings import REPO_ROOT
+from finetune_worker.contract.settings import REPO_ROOT
 
 pytestmark = pytest.mark.training
 CANARY_HF = "hf_CANARYe2eTokenDoNotLeak0001"
@@ -87,7 +87,7 @@ def test_run_directory_keeps_config_events_and_log_without_secrets(successful_ru
     job, evs, _, run_dir = successful_run
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["output_dir"] == str(run_dir / "output")
-    assert config["plugins"][-1] == "finetune_worker.progress_plugin.ProgressPlugin"
+    assert config["plugins"][-1] == "finetune_worker.run.progress_plugin.ProgressPlugin"
     assert config["bf16"] is False and config["lora_mlp_kernel"] is False
     recorded = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert recorded == evs
@@ -146,7 +146,7 @@ def test_cli_json_mode_prints_only_events_and_exits_by_outcome(tiny, env, tmp_pa
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps({"input": make_job(tiny_args(tiny, max_steps=6))}))
     done = subprocess.run(
-        [sys.executable, "-m", "finetune_worker.cli", "run", str(job_file), "--json"],
+        [sys.executable, "-m", "finetune_worker.entry.cli", "run", str(job_file), "--json"],
         env={**env, "PYTHONPATH": str(REPO_ROOT / "src")},
         capture_output=True,
         text=True,
@@ -161,7 +161,7 @@ def test_cli_json_mode_prints_only_events_and_exits_by_outcome(tiny, env, tmp_pa
     bad_file = tmp_path / "bad.json"
     bad_file.write_text(json.dumps({"input": make_job(tiny_args(tiny), run_id="../x")}))
     bad = subprocess.run(
-        [sys.executable, "-m", "finetune_worker.cli", "run", str(bad_file), "--json"],
+        [sys.executable, "-m", "finetune_worker.entry.cli", "run", str(bad_file), "--json"],
         env={**env, "PYTHONPATH": str(REPO_ROOT / "src")},
         capture_output=True,
         text=True,
@@ -175,7 +175,7 @@ def test_thousands_of_logged_steps_do_not_flood_the_stream(tiny, env, monkeypatc
     """logging_steps: 1 over 2000 steps: progress stays about one a second."""
     import asyncio
 
-    from finetune_worker import worker
+    from finetune_worker.entry import worker
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)

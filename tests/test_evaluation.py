@@ -8,8 +8,8 @@ import pytest
 
 from conftest import collect, make_job, tiny_args
 from fake_hub import FakeHub, user
-from finetune_worker.evaluation import gate, generation_metrics
-from finetune_worker.report import evaluation_sections
+from finetune_worker.publish.card import evaluation_sections
+from finetune_worker.publish.evaluation import gate, generation_metrics
 
 TOKEN = "hf_CANARYevalWriteToken0000001"
 

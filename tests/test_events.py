@@ -2,9 +2,9 @@
 
 import json
 
-from finetune_worker import events
-from finetune_worker.errors import JobError
-from finetune_worker.events import ProgressTracker
+from finetune_worker.contract import events
+from finetune_worker.contract.errors import JobError
+from finetune_worker.run.progress import ProgressTracker
 
 
 def run_records(steps: int, seconds_per_step: float, tracker=None):
@@ -125,7 +125,7 @@ def test_the_progress_plugin_reports_the_peak_reserved_gpu_memory_at_train_end(t
 
     import torch
 
-    from finetune_worker import progress_plugin
+    from finetune_worker.run import progress_plugin
 
     records = tmp_path / "progress.jsonl"
     monkeypatch.setenv(progress_plugin.PROGRESS_FILE_ENV, str(records))

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from conftest import collect, make_job, tiny_args
-from finetune_worker.memory import GIB, estimate_gpu_memory
-from finetune_worker.plan import LIGER_PLUGIN
-from finetune_worker.settings import REPO_ROOT
+from finetune_worker.checks.memory import GIB, estimate_gpu_memory
+from finetune_worker.contract.settings import REPO_ROOT
+from finetune_worker.plan.fast_defaults import LIGER_PLUGIN
 
 pytestmark = pytest.mark.gpu
 
@@ -47,7 +47,7 @@ def gpu_count() -> int:
 
 @pytest.fixture(scope="module")
 def hardware():
-    from finetune_worker.hardware import detect_hardware
+    from finetune_worker.run.hardware import detect_hardware
 
     detected = detect_hardware()
     assert detected.has_gpu, "conftest.py skips these tests without CUDA"
@@ -106,7 +106,7 @@ def test_fast_defaults_apply_on_the_gpu_and_the_tiny_model_learns(tiny, env, har
     assert config["attn_implementation"] == ("flash_attention_2" if flash else "sdpa")
     assert config.get("sample_packing", False) is flash
     assert (LIGER_PLUGIN in config["plugins"]) is installed("liger_kernel")
-    assert config["plugins"][-1] == "finetune_worker.progress_plugin.ProgressPlugin"
+    assert config["plugins"][-1] == "finetune_worker.run.progress_plugin.ProgressPlugin"
 
     assert_loss_falls(result)
     assert result["metrics"]["peak_memory_reserved"] > 0  # reported by the progress plugin on a GPU

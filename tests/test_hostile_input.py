@@ -9,13 +9,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_args
-from finetune_worker import errors
-from finetune_worker.errors import JobError
-from finetune_worker.hardware import CPU_ONLY
-from finetune_worker.paths import make_roots
-from finetune_worker.plan import build_axolotl_config, run_paths
-from finetune_worker.settings import REPO_ROOT, WorkerSettings
-from finetune_worker.validation import validate_job
+from finetune_worker.checks.paths import make_roots
+from finetune_worker.checks.validation import validate_job
+from finetune_worker.contract import errors
+from finetune_worker.contract.errors import JobError
+from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
+from finetune_worker.plan.config import build_axolotl_config
+from finetune_worker.run.hardware import CPU_ONLY
+from finetune_worker.run.rundir import run_paths
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +281,7 @@ def test_the_cli_never_raises_out_on_deep_json(tmp_path, volume, depth):
     job_file = tmp_path / "deep.json"
     job_file.write_text('{"input": {"user_id": "u", "model_id": "m", "run_id": "r", "args": {"x": ' + "[" * depth + "]" * depth + "}}}")
     env = {**os.environ, "BASE_VOLUME": str(volume), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
-    out = subprocess.run([sys.executable, "-m", "finetune_worker.cli", "run", str(job_file), "--json"],
+    out = subprocess.run([sys.executable, "-m", "finetune_worker.entry.cli", "run", str(job_file), "--json"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode not in (0,) and "Traceback" not in out.stderr, out.stderr[-2000:]
     final = json.loads(out.stdout.strip().splitlines()[-1])

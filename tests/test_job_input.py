@@ -2,7 +2,7 @@
 
 import pytest
 
-from finetune_worker.job import JobInput, format_loc, parse_job_input
+from finetune_worker.contract.job import JobInput, format_loc, parse_job_input
 
 LIMIT = 10 * 1024 * 1024
 

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import collect
-from finetune_worker.settings import REPO_ROOT
+from finetune_worker.checks.validation import validate_job
+from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
+from finetune_worker.run.hardware import CPU_ONLY
+from finetune_worker.run.rundir import args_digest
 
 PACKAGE = REPO_ROOT / "src" / "finetune_worker"
 OLD_RUN = Path(__file__).parent / "data" / "run-written-before-the-layout-move.tar.gz"
@@ -77,9 +80,9 @@ def test_no_module_imports_one_that_imports_it_back():
 
 
 def test_every_child_module_the_plan_names_exists():
-    from finetune_worker import plan
+    from finetune_worker.plan import children
 
-    modules = [value for name, value in vars(plan).items() if name.endswith("_MODULE")]
+    modules = [value for name, value in vars(children).items() if name.endswith("_MODULE")]
     assert len(modules) >= 6
     assert [module for module in modules if importlib.util.find_spec(module) is None] == []
 
@@ -88,9 +91,9 @@ def test_the_progress_plugin_keeps_its_old_dotted_path():
     """A config.yaml written before the move names it so (Pod users rerun `axolotl train` on it)."""
     old = "finetune_worker.progress_plugin.ProgressPlugin"
     module, _, cls = old.rpartition(".")
-    from finetune_worker import plan
+    from finetune_worker.plan.config import PROGRESS_PLUGIN
 
-    assert getattr(importlib.import_module(module), cls) is _load(plan.PROGRESS_PLUGIN)
+    assert PROGRESS_PLUGIN != old and getattr(importlib.import_module(module), cls) is _load(PROGRESS_PLUGIN)
 
 
 def _load(dotted: str):
@@ -106,7 +109,16 @@ def test_a_run_written_before_the_move_resumes_from_its_checkpoint(env, volume):
         archive.extractall(runs, filter="data")
     run_dir = runs / "tester" / "written-before-the-move"
     assert "finetune_worker.progress_plugin.ProgressPlugin" in (run_dir / "config.yaml").read_text()
-    assert json.loads((run_dir / "job.json").read_text())["run_id"] == OLD_JOB["run_id"]
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["run_id"] == OLD_JOB["run_id"] and record["args"] == OLD_JOB["args"]
+    # The digest covers the args as validated, where `examples/` became an absolute path
+    # in the checkout that wrote the run (/tmp/oldrel): the same release in this checkout
+    # would have written this one.
+    here = validate_job(OLD_JOB, WorkerSettings.from_env(env), CPU_ONLY).args
+    there = json.loads(json.dumps(here).replace(str(REPO_ROOT), "/tmp/oldrel"))
+    assert record["args_sha256"] == args_digest(there)
+    record["args_sha256"] = args_digest(here)
+    (run_dir / "job.json").write_text(json.dumps(record))
 
     evs = collect(OLD_JOB, env)
     assert evs[-1]["type"] == "result", evs[-1]

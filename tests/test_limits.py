@@ -8,14 +8,14 @@ import time
 import pytest
 
 from conftest import collect, make_job
-from finetune_worker import errors
-from finetune_worker.errors import JobError
-from finetune_worker.events import ProgressTracker
-from finetune_worker.hardware import CPU_ONLY
-from finetune_worker.redact import Redactor
-from finetune_worker.settings import REPO_ROOT, SettingsInvalid, WorkerSettings
-from finetune_worker.training import ChildProcess
-from finetune_worker.validation import validate_job
+from finetune_worker.checks.validation import validate_job
+from finetune_worker.contract import errors
+from finetune_worker.contract.errors import JobError
+from finetune_worker.contract.settings import REPO_ROOT, SettingsInvalid, WorkerSettings
+from finetune_worker.run.children import ChildProcess
+from finetune_worker.run.hardware import CPU_ONLY
+from finetune_worker.run.progress import ProgressTracker
+from finetune_worker.run.redact import Redactor
 
 
 @pytest.fixture

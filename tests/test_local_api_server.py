@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from finetune_worker import errors
-from finetune_worker.settings import REPO_ROOT
-from finetune_worker.worker import make_handler
+from finetune_worker.contract import errors
+from finetune_worker.contract.settings import REPO_ROOT
+from finetune_worker.entry.worker import make_handler
 
 
 def _local_server(monkeypatch, tmp_path):

@@ -4,15 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune_worker.hardware import CPU_ONLY, Hardware
-from finetune_worker.plan import (
-    PROGRESS_FILE_ENV,
-    PROGRESS_PLUGIN,
-    build_axolotl_config,
-    build_child_env,
-    build_train_argv,
-    run_paths,
-)
+from finetune_worker.plan.children import PROGRESS_FILE_ENV, build_child_env, build_train_argv
+from finetune_worker.plan.config import PROGRESS_PLUGIN, build_axolotl_config
+from finetune_worker.run.hardware import CPU_ONLY, Hardware
+from finetune_worker.run.rundir import run_paths
 
 GPU = Hardware(gpu_count=1, gpu_names=("H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
 PATHS = run_paths(Path("/vol/runs"), "alice", "r1")
@@ -133,10 +128,10 @@ def test_child_env_without_keys_turns_wandb_off_and_keeps_an_operator_hf_home():
 
 
 def test_fast_defaults_on_a_gpu_fill_only_what_the_job_left_unset():
-    from finetune_worker.plan import LIGER_PLUGIN, FastDefaults, Speedups, apply_fast_defaults
+    from finetune_worker.plan.fast_defaults import LIGER_PLUGIN, FastDefaults, Speedups, apply_fast_defaults
 
     gpu = Hardware(gpu_count=1, gpu_names=("NVIDIA H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
-    config = {"datasets": [{"path": "x", "type": "alpaca"}], "plugins": ["finetune_worker.progress_plugin.ProgressPlugin"]}
+    config = {"datasets": [{"path": "x", "type": "alpaca"}], "plugins": ["finetune_worker.run.progress_plugin.ProgressPlugin"]}
     chosen = apply_fast_defaults(config, gpu, Speedups(flash_attn=True, liger=True, model_type="llama")).chosen
     assert config["sample_packing"] is True and config["bf16"] is True and config["attn_implementation"] == "flash_attention_2"
     assert config["plugins"][0] == LIGER_PLUGIN and config["liger_fused_linear_cross_entropy"] is True
@@ -154,8 +149,8 @@ def test_fast_defaults_on_a_gpu_fill_only_what_the_job_left_unset():
 
 
 def test_fast_defaults_pass_axolotls_schema():
-    from finetune_worker import axolotl_schema
-    from finetune_worker.plan import Speedups, apply_fast_defaults
+    from finetune_worker.checks import axolotl_schema
+    from finetune_worker.plan.fast_defaults import Speedups, apply_fast_defaults
 
     gpu = Hardware(gpu_count=1, gpu_names=("NVIDIA H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
     for speedups in (Speedups(flash_attn=True, liger=True, model_type="llama"), Speedups()):
@@ -167,7 +162,7 @@ def test_fast_defaults_pass_axolotls_schema():
 def test_plugins_null_is_an_empty_list():
     """Found by the fuzz test: `plugins: null` is valid for Axolotl and must not crash the plan."""
     args = {"base_model": "x", "plugins": None}
-    assert plan(args, CPU_ONLY).config["plugins"] == ["finetune_worker.progress_plugin.ProgressPlugin"]
+    assert plan(args, CPU_ONLY).config["plugins"] == ["finetune_worker.run.progress_plugin.ProgressPlugin"]
 
 
 # --- fast defaults that must not clash with the config (planned as the pipeline plans) ---
@@ -179,7 +174,7 @@ LIGER = "axolotl.integrations.liger.LigerPlugin"
 
 
 def fast_speedups(**overrides):
-    from finetune_worker.plan import Speedups
+    from finetune_worker.plan.fast_defaults import Speedups
 
     return Speedups(**{"flash_attn": True, "liger": True, "model_type": "llama", **overrides})
 
@@ -188,7 +183,7 @@ def planned(args, speedups, hardware=H100):
     """The config as the pipeline plans it: plan, fast defaults (refused ones left out),
     then Axolotl's check with the config's plugins registered. Returns all three."""
     from finetune_worker.pipeline import _planned_config_problems
-    from finetune_worker.plan import apply_fast_defaults
+    from finetune_worker.plan.fast_defaults import apply_fast_defaults
 
     config = plan({**BASE, **args}, hardware).config
     fast = apply_fast_defaults(config, hardware, speedups, validate=_planned_config_problems)
@@ -247,7 +242,7 @@ def test_a_fast_default_axolotl_refuses_is_left_out_with_a_note():
 
 
 def test_left_out_defaults_take_what_needs_them_along_and_old_problems_are_not_theirs():
-    from finetune_worker.plan import apply_fast_defaults
+    from finetune_worker.plan.fast_defaults import apply_fast_defaults
 
     def refuse_liger(config):
         return ["args: no Liger here"] if LIGER in config["plugins"] else []
@@ -268,7 +263,7 @@ def test_left_out_defaults_take_what_needs_them_along_and_old_problems_are_not_t
 
 
 def test_cpu_swaps_gpu_only_attention_for_sdpa():
-    from finetune_worker import axolotl_schema
+    from finetune_worker.checks import axolotl_schema
 
     for attention in ("flash_attention_2", "flash_attention_3", "xformers", "sage", "fp8", "kernels-community/flash-attn3"):
         result = plan({**BASE, "attn_implementation": attention}, CPU_ONLY)
@@ -282,7 +277,7 @@ def test_cpu_swaps_gpu_only_attention_for_sdpa():
 
 
 def test_cpu_drops_cuda_only_plugins_with_their_options():
-    from finetune_worker import axolotl_schema
+    from finetune_worker.checks import axolotl_schema
 
     args = {**BASE, "plugins": [LIGER, CCE], "liger_rms_norm": True, "liger_glu_activation": True, "cut_cross_entropy": True, "bf16": True}
     result = plan(args, CPU_ONLY)
@@ -300,7 +295,7 @@ def test_cpu_drops_cuda_only_plugins_with_their_options():
 
 
 def test_cpu_turns_off_fp8_and_triton_kernels():
-    from finetune_worker import axolotl_schema
+    from finetune_worker.checks import axolotl_schema
 
     args = {**BASE, "adapter": "lora", "lora_r": 8, "lora_target_linear": True, "fp8": True, "lora_embedding_kernel": True,
             "fused_attn_kernel": True, "large_head_attention": "triton_flash"}
@@ -320,8 +315,8 @@ def test_cpu_turns_off_fp8_and_triton_kernels():
 
 def test_cuda_only_plugin_options_are_axolotls():
     """plan.py lists the options of the plugins it drops on CPU; they must be exactly Axolotl's."""
-    from finetune_worker import axolotl_schema
-    from finetune_worker.plan import CUDA_ONLY_PLUGIN_OPTIONS
+    from finetune_worker.checks import axolotl_schema
+    from finetune_worker.plan.config import CUDA_ONLY_PLUGIN_OPTIONS
 
     classes = {"cut_cross_entropy": "CutCrossEntropyPlugin", "liger": "LigerPlugin", "kernels": "KernelsPlugin", "expert_parallel": "ExpertParallelPlugin"}
     assert set(CUDA_ONLY_PLUGIN_OPTIONS) == set(classes)
@@ -336,8 +331,8 @@ def test_the_pipeline_warns_about_each_left_out_default(env, volume, monkeypatch
     import json
 
     from conftest import collect, make_job
-    from finetune_worker import capacity
-    from finetune_worker.plan import Speedups
+    from finetune_worker.checks import capacity
+    from finetune_worker.plan.fast_defaults import Speedups
 
     model = volume / "models" / "llama-8b-shape-fast-defaults"
     model.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from conftest import collect, make_job, tiny_args
-from finetune_worker.envconfig import args_from_env, parse_value
-from finetune_worker.hardware import CPU_ONLY
-from finetune_worker.pod import configure_from_env
-from finetune_worker.resources import link_prebaked_model
-from finetune_worker.settings import REPO_ROOT
+from finetune_worker.checks.resources import link_prebaked_model
+from finetune_worker.contract.envconfig import args_from_env, parse_value
+from finetune_worker.contract.settings import REPO_ROOT
+from finetune_worker.entry.pod import configure_from_env
+from finetune_worker.run.hardware import CPU_ONLY
 
 BASE = {"AXOLOTL_BASE_MODEL": "NousResearch/Llama-3.2-1B", "AXOLOTL_LEARNING_RATE": "0.0002",
         "AXOLOTL_DATASETS": '[{"path":"mhenrichsen/alpaca_2k_test","type":"alpaca"}]'}
@@ -108,11 +108,11 @@ def test_pod_allows_local_paths_and_remote_code(tmp_path):
 def test_configure_command_writes_a_yaml_or_lists_problems(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "PYTHONPATH": str(REPO_ROOT / "src"), **BASE}
     out = tmp_path / "config.yaml"
-    done = subprocess.run([sys.executable, "-m", "finetune_worker.cli", "configure", "--from-env", "--output", str(out)],
+    done = subprocess.run([sys.executable, "-m", "finetune_worker.entry.cli", "configure", "--from-env", "--output", str(out)],
                           env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert yaml.safe_load(out.read_text())["learning_rate"] == 0.0002
-    bad = subprocess.run([sys.executable, "-m", "finetune_worker.cli", "configure", "--from-env", "--output", str(tmp_path / "bad.yaml")],
+    bad = subprocess.run([sys.executable, "-m", "finetune_worker.entry.cli", "configure", "--from-env", "--output", str(tmp_path / "bad.yaml")],
                          env={**env, "AXOLOTL_LOAD_IN_4BIT": "true", "AXOLOTL_ADAPTER": "qlora"}, capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "AXOLOTL_LOAD_IN_4BIT" in bad.stderr and not (tmp_path / "bad.yaml").exists()

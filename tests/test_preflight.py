@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conftest import collect, make_job, tiny_args
-from finetune_worker.preflight import length_outcome, packing_efficiency, render_example
+from finetune_worker.data.preflight import length_outcome, packing_efficiency, render_example
 
 GOOD = {"instruction": "What colour is a lime?", "input": "", "output": "A lime is green."}
 LONG = {"instruction": "Describe a lime. " * 120, "input": "", "output": "Green."}

@@ -14,8 +14,8 @@ import yaml
 
 from conftest import collect, make_job, tiny_args
 from fake_hub import FakeHub, user
-from finetune_worker.hub import token_problem, with_retries
-from finetune_worker.report import render_model_card
+from finetune_worker.publish.card import render_model_card
+from finetune_worker.publish.hub import token_problem, with_retries
 
 WRITE_TOKEN = "hf_CANARYaliceWriteToken000001"
 READ_TOKEN = "hf_aliceReadOnlyToken00000001"
@@ -166,7 +166,7 @@ def test_a_repo_without_an_owner_goes_to_the_tokens_user(hub, monkeypatch):
     """`hub_model_id: my-adapter` (as the Hub itself allows): the owner comes from whoami."""
     from huggingface_hub import HfApi, constants
 
-    from finetune_worker.hub import check
+    from finetune_worker.publish.hub import check
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 

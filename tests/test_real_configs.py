@@ -14,13 +14,15 @@ import copy
 
 import pytest
 
-from finetune_worker import axolotl_schema
-from finetune_worker.errors import JobError
-from finetune_worker.hardware import CPU_ONLY, Hardware
+from finetune_worker.checks import axolotl_schema
+from finetune_worker.checks.validation import validate_job
+from finetune_worker.contract.errors import JobError
+from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
 from finetune_worker.pipeline import _planned_config_problems
-from finetune_worker.plan import Speedups, Tracking, apply_fast_defaults, build_axolotl_config, run_paths
-from finetune_worker.settings import REPO_ROOT, WorkerSettings
-from finetune_worker.validation import validate_job
+from finetune_worker.plan.config import Tracking, build_axolotl_config
+from finetune_worker.plan.fast_defaults import Speedups, apply_fast_defaults
+from finetune_worker.run.hardware import CPU_ONLY, Hardware
+from finetune_worker.run.rundir import run_paths
 
 H100 = Hardware(gpu_count=1, gpu_names=("NVIDIA H100 80GB HBM3",), gpu_memory_bytes=(80 * 2**30,), bf16=True, compute_capability=(9, 0))
 

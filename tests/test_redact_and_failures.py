@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from finetune_worker import errors
-from finetune_worker.failures import diagnose
-from finetune_worker.redact import MASK, Redactor, secrets_in_env, secrets_in_raw_input
+from finetune_worker.contract import errors
+from finetune_worker.run.failures import diagnose
+from finetune_worker.run.redact import MASK, Redactor, secrets_in_env, secrets_in_raw_input
 
 
 def test_known_secrets_are_masked_everywhere_in_a_value():
@@ -144,7 +144,7 @@ def test_real_library_errors_are_diagnosed(tmp_path):
 def test_an_offline_hub_model_that_is_not_cached_fails_fast_as_model_load_error(env, tmp_path):
     """A real job: the training child looks the model up offline and fails; nothing is downloaded."""
     from conftest import collect, make_job
-    from finetune_worker.settings import REPO_ROOT
+    from finetune_worker.contract.settings import REPO_ROOT
 
     args = {"base_model": "someone/not-cached-model", "learning_rate": 1e-4, "adapter": "lora", "lora_r": 8, "lora_alpha": 16,
             "lora_target_linear": True, "sequence_len": 128, "micro_batch_size": 1, "num_epochs": 1,

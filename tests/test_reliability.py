@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import collect, make_job, tiny_args, training_pids
-from finetune_worker.settings import REPO_ROOT
+from finetune_worker.contract.settings import REPO_ROOT
 
 pytestmark = pytest.mark.training
 
@@ -37,7 +37,7 @@ def start_cli_job(job: dict, env: dict, tmp: Path) -> subprocess.Popen:
     job_file = tmp / f"{job['run_id']}.json"
     job_file.write_text(json.dumps({"input": job}))
     return subprocess.Popen(
-        [sys.executable, "-m", "finetune_worker.cli", "run", str(job_file), "--json"],
+        [sys.executable, "-m", "finetune_worker.entry.cli", "run", str(job_file), "--json"],
         env={**env, "PYTHONPATH": str(REPO_ROOT / "src")},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -11,12 +11,17 @@ import time
 
 import pytest
 
-from finetune_worker import runlock
-from finetune_worker.plan import run_paths
-from finetune_worker.resources import ModelFacts, estimate_disk, kept_checkpoints, lora_params, model_facts
-from finetune_worker.rundir import inspect_previous, is_complete_checkpoint, last_complete_checkpoint, set_aside_diverged
-from finetune_worker.runlock import RunLock, RunLocked
-from finetune_worker.settings import REPO_ROOT
+from finetune_worker.checks.resources import ModelFacts, estimate_disk, kept_checkpoints, lora_params, model_facts
+from finetune_worker.contract.settings import REPO_ROOT
+from finetune_worker.run import lock as runlock
+from finetune_worker.run.lock import RunLock, RunLocked
+from finetune_worker.run.rundir import (
+    inspect_previous,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    run_paths,
+    set_aside_diverged,
+)
 
 
 def write_lock(path, owner, age=0.0):

@@ -20,8 +20,8 @@ import yaml
 
 from conftest import make_job, tiny_args, training_pids
 from fake_runpod import FakeRunPod
-from finetune_worker import client as worker_client
-from finetune_worker.settings import REPO_ROOT
+from finetune_worker.contract.settings import REPO_ROOT
+from finetune_worker.entry import client as worker_client
 
 pytestmark = pytest.mark.training
 CANARY = "hf_CANARYrunpodLoop0123456789"
@@ -190,7 +190,7 @@ def test_client_submits_follows_and_reattaches(loop, tiny, tmp_path):
     config.write_text(yaml.safe_dump(tiny_args(tiny, max_steps=8)))
     cli_env = {**env, **fake.client_env(), "PYTHONPATH": str(REPO_ROOT / "src")}
     submit = subprocess.run(
-        [sys.executable, "-m", "finetune_worker.cli", "submit", str(config), "--endpoint", fake.endpoint_id,
+        [sys.executable, "-m", "finetune_worker.entry.cli", "submit", str(config), "--endpoint", fake.endpoint_id,
          "--user-id", "tester", "--run-id", f"cli-{int(time.time())}", "--json", "--poll", "0.3"],
         env=cli_env, capture_output=True, text=True, timeout=300,
     )
@@ -201,7 +201,7 @@ def test_client_submits_follows_and_reattaches(loop, tiny, tmp_path):
     job_id = submit.stderr.split("submitted job ")[1].split()[0]
 
     status = subprocess.run(
-        [sys.executable, "-m", "finetune_worker.cli", "status", job_id, "--endpoint", fake.endpoint_id, "--json"],
+        [sys.executable, "-m", "finetune_worker.entry.cli", "status", job_id, "--endpoint", fake.endpoint_id, "--json"],
         env=cli_env, capture_output=True, text=True, timeout=60,
     )
     assert status.returncode == 0, status.stderr[-3000:]

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_args
-from finetune_worker import options
-from finetune_worker.args_check import ArgsContext, check_args
-from finetune_worker.distributed import PRESET_DIR
-from finetune_worker.errors import JobError
-from finetune_worker.hardware import CPU_ONLY, Hardware
-from finetune_worker.paths import make_roots
-from finetune_worker.settings import REPO_ROOT, WorkerSettings
-from finetune_worker.validation import validate_job
+from finetune_worker.checks import options
+from finetune_worker.checks.args import ArgsContext, check_args
+from finetune_worker.checks.paths import make_roots
+from finetune_worker.checks.validation import validate_job
+from finetune_worker.contract.errors import JobError
+from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
+from finetune_worker.plan.distributed import PRESET_DIR
+from finetune_worker.run.hardware import CPU_ONLY, Hardware
 
 ONE_GPU = Hardware(gpu_count=1, gpu_names=("H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
 
@@ -253,15 +253,15 @@ def test_the_job_record_keeps_urls_without_their_query(tiny, volume):
 
 
 def test_tracker_keys_reach_only_the_childs_environment(tiny, volume):
-    from finetune_worker.credentials import tracker_secrets as _tracker_secrets
-    from finetune_worker.job import JobInput
+    from finetune_worker.contract.job import JobInput
+    from finetune_worker.plan.credentials import tracker_secrets as _tracker_secrets
 
     job = JobInput.model_validate({"user_id": "a", "model_id": "m", "run_id": "r", "args": {}, "credentials": {"comet_api_key": "c" * 12}})
     assert _tracker_secrets(job) == {"COMET_API_KEY": "c" * 12}
 
 
 def test_a_pods_owner_may_use_what_a_shared_endpoint_refuses(tiny, volume):
-    from finetune_worker.pod import pod_roots
+    from finetune_worker.entry.pod import pod_roots
 
     pod = ArgsContext(roots=pod_roots(volume), hardware=CPU_ONLY, allow_trust_remote_code=True, shared=False)
     args = tiny_args(tiny, mlflow_tracking_uri="http://127.0.0.1:5000", model_kwargs={"trust_remote_code": True, "cache_dir": "/tmp"})

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from finetune_worker import schema
-from finetune_worker.envconfig import args_from_env
-from finetune_worker.hardware import Hardware
-from finetune_worker.settings import REPO_ROOT, WorkerSettings
-from finetune_worker.validation import validate_job
+from finetune_worker.checks.validation import validate_job
+from finetune_worker.contract import schema
+from finetune_worker.contract.envconfig import args_from_env
+from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
+from finetune_worker.run.hardware import Hardware
 
 ONE_GPU = Hardware(gpu_count=1, gpu_names=("NVIDIA GeForce RTX 4090",), gpu_memory_bytes=(24 * 2**30,), bf16=True)
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
@@ -21,7 +21,7 @@ DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 
 def test_published_job_input_schema_is_current():
     committed = (REPO_ROOT / "docs" / "job-input.schema.json").read_text()
-    assert committed == schema.render(), "regenerate it: python -m finetune_worker.schema > docs/job-input.schema.json"
+    assert committed == schema.render(), "regenerate it: python -m finetune_worker.contract.schema > docs/job-input.schema.json"
     properties = json.loads(committed)["properties"]
     assert {"user_id", "model_id", "run_id", "credentials", "args", "publish", "restart"} <= set(properties)
 

@@ -9,12 +9,12 @@ import sys
 import pytest
 
 from conftest import live_processes, make_job, tiny_args
-from finetune_worker.hardware import CPU_ONLY
 from finetune_worker.pipeline import run_job
+from finetune_worker.run.hardware import CPU_ONLY
 
 
 def standby_children(marker: str) -> list[int]:
-    return live_processes(marker, ("finetune_worker.standby",), parent=os.getpid())
+    return live_processes(marker, ("finetune_worker.run.standby",), parent=os.getpid())
 
 
 def run_and_watch(job: dict, env: dict, marker: str) -> tuple[list[dict], list[int], list[int]]:
@@ -64,7 +64,7 @@ def test_no_standby_when_the_job_will_not_run_axolotl_train_in_one_process(tiny,
 def test_standby_without_go_exits_quietly_and_trains_nothing(tmp_path):
     config = tmp_path / "run" / "config.yaml"  # never written: the job failed its checks
     child = subprocess.run(
-        [sys.executable, "-m", "finetune_worker.standby", str(config)],
+        [sys.executable, "-m", "finetune_worker.run.standby", str(config)],
         input=b"", capture_output=True, timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1"},
     )

@@ -20,13 +20,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from conftest import collect, make_job, training_pids
-from finetune_worker import pipeline, redact
-from finetune_worker.job import JobInput
-from finetune_worker.plan import run_paths
-from finetune_worker.redact import Redactor, secrets_in_raw_input
-from finetune_worker.training import ChildProcess
-from finetune_worker.usertoken import MISSING
-from finetune_worker.validation import ValidJob
+from finetune_worker import pipeline
+from finetune_worker.checks.usertoken import MISSING
+from finetune_worker.checks.validation import ValidJob
+from finetune_worker.contract.job import JobInput
+from finetune_worker.run import redact
+from finetune_worker.run.children import ChildProcess
+from finetune_worker.run.redact import Redactor, secrets_in_raw_input
+from finetune_worker.run.rundir import run_paths
 
 SECRET = "operator-secret-0123456789-abcdefghijklmnop"  # 43 bytes
 LONG_SECRET = "operator-secret-" + "0123456789abcdef" * 3  # 64 bytes: HS256, HS384 and HS512

@@ -3,7 +3,7 @@
 import asyncio
 import json
 
-from finetune_worker import worker
+from finetune_worker.entry import worker
 
 
 def drive(handler, job):

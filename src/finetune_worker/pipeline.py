@@ -22,46 +22,43 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import axolotl_schema, capacity, errors, events, publishing
-from .credentials import hub_and_wandb_secrets, tracker_secrets
-from .data import DatasetCheck, without_url_queries
-from .datastep import check_data, data_checked, off_loop, preflight
-from .distributed import process_count
-from .errors import JobError
-from .evaluation import gate
-from .hardware import Hardware, detect_hardware
-from .job import parse_job_input
-from .jobstate import JobContext, JobState
-from .plan import (
-    RunPaths,
-    Tracking,
-    build_axolotl_config,
-    build_child_env,
-    run_paths,
-    with_fast_defaults,
-    with_prepared_data,
-    with_repo_id,
-    with_resume_point,
-)
-from .redact import Redactor, redact_file, secrets_in_env, secrets_in_raw_input
-from .report import write_loss_curve
-from .resources import ModelFacts, link_prebaked_model, model_facts
-from .rundir import (
+from finetune_worker.checks import axolotl_schema, capacity
+from finetune_worker.checks.resources import ModelFacts, link_prebaked_model, model_facts
+from finetune_worker.checks.usertoken import check_user_token
+from finetune_worker.checks.validation import ValidJob, config_problems_error, validate_job
+from finetune_worker.contract import errors, events
+from finetune_worker.contract.errors import JobError
+from finetune_worker.contract.job import parse_job_input
+from finetune_worker.contract.settings import SettingsInvalid, WorkerSettings
+from finetune_worker.data.download import without_url_queries
+from finetune_worker.data.files import DatasetCheck
+from finetune_worker.data.stage import check_data, data_checked, off_loop, preflight
+from finetune_worker.plan.children import build_child_env
+from finetune_worker.plan.config import Tracking, build_axolotl_config, with_prepared_data, with_repo_id, with_resume_point
+from finetune_worker.plan.credentials import hub_and_wandb_secrets, tracker_secrets
+from finetune_worker.plan.distributed import process_count
+from finetune_worker.plan.fast_defaults import with_fast_defaults
+from finetune_worker.publish import stage as publishing
+from finetune_worker.publish.card import write_loss_curve
+from finetune_worker.publish.evaluation import gate
+from finetune_worker.run.hardware import Hardware, detect_hardware
+from finetune_worker.run.lock import RunLock, RunLocked
+from finetune_worker.run.redact import Redactor, redact_file, secrets_in_env, secrets_in_raw_input
+from finetune_worker.run.rundir import (
     PreviousRun,
+    RunPaths,
     append_event,
     args_digest,
     inspect_previous,
     move_aside,
     prepare_run_dir,
     read_json,
+    run_paths,
     write_config,
     write_json,
 )
-from .runlock import RunLock, RunLocked
-from .settings import SettingsInvalid, WorkerSettings
-from .trainstep import progress_tracker, start_standby, train
-from .usertoken import check_user_token
-from .validation import ValidJob, config_problems_error, validate_job
+from finetune_worker.run.state import JobContext, JobState
+from finetune_worker.run.training import progress_tracker, start_standby, train
 
 LOG = logging.getLogger("finetune_worker")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,1 @@
+"""Everything decided before any download or training: the job's and the config's validation, the option table, path confinement, the user token, the URL guard, and the capacity checks (GPU memory, disk)."""

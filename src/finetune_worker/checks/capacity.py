@@ -1,0 +1,70 @@
+"""Will the run fit? The GPU memory and disk checks, and what the GPU offers for speed.
+
+All three read the planned config and the base model's facts (its config.json and
+size, from `resources.model_facts`); none loads a model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+from finetune_worker.checks.memory import CLEARLY_OVER, estimate_gpu_memory, suggestions
+from finetune_worker.checks.resources import ModelFacts, estimate_disk, gib
+from finetune_worker.contract import errors, events
+from finetune_worker.contract.errors import JobError
+from finetune_worker.contract.settings import WorkerSettings
+from finetune_worker.plan.fast_defaults import Speedups
+from finetune_worker.run.hardware import Hardware
+
+FITS_FRACTION = 0.9  # without gradient checkpointing, the estimate must stay under this share of the GPU
+
+
+def speedups(config: dict, model_config: dict | None, hardware: Hardware, processes: int) -> Speedups:
+    """What this GPU worker can use for speed: installed kernels, the model type, memory headroom."""
+    if not hardware.has_gpu:
+        return Speedups()
+    model_config = model_config or {}
+    fits = True
+    if "hidden_size" in model_config and hardware.gpu_memory_bytes:
+        plain = estimate_gpu_memory({**config, "gradient_checkpointing": False}, model_config, processes)
+        fits = plain.total <= FITS_FRACTION * min(hardware.gpu_memory_bytes)
+    return Speedups(
+        flash_attn=importlib.util.find_spec("flash_attn") is not None,
+        liger=importlib.util.find_spec("liger_kernel") is not None,
+        model_type=model_config.get("model_type"),
+        fits_without_checkpointing=fits,
+    )
+
+
+def check_memory(config: dict, model_config: dict | None, hardware: Hardware, processes: int) -> list[dict]:
+    """Peak GPU memory per GPU against the smallest GPU present; fail when it clearly cannot fit."""
+    if not hardware.has_gpu:
+        return []
+    if not model_config or "hidden_size" not in model_config:
+        return [events.status("preparing", "no memory estimate: the base model's config is not on the volume yet")]
+    estimate = estimate_gpu_memory(config, model_config, processes)
+    capacity = min(hardware.gpu_memory_bytes)
+    if estimate.total > capacity * CLEARLY_OVER:
+        raise JobError(
+            errors.OUT_OF_MEMORY,
+            f"this config needs about {estimate.describe()}, but each GPU has {gib(capacity)}; "
+            f"it will not fit. Try {suggestions(config, processes)}",
+        )
+    return [events.status(
+        "preparing", f"estimated peak GPU memory: {estimate.describe()} of {gib(capacity)} per GPU",
+        memory_estimate_bytes=estimate.total, memory_parts_bytes=estimate.parts, gpu_memory_bytes=capacity,
+    )]
+
+
+def check_disk(config: dict, base: ModelFacts, settings: WorkerSettings) -> None:
+    estimate = estimate_disk(config, base)
+    if estimate is None:
+        return
+    free = shutil.disk_usage(settings.base_volume).free
+    if estimate.total > free:
+        raise JobError(
+            errors.DISK_FULL,
+            f"this run will write {estimate.describe()}, but the volume has {gib(free)} free; "
+            "free space, lower save_total_limit, or use a larger volume",
+        )

@@ -1,0 +1,147 @@
+"""Step 1 of the pipeline: the whole request checked at once, before any download."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_worker.checks.args import ArgsContext, check_args
+from finetune_worker.checks.paths import make_roots
+from finetune_worker.contract import errors
+from finetune_worker.contract.errors import JobError, Problem, problems_error
+from finetune_worker.contract.job import JobInput, blocks_args_check, parse_job_input
+from finetune_worker.contract.settings import WorkerSettings
+from finetune_worker.run.hardware import Hardware
+
+
+@dataclass(frozen=True)
+class ValidJob:
+    job: JobInput
+    args: dict[str, Any]  # the endpoint's defaults + the user's args, local paths made absolute
+    defaults_used: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # warnings about the endpoint's AXOLOTL_* defaults
+
+
+def validate_job(
+    raw: Any, settings: WorkerSettings, hardware: Hardware, parsed: tuple[JobInput | None, list[Problem]] | None = None
+) -> ValidJob:
+    """Return the checked job, or raise one JobError that lists every problem.
+    `parsed`: what parse_job_input(raw) already returned, if the caller needed it first."""
+    job, problems = parsed or parse_job_input(raw, settings.max_request_bytes)
+    raw_args = raw.get("args") if isinstance(raw, dict) else None
+    args: dict[str, Any] = {}
+    arg_problems: list[Problem] = []
+    defaults, used, notes = _endpoint_defaults(settings, raw_args)
+    if isinstance(raw_args, dict) and not any(blocks_args_check(p) for p in problems):
+        raw_args = {**defaults, **raw_args}
+        context = ArgsContext(
+            roots=make_roots(settings.base_volume, settings.examples_dir, job.user_id if job else None),
+            hardware=hardware,
+            allow_trust_remote_code=settings.allow_trust_remote_code,
+        )
+        args, arg_problems = check_args(raw_args, context)
+        notes = (*notes, *context.notes)
+    if job is not None and job.evaluation is not None:
+        arg_problems += _evaluation_problems(job, make_roots(settings.base_volume, settings.examples_dir, job.user_id))
+    if job is not None and job.num_processes and hardware.has_gpu and job.num_processes > hardware.gpu_count:
+        arg_problems.append(Problem("num_processes", f"this worker has {hardware.gpu_count} GPU(s); use at most {hardware.gpu_count} processes, one per GPU"))
+    if args:
+        arg_problems += limit_problems(args, settings)
+    if job is not None and job.publish.merge_lora and args.get("adapter") not in ("lora", "qlora"):
+        arg_problems.append(Problem("publish.merge_lora", "needs a LoRA run (args.adapter: lora or qlora); a full fine-tune is already merged"))
+    if problems or arg_problems:
+        code = errors.INVALID_INPUT if problems else errors.INVALID_CONFIG
+        raise problems_error(code, problems + arg_problems)
+    assert job is not None
+    return ValidJob(job=job, args=args, defaults_used=used, notes=notes)
+
+
+AXOLOTL_DEFAULT_SEQUENCE_LEN = 512  # AxolotlInputConfig.sequence_len
+
+
+def limit_problems(args: dict[str, Any], settings: WorkerSettings) -> list[Problem]:
+    """The operator's limits (FINETUNE_MAX_*), against the checked args (local paths absolute)."""
+    problems = []
+
+    def over(where: str, value: Any, limit: int | float | None, name: str, what: str = "") -> None:
+        if limit is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
+            problems.append(Problem(where, f"{value}{what} is over this worker's limit of {limit} ({name})"))
+
+    over("args.max_steps", args.get("max_steps"), settings.max_steps, "FINETUNE_MAX_STEPS")
+    sequence_len = args.get("sequence_len")
+    over("args.sequence_len", AXOLOTL_DEFAULT_SEQUENCE_LEN if sequence_len is None else sequence_len, settings.max_sequence_len,
+         "FINETUNE_MAX_SEQUENCE_LEN", " (Axolotl's default)" if sequence_len is None else "")
+    if args.get("adapter") in ("lora", "qlora"):
+        over("args.lora_r", args.get("lora_r"), settings.max_lora_r, "FINETUNE_MAX_LORA_R")
+    if settings.max_dataset_bytes is not None:
+        total = local_dataset_bytes(args)
+        if total > settings.max_dataset_bytes:
+            problems.append(Problem(
+                "args.datasets", f"the local datasets hold {total} bytes, over this worker's limit of {settings.max_dataset_bytes} (FINETUNE_MAX_DATASET_BYTES)"
+            ))
+    return problems
+
+
+def local_dataset_bytes(args: dict[str, Any]) -> int:
+    """The size of the datasets' local files (a directory: every file in it) and inline rows."""
+    import json
+    from pathlib import Path
+
+    total = 0
+    for key in ("datasets", "test_datasets", "pretraining_dataset"):
+        for entry in args.get(key) or []:
+            if not isinstance(entry, dict):
+                continue
+            if isinstance(entry.get("rows"), list):
+                total += len(json.dumps(entry["rows"]))
+            files = entry.get("data_files")
+            names = [entry.get("path")] + (files if isinstance(files, list) else [files])
+            for name in {n for n in names if isinstance(n, str) and n.startswith("/")}:
+                path = Path(name)
+                try:
+                    if path.is_file():
+                        total += path.stat().st_size
+                    elif path.is_dir():
+                        total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                except OSError:
+                    continue
+    return total
+
+
+def _evaluation_problems(job: JobInput, roots) -> list[Problem]:
+    """Resolve the eval dataset's path (in place) and check inline eval rows."""
+    from finetune_worker.checks.paths import PathRejected, resolve_local_or_hub
+    from finetune_worker.data.rows import eval_row_shape, row_problem
+
+    dataset = job.evaluation.dataset
+    if dataset.path is not None:
+        try:
+            dataset.path = resolve_local_or_hub(dataset.path, roots)
+        except PathRejected as exc:
+            return [Problem("evaluation.dataset.path", str(exc))]
+        return []
+    shape = eval_row_shape(dataset.format)
+    for index, row in enumerate(dataset.rows or []):
+        problem, _ = row_problem(row, shape)
+        if problem:
+            return [Problem(f"evaluation.dataset.rows[{index}]", problem)]
+    return []
+
+
+def _endpoint_defaults(settings: WorkerSettings, raw_args: Any) -> tuple[dict, tuple[str, ...], tuple[str, ...]]:
+    """The endpoint's AXOLOTL_* defaults a job does not set itself; unknown ones are ignored with a note."""
+    if not settings.default_args and not settings.default_arg_problems:
+        return {}, (), ()
+    from finetune_worker.checks import axolotl_schema
+
+    known = axolotl_schema.known_keys()
+    defaults = {k: v for k, v in settings.default_args.items() if k in known}
+    notes = [f"endpoint default ignored: {p}" for p in settings.default_arg_problems]
+    notes += [f"endpoint default AXOLOTL_{k.upper()} is not an Axolotl option and was ignored" for k in settings.default_args if k not in known]
+    given = raw_args if isinstance(raw_args, dict) else {}
+    used = tuple(sorted(k for k in defaults if k not in given))
+    return defaults, used, tuple(notes)
+
+
+def config_problems_error(problems: list[Problem]) -> JobError:
+    return problems_error(errors.INVALID_CONFIG, problems)

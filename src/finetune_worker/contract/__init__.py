@@ -1,0 +1,1 @@
+"""What clients and operators see: the job, its events and error codes, the worker's settings."""

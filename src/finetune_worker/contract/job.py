@@ -1,0 +1,275 @@
+"""The job contract: the typed request that RunPod delivers as `job["input"]`."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from finetune_worker.contract.errors import Problem
+
+
+def _not_dot_names(value: str) -> str:
+    if value in (".", ".."):
+        raise ValueError("must not be '.' or '..'")
+    if value.endswith(".lock") or ".previous-" in value:
+        raise ValueError("must not end with '.lock' or contain '.previous-' (the worker's own names beside a run)")
+    return value
+
+
+SafeId = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9._-]+$", min_length=1, max_length=64),
+    AfterValidator(_not_dot_names),
+]
+SAFE_ID_HINT = "use 1-64 letters, digits, '.', '_' or '-' (it names a directory)"
+
+
+class Credentials(BaseModel):
+    """Per-job secrets; a missing token or key falls back to the worker's environment (user_token never does)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hf_token: SecretStr | None = None
+    wandb_api_key: SecretStr | None = None
+    comet_api_key: SecretStr | None = Field(default=None, description="Comet ML key (COMET_API_KEY in the training child); never in args.")
+    swanlab_api_key: SecretStr | None = Field(default=None, description="SwanLab key (SWANLAB_API_KEY in the training child); never in args.")
+    user_token: SecretStr | None = Field(
+        default=None,
+        description="A JWT signed by the operator's service, whose `sub` is this job's user_id; "
+        "required when the endpoint sets FINETUNE_USER_TOKEN_SECRET or FINETUNE_USER_TOKEN_PUBLIC_KEY, ignored otherwise.",
+    )
+
+
+HUB_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+HUB_REPO_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"  # no owner: the token's user
+
+
+class PublishOptions(BaseModel):
+    """What to publish besides the adapter (or full model) that goes to args.hub_model_id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge_lora: bool = Field(default=False, description="Also merge the LoRA into the base model and keep (and push) the merged weights.")
+    merged_hub_model_id: Annotated[str, StringConstraints(pattern=HUB_REPO_ID)] | None = Field(
+        default=None, description="Repo for the merged weights; default: the merged/ folder of hub_model_id."
+    )
+
+
+EvalMetric = Literal["exact_match", "jaccard", "rouge1", "rouge2", "rougeL", "bleu", "loss", "perplexity"]
+EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)
+
+
+class EvaluationDataset(BaseModel):
+    """The eval examples: a Hub dataset, a file on the volume, or rows in the request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(default=None, description="A Hub dataset id or a file on the volume (.jsonl, .json, .csv, .parquet).")
+    rows: list[dict[str, Any]] | None = Field(default=None, max_length=1000, description="Examples inline in the request.")
+    format: Literal["auto", "alpaca", "messages", "prompt_completion"] = Field(
+        default="auto",
+        description="alpaca: instruction/input/output; messages: a conversation ending with the assistant's reference answer; "
+        "prompt_completion: prompt/completion; auto: told by the fields.",
+    )
+    name: str | None = Field(default=None, description="The Hub dataset's configuration name.")
+    split: str = "train"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvaluationDataset:
+        if (self.path is None) == (self.rows is None):
+            raise ValueError("give exactly one of path (a Hub dataset or a file on the volume) or rows (inline examples)")
+        if self.rows is not None and not self.rows:
+            raise ValueError("rows must not be empty")
+        return self
+
+
+class EvaluationOptions(BaseModel):
+    """Compare the fine-tune with its base model after training, and optionally gate the push."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: EvaluationDataset
+    num_examples: int = Field(default=20, ge=1, le=1000, description="How many examples (the first N) to evaluate.")
+    max_new_tokens: int = Field(default=64, ge=1, le=2048)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 means greedy decoding (the default).")
+    samples: int = Field(default=3, ge=0, le=20, description="How many examples to show in the result and the model card.")
+    publish_if_better: EvalMetric | None = Field(
+        default=None, description="Push only if the fine-tune beats the base model on this metric (loss/perplexity: lower is better)."
+    )
+    min_improvement: float = Field(default=0.0, ge=0.0, description="With publish_if_better: by more than this much.")
+
+
+class JobInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: SafeId
+    model_id: SafeId
+    run_id: SafeId
+    credentials: Credentials = Field(default_factory=Credentials)
+    args: dict[str, Any] = Field(description="An Axolotl config: any option `axolotl train` accepts.")
+    publish: PublishOptions = Field(default_factory=PublishOptions)
+    evaluation: EvaluationOptions | None = Field(default=None, description="Evaluate the fine-tune against its base model before publishing.")
+    num_processes: int | None = Field(
+        default=None, ge=1, le=64,
+        description="Training processes (accelerate launch); default: one per visible GPU. On a CPU worker, >1 runs DDP over gloo.",
+    )
+    mode: Literal["train", "preflight"] = Field(
+        default="train",
+        description="preflight: validate, load and tokenize the datasets exactly as training would, report statistics "
+        "and marked-up examples, and stop without training (needs the tokenizer, not the model weights).",
+    )
+    restart: bool = Field(
+        default=False,
+        description="Train this run_id again from scratch; an earlier attempt is kept, renamed <run_id>.previous-<time>.",
+    )
+
+
+def format_loc(loc: tuple[Any, ...] | list[Any]) -> str:
+    """('args', 'datasets', 0, 'type') -> 'args.datasets[0].type'."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def suggest(word: str, candidates: list[str]) -> str:
+    """A hint only when it is plausibly a typo: a few letters added, dropped, swapped
+    or changed (two for a word of up to 12 letters, three beyond)."""
+    allowed = 1 if len(word) <= 5 else 2 if len(word) <= 12 else 3
+    scored = sorted((_typo_distance(word.lower(), c.lower()), c) for c in candidates if abs(len(c) - len(word)) <= allowed)
+    if scored and scored[0][0] <= allowed:
+        return f"; did you mean '{scored[0][1]}'?"
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.9)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _typo_distance(a: str, b: str) -> int:
+    """Edit distance counting a swap of two neighbouring letters as one edit."""
+    rows = [list(range(len(b) + 1))]
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
+
+
+def _problem_from_pydantic(error: dict) -> Problem:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    field = loc[-1] if loc else ""
+    if kind == "extra_forbidden":
+        return Problem(format_loc(loc), f"unknown field{suggest(str(field), list(_model_at(loc[:-1]).model_fields))}")
+    if kind == "missing":
+        return Problem(format_loc(loc), "required field is missing")
+    if field in ("user_id", "model_id", "run_id"):
+        return Problem(format_loc(loc), f"invalid id; {SAFE_ID_HINT}")
+    if kind == "string_pattern_mismatch" and field == "merged_hub_model_id":
+        return Problem(format_loc(loc), "must be a Hub repo id like 'owner/name'")
+    message = error["msg"].removeprefix("Value error, ")
+    return Problem(format_loc(loc), message)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The pydantic model that holds the field at `loc`."""
+    model: type[BaseModel] = JobInput
+    for part in loc:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        nested = next((t for t in (annotation, *getattr(annotation, "__args__", ())) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if nested is None:
+            break
+        model = nested
+    return model
+
+
+# Lists and objects inside one another, counting the request itself: a real
+# Axolotl config needs fewer than 10; past this, the checks would recurse too deep.
+MAX_NESTING_DEPTH = 32
+
+
+def nesting_depth(value: Any, stop_after: int = MAX_NESTING_DEPTH) -> int:
+    """How deeply lists and objects nest in `value` (a scalar: 0), without recursion;
+    stops counting past `stop_after`."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop_after:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def printable(text: str) -> str:
+    """`text` with any lone surrogate written as an escape, so it can be printed or saved."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def value_problems(raw: Any) -> list[Problem]:
+    """Numbers that are not finite (NaN, Infinity: JSON has neither, but Python's parser
+    accepts them, and 1e400 reads as Infinity) and strings with a lone surrogate (they
+    cannot be written as UTF-8), anywhere in the request, keys included."""
+    problems: list[Problem] = []
+    stack: list[tuple[Any, tuple]] = [(raw, ())]
+    while stack and len(problems) < 20:
+        node, loc = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            problems.append(Problem(printable(format_loc(loc)) or "input", f"must be a finite number, not {node}"))
+        elif isinstance(node, str) and printable(node) != node:
+            problems.append(Problem(printable(format_loc(loc)) or "input", "contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text"))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(key, str) and printable(key) != key:
+                    problems.append(Problem(printable(format_loc((*loc, key))), "this key contains a lone surrogate: not valid Unicode text"))
+                stack.append((value, (*loc, key)))
+        elif isinstance(node, list):
+            stack.extend((value, (*loc, index)) for index, value in enumerate(node))
+    return sorted(problems, key=lambda p: p.path)
+
+
+def blocks_args_check(problem: Problem) -> bool:
+    """A problem the parser found that the args check must not run past."""
+    return problem.path == "input" or problem.path.startswith(("args.", "args["))
+
+
+def parse_job_input(raw: Any, max_bytes: int) -> tuple[JobInput | None, list[Problem]]:
+    """Parse the request; return the job or every problem found."""
+    if not isinstance(raw, dict):
+        return None, [Problem("input", "must be a JSON object with user_id, model_id, run_id, credentials and args")]
+    if nesting_depth(raw) > MAX_NESTING_DEPTH:
+        return None, [Problem("input", f"lists and objects are nested more than {MAX_NESTING_DEPTH} levels deep; no job needs that many")]
+    odd_values = value_problems(raw)
+    if odd_values:
+        return None, odd_values
+    size = len(json.dumps(raw, default=str))
+    if size > max_bytes:
+        return None, [Problem("input", f"request is {size} bytes; the limit is {max_bytes} bytes")]
+    try:
+        return JobInput.model_validate(raw), []
+    except ValidationError as exc:
+        return None, [_problem_from_pydantic(e) for e in exc.errors()]

@@ -1,0 +1,127 @@
+"""The worker operator's settings, read once from the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+
+from finetune_worker.checks.urlguard import parse_allowed_hosts
+from finetune_worker.contract.envconfig import args_from_env
+
+RUNPOD_VOLUME = Path("/runpod-volume")
+REPO_ROOT = Path(__file__).resolve().parents[3]
+MAX_REQUEST_BYTES = 10 * 1024 * 1024  # RunPod's /run payload limit
+MAX_DOWNLOAD_BYTES = 5 * 1024**3  # a dataset given by https URL
+DOWNLOAD_DEADLINE_S = 1800.0  # the whole download of one such dataset
+
+
+# The operator limits: field -> environment variable.
+LIMIT_SETTINGS = {
+    "max_steps": "FINETUNE_MAX_STEPS",
+    "max_hours": "FINETUNE_MAX_HOURS",
+    "max_sequence_len": "FINETUNE_MAX_SEQUENCE_LEN",
+    "max_lora_r": "FINETUNE_MAX_LORA_R",
+    "max_dataset_bytes": "FINETUNE_MAX_DATASET_BYTES",
+}
+USER_TOKEN_SETTINGS = {
+    "user_token_secret": "FINETUNE_USER_TOKEN_SECRET", "user_token_public_key": "FINETUNE_USER_TOKEN_PUBLIC_KEY",
+    "user_token_audience": "FINETUNE_USER_TOKEN_AUDIENCE", "user_token_issuer": "FINETUNE_USER_TOKEN_ISSUER",
+}
+# Every setting but BASE_VOLUME: field -> environment variable.
+ENV_NAMES = {
+    "examples_dir": "FINETUNE_EXAMPLES_DIR", "hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY",
+    "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE", "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES",
+    "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES", "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S",
+    "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
+}
+# Environment variables whose values are secrets: the worker's own credentials. No
+# child inherits them (a child gets the job's own: plan.build_child_env), and their
+# values are masked wherever the worker writes (redact.py).
+SECRET_ENV_VARS = (
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "COMET_API_KEY", "SWANLAB_API_KEY",
+    "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "FINETUNE_USER_TOKEN_SECRET",
+)
+# RunPod's job-queue addresses (they carry its key): the worker's, never a child's.
+WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
+
+
+def _setting_problem(error: dict) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    if field in ENV_NAMES and ENV_NAMES[field] not in SECRET_ENV_VARS:  # never a secret's value
+        return f"{ENV_NAMES[field]}={error.get('input')!r}: {error['msg']}"
+    return f"{field or 'settings'}: {error['msg']}"
+
+
+class SettingsInvalid(ValueError):
+    """A worker setting in the environment has a value the worker cannot use."""
+
+
+def default_base_volume() -> Path:
+    return RUNPOD_VOLUME if RUNPOD_VOLUME.is_dir() else Path.cwd() / "volume"
+
+
+class WorkerSettings(BaseModel):
+    base_volume: Path
+    examples_dir: Path = REPO_ROOT / "examples"
+    hf_token: SecretStr | None = None
+    wandb_api_key: SecretStr | None = None
+    allow_trust_remote_code: bool = False
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_download_bytes: int = MAX_DOWNLOAD_BYTES
+    # Optional proof of who the user is (usertoken.py): with either key set, every
+    # job must carry credentials.user_token, a JWT whose `sub` is its user_id.
+    user_token_secret: SecretStr | None = None  # HS256/HS384/HS512
+    user_token_public_key: str | None = None  # PEM: RS*/PS*, ES*, EdDSA
+    user_token_audience: str | None = None
+    user_token_issuer: str | None = None
+    download_deadline_s: float = Field(DOWNLOAD_DEADLINE_S, gt=0)
+    # Private hosts dataset URLs may reach anyway: `host` or `host:port`, lower case.
+    allowed_private_hosts: frozenset[str] = frozenset()
+    # Operator limits (unset: none). Checked at validation, hours and steps during training too.
+    max_steps: int | None = Field(None, gt=0)
+    max_hours: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_sequence_len: int | None = Field(None, gt=0)
+    max_lora_r: int | None = Field(None, gt=0)
+    max_dataset_bytes: int | None = Field(None, gt=0)
+    # AXOLOTL_* variables on the endpoint: defaults under every job's args.
+    default_args: dict = {}
+    default_arg_problems: list[str] = []
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
+        values: dict = {"base_volume": env.get("BASE_VOLUME") or default_base_volume()}
+        for field, name in ENV_NAMES.items():
+            if env.get(name):
+                values[field] = env[name]
+        default_args, _, problems = args_from_env(env)
+        try:
+            settings = cls(**values, default_args=default_args, default_arg_problems=[str(p) for p in problems])
+        except ValidationError as exc:
+            wrong = [_setting_problem(e) for e in exc.errors()]
+            raise SettingsInvalid("; ".join(wrong)) from None
+        settings.base_volume = settings.base_volume.absolute()
+        return settings
+
+    @field_validator("allowed_private_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: object) -> object:
+        """FINETUNE_ALLOWED_PRIVATE_HOSTS is comma-separated: `files.internal,10.0.0.5:8443`."""
+        return parse_allowed_hosts(value) if isinstance(value, (str, list, tuple, set, frozenset)) else value
+
+    def limits(self) -> dict[str, float | int]:
+        """The operator limits that are set, by environment variable."""
+        return {name: getattr(self, field) for field, name in LIMIT_SETTINGS.items() if getattr(self, field) is not None}
+
+    @property
+    def user_tokens_required(self) -> bool:
+        return self.user_token_secret is not None or self.user_token_public_key is not None
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.base_volume / "runs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.base_volume / "cache"

@@ -1,0 +1,171 @@
+"""Preflight: load and tokenize the datasets exactly as `axolotl train` would, and report.
+
+Runs in a child process, on the run's config.yaml (the one training would use):
+
+    python -m finetune_worker.data.preflight config.yaml --out preflight.json
+
+It loads the tokenizer (not the model weights), tokenizes each dataset with
+Axolotl's own prompt strategies, and measures it; then it runs Axolotl's own
+dataset preparation, which saves the prepared dataset into the shared cache that a
+training with the same data and config loads instead of tokenizing again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from finetune_worker.run.fastexit import exit_without_teardown
+
+IGNORED_LABEL = -100
+EXAMPLES_PER_DATASET = 2
+MAX_EXAMPLE_CHARS = 2000
+
+
+def render_example(input_ids: list[int], labels: list[int], decode) -> str:
+    """The example's text with the trained-on spans (labels kept) inside [[...]]."""
+    parts = []
+    for trained, group in itertools.groupby(zip(input_ids, labels, strict=True), key=lambda pair: pair[1] != IGNORED_LABEL):
+        text = decode([token for token, _ in group])
+        parts.append(f"[[{text}]]" if trained else text)
+    rendered = "".join(parts)
+    return rendered if len(rendered) <= MAX_EXAMPLE_CHARS else rendered[:MAX_EXAMPLE_CHARS] + " …"
+
+
+def token_stats(lengths: list[int], trained: list[int]) -> dict:
+    if not lengths:
+        return {"total": 0, "trained": 0, "min": None, "median": None, "max": None}
+    return {
+        "total": sum(lengths),
+        "trained": sum(trained),
+        "min": min(lengths),
+        "median": statistics.median(lengths),
+        "max": max(lengths),
+    }
+
+
+def length_outcome(lengths: list[int], sequence_len: int, min_len: int, strategy: str) -> dict:
+    """What Axolotl's handle_long_seq_in_dataset will do with these lengths."""
+    too_long = sum(length > sequence_len for length in lengths)
+    too_short = sum(length < min_len for length in lengths)
+    truncating = strategy == "truncate"
+    return {
+        "too_long": too_long,
+        "too_short": too_short,
+        "dropped": too_short + (0 if truncating else too_long),
+        "truncated": too_long if truncating else 0,
+    }
+
+
+def packing_efficiency(lengths: list[int], sequence_len: int, min_len: int = 2, bin_size: int = 200) -> dict:
+    """Share of each packed sequence filled with tokens, by Axolotl's own FFD packer."""
+    import numpy as np
+    from axolotl.utils.samplers.multipack import pack_group
+
+    kept = np.array(sorted((n for n in lengths if min_len <= n <= sequence_len), reverse=True), dtype=np.int64)
+    if not len(kept):
+        return {"bins": 0, "efficiency": None}
+    bins = pack_group(kept, 0, sequence_len, len(kept), bin_size, False)
+    return {"bins": len(bins), "efficiency": round(float(kept.sum()) / (len(bins) * sequence_len), 4)}
+
+
+def describe_dataset(where: str, entry: dict, dataset, cfg, decode) -> tuple[dict, list[int], list[int]]:
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    labels = dataset["labels"] if "labels" in dataset.column_names else dataset["input_ids"]
+    trained = [sum(label != IGNORED_LABEL for label in row) for row in labels]
+    outcome = length_outcome(lengths, cfg.sequence_len, cfg.min_sample_len or 2, (cfg.excess_length_strategy or "drop").lower())
+    examples = [
+        {
+            "dataset": where,
+            "row": index,
+            "tokens": lengths[index],
+            "trained_tokens": trained[index],
+            "text": render_example(dataset[index]["input_ids"], labels[index], decode),
+        }
+        for index in range(min(EXAMPLES_PER_DATASET, len(lengths)))
+    ]
+    report = {
+        "where": where,
+        "path": str(entry.get("path")),
+        "type": entry.get("type"),
+        "rows_read": len(lengths),
+        "rows_kept": len(lengths) - outcome["dropped"],
+        **outcome,
+        "no_trained_tokens": sum(count == 0 for count in trained),
+        "tokens": token_stats(lengths, trained),
+        "examples": examples,
+    }
+    return report, lengths, trained
+
+
+def preflight(config_path: Path) -> dict:
+    from axolotl.cli.config import load_cfg
+    from axolotl.common.datasets import load_datasets
+    from axolotl.loaders import load_tokenizer
+    from axolotl.utils.data.sft import _load_and_process_single_dataset  # pinned Axolotl: one dataset, tokenized
+    from axolotl.utils.data.shared import datasets_with_name_generator
+
+    cfg = load_cfg(str(config_path))
+    tokenizer = load_tokenizer(cfg)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    reports, train_lengths, all_lengths, all_trained = [], [], [], []
+    for list_key, split in (("datasets", "train"), ("test_datasets", "test")):
+        for index, entry in enumerate(datasets_with_name_generator(cfg[list_key] or [])):
+            dataset, _ = _load_and_process_single_dataset(entry, cfg, tokenizer, split, cfg.seed)
+            report, lengths, trained = describe_dataset(f"args.{list_key}[{index}]", dict(entry), dataset, cfg, decode)
+            reports.append(report)
+            all_lengths += lengths
+            all_trained += trained
+            if split == "train":
+                train_lengths += lengths
+
+    meta = load_datasets(cfg=cfg)
+    prepared = {
+        "train_rows": len(meta.train_dataset) if meta.train_dataset is not None else 0,
+        "eval_rows": len(meta.eval_dataset) if meta.eval_dataset is not None else 0,
+        "total_num_steps": meta.total_num_steps,
+        "cache_dir": str(cfg.dataset_prepared_path),
+    }
+    return {
+        "sequence_len": cfg.sequence_len,
+        "excess_length_strategy": cfg.excess_length_strategy or "drop",
+        "train_on_inputs": bool(cfg.train_on_inputs),
+        "tokenizer": str(cfg.tokenizer_config or cfg.base_model),
+        "datasets": reports,
+        "total": {**overall(reports), "tokens": token_stats(all_lengths, all_trained)},
+        "prepared": prepared,
+        "packing": {"enabled": True, **packing_efficiency(train_lengths, cfg.sequence_len, cfg.min_sample_len or 2)} if cfg.sample_packing else {"enabled": False},
+        "examples": [example for report in reports for example in report.pop("examples")],
+    }
+
+
+def overall(reports: list[dict]) -> dict:
+    counts = ("rows_read", "rows_kept", "too_long", "too_short", "dropped", "truncated", "no_trained_tokens")
+    return {key: sum(r[key] for r in reports) for key in counts}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune_worker.data.preflight")
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    options = parser.parse_args(argv)
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    report = preflight(options.config)
+    options.out.write_text(json.dumps(report, default=_plain), encoding="utf-8")
+    return 0
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+if __name__ == "__main__":
+    exit_without_teardown(main())  # a failure raises past this and exits as usual

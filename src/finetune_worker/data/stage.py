@@ -1,0 +1,113 @@
+"""The data stage: every dataset checked before any model loads, and the preflight.
+
+The row check reads files in a thread (`off_loop`), streamed in constant memory; the
+preflight tokenizes as training would, in a helper child, and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from finetune_worker.contract import events
+from finetune_worker.contract.errors import JobError
+from finetune_worker.contract.job import EvaluationOptions
+from finetune_worker.contract.settings import WorkerSettings
+from finetune_worker.data.download import DownloadRules, materialise
+from finetune_worker.data.files import DatasetCheck, check_datasets, check_eval_file
+from finetune_worker.data.fingerprint import data_fingerprint
+from finetune_worker.plan.children import build_preflight_argv
+from finetune_worker.plan.config import AxolotlPlan
+from finetune_worker.run.failures import diagnose
+from finetune_worker.run.state import JobContext, JobState
+from finetune_worker.run.tools import json_tool
+
+STEP_STOP_S = 10.0  # how long a cancelled job waits for its data step's thread to stop
+T = TypeVar("T")
+
+
+async def off_loop(state: JobState, step: Callable[[threading.Event], T]) -> T:
+    """Run a blocking step in a thread, so that the event loop (and a cancel) keeps running.
+
+    A cancel sets the step's flag, which the step checks between chunks of what it reads
+    or writes; the job waits for the thread to stop before it ends and frees the run.
+    """
+    cancel = state.step_cancel = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, step, cancel)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        await asyncio.wait([future], timeout=STEP_STOP_S)
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())  # its Cancelled is expected
+        raise
+    finally:
+        state.step_cancel = None
+
+
+def check_data(
+    plan: AxolotlPlan, settings: WorkerSettings, evaluation: EvaluationOptions | None, cancel: threading.Event | None = None,
+) -> tuple[list[DatasetCheck], str]:
+    """Inline and URL datasets into the run dir, every local row checked; (the checks, the
+    fingerprint that keys the prepared-data cache by content)."""
+    materialise(plan.data_sources, DownloadRules.from_settings(settings), cancel)
+    if evaluation is not None and evaluation.dataset.path:
+        check_eval_file(evaluation.dataset.path, evaluation.dataset.format, cancel)
+    inline = {source.where: source for source in plan.data_sources if source.rows is not None}
+    checks = check_datasets(plan.config, inline, cancel)
+    return checks, data_fingerprint(plan.config, checks, cancel)
+
+
+def data_checked(checks: list[DatasetCheck]) -> dict:
+    rows = sum(check.rows for check in checks)
+    empty = sum(check.empty_rows for check in checks)
+    note = f"; {empty} with an empty response (nothing to train on)" if empty else ""
+    return events.status(
+        "preparing",
+        f"{rows} rows in {len(checks)} local dataset(s) parse and have the fields their type needs{note}",
+        datasets={check.where: check.summary() for check in checks},
+    )
+
+
+async def preflight(ctx: JobContext, state: JobState, checks: list[DatasetCheck], started: float) -> AsyncIterator[dict]:
+    """Tokenize as training would, report, and stop: no model weights, no training."""
+    paths = ctx.paths
+    yield events.status("preprocessing", "preflight: loading the tokenizer and tokenizing the datasets as training would")
+    argv = build_preflight_argv(sys.executable, paths.config_file, paths.preflight_file)
+    tool, report = await json_tool(ctx, state, "preflight", argv, paths.preflight_file)
+    if tool.returncode != 0 or report is None:
+        diagnosis = diagnose(tool.returncode, tool.log_tail(), "preprocessing", None, ctx.plan.config.get("base_model"))
+        raise JobError(diagnosis.code, f"preflight failed: {diagnosis.message}", log_tail=tool.log_tail())
+    empty = {check.where: check.empty_rows for check in checks}
+    for dataset in report["datasets"]:
+        dataset["empty_rows"] = empty.get(dataset["where"], 0)
+    report["total"]["empty_rows"] = sum(dataset["empty_rows"] for dataset in report["datasets"])
+    for dataset in report["datasets"]:
+        yield events.status("preprocessing", _describe_dataset(dataset, report), dataset=dataset)
+    for example in report["examples"]:
+        yield events.status("preprocessing", f"example {example['dataset']} row {example['row']} ([[...]] is trained on)", example=example)
+    yield events.result(
+        ctx.valid.job.run_id, str(paths.run_dir), report["total"], time.monotonic() - started, mode="preflight", preflight=report,
+    )
+
+
+def _describe_dataset(dataset: dict, report: dict) -> str:
+    tokens = dataset["tokens"]
+    fates = []
+    if dataset["too_long"]:
+        fate = "truncated" if dataset["truncated"] else "dropped"
+        fates.append(f"{dataset['too_long']} longer than sequence_len {report['sequence_len']}: {fate}")
+    if dataset["too_short"]:
+        fates.append(f"{dataset['too_short']} too short: dropped")
+    if dataset["no_trained_tokens"]:
+        fates.append(f"{dataset['no_trained_tokens']} with nothing to train on")
+    return (
+        f"{dataset['where']}: {dataset['rows_read']} rows, {dataset['rows_kept']} kept"
+        + (f" ({'; '.join(fates)})" if fates else "")
+        + f"; {tokens['total']} tokens, {tokens['trained']} trained on; "
+        f"{tokens['min']}-{tokens['max']} per example (median {tokens['median']})"
+    )

@@ -1,0 +1,307 @@
+"""`finetune-worker`: run a job on this machine (and, later, talk to an endpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+BAR_WIDTH = 30
+
+
+def load_job_file(path: Path) -> Any:
+    """A job file holds `{"input": {...}}` like test_input.json, or the input itself."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data["input"] if isinstance(data, dict) and "input" in data else data
+
+
+class HumanPrinter:
+    """Live, readable output: a redrawn progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.live = out.isatty()
+        self.bar_drawn = False
+
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "progress":
+            self._progress(event)
+            return
+        self._end_bar()
+        if kind == "status":
+            self._line(f"[{event['stage']}] {event['message']}")
+            if "example" in event:
+                self._line("  | " + event["example"]["text"].replace("\n", "\n  | "))
+        elif kind == "warning":
+            self._line(f"warning: {event['message']}")
+        elif kind == "checkpoint":
+            self._line(f"checkpoint saved at step {event['step']}: {event['path']}")
+        elif kind == "eval" and "base" in event:
+            self._line(f"evaluation on {event['examples']} examples (base model -> fine-tuned):")
+            for key, delta in event["delta"].items():
+                self._line(f"  {key:12} {event['base'][key]:>9} -> {event['finetuned'][key]:<9} ({delta:+})")
+        elif kind == "eval":
+            metrics = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "step"))
+            self._line(f"eval at step {event.get('step')}: {metrics}")
+        elif kind == "result":
+            done = "preflight completed" if event.get("mode") == "preflight" else "completed"
+            self._line(f"{done} in {event['duration_seconds']}s: {event['output_dir']}")
+            if event.get("not_published_reason"):
+                self._line(event["not_published_reason"])
+            self._line(json.dumps(event["metrics"], indent=2))
+        elif kind == "error":
+            self._line(f"error [{event['code']}]: {event['message']}")
+            for detail in event.get("details") or []:
+                self._line(f"  - {detail}")
+            if event.get("log_tail"):
+                self._line("last lines of the training log:")
+                for line in event["log_tail"]:
+                    self._line(f"  | {line}")
+
+    def _progress(self, event: dict) -> None:
+        percent = event.get("percent") or 0.0
+        filled = int(BAR_WIDTH * percent / 100)
+        bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        loss = f"{event['loss']:.4f}" if isinstance(event.get("loss"), (int, float)) else "-"
+        eta = f"{event['eta_seconds']:.0f}s" if event.get("eta_seconds") is not None else "-"
+        text = f"[{bar}] {percent:5.1f}% step {event['step']}/{event['total_steps']} loss {loss} eta {eta}"
+        if self.live:
+            self.out.write("\r" + text)
+            self.out.flush()
+            self.bar_drawn = True
+        else:
+            self._line(text)
+
+    def _end_bar(self) -> None:
+        if self.bar_drawn:
+            self.out.write("\n")
+            self.bar_drawn = False
+
+    def _line(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+def print_json(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+EXIT_SIGTERM = 128 + 15
+
+
+async def _run(job_input: Any, emit) -> int:
+    """Run the job, printing every event. SIGTERM stops the job (its training too) and
+    prints its final `cancelled` event before the command exits with 143."""
+    import signal
+
+    from finetune_worker.contract import errors, events
+    from finetune_worker.contract.errors import JobError
+    from finetune_worker.entry.worker import make_handler
+    from finetune_worker.run.children import request_shutdown
+
+    last: dict | None = None
+
+    async def consume() -> None:
+        nonlocal last
+        async for event in make_handler(chain_sigterm=False)({"id": "local", "input": job_input}):
+            emit(event)
+            last = event
+
+    job = asyncio.ensure_future(consume())
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        request_shutdown()  # stops the training tree; its job ends cancelled
+        job.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        await job
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+    except Exception as exc:  # never a traceback: the client reads a final error event
+        emit(events.error(JobError(errors.INTERNAL_ERROR, f"finetune-worker run hit an unexpected {type(exc).__name__}")))
+        return 1
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    if terminated:
+        if not (last and last["type"] in ("result", "error")):
+            emit(events.error(JobError(errors.CANCELLED, "finetune-worker run got SIGTERM and stopped the job; run the same job again to resume it")))
+        return EXIT_SIGTERM
+    return 0 if last and last["type"] == "result" else 1
+
+
+def start_image() -> None:
+    """The image's entry: the RunPod job loop on RunPod (or serving the SDK's local API);
+    elsewhere a Pod (RUNPOD_POD_ID or FINETUNE_MODE=pod), else the job in test_input.json:
+    RunPod's local test mode never iterates a generator handler, so the CLI runs it."""
+    from finetune_worker.entry import worker
+
+    if worker.on_runpod() or worker.serving_local_api():
+        worker.start()
+        return
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    if os.environ.get("RUNPOD_POD_ID") or os.environ.get("FINETUNE_MODE") == "pod":
+        sys.exit(main(["pod"]))
+    sys.exit(main(["run", "test_input.json"]))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    emit = print_json if args.json else HumanPrinter(sys.stdout)
+    try:
+        job_input = load_job_file(Path(args.job))
+    except RecursionError:
+        from finetune_worker.contract import errors, events
+        from finetune_worker.contract.errors import JobError
+        from finetune_worker.contract.job import MAX_NESTING_DEPTH
+
+        message = f"{args.job}: lists and objects are nested more than {MAX_NESTING_DEPTH} levels deep; no job needs that many"
+        emit(events.error(JobError(errors.INVALID_INPUT, message)))
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"cannot read {args.job}: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_run(job_input, emit))
+
+
+def _credentials_from_env(wanted: bool) -> dict[str, str]:
+    if not wanted:
+        return {}
+    names = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY"}
+    return {key: os.environ[name] for key, name in names.items() if os.environ.get(name)}
+
+
+def _follow(endpoint, job_id: str, args: argparse.Namespace) -> int:
+    from finetune_worker.entry import client
+
+    emit = print_json if args.json else HumanPrinter(sys.stdout)
+    try:
+        final = client.follow(endpoint, job_id, emit, poll_seconds=args.poll)
+    except KeyboardInterrupt:
+        if getattr(args, "cancel", False):
+            client.cancel(endpoint, job_id)
+            print(f"\ncancelled job {job_id}", file=sys.stderr)
+        else:
+            print(f"\ndetached; the job goes on. Re-attach: finetune-worker status {job_id} --endpoint {args.endpoint}", file=sys.stderr)
+        return 130
+    return 0 if final.get("type") == "result" else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from finetune_worker.entry import client
+
+    job = client.job_from_config(
+        Path(args.config),
+        user_id=args.user_id,
+        model_id=args.model_id,
+        run_id=args.run_id,
+        credentials=_credentials_from_env(args.credentials_from_env),
+    )
+    endpoint = client.connect(args.endpoint, os.environ)
+    job_id = client.submit(endpoint, job, args.execution_timeout)
+    print(f"submitted job {job_id} (run {job.get('user_id')}/{job.get('run_id')}) to endpoint {args.endpoint}", file=sys.stderr)
+    return _follow(endpoint, job_id, args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from finetune_worker.entry import client
+
+    endpoint = client.connect(args.endpoint, os.environ)
+    return _follow(endpoint, args.job_id, args)
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    import yaml
+
+    from finetune_worker.entry.pod import configure_from_env, write_config
+    from finetune_worker.run.hardware import detect_hardware
+
+    template = yaml.safe_load(Path(args.template).read_text(encoding="utf-8")) if args.template else None
+    config, problems = configure_from_env(os.environ, detect_hardware(), Path.cwd(), template)
+    if problems:
+        print(f"{len(problems)} problem(s) in the AXOLOTL_* variables:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    write_config(config, Path(args.output))
+    print(f"wrote {args.output} ({len(config)} options); train it with: axolotl train {args.output}")
+    return 0
+
+
+def cmd_pod(args: argparse.Namespace) -> int:
+    from finetune_worker.entry.pod import start_pod
+
+    return start_pod(os.environ)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune-worker", description="Fine-tune LLMs with Axolotl, locally or on RunPod.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a job file (like test_input.json) on this machine")
+    run.add_argument("job", help="JSON file: {\"input\": {...}} or the input object itself")
+    run.add_argument("--json", action="store_true", help="print one JSON event per line, nothing else")
+    run.set_defaults(func=cmd_run)
+
+    submit = commands.add_parser("submit", help="submit a job to a RunPod endpoint and follow it (RUNPOD_API_KEY)")
+    submit.add_argument("config", help="an Axolotl YAML (becomes args) or a job JSON")
+    submit.add_argument("--endpoint", required=True, help="the endpoint id")
+    submit.add_argument("--user-id", help="default: the job's, or 'me'")
+    submit.add_argument("--model-id", help="default: the job's, or the YAML file name")
+    submit.add_argument("--run-id", help="default: the job's, or the current time")
+    submit.add_argument("--credentials-from-env", action="store_true", help="send HF_TOKEN and WANDB_API_KEY from this shell as the job's credentials")
+    submit.add_argument("--execution-timeout", type=int, metavar="SECONDS", help="RunPod executionTimeout for this job")
+    submit.add_argument("--cancel", action="store_true", help="cancel the job on Ctrl-C (default: detach and let it run)")
+    submit.set_defaults(func=cmd_submit)
+
+    status = commands.add_parser("status", help="re-attach to a job on an endpoint and follow it to the end")
+    status.add_argument("job_id")
+    status.add_argument("--endpoint", required=True, help="the endpoint id")
+    status.add_argument("--cancel", action="store_true", help="cancel the job on Ctrl-C")
+    status.set_defaults(func=cmd_status)
+
+    configure = commands.add_parser("configure", help="write an Axolotl YAML from AXOLOTL_* variables, validated like a job")
+    configure.add_argument("--from-env", action="store_true", required=True, help="read AXOLOTL_* variables (the only source for now)")
+    configure.add_argument("--output", required=True, help="where to write the YAML")
+    configure.add_argument("--template", help="a YAML of defaults that AXOLOTL_* variables override")
+    configure.set_defaults(func=cmd_configure)
+
+    pod = commands.add_parser("pod", help="Pod start-up: configure from AXOLOTL_*, log in to the Hub, print what to do next")
+    pod.set_defaults(func=cmd_pod)
+
+    for command in (submit, status):
+        command.add_argument("--json", action="store_true", help="print one JSON event per line, nothing else")
+        command.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def entry() -> None:
+    """The `finetune-worker` command. It ends without the interpreter's teardown:
+    after validating with Axolotl's schema this process holds torch and transformers,
+    and freeing their modules one by one takes about 2 s of nothing. The children
+    (training, Hub) have ended by now, and no atexit work is left but logging."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,107 @@
+"""Pod mode: the same image started as a RunPod Pod, configured from AXOLOTL_* variables.
+
+    finetune-worker configure --from-env --output config.yaml   # validate and write the YAML
+    finetune-worker pod                                          # what the image runs on a Pod
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune_worker.checks.args import ArgsContext, check_args
+from finetune_worker.checks.paths import PathRoots
+from finetune_worker.contract.envconfig import args_from_env, name_problems_by_variable
+from finetune_worker.contract.errors import Problem
+from finetune_worker.run.hardware import Hardware
+
+WELCOME = """\
+=====================================================================
+ finetune-worker Pod: Axolotl {axolotl} ready
+=====================================================================
+ Config:      {config}
+ Outputs:     {outputs}
+ Hugging Face: {hf}
+
+ Next:
+   axolotl train {config}
+   axolotl preprocess {config}      # tokenize and inspect the data first
+   finetune-worker run job.json     # or run a worker job on this Pod
+
+ Change the config: set AXOLOTL_* variables on the Pod and restart it, or
+   finetune-worker configure --from-env --output {config}
+ Keep your data under {pod_dir} (on the volume); never mount a volume over /workspace itself.
+=====================================================================
+"""
+
+
+def pod_roots(cwd: Path) -> PathRoots:
+    """On a Pod the user owns the machine: any path is allowed, relative ones from cwd."""
+    return PathRoots(allowed=(Path("/"),), lookup=(cwd.resolve(),))
+
+
+def configure_from_env(env: Mapping[str, str], hardware: Hardware, cwd: Path, template: dict[str, Any] | None = None) -> tuple[dict, list[Problem]]:
+    """Template values, overridden by AXOLOTL_* variables, checked like a job's args."""
+    env_args, origin, problems = args_from_env(env)
+    config = {**(template or {}), **env_args}
+    if not config:
+        return {}, [Problem("AXOLOTL_*", "no AXOLOTL_* variables are set (for example AXOLOTL_BASE_MODEL=NousResearch/Llama-3.2-1B)")]
+    checked, arg_problems = check_args(config, ArgsContext(roots=pod_roots(cwd), hardware=hardware, allow_trust_remote_code=True, shared=False))
+    return checked, problems + name_problems_by_variable(arg_problems, origin)
+
+
+def default_pod_dir(env: Mapping[str, str]) -> Path:
+    if env.get("FINETUNE_POD_DIR"):
+        return Path(env["FINETUNE_POD_DIR"])
+    return Path("/workspace/finetune") if Path("/workspace").is_dir() else Path.cwd() / "pod"
+
+
+def hf_login(token: str | None) -> str:
+    if not token:
+        return "not logged in (set HF_TOKEN on the Pod to push and to read gated models)"
+    from huggingface_hub import HfApi, login
+
+    try:
+        user = HfApi(token=token).whoami().get("name", "?")
+    except Exception as exc:  # noqa: BLE001 - shown to the person on the Pod
+        return f"HF_TOKEN was refused ({type(exc).__name__}); not logged in"
+    login(token=token, add_to_git_credential=False)
+    return f"logged in as {user}"
+
+
+def start_pod(env: Mapping[str, str]) -> int:
+    from finetune_worker.run.hardware import detect_hardware
+
+    pod_dir = default_pod_dir(env)
+    pod_dir.mkdir(parents=True, exist_ok=True)
+    config_file = pod_dir / "config.yaml"
+    config, problems = configure_from_env(env, detect_hardware(), Path.cwd())
+    if problems and config:
+        print("The AXOLOTL_* variables do not make a valid config:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+    elif config:
+        config.setdefault("output_dir", str(pod_dir / "outputs"))
+        config.setdefault("dataset_prepared_path", str(pod_dir / "prepared"))
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    import importlib.metadata
+
+    print(WELCOME.format(
+        axolotl=importlib.metadata.version("axolotl"), config=config_file, outputs=pod_dir / "outputs",
+        hf=hf_login(env.get("HF_TOKEN")), pod_dir=pod_dir,
+    ), flush=True)
+    if config and not problems and str(env.get("AXOLOTL_AUTORUN", "")).lower() in ("1", "true", "yes"):
+        os.execvp("axolotl", ["axolotl", "train", str(config_file)])
+    while True:  # keep the Pod up for interactive use
+        signal.pause()
+
+
+def write_config(config: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")

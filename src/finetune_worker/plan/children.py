@@ -1,0 +1,107 @@
+"""Every child process of a job, built from the plan: argv lists and environments.
+
+Pure: every input is an argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from finetune_worker.contract.settings import SECRET_ENV_VARS, WORKER_ONLY_ENV_PREFIXES
+from finetune_worker.run.rundir import RunPaths
+
+PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
+STEP_LIMIT_ENV = "FINETUNE_MAX_STEPS"
+
+
+# The child processes a job runs, each `python -m <module>`; every argv is built here.
+TRAIN_MODULE = "axolotl.cli.train"
+MERGE_MODULE = "axolotl.cli.merge_lora"
+STANDBY_MODULE = "finetune_worker.run.standby"
+HUB_MODULE = "finetune_worker.publish.hub"
+PREFLIGHT_MODULE = "finetune_worker.data.preflight"
+EVALUATION_MODULE = "finetune_worker.publish.evaluation"
+
+
+def build_train_argv(python: str, config_file: Path, num_processes: int = 1, port: int = 29500) -> list[str]:
+    """`axolotl train`, as a module run by the worker's own interpreter; with several
+    processes, under `accelerate launch` (torchrun underneath: one process per GPU).
+    Mixed precision stays Axolotl's to choose (its bf16/fp16 override the launcher's)."""
+    train = ["-m", TRAIN_MODULE, str(config_file)]
+    if num_processes > 1:
+        launch = [
+            "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+        ]
+        return [python, *launch, *train]
+    return [python, *train]
+
+
+def build_standby_argv(python: str, config_file: Path) -> list[str]:
+    """A training child that imports Axolotl now and trains when told to (see standby.py)."""
+    return [python, "-m", STANDBY_MODULE, str(config_file)]
+
+
+def build_merge_argv(python: str, config_file: Path, output_dir: Path) -> list[str]:
+    """Axolotl's merge-lora: the adapter in output_dir merged into <output_dir>/merged."""
+    return [python, "-m", MERGE_MODULE, str(config_file), f"--lora_model_dir={output_dir}"]
+
+
+def build_tool_argv(python: str, module: str, *args: str, out: Path) -> list[str]:
+    """A helper child that writes one JSON object to `out` (Hub steps, preflight, evaluation)."""
+    return [python, "-m", module, *args, "--out", str(out)]
+
+
+def build_hub_argv(python: str, command: str, *args: str, out: Path) -> list[str]:
+    return build_tool_argv(python, HUB_MODULE, command, *args, out=out)
+
+
+def build_preflight_argv(python: str, config_file: Path, out: Path) -> list[str]:
+    return build_tool_argv(python, PREFLIGHT_MODULE, str(config_file), out=out)
+
+
+def build_evaluation_argv(python: str, spec_file: Path, out: Path) -> list[str]:
+    return build_tool_argv(python, EVALUATION_MODULE, str(spec_file), out=out)
+
+
+def build_child_env(
+    base_env: Mapping[str, str],
+    *,
+    paths: RunPaths,
+    cache_dir: Path,
+    package_root: Path,
+    hf_token: str | None,
+    wandb_api_key: str | None,
+    other_secrets: Mapping[str, str] | None = None,
+    step_limit: int | None = None,
+) -> dict[str, str]:
+    """The child's environment: the worker's, minus its own secrets, plus this job's
+    (and the operator's step limit, which the progress plugin enforces before step 1)."""
+    env = {
+        key: value
+        for key, value in base_env.items()
+        if key not in SECRET_ENV_VARS and not key.startswith(WORKER_ONLY_ENV_PREFIXES)
+    }
+    env.update(
+        AXOLOTL_DO_NOT_TRACK="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        **{PROGRESS_FILE_ENV: str(paths.progress_file)},
+    )
+    env.setdefault("HF_HOME", str(cache_dir / "huggingface"))
+    python_path = [str(package_root), *filter(None, env.get("PYTHONPATH", "").split(":"))]
+    env["PYTHONPATH"] = ":".join(dict.fromkeys(python_path))
+    if hf_token:
+        env["HF_TOKEN"] = hf_token
+    if wandb_api_key:
+        env["WANDB_API_KEY"] = wandb_api_key
+    else:
+        env["WANDB_MODE"] = "disabled"
+    env.pop(STEP_LIMIT_ENV, None)
+    if step_limit:
+        env[STEP_LIMIT_ENV] = str(step_limit)
+    env.update(other_secrets or {})
+    return env
+
+

@@ -1,0 +1,25 @@
+"""The job's credentials, each falling back to the worker's own; they go only into
+child processes' environments (see plan.build_child_env)."""
+
+from __future__ import annotations
+
+from finetune_worker.checks.options import CREDENTIAL_ENV
+from finetune_worker.contract.job import JobInput
+from finetune_worker.contract.settings import WorkerSettings
+
+
+def hub_and_wandb_secrets(job: JobInput, settings: WorkerSettings) -> tuple[str | None, str | None]:
+    creds = job.credentials
+    return _secret(creds.hf_token, settings.hf_token), _secret(creds.wandb_api_key, settings.wandb_api_key)
+
+
+def tracker_secrets(job: JobInput) -> dict[str, str]:
+    """Other trackers' keys from the job's credentials, under the names their libraries read."""
+    creds = job.credentials
+    given = {env: getattr(creds, field) for field, env in CREDENTIAL_ENV.items()}
+    return {env: value.get_secret_value() for env, value in given.items() if value is not None}
+
+
+def _secret(job_value, worker_value) -> str | None:
+    chosen = job_value or worker_value
+    return chosen.get_secret_value() if chosen else None

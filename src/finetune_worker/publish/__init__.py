@@ -1,0 +1,1 @@
+"""After training: the evaluation against the base model, the LoRA merge, the model card and the Hub push."""

@@ -1,0 +1,150 @@
+"""The Axolotl plugin the worker adds to every run: it reports progress as JSON lines.
+
+It runs inside the training child process. Each record is one JSON object per line
+in the file named by FINETUNE_PROGRESS_FILE; the worker tails that file and turns
+records into events. Only the main process (rank 0) writes.
+
+Records: {"kind": "stage", "stage": ...}, {"kind": "train_begin", "max_steps": ...},
+{"kind": "step", ...}, {"kind": "log", "logs": {...}}, {"kind": "checkpoint", ...},
+{"kind": "eval", "metrics": {...}}, {"kind": "train_end", ...} (with "peak_memory_reserved",
+bytes, on a GPU), {"kind": "saved"},
+{"kind": "nan_loss", ...}. Every record has "step" (when known) and "time".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from axolotl.integrations.base import BasePlugin
+from transformers import TrainerCallback
+
+PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
+STEP_LIMIT_ENV = "FINETUNE_MAX_STEPS"
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def write_record(kind: str, **fields) -> None:
+    path = os.environ.get(PROGRESS_FILE_ENV)
+    if not path or not _is_main_process():
+        return
+    record = {"kind": kind, "time": time.time(), **fields}
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+
+
+def _numbers(logs: dict) -> dict:
+    """Numeric entries only; NaN and inf become strings so every record is valid JSON."""
+    numbers = {}
+    for key, value in logs.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[key] = value if math.isfinite(value) else str(value)
+    return numbers
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _peak_memory() -> dict:
+    """The most GPU memory PyTorch's allocator held on this rank's GPU during the run, in
+    bytes (torch.cuda.max_memory_reserved: what the estimate is compared with); {} on CPU."""
+    if not _has_cuda():
+        return {}
+    import torch
+
+    return {"peak_memory_reserved": int(torch.cuda.max_memory_reserved())}
+
+
+def _wandb_run():
+    import sys
+
+    wandb = sys.modules.get("wandb")  # only when the Trainer's W&B callback imported it
+    return getattr(wandb, "run", None) if wandb else None
+
+
+def _rank_line(args, what: str, state) -> None:
+    """Every rank says when it starts and ends, so the log shows that all of them trained."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")  # set by torchrun
+    print(f"\n[finetune-worker] rank {rank} of {world}: {what} at step {state.global_step}", flush=True)
+
+
+def _stop_if_over_step_limit(max_steps: int) -> None:
+    """The operator's FINETUNE_MAX_STEPS, enforced here, before the first step: stopping
+    the child from the worker after it reads train_begin races the first steps."""
+    limit = os.environ.get(STEP_LIMIT_ENV, "").strip()
+    if limit.isdigit() and int(limit) > 0 and max_steps > int(limit):
+        print(f"\n[finetune-worker] {max_steps} steps is over this worker's limit of {limit} ({STEP_LIMIT_ENV}); stopping", flush=True)
+        os._exit(3)  # every rank sees the same max_steps and exits; nothing has been trained or saved
+
+
+class ProgressCallback(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):
+        _rank_line(args, "training started", state)
+        write_record(
+            "train_begin",
+            step=state.global_step,
+            max_steps=state.max_steps,
+            num_train_epochs=state.num_train_epochs,
+        )
+        _stop_if_over_step_limit(state.max_steps)
+        run = _wandb_run()
+        if run is not None:
+            write_record("wandb", url=run.url, project=run.project, name=run.name, run_id=run.id, dir=run.dir)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        write_record("step", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = _numbers(logs or {})
+        write_record("log", step=state.global_step, max_steps=state.max_steps, logs=logs)
+        diverged = {k: logs[k] for k in ("loss", "grad_norm") if isinstance(logs.get(k), str)}
+        if diverged:
+            # Axolotl's loss watchdog compares against a threshold, which NaN never
+            # crosses, and the Trainer's logging_nan_inf_filter hides a NaN loss (it
+            # logs 0.0), but the gradient norm still shows it: once it is NaN the
+            # optimizer step has poisoned the weights.
+            write_record("nan_loss", step=state.global_step, **diverged)
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        write_record("checkpoint", step=state.global_step, path=str(path))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        write_record("eval", step=state.global_step, metrics=_numbers(metrics or {}))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        _rank_line(args, "training finished", state)
+        write_record("train_end", step=state.global_step, max_steps=state.max_steps, **_peak_memory())
+
+
+class ProgressPlugin(BasePlugin):
+    """Registered by the worker in `plugins:`; users never set it themselves."""
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        write_record("stage", stage="preprocessing")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda():
+            # Axolotl 0.19 maps every rank to device index LOCAL_RANK, which means a
+            # GPU; a multi-process run without one (gloo: the tests' proof of the
+            # launch path) loads on the CPU. This is the last hook before the model
+            # loader reads cfg.device_map.
+            cfg.device_map = "cpu"
+        return None  # let Axolotl load the datasets as usual
+
+    def pre_model_load(self, cfg):
+        write_record("stage", stage="downloading")
+
+    def add_callbacks_pre_trainer(self, cfg, model):
+        return [ProgressCallback()]
+
+    def post_train_unload(self, cfg):
+        write_record("saved")

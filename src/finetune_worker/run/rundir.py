@@ -1,0 +1,208 @@
+"""The run directory on the volume: created once, never wiped by the worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Everything a run writes lives under its run directory."""
+
+    run_dir: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def job_file(self) -> Path:
+        return self.run_dir / "job.json"
+
+    @property
+    def events_file(self) -> Path:
+        return self.run_dir / "events.jsonl"
+
+    @property
+    def progress_file(self) -> Path:
+        return self.run_dir / "progress.jsonl"
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "train.log"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.run_dir / "output"
+
+    @property
+    def result_file(self) -> Path:
+        return self.run_dir / "result.json"
+
+    @property
+    def trained_file(self) -> Path:
+        """Written when training completed: a resubmission only publishes."""
+        return self.run_dir / "trained.json"
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.run_dir / "loss.png"
+
+    @property
+    def hub_dir(self) -> Path:
+        return self.run_dir / "hub"
+
+    @property
+    def data_dir(self) -> Path:
+        """Datasets sent inline or by URL, written here before Axolotl reads them."""
+        return self.run_dir / "data"
+
+    @property
+    def evaluation_file(self) -> Path:
+        return self.run_dir / "evaluation.json"
+
+    @property
+    def preflight_file(self) -> Path:
+        return self.run_dir / "preflight.json"
+
+    @property
+    def lock_file(self) -> Path:
+        # Beside the run directory, so it can be held before the directory exists
+        # and while an earlier attempt is moved aside.
+        return self.run_dir.with_name(f"{self.run_dir.name}.lock")
+
+
+def run_paths(runs_dir: Path, user_id: str, run_id: str) -> RunPaths:
+    return RunPaths(runs_dir / user_id / run_id)
+
+
+def prepare_run_dir(paths: RunPaths) -> None:
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    paths.output_dir.mkdir(exist_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_config(paths: RunPaths, config: dict[str, Any]) -> None:
+    write_atomic(paths.config_file, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
+
+
+def append_event(paths: RunPaths, event: dict) -> None:
+    """Record an event; a full disk must not stop the job from reporting it."""
+    try:
+        with open(paths.events_file, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event, default=str) + "\n")
+    except OSError as exc:
+        print(f"finetune-worker: could not record an event in {paths.events_file}: {exc}", file=sys.stderr)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- earlier attempts
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "pytorch_model_fsdp*", "global_step*")
+
+
+def args_digest(args: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_step(path: Path) -> int | None:
+    suffix = path.name.removeprefix("checkpoint-")
+    return int(suffix) if suffix.isdigit() and path.name.startswith("checkpoint-") else None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint is complete when it
+    parses, names this step, and the weights are there."""
+    state = read_json(path / "trainer_state.json")
+    if not isinstance(state, dict) or state.get("global_step") != checkpoint_step(path):
+        return False
+    return any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    for path in reversed(checkpoints(output_dir)):
+        if is_complete_checkpoint(path):
+            return path
+    return None
+
+
+@dataclass(frozen=True)
+class PreviousRun:
+    """What an earlier attempt at this run left on the volume."""
+
+    exists: bool
+    args_digest: str | None = None
+    result: dict | None = None
+    trained: dict | None = None
+    checkpoint: Path | None = None
+    skipped_checkpoints: tuple[Path, ...] = ()
+
+    @property
+    def has_work(self) -> bool:
+        return self.result is not None or self.trained is not None or self.checkpoint is not None
+
+
+def inspect_previous(paths: RunPaths) -> PreviousRun:
+    if not paths.run_dir.is_dir():
+        return PreviousRun(exists=False)
+    job = read_json(paths.job_file) or {}
+    resume = last_complete_checkpoint(paths.output_dir)
+    newer = tuple(p for p in checkpoints(paths.output_dir) if resume is None or checkpoint_step(p) > checkpoint_step(resume))
+    return PreviousRun(
+        exists=True,
+        args_digest=job.get("args_sha256"),
+        result=read_json(paths.result_file),
+        trained=read_json(paths.trained_file),
+        checkpoint=resume,
+        skipped_checkpoints=newer,
+    )
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Keep an earlier attempt (never delete): rename it <run_id>.previous-<time>."""
+    if not run_dir.exists():
+        return None
+    target = run_dir.with_name(f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(run_dir, target)
+    return target
+
+
+def set_aside_diverged(output_dir: Path, nan_step: int) -> list[Path]:
+    """Checkpoints written at or after a NaN hold poisoned weights: rename them
+    checkpoint-N.diverged so a resume never picks them (they are kept, not deleted)."""
+    moved = []
+    for path in checkpoints(output_dir):
+        if checkpoint_step(path) >= nan_step:
+            target = path.with_name(f"{path.name}.diverged")
+            os.rename(path, target)
+            moved.append(target)
+    return moved

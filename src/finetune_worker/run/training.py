@@ -1,0 +1,114 @@
+"""The training stage: `axolotl train` in a child, its progress records turned into events.
+
+A standby child may already be importing Axolotl (started before validation, so the
+imports overlap the checks); it trains on `go`, and is stopped if the job ends first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator
+
+from finetune_worker.contract import errors, events
+from finetune_worker.contract.errors import JobError
+from finetune_worker.contract.job import JobInput
+from finetune_worker.plan.children import build_standby_argv, build_train_argv
+from finetune_worker.plan.distributed import process_count
+from finetune_worker.run.children import ChildProcess, shutdown_requested, stop_process_group
+from finetune_worker.run.failures import diagnose
+from finetune_worker.run.hardware import Hardware
+from finetune_worker.run.progress import ProgressTracker
+from finetune_worker.run.rundir import RunPaths, set_aside_diverged
+from finetune_worker.run.state import JobContext, JobState
+from finetune_worker.run.tools import free_port
+
+ETA_WARNING_SECONDS = 24 * 3600  # a training whose ETA is beyond this (or FINETUNE_MAX_HOURS) is warned about once
+
+
+def progress_tracker(max_hours: float | None) -> ProgressTracker:
+    return ProgressTracker(eta_warning_seconds=min(ETA_WARNING_SECONDS, 3600 * (max_hours or float("inf"))))
+
+
+async def start_standby(job: JobInput, paths: RunPaths, child_env: dict[str, str], hardware: Hardware, state: JobState) -> None:
+    """Start the training child now, so Axolotl's imports overlap the checks, the data
+    step and the Hub check; it trains only on `go`, and is stopped if the job ends first."""
+    if job.mode != "train" or process_count(job.num_processes, hardware.gpu_count) > 1:
+        return
+    if not job.restart and (paths.result_file.exists() or paths.trained_file.exists()):
+        return  # nothing left to train
+    standby = ChildProcess(build_standby_argv(sys.executable, paths.config_file), child_env, paths.log_file, paths.progress_file, state.redactor)
+    await standby.start(standby=True)
+    state.standby = standby
+
+
+async def _training_child(ctx: JobContext, state: JobState) -> AsyncIterator[dict]:
+    """The standby child when it is waiting, else a new one (under accelerate for several processes)."""
+    paths = ctx.paths
+    standby, state.standby = state.standby, None
+    if standby is not None and standby.on_standby:
+        state.training = standby
+        await standby.go()
+        return
+    if standby is not None:
+        standby.stop()
+    if ctx.num_processes > 1:
+        argv = build_train_argv(sys.executable, paths.config_file, ctx.num_processes, free_port())
+        yield events.status("training", f"launching {ctx.num_processes} training processes with accelerate (events come from rank 0)", num_processes=ctx.num_processes)
+    else:
+        argv = build_train_argv(sys.executable, paths.config_file)
+    state.training = ChildProcess(argv, ctx.child_env, paths.log_file, paths.progress_file, state.redactor)
+    await state.training.start()
+
+
+async def train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> AsyncIterator[dict]:
+    """Run `axolotl train` in a child process and turn its progress records into events."""
+    async for event in _training_child(ctx, state):
+        yield event
+    training, settings = state.training, ctx.settings
+    deadline = time.monotonic() + 3600 * settings.max_hours if settings.max_hours else None
+    over_steps = None
+    async for batch in training.records(deadline=deadline):
+        for record in batch:
+            for event in tracker.feed(record):
+                yield event
+        if settings.max_steps and tracker.max_steps and tracker.max_steps > settings.max_steps and over_steps is None:
+            over_steps = tracker.max_steps
+            # the child stops itself at train_begin (progress plugin); this is the fallback
+            await asyncio.to_thread(stop_process_group, training.pid)
+        if progress := tracker.progress_due():
+            yield progress
+        if slow := tracker.eta_warning():
+            yield slow
+    if progress := tracker.progress_due(force=True):
+        yield progress
+    if over_steps is not None:
+        raise JobError(
+            errors.INVALID_CONFIG,
+            f"this run would train {over_steps} steps, over this worker's limit of {settings.max_steps} (FINETUNE_MAX_STEPS); "
+            "lower num_epochs, or set max_steps",
+        )
+    if training.timed_out:
+        raise JobError(
+            errors.TRAINING_FAILED,
+            f"the training was stopped after {settings.max_hours} h, this worker's limit (FINETUNE_MAX_HOURS), at step {tracker.step}"
+            f" of {tracker.max_steps}; its checkpoints are kept: resubmit the same run_id to go on, or train fewer steps",
+            log_tail=training.log_tail(),
+        )
+    if tracker.nan_step is not None:
+        set_aside_diverged(ctx.paths.output_dir, tracker.nan_step)
+    raise_unless_trained(training, tracker, ctx.plan.config.get("base_model"))
+
+
+def raise_unless_trained(training: ChildProcess, tracker: ProgressTracker, model: str | None = None) -> None:
+    """Only a training that ran to its end, saved its model and kept a finite loss counts."""
+    finished = training.returncode == 0 and tracker.saw_train_end and tracker.saw_saved
+    if finished and tracker.nan_step is None:
+        return
+    if shutdown_requested():
+        raise JobError(errors.CANCELLED, "the worker is shutting down and stopped the training; resubmit the same run_id to resume")
+    diagnosis = diagnose(training.returncode, training.log_tail(), tracker.stage, tracker.nan_step, model)
+    if training.returncode == 0 and diagnosis.code == errors.TRAINING_FAILED:
+        diagnosis = diagnosis.__class__(errors.TRAINING_FAILED, "the training process exited before training finished; see log_tail")
+    raise JobError(diagnosis.code, diagnosis.message, log_tail=training.log_tail())
