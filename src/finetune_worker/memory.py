@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .distributed import deepspeed_offloads, deepspeed_stage
-from .plan import uses_cut_cross_entropy
+from .plan import integration_name, uses_cut_cross_entropy
 from .resources import linear_shapes, lora_params
 
 GIB = 2**30
@@ -84,7 +84,8 @@ class MemoryEstimate:
 
 def fused_cross_entropy(cfg: dict[str, Any]) -> bool:
     """Liger's fused linear cross-entropy or Cut Cross Entropy: the logits are never materialised whole."""
-    return bool(cfg.get("liger_fused_linear_cross_entropy")) or uses_cut_cross_entropy(cfg)
+    liger = any(integration_name(plugin) == "liger" for plugin in cfg.get("plugins") or [])
+    return bool(liger and cfg.get("liger_fused_linear_cross_entropy")) or uses_cut_cross_entropy(cfg)
 
 
 def estimate_gpu_memory(cfg: dict[str, Any], model_config: dict, num_gpus: int = 1) -> MemoryEstimate:
