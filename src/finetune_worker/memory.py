@@ -101,10 +101,10 @@ def estimate_gpu_memory(cfg: dict[str, Any], model_config: dict, num_gpus: int =
         linear_bytes = 1.0
     else:
         linear_bytes = plain_bytes
-    other_bytes = min(plain_bytes, 2.0) if linear_bytes < plain_bytes else plain_bytes
-    weight_bytes = linear * linear_bytes + (params - linear) * other_bytes
-    layer_bytes = weight_bytes - (params - linear) * other_bytes
+    other_bytes = 2.0 if linear_bytes < plain_bytes else plain_bytes
+    layers_bytes = linear * linear_bytes  # the decoder layers' linear weights
     root_bytes = (params - linear) * other_bytes  # embeddings, LM head, norms
+    weight_bytes = layers_bytes + root_bytes
 
     stage = deepspeed_stage(cfg.get("deepspeed"))
     fsdp = bool(cfg.get("fsdp_config") or cfg.get("fsdp"))
@@ -133,7 +133,7 @@ def estimate_gpu_memory(cfg: dict[str, Any], model_config: dict, num_gpus: int =
 
     gathered = 0
     if shard_weights > 1 or offload_params:
-        gathered = int(root_bytes + GATHERED_LAYERS * layer_bytes / layers)
+        gathered = int(root_bytes + GATHERED_LAYERS * layers_bytes / layers)
 
     tokens = int(cfg.get("micro_batch_size") or 1) * int(cfg.get("sequence_len") or 2048)
     act_bytes = 2 if half else 4
