@@ -97,8 +97,11 @@ def test_memory_estimate_follows_lora_quantisation_and_sharding():
     assert full.parts["weights"] == pytest.approx(16.06e9, rel=0.01)  # 2 bytes per parameter
     assert full.parts["optimizer"] == 2 * full.parts["weights"]  # two bf16 Adam states
     assert full.total > 60 * GIB > lora.total > qlora.total
-    assert 16 * GIB < lora.total < 24 * GIB and 5 * GIB < qlora.total < 12 * GIB
-    assert zero3.parts["weights"] == full.parts["weights"] // 8 and zero3.total < full.total / 3
+    # QLoRA keeps embeddings and LM head in 16 bits, and unfused logits cost 14 bytes per entry (was: < 12 GiB)
+    assert 16 * GIB < lora.total < 24 * GIB and 5 * GIB < qlora.total < 14 * GIB
+    # DeepSpeed keeps fp32 master weights and fp32 Adam states (12 bytes), sharded (was: < full / 3)
+    assert zero3.parts["weights"] == full.parts["weights"] // 8 and zero3.total < full.total / 2
+    assert zero3.parts["optimizer"] == pytest.approx(params_from_config(LLAMA_3_8B) * 12 / 8, rel=1e-6)
 
 
 def test_a_config_that_cannot_fit_fails_before_any_download(env, volume):

@@ -68,9 +68,11 @@ def linear_shapes(model_config: dict) -> dict[str, tuple[int, int]]:
     hidden = model_config["hidden_size"]
     inter = model_config.get("intermediate_size", 4 * hidden)
     heads = model_config.get("num_attention_heads", 1)
-    kv = hidden * model_config.get("num_key_value_heads", heads) // heads
+    # head_dim when the config sets it (Gemma: 256, wider than hidden / heads), else hidden / heads
+    head_dim = model_config.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, model_config.get("num_key_value_heads", heads) * head_dim
     return {
-        "q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+        "q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
         "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
     }
 
