@@ -7,6 +7,7 @@ puts it into the README), and a test fails when the README's copy has drifted.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import sys
@@ -113,3 +114,24 @@ if __name__ == "__main__":
         start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
         path.write_text(text[:start] + "\n" + table + "\n" + text[end:], encoding="utf-8")
     print(table)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+def test_gradient_checkpointing_is_decided_with_the_fused_cross_entropy_the_fast_defaults_add():
+    """The fast defaults turn Liger's fused cross-entropy on before the memory check, so
+    the headroom that decides gradient checkpointing must count it (logits nearly zero)."""
+    from finetune_worker.checks.capacity import FITS_FRACTION, speedups
+    from finetune_worker.run.hardware import Hardware
+
+    llama8b = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+    config = {"base_model": "x", "adapter": "lora", "lora_r": 16, "lora_target_linear": True, "bf16": True,
+              "micro_batch_size": 2, "sequence_len": 2048, "plugins": []}
+    plain = estimate_gpu_memory({**config, "gradient_checkpointing": False}, llama8b).total
+    fused = estimate_gpu_memory({**config, "gradient_checkpointing": False, "liger_fused_linear_cross_entropy": True,
+                                 "plugins": ["axolotl.integrations.liger.LigerPlugin"]}, llama8b).total
+    assert fused < plain
+    between = int((plain + fused) / 2 / FITS_FRACTION)
+    gpu = Hardware(gpu_count=1, gpu_names=("GPU",), gpu_memory_bytes=(between,), bf16=True, compute_capability=(9, 0))
+    assert speedups(config, llama8b, gpu, 1).fits_without_checkpointing
+    assert not speedups({**config, "liger_fused_linear_cross_entropy": False}, llama8b, gpu, 1).fits_without_checkpointing

@@ -6,35 +6,40 @@ size, from `resources.model_facts`); none loads a model.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
+from dataclasses import replace
 
 from finetune_worker.checks.memory import CLEARLY_OVER, estimate_gpu_memory, suggestions
 from finetune_worker.checks.resources import ModelFacts, estimate_disk, gib
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import WorkerSettings
-from finetune_worker.plan.fast_defaults import Speedups
+from finetune_worker.plan.fast_defaults import Speedups, apply_fast_defaults
 from finetune_worker.run.hardware import Hardware
 
 FITS_FRACTION = 0.9  # without gradient checkpointing, the estimate must stay under this share of the GPU
 
 
 def speedups(config: dict, model_config: dict | None, hardware: Hardware, processes: int) -> Speedups:
-    """What this GPU worker can use for speed: installed kernels, the model type, memory headroom."""
+    """What this GPU worker can use for speed: installed kernels, the model type, memory
+    headroom. The headroom is judged on the config as the other fast defaults will leave
+    it (bf16, packing, Liger's fused cross-entropy, which takes the logits term away)."""
     if not hardware.has_gpu:
         return Speedups()
     model_config = model_config or {}
-    fits = True
-    if "hidden_size" in model_config and hardware.gpu_memory_bytes:
-        plain = estimate_gpu_memory({**config, "gradient_checkpointing": False}, model_config, processes)
-        fits = plain.total <= FITS_FRACTION * min(hardware.gpu_memory_bytes)
-    return Speedups(
+    found = Speedups(
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
         liger=importlib.util.find_spec("liger_kernel") is not None,
         model_type=model_config.get("model_type"),
-        fits_without_checkpointing=fits,
     )
+    if "hidden_size" not in model_config or not hardware.gpu_memory_bytes:
+        return found
+    planned = copy.deepcopy(config)
+    apply_fast_defaults(planned, hardware, found)
+    plain = estimate_gpu_memory({**planned, "gradient_checkpointing": False}, model_config, processes)
+    return replace(found, fits_without_checkpointing=plain.total <= FITS_FRACTION * min(hardware.gpu_memory_bytes))
 
 
 def check_memory(config: dict, model_config: dict | None, hardware: Hardware, processes: int) -> list[dict]:
