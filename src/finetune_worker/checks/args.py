@@ -65,17 +65,20 @@ class ArgsContext:
 
 
 def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], list[Problem]]:
-    """Return `args` with local paths made absolute, and every problem found."""
+    """Return a copy of `args` with presets and local paths resolved and ignored options
+    dropped (the `_resolve_*`/`_drop_*` steps), and every problem found (the pure
+    `*_problems` checks)."""
     args = copy.deepcopy(args)
     problems: list[Problem] = []
     problems += resolve_presets(args, ctx.notes)
     problems += _shape_problems(args)
-    bad_datasets = _dataset_problems(args, ctx)
-    problems += [p for _, p in bad_datasets]
-    problems += _unknown_key_problems(args, ctx.notes)
+    bad_datasets = _dataset_problems(args) + _resolve_dataset_paths(args, ctx)
+    problems += [p for _, p in sorted(bad_datasets, key=lambda found: (DATASET_LIST_KEYS.index(found[0][0]), found[0][1]))]
+    _drop_ignored_options(args, ctx.notes)
+    problems += _unknown_key_problems(args)
     problems += _plugin_problems(args)
     problems += _option_problems(args, ctx)
-    problems += _model_path_problems(args, ctx)
+    problems += _resolve_model_paths(args, ctx)
     problems += _hardware_problems(args, ctx.hardware)
     problems += combination_problems(args, ctx.hardware.has_gpu)
     problems += _publish_problems(args)
@@ -106,7 +109,7 @@ def _dataset_entries(args: dict):
                     yield (key, index), entry
 
 
-def _dataset_problems(args: dict, ctx: ArgsContext) -> list[tuple[tuple[str, int], Problem]]:
+def _dataset_problems(args: dict) -> list[tuple[tuple[str, int], Problem]]:
     found = []
     known = sorted(dataset_fields())
     rl = args.get("rl")
@@ -124,14 +127,23 @@ def _dataset_problems(args: dict, ctx: ArgsContext) -> list[tuple[tuple[str, int
             found.append((loc, Problem(f"{where}.type", "must be a type name or an object of field mappings")))
         if INLINE_ROWS_KEY in entry:
             found += [(loc, p) for p in _inline_rows_problems(entry, where)]
-        elif "path" in entry:
+    return found
+
+
+def _resolve_dataset_paths(args: dict, ctx: ArgsContext) -> list[tuple[tuple[str, int], Problem]]:
+    """Each dataset's `path` and `data_files` made absolute (local) or kept (Hub, URL),
+    in place; a path outside what the job may read is a problem."""
+    found = []
+    for loc, entry in _dataset_entries(args):
+        where = f"args.{loc[0]}[{loc[1]}]"
+        if INLINE_ROWS_KEY not in entry and "path" in entry:
             try:
                 # An https URL only where the worker downloads it under its rules (plan.localise_datasets).
                 url_ok = loc[0] in INLINE_DATASET_KEYS
                 entry["path"] = resolve_local_or_hub(entry["path"], ctx.roots, remote_ok=True, url_ok=url_ok)
             except PathRejected as exc:
                 found.append((loc, Problem(f"{where}.path", str(exc))))
-        found += [(loc, p) for p in _data_files_problems(entry, where, ctx)]
+        found += [(loc, p) for p in _resolve_data_files(entry, where, ctx)]
     return found
 
 
@@ -187,7 +199,7 @@ def _is_hub_repo(path: Any) -> bool:
     return isinstance(path, str) and bool(HUB_ID.match(path)) and path not in PACKAGED_BUILDERS
 
 
-def _data_files_problems(entry: dict, where: str, ctx: ArgsContext) -> list[Problem]:
+def _resolve_data_files(entry: dict, where: str, ctx: ArgsContext) -> list[Problem]:
     """Beside a Hub repo, data_files are file names inside that repo (Axolotl hands them
     to the Hub); otherwise they are local files, confined like every path."""
     files = entry.get("data_files")
@@ -231,18 +243,22 @@ OPTION_ALIASES = {
 }
 
 
-def _unknown_key_problems(args: dict, notes: list[str]) -> list[Problem]:
-    """Typos are errors (Axolotl would drop them silently); empty values and options of
-    earlier Axolotl releases are dropped with a warning."""
+def _drop_ignored_options(args: dict, notes: list[str]) -> None:
+    """Empty values and options of earlier Axolotl releases: dropped from `args`, with a note."""
     known = axolotl_schema.known_keys(_loadable_plugins(args)) | WORKER_READ_KEYS
-    problems = []
     for key in [k for k in args if k not in known]:
         value = args[key]
         if value in (None, False, "", [], {}) or key in LEGACY_OPTIONS and key not in OPTION_ALIASES:
             del args[key]
             why = "is empty" if value in (None, False, "", [], {}) else "is an option of earlier Axolotl releases"
             notes.append(f"args.{key} {why} and Axolotl 0.19 ignores it; dropped")
-            continue
+
+
+def _unknown_key_problems(args: dict) -> list[Problem]:
+    """Typos are errors: Axolotl would drop them silently."""
+    known = axolotl_schema.known_keys(_loadable_plugins(args)) | WORKER_READ_KEYS
+    problems = []
+    for key in [k for k in args if k not in known]:
         hint = f"; did you mean '{OPTION_ALIASES[key]}'?" if key in OPTION_ALIASES else suggest(key, sorted(known))
         problems.append(Problem(f"args.{key}", f"unknown option{hint} (Axolotl would silently ignore it)"))
     return problems
@@ -283,8 +299,9 @@ REMOTE_CODE_MESSAGE = (
 )
 
 
-def _model_path_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
-    """Model locations (Hub id or confined local directory) and local-only paths."""
+def _resolve_model_paths(args: dict, ctx: ArgsContext) -> list[Problem]:
+    """Model locations (Hub id or confined local directory) and local-only paths, made
+    absolute in place; a path outside what the job may read is a problem."""
     problems = []
     for key, value in list(args.items()):
         kind = kind_of(key)
