@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -45,7 +46,7 @@ from .plan import (
 )
 from .redact import Redactor, redact_file, secrets_in_env, secrets_in_raw_input
 from .report import evaluation_sections, framework_versions, render_model_card, write_loss_curve
-from .resources import ModelFacts, estimate_disk, gib, link_prebaked_model, model_facts
+from .resources import ModelFacts, directory_facts, estimate_disk, gib, link_prebaked_model, model_facts
 from .rundir import (
     PreviousRun,
     append_event,
@@ -69,7 +70,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 AXOLOTL_DEBUG_LOG = "debug.log"  # Axolotl tees its own log into output_dir/debug.log
 STEP_STOP_S = 10.0  # how long a cancelled job waits for its data step's thread to stop
 T = TypeVar("T")
-ETA_WARNING_SECONDS = 24 * 3600  # a training whose ETA is beyond this (or FINETUNE_MAX_HOURS) is warned about once
+ETA_WARNING_SECONDS = 24 * 3600
+MODEL_CONFIG_TIMEOUT_S = 120.0  # the base model's config.json from the Hub: seconds, unless the Hub is unwell  # a training whose ETA is beyond this (or FINETUNE_MAX_HOURS) is warned about once
 
 
 @dataclass
@@ -184,7 +186,9 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         tracking = Tracking(wandb_key=bool(wandb_key), model_id=valid.job.model_id, run_id=valid.job.run_id)
         plan = build_axolotl_config(valid.args, paths, settings.cache_dir / "prepared", hardware, tracking)
         processes = process_count(valid.job.num_processes, hardware.gpu_count)
-        base = model_facts(str(plan.config.get("base_model", "")), Path(env.get("HF_HOME") or settings.cache_dir / "huggingface"))
+        base, fetched = await _base_model_facts(plan.config, env, child_env, state)
+        for event in fetched:
+            yield event
         speedups = _speedups(plan.config, base.config, hardware, processes)
         fast = apply_fast_defaults(plan.config, hardware, speedups, validate=_planned_config_problems)
         final_problems = _planned_config_problems(plan.config)
@@ -308,6 +312,52 @@ async def _pipeline(raw_input: Any, env: dict[str, str], hardware: Hardware | No
         await state.reap_children()
         if state.paths is not None:
             redact_file(state.paths.output_dir / AXOLOTL_DEBUG_LOG, state.redactor)
+
+
+async def _base_model_facts(config: dict, env: dict[str, str], child_env: dict[str, str], state: JobState) -> tuple[ModelFacts, list[dict]]:
+    """The base model's config and size, for the memory and disk checks: (facts, events).
+
+    From disk when the model is local, cached or baked into the image, or the Hub is off
+    (HF_HUB_OFFLINE). Otherwise, on the first job for a Hub model, a child
+    (`python -m finetune_worker.hub model-config`, the token in its environment only)
+    downloads config.json and the weights' index into the Hub cache, before any weights:
+    a gated model or a bad token fails here (auth_error), a missing repo or config.json too
+    (model_load_error). A Hub that cannot be reached is not the user's fault: a warning,
+    and the job goes on without the estimate (the download comes later anyway)."""
+    base_model = str(config.get("base_model", ""))
+    hub_cache = Path(child_env.get("HF_HUB_CACHE") or Path(child_env["HF_HOME"]) / "hub")
+    facts = model_facts(base_model, Path(child_env["HF_HOME"]), hub_cache)
+    prebaked = env.get("FINETUNE_PREBAKED_HF_CACHE")
+    if facts.config is None and prebaked:
+        baked = model_facts(base_model, Path(prebaked), Path(prebaked))
+        if baked.config is not None:
+            return baked, []
+    offline = child_env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    local = base_model.startswith(("/", ".", "~")) or Path(base_model).exists()
+    if facts.config is not None or offline or local or not base_model:
+        return facts, []
+    revision = config.get("revision_of_model")
+    argv = [sys.executable, "-m", "finetune_worker.hub", "model-config", "--model", base_model, *(["--revision", str(revision)] if revision else [])]
+    with tempfile.TemporaryDirectory(prefix="model-config-") as scratch:  # the run directory is not ours yet
+        out = Path(scratch) / "result.json"
+        tool = state.training = TrainingProcess([*argv, "--out", str(out)], child_env, Path(scratch) / "hub-model-config.log", Path(scratch) / ".records", state.redactor)
+        try:
+            await tool.start()
+            async for _ in tool.records(deadline=time.monotonic() + MODEL_CONFIG_TIMEOUT_S):
+                pass
+            outcome = read_json(out) or {"ok": False, "code": "network", "message": f"the Hub step exited with code {tool.returncode}"}
+        finally:
+            state.training = None
+        if tool.timed_out:
+            outcome = {"ok": False, "code": "network", "message": f"the Hub did not answer in {MODEL_CONFIG_TIMEOUT_S:.0f} s"}
+    if outcome.get("ok"):
+        snapshot = Path(outcome.get("snapshot") or "")
+        facts = directory_facts(snapshot) if snapshot.is_dir() else model_facts(base_model, Path(child_env["HF_HOME"]), hub_cache)
+        size = f"{gib(facts.weight_bytes)} of weights to download" if facts.weight_bytes else "weights of unknown size to download"
+        return facts, [events.status("preparing", f"read {base_model}'s config.json from the Hugging Face Hub ({size})")]
+    if outcome.get("code") in (errors.AUTH_ERROR, errors.MODEL_LOAD_ERROR):
+        raise JobError(outcome["code"], outcome["message"], log_tail=tool.log_tail())
+    return facts, [events.warning(f"no memory estimate: could not read {base_model}'s config.json from the Hub ({outcome.get('message')}); going on")]
 
 
 def _take_run(valid: ValidJob, paths: RunPaths, state: JobState) -> list[dict]:
