@@ -239,3 +239,16 @@ def test_offline_and_local_models_ask_no_hub(tiny, hub, hub_env):
     assert "memory_estimate_bytes" in local[-1], local[-3:]
     assert len(hub.calls) == calls
 
+
+
+def test_a_model_baked_into_the_image_asks_no_hub(tiny, hub, hub_env, tmp_path):
+    repo = new_repo(hub)
+    baked = tmp_path / "baked"
+    directory = baked / ("models--" + repo.replace("/", "--")) / "snapshots" / ("b" * 40)
+    directory.mkdir(parents=True)
+    for name, content in {**model_files(), SHARDS[0]: b"x", SHARDS[1]: b"y"}.items():
+        (directory / name).write_bytes(content)
+    calls = len(hub.calls)
+    seen, _ = first_events(hub_job(tiny, repo), {**hub_env, "FINETUNE_PREBAKED_HF_CACHE": str(baked)})
+    assert "memory_estimate_bytes" in seen[-1], seen[-3:]
+    assert len(hub.calls) == calls

@@ -70,8 +70,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 AXOLOTL_DEBUG_LOG = "debug.log"  # Axolotl tees its own log into output_dir/debug.log
 STEP_STOP_S = 10.0  # how long a cancelled job waits for its data step's thread to stop
 T = TypeVar("T")
-ETA_WARNING_SECONDS = 24 * 3600
-MODEL_CONFIG_TIMEOUT_S = 120.0  # the base model's config.json from the Hub: seconds, unless the Hub is unwell  # a training whose ETA is beyond this (or FINETUNE_MAX_HOURS) is warned about once
+ETA_WARNING_SECONDS = 24 * 3600  # a training whose ETA is beyond this (or FINETUNE_MAX_HOURS) is warned about once
+MODEL_CONFIG_TIMEOUT_S = 120.0  # the base model's config.json from the Hub: seconds, unless the Hub is unwell
 
 
 @dataclass
@@ -351,10 +351,10 @@ async def _base_model_facts(config: dict, env: dict[str, str], child_env: dict[s
         if tool.timed_out:
             outcome = {"ok": False, "code": "network", "message": f"the Hub did not answer in {MODEL_CONFIG_TIMEOUT_S:.0f} s"}
     if outcome.get("ok"):
-        snapshot = Path(outcome.get("snapshot") or "")
-        facts = directory_facts(snapshot) if snapshot.is_dir() else model_facts(base_model, Path(child_env["HF_HOME"]), hub_cache)
+        snapshot = outcome.get("snapshot")
+        facts = directory_facts(Path(snapshot)) if snapshot and Path(snapshot).is_dir() else model_facts(base_model, Path(child_env["HF_HOME"]), hub_cache)
         size = f"{gib(facts.weight_bytes)} of weights to download" if facts.weight_bytes else "weights of unknown size to download"
-        return facts, [events.status("preparing", f"read {base_model}'s config.json from the Hugging Face Hub ({size})")]
+        return facts, [events.status("validating", f"read {base_model}'s config.json from the Hugging Face Hub ({size})")]
     if outcome.get("code") in (errors.AUTH_ERROR, errors.MODEL_LOAD_ERROR):
         raise JobError(outcome["code"], outcome["message"], log_tail=tool.log_tail())
     return facts, [events.warning(f"no memory estimate: could not read {base_model}'s config.json from the Hub ({outcome.get('message')}); going on")]
