@@ -10,6 +10,12 @@ Read from huggingface_hub/hf_api.py and _commit_api.py:
                                                        -> {"files": [{"path","uploadMode","shouldIgnore","oid"}]}
   POST /api/models/{repo}/commit/{rev}  (NDJSON: header, file{content base64}, deletedFile, ...)
                                                        -> {"commitUrl","commitOid","pullRequestUrl"}
+And what hf_hub_download needs (file_download.py, utils/_http.py hf_raise_for_status):
+  HEAD|GET /{repo}/resolve/{revision}/{filename}      -> 200, X-Repo-Commit, ETag, Content-Length (+ body on GET)
+        a missing file: 404 X-Error-Code: EntryNotFound (with X-Repo-Commit); a missing repo (or a
+        private one the token cannot read): 404 X-Error-Code: RepoNotFound; a gated repo without
+        access: 401/403 X-Error-Code: GatedRepo; a token the Hub does not know: 401
+        X-Error-Message: Invalid credentials in Authorization header. Reading needs no token.
 Every file is negotiated as a "regular" upload (base64 in the commit), so no LFS or
 Xet transfer is needed. Tokens come as `Authorization: Bearer <token>`.
 Failures can be injected per operation: `fake.fail["commit"] = [503, 503]`.
@@ -39,6 +45,8 @@ class Repo:
     branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})
     heads: dict[str, str] = field(default_factory=lambda: {"main": "0" * 40})
     commits: list[dict] = field(default_factory=list)
+    gated: bool = False
+    granted: set[str] = field(default_factory=set)  # users who accepted a gated repo's terms
 
 
 def user(name: str, *, role: str = "write", orgs: tuple[tuple[str, str], ...] = (), fine_grained: dict | None = None) -> dict:
@@ -80,6 +88,18 @@ class FakeHub:
 
     def files(self, repo_id: str, branch: str = "main") -> dict[str, bytes]:
         return self.repos[repo_id].branches[branch]
+
+    def add_model(self, repo_id: str, files: dict[str, bytes], *, gated: bool = False, private: bool = False,
+                  granted: tuple[str, ...] = ()) -> Repo:
+        """A model repo to download from, its head a commit of `files`."""
+        repo = self.repos[repo_id] = Repo(id=repo_id, private=private, gated=gated, granted=set(granted))
+        repo.branches["main"] = dict(files)
+        repo.heads["main"] = hashlib.sha1(json.dumps(sorted((k, git_blob_oid(v)) for k, v in files.items())).encode()).hexdigest()
+        return repo
+
+    def downloads(self) -> list[str]:
+        """The files asked for through /resolve/ (HEAD or GET), in order."""
+        return [path.split("/resolve/", 1)[1].split("/", 1)[1] for op, path in self.calls if op == "resolve"]
 
     def count(self, op: str) -> int:
         return sum(1 for name, _ in self.calls if name == op)
@@ -142,9 +162,29 @@ class FakeHub:
             "siblings": [{"rfilename": name} for name in sorted(repo.branches.get(branch, {}))],
         }
 
+    def _resolve(self, who: dict | None, bad_token: bool, repo_id: str, revision: str, filename: str) -> tuple[int, dict, bytes]:
+        """(status, headers, content) of a file download."""
+        if bad_token:
+            return 401, {"X-Error-Message": "Invalid credentials in Authorization header"}, b""
+        repo = self.repos.get(repo_id)
+        name = who["name"] if who else None
+        if repo is None or (repo.private and name != repo_id.split("/")[0]):
+            return 404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, b""
+        if repo.gated and name not in repo.granted:
+            message = "Access to this model is restricted. You must have access to it and be authenticated to access it."
+            return (403 if who else 401), {"X-Error-Code": "GatedRepo", "X-Error-Message": message}, b""
+        if revision not in repo.branches:
+            return 404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}, b""
+        commit = {"X-Repo-Commit": repo.heads[revision]}
+        content = repo.branches[revision].get(filename)
+        if content is None:
+            return 404, {**commit, "X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}, b""
+        return 200, {**commit, "ETag": f'"{git_blob_oid(content)}"', "Content-Type": "application/octet-stream"}, content
+
     # ------------------------------------------------------------------- http
     def _handler(self):
         hub = self
+        resolve_route = re.compile(r"^/(?P<repo>.+?)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
         repo_route = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<op>preupload|commit|revision|branch)/(?P<rev>.+))?$")
 
         class Handler(BaseHTTPRequestHandler):
@@ -169,6 +209,23 @@ class FakeHub:
                 path = unquote(urlparse(self.path).path)
                 token = self.headers.get("Authorization", "").removeprefix("Bearer ")
                 who = hub.tokens.get(token)
+                resolve = resolve_route.match(path)
+                if resolve:
+                    with hub.lock:
+                        hub.calls.append(("resolve", path))
+                        injected = hub.fail.get("resolve")
+                        if injected:
+                            status, headers, content = injected.pop(0), {}, b""
+                        else:
+                            status, headers, content = hub._resolve(who, bool(token) and who is None, resolve["repo"], resolve["rev"], resolve["file"])
+                    self.send_response(status)
+                    for key, value in headers.items():
+                        self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(content)))
+                    self.end_headers()
+                    if method == "GET":
+                        self.wfile.write(content)
+                    return None
                 match = repo_route.match(path)
                 op = "whoami" if path == "/api/whoami-v2" else "create" if path == "/api/repos/create" else \
                     "validate" if path == "/api/validate-yaml" else (match["op"] or "info") if match else "unknown"
@@ -207,5 +264,8 @@ class FakeHub:
 
             def do_POST(self):
                 self._route("POST")
+
+            def do_HEAD(self):
+                self._route("HEAD")
 
         return Handler

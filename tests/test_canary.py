@@ -7,12 +7,15 @@ The endpoint checks user tokens here (FINETUNE_USER_TOKEN_SECRET is a canary too
 so every job carries a valid credentials.user_token, itself a canary.
 The RunPod side (aggregated output, /status, /stream) is searched in
 test_runpod_loop.py, and the Hub side (model card, pushed files) in test_publish.py.
+The child that fetches a Hub model's config.json on the first job is searched too: the
+token reaches the Hub from it, never from the worker's process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -136,6 +139,36 @@ def test_a_crashing_training_leaks_no_secret(tiny, env, volume, caplog):
     assert argv.hits == []
     assert_clean_text(json.dumps(evs), "events")
     assert_clean_tree(run_dir(volume, job))
+
+
+def test_the_model_config_child_keeps_the_token_out_of_the_worker(tiny, env, volume, caplog, tmp_path):
+    from fake_hub import FakeHub, user
+    from finetune_worker.run.hardware import CPU_ONLY
+
+    hub = FakeHub().start()
+    try:
+        hub.tokens[HF_CANARY] = user("alice", role="read")
+        hub.add_model("acme/gated-canary", {"config.json": b"{}"}, gated=True)
+        seen_tokens: list[str] = []
+        original = hub._resolve
+
+        def resolve(who, bad_token, *args):
+            seen_tokens.append(who["name"] if who else "")
+            return original(who, bad_token, *args)
+
+        hub._resolve = resolve
+        job = make_job(tiny_args(tiny, base_model="acme/gated-canary"), credentials=CREDENTIALS)
+        hub_env = {**env, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")}
+        with caplog.at_level(logging.DEBUG), ArgvWatcher() as argv:
+            evs = collect(job, hub_env, hardware=CPU_ONLY)
+    finally:
+        hub.close()
+    assert evs[-1]["code"] == "auth_error" and "acme/gated-canary" in evs[-1]["message"], evs[-1]
+    assert seen_tokens and set(seen_tokens) == {"alice"}, "the child sent the job's token to the Hub"
+    assert argv.hits == [] and HF_CANARY not in os.environ.values()
+    assert_clean_text(json.dumps(evs), "events")
+    assert_clean_text(caplog.text, "the worker log")
+    assert_clean_tree(tmp_path / "hf-home")
 
 
 def test_a_secret_in_an_unexpected_exception_is_redacted_from_event_and_log(tiny, env, monkeypatch, caplog):

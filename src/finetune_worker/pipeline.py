@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.checks import axolotl_schema, capacity
-from finetune_worker.checks.resources import ModelFacts, link_prebaked_model, model_facts
+from finetune_worker.checks.model_config import base_model_facts
+from finetune_worker.checks.resources import ModelFacts, link_prebaked_model
 from finetune_worker.checks.usertoken import check_user_token
 from finetune_worker.checks.validation import ValidJob, config_problems_error, validate_job
 from finetune_worker.contract import errors, events
@@ -174,7 +175,9 @@ async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     tracking = Tracking(wandb_key=bool(run.wandb_key), model_id=valid.job.model_id, run_id=valid.job.run_id)
     plan = build_axolotl_config(valid.args, run.paths, settings.cache_dir / "prepared", hardware, tracking)
     processes = process_count(valid.job.num_processes, hardware.gpu_count)
-    run.base = model_facts(str(plan.config.get("base_model", "")), Path(run.env.get("HF_HOME") or settings.cache_dir / "huggingface"))
+    run.base, fetched = await base_model_facts(plan.config, run.env, run.child_env, state)
+    for event in fetched:
+        yield event
     speedups = capacity.speedups(plan.config, run.base.config, hardware, processes)
     plan, fast = with_fast_defaults(plan, hardware, speedups, validate=_planned_config_problems)
     final_problems = _planned_config_problems(plan.config)

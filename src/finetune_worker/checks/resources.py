@@ -44,23 +44,60 @@ def weights_size(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
-def _cached_snapshot(hub_id: str, hf_home: Path) -> Path | None:
-    cache = hf_home / "hub" / ("models--" + hub_id.replace("/", "--")) / "snapshots"
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _index(directory: Path) -> dict | None:
+    for name in INDEX_FILES:
+        index = _read_json(directory / name)
+        if index is not None:
+            return index
+    return None
+
+
+def _cached_snapshot(hub_id: str, hub_cache: Path) -> Path | None:
+    cache = hub_cache / ("models--" + hub_id.replace("/", "--")) / "snapshots"
     snapshots = sorted(cache.glob("*"), key=lambda p: p.stat().st_mtime) if cache.is_dir() else []
     return snapshots[-1] if snapshots else None
 
 
-def model_facts(base_model: str, hf_home: Path) -> ModelFacts:
-    """Size and config of the base model, from disk only (a local dir or the HF cache)."""
+def directory_facts(directory: Path, local: bool = False) -> ModelFacts:
+    """Facts from one model directory: a local model, or a Hub cache snapshot.
+
+    A snapshot may hold only config.json and the weights' index (fetched before the
+    download, `python -m finetune_worker.publish.hub model-config`): its weights are still to
+    be downloaded, and their size is the index's metadata.total_size. A local model
+    is never downloaded."""
+    config = _read_json(directory / "config.json")
+    on_disk = weights_size(directory)
+    index = _index(directory)
+    if index is not None:
+        shards = set((index.get("weight_map") or {}).values())
+        complete = bool(shards) and all((directory / shard).is_file() for shard in shards)
+        total = (index.get("metadata") or {}).get("total_size")
+        size = int(total) if isinstance(total, (int, float)) and total > 0 else (on_disk or None)
+        return ModelFacts(weight_bytes=size, needs_download=not (local or complete), config=config)
+    return ModelFacts(weight_bytes=on_disk or None, needs_download=not local and on_disk == 0, config=config)
+
+
+def model_facts(base_model: str, hf_home: Path, hub_cache: Path | None = None) -> ModelFacts:
+    """Size and config of the base model, from disk only (a local dir or the HF cache,
+    hub_cache or else HF_HOME/hub)."""
     local = Path(base_model)
-    directory = local if local.is_absolute() and local.is_dir() else _cached_snapshot(base_model, hf_home)
+    if local.is_absolute() and local.is_dir():
+        return directory_facts(local, local=True)
+    directory = _cached_snapshot(base_model, hub_cache or hf_home / "hub")
     if directory is None:
         return ModelFacts(weight_bytes=None, needs_download=True, config=None)
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = None
-    return ModelFacts(weight_bytes=weights_size(directory), needs_download=False, config=config)
+    return directory_facts(directory)
 
 
 def linear_shapes(model_config: dict) -> dict[str, tuple[int, int]]:

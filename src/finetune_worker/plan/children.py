@@ -57,6 +57,11 @@ def build_hub_argv(python: str, command: str, *args: str, out: Path) -> list[str
     return build_tool_argv(python, HUB_MODULE, command, *args, out=out)
 
 
+def build_model_config_argv(python: str, model: str, revision: str | None, out: Path) -> list[str]:
+    """The base model's config.json (and weights' index) from the Hub, before any weights."""
+    return build_hub_argv(python, "model-config", "--model", model, *(["--revision", revision] if revision else []), out=out)
+
+
 def build_preflight_argv(python: str, config_file: Path, out: Path) -> list[str]:
     return build_tool_argv(python, PREFLIGHT_MODULE, str(config_file), out=out)
 

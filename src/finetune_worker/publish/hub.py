@@ -2,9 +2,16 @@
 
     python -m finetune_worker.publish.hub check --repo-id alice/x --out result.json
     python -m finetune_worker.publish.hub push --spec publish.json --out result.json
+    python -m finetune_worker.publish.hub model-config --model org/name [--revision REV] --out result.json
 
-Both read HF_TOKEN (and HF_ENDPOINT) from the environment and write one JSON
+All read HF_TOKEN (and HF_ENDPOINT) from the environment and write one JSON
 object to --out: {"ok": true, ...} or {"ok": false, "code": ..., "message": ...}.
+
+`model-config` downloads only the base model's config.json and, when the repo has
+one, model.safetensors.index.json (whose metadata.total_size is the weights' size)
+into the Hub cache under HF_HOME, where Axolotl finds them later; no weights. Its
+codes: auth_error (gated, or the token refused), model_load_error (no such repo,
+revision or config.json), network (the Hub could not be reached: not the user's fault).
 """
 
 from __future__ import annotations
@@ -157,10 +164,69 @@ def push(api, spec: dict) -> dict:
         raise HubFailure("push_failed", f"pushing to {spec['repo_id']} failed: {type(exc).__name__}: {exc}") from None
 
 
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+NETWORK = "network"  # model-config only: the Hub was unreachable or failing; the worker goes on without it
+
+
+def model_config(model: str, revision: str | None) -> dict:
+    """Download config.json (and the safetensors index where there is one) into the HF cache."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"base_model '{model}'" + (f" (revision '{revision}')" if revision else "")
+    try:
+        config = hf_hub_download(model, CONFIG_FILE, revision=revision)
+        try:
+            index = hf_hub_download(model, INDEX_FILE, revision=revision)
+        except RemoteEntryNotFoundError:
+            index = None  # a single-file model (or .bin weights): the config alone gives the memory estimate
+    except GatedRepoError:
+        raise HubFailure(
+            "auth_error",
+            f"{where} is gated: accept its terms on the Hugging Face Hub with the account of the job's hf_token, "
+            "then resubmit (with credentials.hf_token set to that account's token)",
+        ) from None
+    except RevisionNotFoundError:
+        raise HubFailure("model_load_error", f"{where}: the repo has no such revision; check revision_of_model") from None
+    except RepositoryNotFoundError:
+        raise HubFailure(
+            "model_load_error",
+            f"{where} was not found on the Hugging Face Hub; check the name, or if the repo is private, "
+            "give an hf_token that can read it",
+        ) from None
+    except RemoteEntryNotFoundError:  # (LocalEntryNotFoundError, also an EntryNotFoundError, is a network failure)
+        raise HubFailure(
+            "model_load_error", f"{where} has no {CONFIG_FILE}, so it is not a model Axolotl can load; check base_model"
+        ) from None
+    except HFValidationError as exc:
+        raise HubFailure("model_load_error", f"{where} is not a valid model name: {exc}") from None
+    except HfHubHTTPError as exc:
+        if _status(exc) in (401, 403):
+            raise HubFailure(
+                "auth_error",
+                f"the Hugging Face Hub refused the token for {where} ({_status(exc)}): the hf_token is invalid or expired, "
+                "or lacks read access to this repo; check credentials.hf_token",
+            ) from None
+        raise HubFailure(NETWORK, f"the Hub answered {_status(exc)} for {where}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError) as exc:  # LocalEntryNotFoundError (unreachable), httpx errors, a full disk
+        raise HubFailure(NETWORK, f"could not fetch the config of {where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return {"config": config, "index": index, "snapshot": str(Path(config).parent)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune_worker.publish.hub")
-    parser.add_argument("command", choices=("check", "push"))
+    parser.add_argument("command", choices=("check", "push", "model-config"))
     parser.add_argument("--repo-id")
+    parser.add_argument("--model")
+    parser.add_argument("--revision")
     parser.add_argument("--spec", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -170,12 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             outcome = {"ok": True, **check(api, args.repo_id)}
+        elif args.command == "model-config":
+            outcome = {"ok": True, **model_config(args.model, args.revision)}
         else:
             outcome = {"ok": True, **push(api, json.loads(args.spec.read_text(encoding="utf-8")))}
     except HubFailure as failure:
         outcome = {"ok": False, "code": failure.code, "message": failure.message}
     except Exception as exc:  # noqa: BLE001 - reported to the worker, which names it
-        outcome = {"ok": False, "code": "push_failed" if args.command == "push" else "auth_error", "message": f"{type(exc).__name__}: {exc}"}
+        fallback = {"push": "push_failed", "check": "auth_error", "model-config": NETWORK}[args.command]
+        outcome = {"ok": False, "code": fallback, "message": f"{type(exc).__name__}: {exc}"}
     args.out.write_text(json.dumps(outcome), encoding="utf-8")
     return 0 if outcome["ok"] else 1
 

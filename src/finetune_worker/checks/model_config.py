@@ -1,0 +1,66 @@
+"""The base model's facts (config.json, weight size) for the memory and disk checks,
+before any weights are downloaded.
+
+From disk when the model is local, cached or baked into the image, or the Hub is off
+(HF_HUB_OFFLINE). Otherwise, on the first job for a Hub model, a helper child
+(`python -m finetune_worker.publish.hub model-config`, the token in its environment only)
+downloads config.json and the weights' index into the Hub cache: a gated model or a bad
+token fails here (auth_error), a missing repo or config.json too (model_load_error). A Hub
+that cannot be reached is not the user's fault: a warning, and the job goes on without
+the estimate (the download comes later anyway).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from finetune_worker.checks.resources import ModelFacts, directory_facts, gib, model_facts
+from finetune_worker.contract import errors, events
+from finetune_worker.contract.errors import JobError
+from finetune_worker.plan.children import build_model_config_argv
+from finetune_worker.run.children import ChildProcess
+from finetune_worker.run.rundir import read_json
+from finetune_worker.run.state import JobState
+
+MODEL_CONFIG_TIMEOUT_S = 120.0  # the base model's config.json from the Hub: seconds, unless the Hub is unwell
+
+
+async def base_model_facts(config: dict, env: dict[str, str], child_env: dict[str, str], state: JobState) -> tuple[ModelFacts, list[dict]]:
+    """(the facts, the events to report)."""
+    base_model = str(config.get("base_model", ""))
+    hub_cache = Path(child_env.get("HF_HUB_CACHE") or Path(child_env["HF_HOME"]) / "hub")
+    facts = model_facts(base_model, Path(child_env["HF_HOME"]), hub_cache)
+    prebaked = env.get("FINETUNE_PREBAKED_HF_CACHE")
+    if facts.config is None and prebaked:
+        baked = model_facts(base_model, Path(prebaked), Path(prebaked))
+        if baked.config is not None:
+            return baked, []
+    offline = child_env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    local = base_model.startswith(("/", ".", "~")) or Path(base_model).exists()
+    if facts.config is not None or offline or local or not base_model:
+        return facts, []
+    revision = config.get("revision_of_model")
+    with tempfile.TemporaryDirectory(prefix="model-config-") as scratch:  # the run directory is not ours yet
+        out = Path(scratch) / "result.json"
+        argv = build_model_config_argv(sys.executable, base_model, str(revision) if revision else None, out=out)
+        tool = state.training = ChildProcess(argv, child_env, Path(scratch) / "hub-model-config.log", Path(scratch) / ".records", state.redactor)
+        try:
+            await tool.start()
+            async for _ in tool.records(deadline=time.monotonic() + MODEL_CONFIG_TIMEOUT_S):
+                pass
+            outcome = read_json(out) or {"ok": False, "code": "network", "message": f"the Hub step exited with code {tool.returncode}"}
+        finally:
+            state.training = None
+        if tool.timed_out:
+            outcome = {"ok": False, "code": "network", "message": f"the Hub did not answer in {MODEL_CONFIG_TIMEOUT_S:.0f} s"}
+    if outcome.get("ok"):
+        snapshot = outcome.get("snapshot")
+        facts = directory_facts(Path(snapshot)) if snapshot and Path(snapshot).is_dir() else model_facts(base_model, Path(child_env["HF_HOME"]), hub_cache)
+        size = f"{gib(facts.weight_bytes)} of weights to download" if facts.weight_bytes else "weights of unknown size to download"
+        return facts, [events.status("validating", f"read {base_model}'s config.json from the Hugging Face Hub ({size})")]
+    if outcome.get("code") in (errors.AUTH_ERROR, errors.MODEL_LOAD_ERROR):
+        raise JobError(outcome["code"], outcome["message"], log_tail=tool.log_tail())
+    return facts, [events.warning(f"no memory estimate: could not read {base_model}'s config.json from the Hub ({outcome.get('message')}); going on")]
