@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import collect, training_pids
+from conftest import TRAINING_PROGRAMS, collect, live_processes, training_pids
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.job import parse_job_input
+from finetune_worker.pipeline import run_job
 from finetune_worker.run import history
+from finetune_worker.run.hardware import CPU_ONLY
 from finetune_worker.run.lock import RunLock
 
 DAY = 86400.0
@@ -189,14 +192,31 @@ def test_a_training_still_needs_its_ids_and_args_and_refuses_paging():
 
 
 # ------------------------------------------------------------------ through the pipeline
+def answer_and_children(job: dict, env: dict, marker: str) -> tuple[list[dict], list[int]]:
+    """The job's events, and the training children alive when its answer came."""
+
+    async def run():
+        evs, alive = [], []
+        async for event in run_job(job, env=env, hardware=CPU_ONLY):
+            evs.append(event)
+            if event["type"] in ("result", "error"):
+                alive = live_processes(marker, TRAINING_PROGRAMS, parent=os.getpid())
+        return evs, alive
+
+    return asyncio.run(run())
+
+
 def test_the_modes_answer_through_the_pipeline_without_a_lock_or_a_child(env, volume):
     runs = volume / "runs"
     make_run(runs, "hist-user", "r1", created=time.time(), events=[progress(2, 1.5)])
     lock = runs / "hist-user" / "r1.lock"
+    marker = str(runs / "hist-user")
+    collect({"user_id": "hist-user", "mode": "runs"}, env)  # imports
     started = time.monotonic()
-    listed = collect({"user_id": "hist-user", "mode": "runs"}, env)
-    read = collect({"user_id": "hist-user", "mode": "events", "run_id": "r1"}, env)
-    assert time.monotonic() - started < 5
+    listed, alive = answer_and_children({"user_id": "hist-user", "mode": "runs"}, env, marker)
+    assert time.monotonic() - started < 2 and alive == []
+    read, alive = answer_and_children({"user_id": "hist-user", "mode": "events", "run_id": "r1"}, env, marker)
+    assert alive == []
     assert listed[-1]["type"] == "result" and [r["run_id"] for r in listed[-1]["runs"]] == ["r1"]
     assert read[-1]["events"] == [progress(2, 1.5)]
     assert not lock.exists() and training_pids("hist-user") == []
@@ -205,3 +225,18 @@ def test_the_modes_answer_through_the_pipeline_without_a_lock_or_a_child(env, vo
     assert missing[-1]["type"] == "error" and missing[-1]["code"] == "run_not_found"
     refused = collect({"user_id": "hist-user", "mode": "runs", "args": {"base_model": "x"}}, env)
     assert refused[-1]["code"] == "invalid_input" and "args: not used by mode 'runs'" in refused[-1]["details"][0]
+
+
+def test_the_user_token_check_comes_first(env, volume):
+    import jwt
+
+    secret = "s" * 32
+    make_run(volume / "runs", "tok-user", "r1", created=time.time(), events=[])
+    guarded = {**env, "FINETUNE_USER_TOKEN_SECRET": secret}
+    refused = collect({"user_id": "tok-user", "mode": "runs"}, guarded)
+    assert refused[-1]["code"] == "auth_error"
+    token = jwt.encode({"sub": "tok-user", "exp": int(time.time()) + 60}, secret, "HS256")
+    other = jwt.encode({"sub": "someone-else", "exp": int(time.time()) + 60}, secret, "HS256")
+    assert collect({"user_id": "tok-user", "mode": "events", "run_id": "r1", "credentials": {"user_token": other}}, guarded)[-1]["code"] == "auth_error"
+    listed = collect({"user_id": "tok-user", "mode": "runs", "credentials": {"user_token": token}}, guarded)
+    assert [r["run_id"] for r in listed[-1]["runs"]] == ["r1"]
