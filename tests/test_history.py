@@ -240,3 +240,18 @@ def test_the_user_token_check_comes_first(env, volume):
     assert collect({"user_id": "tok-user", "mode": "events", "run_id": "r1", "credentials": {"user_token": other}}, guarded)[-1]["code"] == "auth_error"
     listed = collect({"user_id": "tok-user", "mode": "runs", "credentials": {"user_token": token}}, guarded)
     assert [r["run_id"] for r in listed[-1]["runs"]] == ["r1"]
+
+
+def test_the_published_schema_says_which_fields_each_mode_takes():
+    import jsonschema
+
+    from finetune_worker.contract.schema import job_input_schema
+
+    validator = jsonschema.Draft202012Validator(job_input_schema())
+    training = json.loads((Path(__file__).parents[1] / "test_input.json").read_text())["input"]
+    assert validator.is_valid(training)
+    assert not validator.is_valid({k: v for k, v in training.items() if k != "args"})
+    assert validator.is_valid({"user_id": "u", "mode": "runs", "limit": 10, "offset": 0})
+    assert validator.is_valid({"user_id": "u", "mode": "events", "run_id": "r", "credentials": {"user_token": "t"}})
+    assert not validator.is_valid({"user_id": "u", "mode": "events"})
+    assert not validator.is_valid({"user_id": "u", "mode": "runs", "args": {}})
