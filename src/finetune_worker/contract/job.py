@@ -166,10 +166,12 @@ def mode_problems(raw: dict) -> list[Problem]:
     mode = raw.get("mode", "train")
     if mode not in HISTORY_MODES:
         problems = [Problem(name, "required field is missing") for name in TRAINING_REQUIRED if name not in raw]
+        problems += [Problem(name, "Input should be a valid dictionary" if name == "args" else f"invalid id; {SAFE_ID_HINT}")
+                     for name in TRAINING_REQUIRED if name in raw and raw[name] is None]  # the model takes None for runs/events
         return problems + [Problem(name, "only used by mode 'runs' or 'events'") for name in ("limit", "offset") if name in raw]
     problems = [Problem(name, f"not used by mode '{mode}' (it only reads this user's runs)")
                 for name in raw if name not in HISTORY_FIELDS[mode] | {"run_id"} and name in JobInput.model_fields]
-    if mode == "events" and "run_id" not in raw:
+    if mode == "events" and raw.get("run_id") is None:
         problems.append(Problem("run_id", "required field is missing (the run whose events to read)"))
     if mode == "runs" and "run_id" in raw:
         problems.append(Problem("run_id", "mode 'runs' lists every run of this user; use mode 'events' with a run_id for one run"))

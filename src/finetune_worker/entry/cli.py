@@ -49,6 +49,8 @@ class HumanPrinter:
         elif kind == "eval":
             metrics = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "step"))
             self._line(f"eval at step {event.get('step')}: {metrics}")
+        elif kind == "result" and event.get("mode") in ("runs", "events"):
+            self._line(json.dumps(event, indent=2))  # a read-back answer: the finetune-worker runs/events commands format it
         elif kind == "result":
             done = "preflight completed" if event.get("mode") == "preflight" else "completed"
             self._line(f"{done} in {event.get('duration_seconds')}s: {event.get('output_dir')}")
