@@ -64,6 +64,7 @@ def runs(tmp_path: Path) -> Path:
     # an attempt set aside by restart, and the lock of a worker that died
     make_run(runs, "alice", "done.previous-20260101-000000", created=now + DAY, events=[])
     (runs / "alice" / "killed.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7, "token": "t"}))
+    (runs / "alice" / "live.lock.stale-abc").write_text("{}")  # a lock's temporary names are not runs
     make_run(runs, "bob", "secret", created=now, events=[progress(1, 2.0)])
     return runs
 

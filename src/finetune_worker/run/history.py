@@ -61,7 +61,7 @@ def _run_names(user_dir: Path) -> list[str]:
             run_id = name.removesuffix(".lock")
             if run_id and not (user_dir / run_id).exists() and holder(Path(entry.path)) is not None:
                 names.add(run_id)
-        elif ".lock." not in name and entry.is_dir(follow_symlinks=False):
+        elif entry.is_dir(follow_symlinks=False):  # a lock's own temporary names are files
             names.add(name)
     return sorted(names)
 
