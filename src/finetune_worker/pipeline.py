@@ -1,6 +1,6 @@
 """One job, top to bottom, as a spine of named stages (see STAGES):
 
-    validate -> plan -> take the run -> check capacity -> prepare data -> [preflight: stop]
+    validate -> [runs / events: read the volume, answer] -> plan -> take the run -> check capacity -> prepare data -> [preflight: stop]
     -> check the Hub token -> train (or reuse) -> evaluate -> publish (merge, push) -> result
 
 `run_job` is the async generator every entry point drives (RunPod's handler, the
