@@ -11,7 +11,8 @@ rp_http.py, rp_ping.py, rp_scale.py):
 The worker authenticates with the raw RUNPOD_AI_API_KEY in `Authorization`.
 
 Client side (runpod/endpoint/runner.py), with `Authorization: Bearer <key>`:
-  POST /v2/{ep}/run {"input": ...}  -> {"id", "status": "IN_QUEUE"}
+  POST /v2/{ep}/run {"input": ..., "webhook"?: url} -> {"id", "status": "IN_QUEUE"}
+                                     (at the end, the final /status body is POSTed to the webhook)
   GET|POST /v2/{ep}/status/{id}      -> {"id", "status", "output"?, "error"?, ...}
   GET|POST /v2/{ep}/stream/{id}      -> {"id", "status", "stream": [{"output": chunk}, ...]} (new chunks only)
   POST /v2/{ep}/cancel/{id}          -> {"id", "status": "CANCELLED"}
@@ -50,6 +51,7 @@ class FakeJob:
     stream: list = field(default_factory=list)
     stream_cursor: int = 0
     status_history: list = field(default_factory=list)
+    webhook: str | None = None
 
 
 class FakeRunPod:
@@ -63,6 +65,7 @@ class FakeRunPod:
         self.pings = 0
         self.worker_posts: list[bytes] = []  # bodies of job-done and job-stream, for leak checks
         self.client_replies: list[bytes] = []  # replies to /status, /stream and /cancel
+        self.webhook_calls: list[tuple[str, int | str]] = []  # (job id, the webhook's HTTP status or the failure)
         self.lock = threading.Condition()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
@@ -132,7 +135,24 @@ class FakeRunPod:
         job.status_history.append(status)
         if status in FINAL:
             job.finished = time.monotonic()
+            if job.webhook:
+                threading.Thread(target=self._call_webhook, args=(job.id, job.webhook), daemon=True).start()
         self.lock.notify_all()
+
+    def _call_webhook(self, job_id: str, url: str) -> None:
+        """RunPod POSTs the job's final /status body to the job's webhook."""
+        import urllib.request
+
+        body = json.dumps(self._status(job_id)).encode()
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                outcome: int | str = reply.status
+        except OSError as exc:
+            outcome = str(exc)
+        with self.lock:
+            self.webhook_calls.append((job_id, outcome))
+            self.lock.notify_all()
 
     def _watch_timeouts(self) -> None:
         while not self._closed:
@@ -221,6 +241,8 @@ class FakeRunPod:
     def _run(self, body: dict) -> dict:
         timeout_ms = (body.get("policy") or {}).get("executionTimeout")  # RunPod takes milliseconds
         job_id = self.submit(body.get("input"), timeout_ms / 1000 if timeout_ms else None)
+        with self.lock:
+            self.jobs[job_id].webhook = body.get("webhook")
         return {"id": job_id, "status": "IN_QUEUE"}
 
     # ------------------------------------------------------------------ http

@@ -31,3 +31,13 @@ def test_final_event_from_each_terminal_state():
     assert final_event({"status": "FAILED", "error": "plain text"})["message"] == "plain text"
     assert final_event({"status": "CANCELLED"})["code"] == "cancelled"
     assert "TIMED_OUT" in final_event({"status": "TIMED_OUT"})["message"]
+
+
+def test_a_history_job_carries_only_what_its_mode_reads():
+    from finetune_worker.contract.job import parse_job_input
+    from finetune_worker.entry.client import history_job
+
+    assert history_job("runs", "me") == {"user_id": "me", "mode": "runs"}
+    job = history_job("events", "me", run_id="r1", limit=10, offset=20, user_token="jwt")
+    assert job == {"user_id": "me", "mode": "events", "run_id": "r1", "limit": 10, "offset": 20, "credentials": {"user_token": "jwt"}}
+    assert parse_job_input(job, 1 << 20)[1] == []

@@ -1,6 +1,6 @@
 """One job, top to bottom, as a spine of named stages (see STAGES):
 
-    validate -> plan -> take the run -> check capacity -> prepare data -> [preflight: stop]
+    validate -> [runs / events: read the volume, answer] -> plan -> take the run -> check capacity -> prepare data -> [preflight: stop]
     -> check the Hub token -> train (or reuse) -> evaluate -> publish (merge, push) -> result
 
 `run_job` is the async generator every entry point drives (RunPod's handler, the
@@ -29,7 +29,7 @@ from finetune_worker.checks.usertoken import check_user_token
 from finetune_worker.checks.validation import ValidJob, config_problems_error, validate_job
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
-from finetune_worker.contract.job import parse_job_input
+from finetune_worker.contract.job import HISTORY_MODES, parse_job_input
 from finetune_worker.contract.settings import SettingsInvalid, WorkerSettings
 from finetune_worker.data.download import without_url_queries
 from finetune_worker.data.files import DatasetCheck
@@ -42,6 +42,7 @@ from finetune_worker.plan.fast_defaults import with_fast_defaults
 from finetune_worker.publish import stage as publishing
 from finetune_worker.publish.card import write_loss_curve
 from finetune_worker.publish.evaluation import gate
+from finetune_worker.run import history
 from finetune_worker.run.hardware import Hardware, detect_hardware
 from finetune_worker.run.lock import RunLock, RunLocked
 from finetune_worker.run.redact import Redactor, redact_file, secrets_in_env, secrets_in_raw_input
@@ -144,7 +145,7 @@ async def _pipeline(run: JobRun, state: JobState) -> AsyncIterator[dict]:
 
 async def _validate(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     """The worker's settings, the user's identity, then the job and its Axolotl config;
-    the standby training child starts as soon as the job parses."""
+    the standby training child starts as soon as a training job parses."""
     try:
         settings = run.settings = WorkerSettings.from_env(run.env)
     except SettingsInvalid as exc:
@@ -156,7 +157,7 @@ async def _validate(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         yield events.warning(ignored_token)
     hardware = run.hardware = run.hardware or detect_hardware()
     job, problems = parse_job_input(run.raw_input, settings.max_request_bytes)
-    if job is not None:  # else validate_job raises below, with every problem at once
+    if job is not None and job.mode not in HISTORY_MODES:  # else validate_job raises below, with every problem at once
         run.paths = run_paths(settings.runs_dir, job.user_id, job.run_id)
         hf_token, run.wandb_key = hub_and_wandb_secrets(job, settings)
         state.redactor.add(hf_token, run.wandb_key)
@@ -166,6 +167,18 @@ async def _validate(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         )
         await start_standby(job, run.paths, run.child_env, hardware, state)
     run.valid = validate_job(run.raw_input, settings, hardware, parsed=(job, problems))
+
+
+async def _history(run: JobRun, state: JobState) -> AsyncIterator[dict]:
+    """`mode: runs` / `mode: events`: this user's runs read back from the volume
+    (no lock, no child, nothing written); the answer is the `result` event."""
+    job = run.valid.job
+    if job.mode == "runs":
+        yield await asyncio.to_thread(history.list_runs, run.settings.runs_dir, job.user_id, job.limit, job.offset)
+        run.done = True
+    elif job.mode == "events":
+        yield await asyncio.to_thread(history.read_events, run.settings.runs_dir, job.user_id, job.run_id, job.limit, job.offset)
+        run.done = True
 
 
 async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
@@ -234,7 +247,9 @@ async def _prepare_data(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         if run.checks:
             yield data_checked(run.checks)
     write_config(paths, ctx.plan.config)
-    write_json(paths.job_file, _job_record(ctx.valid))
+    earlier = read_json(paths.job_file)
+    created = earlier.get("created") if isinstance(earlier, dict) else None
+    write_json(paths.job_file, {"created": created or time.time(), **_job_record(ctx.valid)})
     yield events.status("preparing", f"run directory {paths.run_dir} on {run.hardware.describe()}", run_dir=str(paths.run_dir))
 
 
@@ -327,7 +342,7 @@ async def _result(run: JobRun, state: JobState) -> AsyncIterator[dict]:
 
 
 STAGES = (
-    _validate, _plan, _take_the_run, _check_capacity, _prepare_data, _preflight,
+    _validate, _history, _plan, _take_the_run, _check_capacity, _prepare_data, _preflight,
     _check_hub_token, _train_or_reuse, _evaluate, _publish, _result,
 )
 

@@ -15,6 +15,7 @@ DISK_FULL = "disk_full"
 TRAINING_FAILED = "training_failed"
 CANCELLED = "cancelled"
 RUN_IN_PROGRESS = "run_in_progress"
+RUN_NOT_FOUND = "run_not_found"
 PUSH_FAILED = "push_failed"
 INTERNAL_ERROR = "internal_error"
 

@@ -112,29 +112,77 @@ class EvaluationOptions(BaseModel):
     min_improvement: float = Field(default=0.0, ge=0.0, description="With publish_if_better: by more than this much.")
 
 
+# Modes that only read the user's runs on the volume: no args, no lock, no child.
+HISTORY_MODES = ("runs", "events")
+RUNS_PAGE_DEFAULT, RUNS_PAGE_MAX = 50, 200
+EVENTS_PAGE_DEFAULT, EVENTS_PAGE_MAX = 200, 1000
+# What a history answer needs besides its mode; every other field is refused there.
+HISTORY_FIELDS = {"runs": {"user_id", "mode", "credentials", "limit", "offset"},
+                  "events": {"user_id", "mode", "credentials", "run_id", "limit", "offset"}}
+TRAINING_REQUIRED = ("model_id", "run_id", "args")
+
+
 class JobInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: SafeId
-    model_id: SafeId
-    run_id: SafeId
+    model_id: SafeId | None = Field(default=None, description="Required for train and preflight; not used by runs and events.")
+    run_id: SafeId | None = Field(default=None, description="Required for train, preflight and events; not used by runs.")
     credentials: Credentials = Field(default_factory=Credentials)
-    args: dict[str, Any] = Field(description="An Axolotl config: any option `axolotl train` accepts.")
+    args: dict[str, Any] | None = Field(default=None, description="An Axolotl config: any option `axolotl train` accepts.")
     publish: PublishOptions = Field(default_factory=PublishOptions)
     evaluation: EvaluationOptions | None = Field(default=None, description="Evaluate the fine-tune against its base model before publishing.")
     num_processes: int | None = Field(
         default=None, ge=1, le=64,
         description="Training processes (accelerate launch); default: one per visible GPU. On a CPU worker, >1 runs DDP over gloo.",
     )
-    mode: Literal["train", "preflight"] = Field(
+    mode: Literal["train", "preflight", "runs", "events"] = Field(
         default="train",
         description="preflight: validate, load and tokenize the datasets exactly as training would, report statistics "
-        "and marked-up examples, and stop without training (needs the tokenizer, not the model weights).",
+        "and marked-up examples, and stop without training (needs the tokenizer, not the model weights). "
+        "runs: list this user's runs on the volume, newest first (limit, offset). "
+        "events: one run's recorded events (run_id), from offset on. runs and events only read the volume.",
     )
     restart: bool = Field(
         default=False,
         description="Train this run_id again from scratch; an earlier attempt is kept, renamed <run_id>.previous-<time>.",
     )
+    limit: int | None = Field(
+        default=None, ge=1, le=EVENTS_PAGE_MAX,
+        description=f"runs and events only: the page size (runs: default {RUNS_PAGE_DEFAULT}, at most {RUNS_PAGE_MAX}; "
+        f"events: default {EVENTS_PAGE_DEFAULT}, at most {EVENTS_PAGE_MAX}).",
+    )
+    offset: int | None = Field(
+        default=None, ge=0,
+        description="runs and events only: where the page starts (runs: how many of the newest runs to skip; "
+        "events: the index of the first event, as the previous page's next_offset).",
+    )
+
+
+def mode_problems(raw: dict) -> list[Problem]:
+    """The fields each mode needs, and those it refuses: train and preflight need
+    model_id, run_id and args; runs and events read only the volume, so they refuse
+    what would only matter to a training (and any credential but user_token)."""
+    mode = raw.get("mode", "train")
+    if mode not in HISTORY_MODES:
+        problems = [Problem(name, "required field is missing") for name in TRAINING_REQUIRED if name not in raw]
+        problems += [Problem(name, "Input should be a valid dictionary" if name == "args" else f"invalid id; {SAFE_ID_HINT}")
+                     for name in TRAINING_REQUIRED if name in raw and raw[name] is None]  # the model takes None for runs/events
+        return problems + [Problem(name, "only used by mode 'runs' or 'events'") for name in ("limit", "offset") if name in raw]
+    problems = [Problem(name, f"not used by mode '{mode}' (it only reads this user's runs)")
+                for name in raw if name not in HISTORY_FIELDS[mode] | {"run_id"} and name in JobInput.model_fields]
+    if mode == "events" and raw.get("run_id") is None:
+        problems.append(Problem("run_id", "required field is missing (the run whose events to read)"))
+    if mode == "runs" and "run_id" in raw:
+        problems.append(Problem("run_id", "mode 'runs' lists every run of this user; use mode 'events' with a run_id for one run"))
+    credentials = raw.get("credentials")
+    if isinstance(credentials, dict):
+        problems += [Problem(f"credentials.{name}", f"not used by mode '{mode}' (only user_token is)")
+                     for name in credentials if name != "user_token" and name in Credentials.model_fields]
+    limit, top = raw.get("limit"), RUNS_PAGE_MAX if mode == "runs" else EVENTS_PAGE_MAX
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > top:
+        problems.append(Problem("limit", f"at most {top} for mode '{mode}'"))
+    return problems
 
 
 def format_loc(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -269,7 +317,10 @@ def parse_job_input(raw: Any, max_bytes: int) -> tuple[JobInput | None, list[Pro
     size = len(json.dumps(raw, default=str))
     if size > max_bytes:
         return None, [Problem("input", f"request is {size} bytes; the limit is {max_bytes} bytes")]
+    problems = mode_problems(raw)
     try:
-        return JobInput.model_validate(raw), []
+        job = JobInput.model_validate(raw)
     except ValidationError as exc:
-        return None, [_problem_from_pydantic(e) for e in exc.errors()]
+        found = {p.path for p in problems}
+        return None, problems + [p for p in map(_problem_from_pydantic, exc.errors()) if p.path not in found]
+    return (None, problems) if problems else (job, [])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from finetune_worker.contract.job import JobInput
+from finetune_worker.contract.job import HISTORY_FIELDS, HISTORY_MODES, TRAINING_REQUIRED, JobInput
 
 
 def job_input_schema() -> dict:
@@ -18,6 +18,14 @@ def job_input_schema() -> dict:
         "An Axolotl config: any option `axolotl train` accepts (https://docs.axolotl.ai/docs/config-reference.html). "
         "The worker validates it with Axolotl's own schema and its own rules; see README.md."
     )
+    # Which fields each mode needs and allows (the worker checks the same: contract/job.py mode_problems).
+    history = {mode: {"if": {"properties": {"mode": {"const": mode}}, "required": ["mode"]},
+                      "then": {"propertyNames": {"enum": sorted(HISTORY_FIELDS[mode])},
+                               "required": ["run_id"] if mode == "events" else []}}
+               for mode in HISTORY_MODES}
+    training = {"if": {"properties": {"mode": {"enum": list(HISTORY_MODES)}}, "required": ["mode"]},
+                "else": {"required": list(TRAINING_REQUIRED)}}
+    schema["allOf"] = [training, *history.values()]
     return schema
 
 def render() -> str:

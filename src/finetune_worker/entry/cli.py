@@ -49,12 +49,14 @@ class HumanPrinter:
         elif kind == "eval":
             metrics = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "step"))
             self._line(f"eval at step {event.get('step')}: {metrics}")
+        elif kind == "result" and event.get("mode") in ("runs", "events"):
+            self._line(json.dumps(event, indent=2))  # a read-back answer: the finetune-worker runs/events commands format it
         elif kind == "result":
             done = "preflight completed" if event.get("mode") == "preflight" else "completed"
-            self._line(f"{done} in {event['duration_seconds']}s: {event['output_dir']}")
+            self._line(f"{done} in {event.get('duration_seconds')}s: {event.get('output_dir')}")
             if event.get("not_published_reason"):
                 self._line(event["not_published_reason"])
-            self._line(json.dumps(event["metrics"], indent=2))
+            self._line(json.dumps(event.get("metrics"), indent=2))
         elif kind == "error":
             self._line(f"error [{event['code']}]: {event['message']}")
             for detail in event.get("details") or []:
@@ -210,7 +212,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         credentials=_credentials_from_env(args.credentials_from_env),
     )
     endpoint = client.connect(args.endpoint, os.environ)
-    job_id = client.submit(endpoint, job, args.execution_timeout)
+    job_id = client.submit(endpoint, job, args.execution_timeout, webhook=args.webhook)
     print(f"submitted job {job_id} (run {job.get('user_id')}/{job.get('run_id')}) to endpoint {args.endpoint}", file=sys.stderr)
     return _follow(endpoint, job_id, args)
 
@@ -220,6 +222,59 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     endpoint = client.connect(args.endpoint, os.environ)
     return _follow(endpoint, args.job_id, args)
+
+
+def _ask(mode: str, args: argparse.Namespace, **fields) -> dict:
+    from finetune_worker.entry import client
+
+    endpoint = client.connect(args.endpoint, os.environ)
+    fields = {"limit": args.limit, "offset": args.offset, **fields}
+    job = client.history_job(mode, args.user_id, user_token=os.environ.get("FINETUNE_USER_TOKEN"), **fields)
+    return client.ask(endpoint, job, poll_seconds=args.poll)
+
+
+def _print_error(event: dict) -> int:
+    print(f"error [{event.get('code')}]: {event.get('message')}", file=sys.stderr)
+    for detail in event.get("details") or []:
+        print(f"  - {detail}", file=sys.stderr)
+    return 1
+
+
+RUN_COLUMNS = ("run_id", "state", "created", "method", "base_model", "steps", "final_loss", "hub_url")
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    answer = _ask("runs", args)
+    if answer.get("type") != "result":
+        return _print_error(answer)
+    if args.json:
+        print_json(answer)
+        return 0
+    rows = [[str(run.get(key) if run.get(key) is not None else "-") for key in RUN_COLUMNS] for run in answer["runs"]]
+    widths = [max([len(key)] + [len(row[i]) for row in rows]) for i, key in enumerate(RUN_COLUMNS)]
+    for row in [list(RUN_COLUMNS), *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    shown = f"{answer['offset'] + 1}-{answer['offset'] + len(answer['runs'])}" if answer["runs"] else "none"
+    more = f"; next page: --offset {answer['next_offset']}" if answer.get("next_offset") is not None else ""
+    print(f"runs {shown} of {answer['total']} for {answer['user_id']}{more}", file=sys.stderr)
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Every recorded event of a run from --offset on, page after page (or one page: --limit)."""
+    emit = print_json if args.json else HumanPrinter(sys.stdout)
+    offset = args.offset
+    while True:
+        answer = _ask("events", args, run_id=args.run_id, offset=offset)
+        if answer.get("type") != "result":
+            return _print_error(answer)
+        for event in answer["events"]:
+            emit(event)
+        offset = answer["next_offset"]
+        if not answer.get("more") or args.limit is not None:
+            break
+    print(f"run {args.run_id} is {answer['state']}; {offset} events read (continue with --offset {offset})", file=sys.stderr)
+    return 0
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
@@ -263,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--credentials-from-env", action="store_true", help="send HF_TOKEN and WANDB_API_KEY from this shell as the job's credentials")
     submit.add_argument("--execution-timeout", type=int, metavar="SECONDS", help="RunPod executionTimeout for this job")
     submit.add_argument("--cancel", action="store_true", help="cancel the job on Ctrl-C (default: detach and let it run)")
+    submit.add_argument("--webhook", metavar="URL", help="RunPod POSTs the job's final status to this URL when it ends (RunPod's `webhook` field)")
     submit.set_defaults(func=cmd_submit)
 
     status = commands.add_parser("status", help="re-attach to a job on an endpoint and follow it to the end")
@@ -270,6 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--endpoint", required=True, help="the endpoint id")
     status.add_argument("--cancel", action="store_true", help="cancel the job on Ctrl-C")
     status.set_defaults(func=cmd_status)
+
+    runs = commands.add_parser("runs", help="list a user's runs on an endpoint's volume, newest first (mode: runs)")
+    runs.add_argument("--limit", type=int, help="runs per page (default 50, at most 200)")
+    runs.set_defaults(func=cmd_runs)
+    events_cmd = commands.add_parser("events", help="print a run's recorded events, days after it ended (mode: events)")
+    events_cmd.add_argument("run_id")
+    events_cmd.add_argument("--limit", type=int, help="one page of at most this many events (default: every page)")
+    events_cmd.set_defaults(func=cmd_events)
+    for command in (runs, events_cmd):
+        command.add_argument("--endpoint", required=True, help="the endpoint id")
+        command.add_argument("--user-id", default="me", help="whose runs (default 'me'); FINETUNE_USER_TOKEN is sent as its user_token")
+        command.add_argument("--offset", type=int, help="runs: how many of the newest to skip; events: the first event's index")
 
     configure = commands.add_parser("configure", help="write an Axolotl YAML from AXOLOTL_* variables, validated like a job")
     configure.add_argument("--from-env", action="store_true", required=True, help="read AXOLOTL_* variables (the only source for now)")
@@ -280,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     pod = commands.add_parser("pod", help="Pod start-up: configure from AXOLOTL_*, log in to the Hub, print what to do next")
     pod.set_defaults(func=cmd_pod)
 
-    for command in (submit, status):
+    for command in (submit, status, runs, events_cmd):
         command.add_argument("--json", action="store_true", help="print one JSON event per line, nothing else")
         command.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
     return parser

@@ -48,10 +48,15 @@ def connect(endpoint_id: str, env: Mapping[str, str]):
     return runpod.Endpoint(endpoint_id, api_key=api_key)
 
 
-def submit(endpoint, job_input: dict, execution_timeout_s: int | None = None) -> str:
+def submit(endpoint, job_input: dict, execution_timeout_s: int | None = None, webhook: str | None = None) -> str:
+    """POST /run. `webhook` is RunPod's own field beside `input`: RunPod POSTs the
+    job's final /status body to that URL when the job ends (as `Endpoint.run` sends
+    it when given the whole request, `{"input": ..., "webhook": ...}`)."""
     body: dict[str, Any] = {"input": job_input}
     if execution_timeout_s:
         body["policy"] = {"executionTimeout": execution_timeout_s * 1000}
+    if webhook:
+        body["webhook"] = webhook
     reply = endpoint.rp_client.post(f"{endpoint.endpoint_id}/run", body)
     return reply["id"]
 
@@ -103,3 +108,24 @@ def follow(
                 emit(final)  # a failed job's error never reaches /stream; a re-attach may have missed the result
             return final
         sleep(poll_seconds)
+
+
+def history_job(mode: str, user_id: str, *, run_id: str | None = None, limit: int | None = None,
+                offset: int | None = None, user_token: str | None = None) -> dict:
+    """The input of a `runs` or `events` job (they read the volume: no args, no model_id)."""
+    job: dict[str, Any] = {"user_id": user_id, "mode": mode}
+    if run_id is not None:
+        job["run_id"] = run_id
+    if limit is not None:
+        job["limit"] = limit
+    if offset is not None:
+        job["offset"] = offset
+    if user_token:
+        job["credentials"] = {"user_token": user_token}
+    return job
+
+
+def ask(endpoint, job_input: dict, poll_seconds: float = 0.5, sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Submit a read-only job (`runs`, `events`) and return its final event: the answer or an error."""
+    job_id = submit(endpoint, job_input)
+    return follow(endpoint, job_id, lambda event: None, poll_seconds=poll_seconds, sleep=sleep)

@@ -69,6 +69,19 @@ def is_stale(owner: dict, heartbeat_age: float, host: str) -> bool:
     return False
 
 
+def holder(path: Path) -> dict | None:
+    """Who holds the lock at `path` now (its owner record), or None when it is free or
+    stale. Only reads: never takes, renames or removes the lock."""
+    owner = _read(path)
+    if owner is None:
+        return None
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return None if is_stale(owner, age, socket.gethostname()) else owner
+
+
 class RunLock:
     def __init__(self, path: Path, job_id: str = ""):
         self.path = path
