@@ -1,0 +1,100 @@
+"""Preference training (rl: dpo, ipo, orpo, kto, simpo): rows checked before any download,
+a preflight of prompt/chosen/rejected tokens, and the trainer's reward metrics in events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune_worker.contract import errors
+from finetune_worker.contract.errors import JobError
+from finetune_worker.data.files import check_datasets
+from finetune_worker.data.rows import row_problem, row_shape
+
+MSG = [{"role": "user", "content": "Name a green fruit."}, {"role": "assistant", "content": "A lime."}]
+MSG_BAD = [{"role": "user", "content": "Name a green fruit."}, {"role": "assistant", "content": "A plum."}]
+
+
+def write_lines(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+# (rl, dataset entry, a good row, a broken row, what the broken row is told)
+CASES = [
+    ("dpo", {"type": "chatml.intel"}, {"question": "q", "chosen": "a", "rejected": "b"},
+     {"question": "q", "chosen": "a"}, "missing field 'rejected' (this dataset type needs question, chosen, rejected)"),
+    ("dpo", {"type": "chatml.intel"}, {"system": "s", "question": "q", "chosen": "a", "rejected": "b"},
+     {"prompt": "q", "chosen": "a", "rejected": "b"}, "missing field 'question'"),
+    ("ipo", {"type": "chatml"}, {"instruction": "q", "chosen_response": "a", "rejected_response": "b"},
+     {"input": "q", "chosen": ["a"], "rejected": "b"}, "field 'chosen' must be a string, not list"),
+    ("simpo", {"type": "llama3.default"}, {"prompt": "q", "chosen": "a", "rejected": "b"},
+     {"chosen": "a", "rejected": "b"}, "missing field 'prompt' (or 'input') (or 'question') (or 'instruction')"),
+    ("dpo", {"type": "chatml.icr"}, {"input": "q", "chosen": "a", "rejected": "b"},
+     {"input": "q", "chosen": "a", "rejected": None}, "missing field 'rejected'"),
+    ("dpo", {"type": "chatml.prompt_pairs"}, {"prompt": "q", "chosen": "a", "rejected": "b"},
+     {"prompt": 7, "chosen": "a", "rejected": "b"}, "field 'prompt' must be a string, not int"),
+    ("dpo", {"type": "llama3.argilla_chat"}, {"chosen": MSG, "rejected": MSG_BAD},
+     {"chosen": MSG, "rejected": MSG_BAD[:1]}, "field 'rejected' has 1 messages; this dataset type needs at least 2"),
+    ("dpo", {"type": "chatml.ultra"}, {"prompt": "q", "chosen": MSG, "rejected": MSG_BAD},
+     {"prompt": "q", "chosen": MSG, "rejected": [MSG[0], {"text": "x"}]}, "rejected[1] is missing 'content'"),
+    ("dpo", {"type": "chat_template.default"}, {"messages": MSG[:1], "chosen": MSG[1], "rejected": MSG_BAD[1]},
+     {"messages": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"},
+     "messages[0] has role 'human', not one of user, assistant, system, tool"),
+    ("dpo", {"type": "chat_template.default"}, {"messages": "q", "chosen": "a", "rejected": [MSG_BAD[1]]},
+     {"messages": "q", "chosen": "a", "rejected": 3}, "field 'rejected' must be a string, a message or a list of messages, not a number"),
+    ("dpo", {"type": "chat_template.default", "field_messages": "conversation", "field_chosen": "good", "field_rejected": "bad",
+             "message_property_mappings": {"role": "from", "content": "value"}, "roles": {"user": ["human"], "assistant": ["gpt"]}},
+     {"conversation": [{"from": "human", "value": "q"}], "good": {"from": "gpt", "value": "a"}, "bad": "b"},
+     {"conversation": [{"from": "human", "value": "q"}], "good": {"from": "gpt", "content": "a"}, "bad": "b"}, "good is missing 'value'"),
+    ("dpo", {"type": "chat_template.argilla_chat"}, {"chosen": MSG, "rejected": MSG_BAD},
+     {"chosen": MSG[1:], "rejected": MSG_BAD}, "field 'chosen' has 1 messages; this dataset type needs at least 2"),
+    ("dpo", {"type": "passthrough"}, {"prompt": "q", "chosen": "a", "rejected": "b"},
+     {"prompt": "q", "chosen": "a", "reject": "b"}, "missing field 'rejected'"),
+    ("dpo", {}, {"prompt": "q", "chosen": "a", "rejected": "b"}, {"question": "q", "chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
+    ("dpo", {"type": {"field_prompt": "q", "field_chosen": "yes", "field_rejected": "no"}}, {"q": "q", "yes": "a", "no": "b"},
+     {"q": "q", "yes": "a"}, "missing field 'no'"),
+    ("dpo", {"type": "zephyr.nectar"}, {"prompt": "q", "answers": [{"answer": "a", "rank": 1}, {"answer": "b", "rank": 2}]},
+     {"prompt": "q"}, "missing field 'answers'"),
+    ("orpo", {"type": "chat_template.argilla"}, {"chosen": MSG, "rejected": MSG_BAD},
+     {"chosen": MSG + MSG[:1], "rejected": MSG_BAD}, "field 'chosen' has 3 messages; this dataset type needs user/assistant pairs"),
+    ("kto", {"type": "chatml.argilla"}, {"instruction": "q", "completion": "a", "label": True},
+     {"instruction": "q", "completion": "a", "label": "yes"}, "field 'label' must be true or false (is the completion desirable), not a string"),
+    ("kto", {"type": "llama3.intel"}, {"question": "q", "completion": "a", "label": False},
+     {"question": "q", "completion": "a"}, "missing field 'label'"),
+    ("kto", {"type": "chatml.prompt_pairs"}, {"prompt": "q", "completion": "a", "label": True},
+     {"prompt": "q", "chosen": "a", "label": True}, "missing field 'completion'"),
+    ("kto", {"type": "llama3.ultra"}, {"prompt": "q", "completion": "a", "label": True},
+     {"prompt": ["q"], "completion": "a", "label": True}, "field 'prompt' must be a string, not list"),
+    ("kto", {"type": "chatml.argilla_chat"}, {"completion": MSG, "label": True},
+     {"completion": "a", "label": True}, "field 'completion' must be a list of messages, not str"),
+    ("kto", {"type": {"field_prompt": "q", "field_completion": "c", "field_label": "ok"}}, {"q": "q", "c": "a", "ok": True},
+     {"q": "q", "c": "a", "label": True}, "missing field 'ok'"),
+    ("kto", {}, {"prompt": "q", "completion": "a", "label": True}, {"prompt": "q", "completion": "a", "label": 0}, "field 'label' must be true or false"),
+]
+
+
+@pytest.mark.parametrize(("rl", "entry", "good", "bad", "problem"), CASES, ids=[f"{c[0]}-{c[1].get('type', 'none')}" for c in CASES])
+def test_a_broken_preference_row_is_named_by_file_line_and_field(tmp_path, rl, entry, good, bad, problem):
+    assert row_problem(good, row_shape(entry, "datasets", rl)) == (None, False)
+    path = write_lines(tmp_path / "prefs.jsonl", [good, good, bad, good])
+    config = {"rl": rl, "datasets": [{"path": str(path), **entry}]}
+    with pytest.raises(JobError) as caught:
+        check_datasets(config, {})
+    assert caught.value.code == errors.DATASET_ERROR
+    assert caught.value.message.startswith(f"args.datasets[0] (prefs.jsonl): line 3: {problem}"), caught.value.message
+
+
+def test_good_preference_rows_pass_and_are_counted(tmp_path):
+    path = write_lines(tmp_path / "prefs.jsonl", [{"question": "q", "chosen": "a", "rejected": "b"}] * 5)
+    checks = check_datasets({"rl": "dpo", "datasets": [{"path": str(path), "type": "chatml.intel"}]}, {})
+    assert checks[0].summary() == {"rows": 5, "empty_rows": 0, "files": 1}
+
+
+def test_sft_types_are_not_read_as_preference_ones_and_unknown_rl_is_left_to_axolotl():
+    # chat_template for SFT needs a list of messages; for DPO a string prompt is fine
+    assert row_problem({"messages": "q"}, row_shape({"type": "chat_template"}, "datasets"))[0]
+    assert row_problem({"messages": "q", "chosen": "a", "rejected": "b"}, row_shape({"type": "chat_template"}, "datasets", "dpo")) == (None, False)
+    assert row_shape({"type": "chatml.intel"}, "datasets", "grpo") is None
