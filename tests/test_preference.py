@@ -98,3 +98,20 @@ def test_sft_types_are_not_read_as_preference_ones_and_unknown_rl_is_left_to_axo
     assert row_problem({"messages": "q"}, row_shape({"type": "chat_template"}, "datasets"))[0]
     assert row_problem({"messages": "q", "chosen": "a", "rejected": "b"}, row_shape({"type": "chat_template"}, "datasets", "dpo")) == (None, False)
     assert row_shape({"type": "chatml.intel"}, "datasets", "grpo") is None
+
+
+def test_the_preference_trainers_metrics_reach_progress_events_and_the_result():
+    from finetune_worker.run.progress import ProgressTracker
+
+    tracker = ProgressTracker()
+    tracker.feed({"kind": "train_begin", "step": 0, "max_steps": 2, "time": 0.0})
+    logs = {"loss": 0.69, "learning_rate": 1e-4, "rewards/chosen": 0.01, "rewards/rejected": -0.02, "rewards/margins": 0.03,
+            "rewards/accuracies": 0.5, "logps/chosen": -40.5, "logps/rejected": -41.0, "logits/chosen": -1.5, "grad_norm": 2.0}
+    tracker.feed({"kind": "log", "step": 1, "logs": logs, "time": 1.0})
+    event = tracker.progress_due()
+    assert event["preference"] == {k: v for k, v in logs.items() if "/" in k and k != "learning_rate"}
+    assert tracker.metrics["final_rewards/margins"] == 0.03 and tracker.metrics["final_rewards/accuracies"] == 0.5
+    plain = ProgressTracker()
+    plain.feed({"kind": "train_begin", "step": 0, "max_steps": 2, "time": 0.0})
+    plain.feed({"kind": "log", "step": 1, "logs": {"loss": 1.0}, "time": 1.0})
+    assert "preference" not in plain.progress_due()  # supervised training: no such field
