@@ -4,6 +4,7 @@ a preflight of prompt/chosen/rejected tokens, and the trainer's reward metrics i
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,66 @@ def test_the_preference_trainers_metrics_reach_progress_events_and_the_result():
     plain.feed({"kind": "train_begin", "step": 0, "max_steps": 2, "time": 0.0})
     plain.feed({"kind": "log", "step": 1, "logs": {"loss": 1.0}, "time": 1.0})
     assert "preference" not in plain.progress_due()  # supervised training: no such field
+
+
+# -- preflight and a real DPO training on the tiny model -------------------------------
+
+
+def preference_rows(count: int = 16) -> list[dict]:
+    """chatml.intel rows: the fact as the chosen answer, another row's answer of the same kind rejected."""
+    from finetune_worker.entry.tiny import facts
+
+    pairs = facts()[:count]
+    return [
+        {"question": q, "chosen": a, "rejected": pairs[(i + 1) % len(pairs)][1] if (i + 1) % 12 else pairs[i - 1][1]}
+        for i, (q, a) in enumerate(pairs)
+    ]
+
+
+def dpo_args(tiny: Path, dataset: dict, **overrides) -> dict:
+    from conftest import tiny_args
+
+    return tiny_args(
+        tiny, rl="dpo", datasets=[{"type": "chatml.intel", **dataset}],
+        num_epochs=1, micro_batch_size=4, learning_rate=0.0005, warmup_steps=0, **overrides,
+    )
+
+
+@pytest.mark.training
+def test_preflight_reports_prompt_chosen_rejected_tokens_and_too_long_pairs(tiny, env):
+    from conftest import collect, make_job
+
+    rows = preference_rows() + [{"question": "Describe a lime. " * 60, "chosen": "Green.", "rejected": "Blue."}]
+    events = collect(make_job(dpo_args(tiny, {"rows": rows}), mode="preflight"), env)
+    final = events[-1]
+    assert final["type"] == "result" and final["mode"] == "preflight", final
+    report = final["preflight"]
+    assert report["rl"] == "dpo" and report["sequence_len"] == 256
+    dataset = report["datasets"][0]
+    assert dataset["rows_read"] == 17 and dataset["too_long"] == 1 and dataset["dropped"] == 1 and dataset["rows_kept"] == 16
+    assert set(dataset["tokens"]) == {"prompt", "chosen", "rejected"}
+    assert dataset["tokens"]["prompt"]["max"] > 256 and 0 < dataset["tokens"]["chosen"]["min"] <= dataset["tokens"]["chosen"]["max"] < 20
+    assert report["prepared"]["train_rows"] == 16  # what Axolotl's own loader kept
+    described = [e["message"] for e in events if e["type"] == "status" and "dataset" in e]
+    assert described and "1 pairs longer than sequence_len 256: dropped" in described[0] and "chosen" in described[0]
+    example = next(e["example"] for e in events if e["type"] == "status" and "example" in e)
+    assert example["prompt"].startswith("<|im_start|>user\n") and example["chosen"].endswith("<|im_end|>")
+    assert not [e for e in events if e["type"] == "progress"]
+
+
+@pytest.mark.training
+def test_a_dpo_training_on_the_tiny_model_streams_its_reward_metrics(tiny, env, volume):
+    from conftest import collect, make_job
+
+    folder = volume / "data" / uuid.uuid4().hex[:8]
+    folder.mkdir(parents=True)
+    path = write_lines(folder / "prefs.jsonl", preference_rows())
+    events = collect(make_job(dpo_args(tiny, {"path": str(path), "ds_type": "json"})), env)
+    final = events[-1]
+    assert final["type"] == "result", [e for e in events if e["type"] == "error"]
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress and progress[-1]["step"] == progress[-1]["total_steps"] == 4
+    metrics = progress[-1]["preference"]
+    for key in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert isinstance(metrics[key], float), (key, metrics)
+    assert "final_rewards/margins" in final["metrics"]
