@@ -55,6 +55,8 @@ CASES = [
     ("dpo", {"type": "passthrough"}, {"prompt": "q", "chosen": "a", "rejected": "b"},
      {"prompt": "q", "chosen": "a", "reject": "b"}, "missing field 'rejected'"),
     ("dpo", {}, {"prompt": "q", "chosen": "a", "rejected": "b"}, {"question": "q", "chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
+    ("dpo", {"type": "passthrough"}, {"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "", "rejected": "b"},
+     "field 'chosen' is empty (Axolotl stops the run on a row without chosen)"),
     ("dpo", {"type": {"field_prompt": "q", "field_chosen": "yes", "field_rejected": "no"}}, {"q": "q", "yes": "a", "no": "b"},
      {"q": "q", "yes": "a"}, "missing field 'no'"),
     ("dpo", {"type": "zephyr.nectar"}, {"prompt": "q", "answers": [{"answer": "a", "rank": 1}, {"answer": "b", "rank": 2}]},
@@ -77,7 +79,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("rl", "entry", "good", "bad", "problem"), CASES, ids=[f"{c[0]}-{c[1].get('type', 'none')}" for c in CASES])
+@pytest.mark.parametrize(("rl", "entry", "good", "bad", "problem"), CASES, ids=[f"{c[0]}-{c[1].get('type', 'none')}-{i}" for i, c in enumerate(CASES)])
 def test_a_broken_preference_row_is_named_by_file_line_and_field(tmp_path, rl, entry, good, bad, problem):
     assert row_problem(good, row_shape(entry, "datasets", rl)) == (None, False)
     path = write_lines(tmp_path / "prefs.jsonl", [good, good, bad, good])

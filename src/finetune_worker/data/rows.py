@@ -129,6 +129,7 @@ class Need:
     # prompt_messages: a string or a list of messages; reply: a string, a message or a list of messages
     min_turns: int = 1
     even_turns: bool = False
+    not_empty: bool = False  # rl.py's length filter stops the run on an empty prompt/chosen/rejected/completion
 
     def describe(self) -> str:
         return self.names[0] + "".join(f" (or {name})" for name in self.names[1:])
@@ -162,6 +163,8 @@ class PreferenceShape:
         kind = need.kind
         if kind == TEXT and not isinstance(value, str):
             return f"field '{name}' must be a string, not {type(value).__name__}"
+        if need.not_empty and not value:
+            return f"field '{name}' is empty (Axolotl stops the run on a row without {name})"
         if kind == LABEL and not isinstance(value, bool):
             return f"field '{name}' must be true or false (is the completion desirable), not {json_kind(value)}"
         if kind == PROMPT_MESSAGES and isinstance(value, str):
@@ -226,7 +229,8 @@ TEMPLATE_TYPES_KTO = {
     "ultra": (PROMPT, COMPLETION, LABEL_NEED),
 }
 # rows already in the trainer's shape (no type, or dpo's passthrough): rl.py's filter reads them as they are
-READY_DPO, READY_KTO = (PROMPT, CHOSEN, REJECTED), (PROMPT, COMPLETION, LABEL_NEED)
+READY_DPO = tuple(Need((name,), not_empty=True) for name in ("prompt", "chosen", "rejected"))
+READY_KTO = (Need(("prompt",), not_empty=True), Need(("completion",), not_empty=True), LABEL_NEED)
 CHAT_ROLES = ("user", "assistant", "system", "tool")
 
 
