@@ -184,7 +184,7 @@ def preference_outcome(parts: dict[str, list[int]], sequence_len: int, strategy:
     return {"too_long": count, "dropped": count if strategy == "drop" else 0, "truncated": 0, "prompt_too_long": sum(prompt_too_long)}
 
 
-def transformed_preference_dataset(cfg, entry, index: int, tokenizer):
+def transformed_preference_dataset(cfg, entry, index: int, tokenizer, split: str):
     """One dataset, loaded and mapped by its type's transform as rl.py's `_load_split` does."""
     from axolotl.prompt_strategies.dpo import load as load_dpo
     from axolotl.prompt_strategies.kto import load as load_kto
@@ -206,7 +206,8 @@ def transformed_preference_dataset(cfg, entry, index: int, tokenizer):
     map_kwargs: dict = {}
     if isinstance(transform, tuple):
         transform, map_kwargs = transform
-    columns = dataset.column_names if hasattr(dataset, "column_names") and isinstance(dataset.column_names, list) else []
+    names = getattr(dataset, "column_names", None)
+    columns = names if isinstance(names, list) else (names or {}).get(split, [])  # a DatasetDict: its split's
     if "remove_columns" in map_kwargs:
         wanted = map_kwargs["remove_columns"]
         map_kwargs["remove_columns"] = list(columns) if wanted == "__all__" else [c for c in wanted if c in columns]
@@ -260,9 +261,9 @@ def preference_preflight(cfg, tokenizer) -> dict:
     from axolotl.utils.data.shared import datasets_with_name_generator
 
     reports = []
-    for list_key in ("datasets", "test_datasets"):
+    for list_key, split in (("datasets", "train"), ("test_datasets", "test")):
         for index, entry in enumerate(datasets_with_name_generator(cfg[list_key] or [])):
-            dataset = transformed_preference_dataset(cfg, entry, index, tokenizer)
+            dataset = transformed_preference_dataset(cfg, entry, index, tokenizer, split)
             reports.append(describe_preference_dataset(f"args.{list_key}[{index}]", dict(entry), dataset, cfg, tokenizer))
 
     meta = load_preference_datasets(cfg=cfg)  # what training loads; saved to the prepared-data cache
