@@ -88,7 +88,7 @@ async def preflight(ctx: JobContext, state: JobState, checks: list[DatasetCheck]
     report["total"]["empty_rows"] = sum(dataset["empty_rows"] for dataset in report["datasets"])
     for dataset in report["datasets"]:
         yield events.status("preprocessing", _describe_dataset(dataset, report), dataset=dataset)
-    marks = "prompt, chosen and rejected as the trainer sees them" if report.get("rl") else "[[...]] is trained on"
+    marks = "the prompt and the answers as the trainer sees them" if report.get("rl") else "[[...]] is trained on"
     for example in report["examples"]:
         yield events.status("preprocessing", f"example {example['dataset']} row {example['row']} ({marks})", example=example)
     yield events.result(
