@@ -67,7 +67,7 @@ def check_datasets(config: dict, inline: dict[str, DataSource], cancel: Cancel =
             if not path.is_absolute() or not path.exists():
                 continue  # a Hub or cloud dataset: Axolotl loads it, the preflight checks it
             label = _inline_label if where in inline else _line_label
-            checks.append(check_dataset(where, path, entry, row_shape(entry, list_key), label, cancel))
+            checks.append(check_dataset(where, path, entry, row_shape(entry, list_key, config.get("rl")), label, cancel))
     problems = [(check, text) for check in checks for text in check.problems]
     if problems:
         total = sum(check.problem_count for check in checks)

@@ -112,6 +112,8 @@ def preflight(config_path: Path) -> dict:
 
     cfg = load_cfg(str(config_path))
     tokenizer = load_tokenizer(cfg)
+    if cfg.rl:
+        return preference_preflight(cfg, tokenizer)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False)
@@ -145,6 +147,156 @@ def preflight(config_path: Path) -> dict:
         "packing": {"enabled": True, **packing_efficiency(train_lengths, cfg.sequence_len, cfg.min_sample_len or 2)} if cfg.sample_packing else {"enabled": False},
         "examples": [example for report in reports for example in report.pop("examples")],
     }
+
+
+# -- preference datasets (rl) ---------------------------------------------------------
+#
+# Axolotl 0.19 (axolotl/utils/data/rl.py `_load_split`) loads each dataset, maps it with
+# its type's transform into prompt/chosen/rejected (KTO: prompt/completion) text, and
+# measures each part with the tokenizer (no special tokens): a pair whose prompt plus
+# chosen, or prompt plus rejected, is longer than sequence_len is dropped (the default),
+# truncated to fit (`excess_length_strategy: truncate`, dropped still when the prompt
+# alone is too long) or stops the run (`raise`). The same steps here, counted.
+
+PREFERENCE_PARTS = {"kto": ("prompt", "completion")}
+PAIR_PARTS = ("prompt", "chosen", "rejected")
+
+
+def rl_name(cfg) -> str:
+    """`rl` as the user wrote it (Axolotl's config holds an RLType enum)."""
+    return str(getattr(cfg.rl, "value", cfg.rl))
+
+
+def preference_parts(rl: str) -> tuple[str, ...]:
+    return PREFERENCE_PARTS.get(rl, PAIR_PARTS)
+
+
+def preference_outcome(parts: dict[str, list[int]], sequence_len: int, strategy: str) -> dict:
+    """How many rows rl.py's length filter finds too long, and what it does with them."""
+    prompts = parts["prompt"]
+    answers = [values for name, values in parts.items() if name != "prompt"]
+    too_long = [any(prompt + answer[i] > sequence_len for answer in answers) for i, prompt in enumerate(prompts)]
+    prompt_too_long = [prompt >= sequence_len for prompt in prompts]  # nothing left for the answer
+    count = sum(too_long)
+    if strategy == "truncate":
+        dropped = sum(long and short for long, short in zip(too_long, prompt_too_long, strict=True))
+        return {"too_long": count, "dropped": dropped, "truncated": count - dropped, "prompt_too_long": sum(prompt_too_long)}
+    return {"too_long": count, "dropped": count if strategy == "drop" else 0, "truncated": 0, "prompt_too_long": sum(prompt_too_long)}
+
+
+def transformed_preference_dataset(cfg, entry, index: int, tokenizer, split: str):
+    """One dataset, loaded and mapped by its type's transform as rl.py's `_load_split` does."""
+    from axolotl.prompt_strategies.dpo import load as load_dpo
+    from axolotl.prompt_strategies.kto import load as load_kto
+    from axolotl.prompt_strategies.orpo import load as load_orpo
+    from axolotl.utils.data.rl import _map_dataset  # pinned Axolotl: the same map as training
+    from axolotl.utils.data.shared import load_dataset_with_config
+    from axolotl.utils.dict import DictDefault
+
+    dataset = load_dataset_with_config(entry, cfg.hf_use_auth_token, streaming=False)
+    kind = entry["type"]
+    if not kind:
+        return dataset
+    if isinstance(kind, DictDefault):
+        kind = "user_defined.default"
+    load = {"orpo": load_orpo, "kto": load_kto}.get(rl_name(cfg), load_dpo)
+    transform = load(kind, cfg, dataset_idx=index)
+    if transform is None:
+        raise ValueError(f"Failed to load dataset transform function for type {kind!r} (rl: {cfg.rl})")
+    map_kwargs: dict = {}
+    if isinstance(transform, tuple):
+        transform, map_kwargs = transform
+    names = getattr(dataset, "column_names", None)
+    columns = names if isinstance(names, list) else (names or {}).get(split, [])  # a DatasetDict: its split's
+    if "remove_columns" in map_kwargs:
+        wanted = map_kwargs["remove_columns"]
+        map_kwargs["remove_columns"] = list(columns) if wanted == "__all__" else [c for c in wanted if c in columns]
+    return _map_dataset(cfg, dataset, transform, tokenizer, **map_kwargs)
+
+
+def describe_preference_dataset(where: str, entry: dict, dataset, cfg, tokenizer) -> dict:
+    rl = rl_name(cfg)
+    names = preference_parts(rl)
+    texts = {name: dataset[name] for name in names}
+
+    def count(text) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    parts = {name: [count(text) for text in values] for name, values in texts.items()}
+    strategy = (cfg.excess_length_strategy or "drop").lower()
+    outcome = preference_outcome(parts, cfg.sequence_len, strategy)
+    rows = len(parts["prompt"])
+    longest = [max(parts["prompt"][i] + parts[name][i] for name in names[1:]) for i in range(rows)]
+    examples = [
+        {"dataset": where, "row": i, "tokens": longest[i],
+         **{name: _clip(str(texts[name][i])) for name in names}, **{f"{name}_tokens": parts[name][i] for name in names}}
+        for i in range(min(EXAMPLES_PER_DATASET, rows))
+    ]
+    return {
+        "where": where,
+        "path": str(entry.get("path")),
+        "type": entry.get("type"),
+        "rl": rl,
+        "rows_read": rows,
+        "rows_kept": rows - outcome["dropped"],
+        "too_short": 0,
+        "no_trained_tokens": 0,
+        **outcome,
+        "tokens": {name: _stats(values) for name, values in parts.items()},
+        "longest_pair": _stats(longest),
+        "examples": examples,
+    }
+
+
+def _stats(lengths: list[int]) -> dict:
+    return {key: value for key, value in token_stats(lengths, lengths).items() if key != "trained"}
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_EXAMPLE_CHARS else text[:MAX_EXAMPLE_CHARS] + " …"
+
+
+def preference_preflight(cfg, tokenizer) -> dict:
+    from axolotl.common.datasets import load_preference_datasets
+    from axolotl.utils.data.shared import datasets_with_name_generator
+
+    reports = []
+    for list_key, split in (("datasets", "train"), ("test_datasets", "test")):
+        for index, entry in enumerate(datasets_with_name_generator(cfg[list_key] or [])):
+            dataset = transformed_preference_dataset(cfg, entry, index, tokenizer, split)
+            reports.append(describe_preference_dataset(f"args.{list_key}[{index}]", dict(entry), dataset, cfg, tokenizer))
+
+    meta = load_preference_datasets(cfg=cfg)  # what training loads; saved to the prepared-data cache
+    prepared = {
+        "train_rows": len(meta.train_dataset) if meta.train_dataset is not None else 0,
+        "eval_rows": len(meta.eval_dataset) if meta.eval_dataset is not None else 0,
+        "total_num_steps": meta.total_num_steps,
+        "cache_dir": str(cfg.dataset_prepared_path),
+    }
+    names = preference_parts(rl_name(cfg))
+    examples = [example for report in reports for example in report.pop("examples")]
+    return {
+        "rl": rl_name(cfg),
+        "sequence_len": cfg.sequence_len,
+        "excess_length_strategy": cfg.excess_length_strategy or "drop",
+        "tokenizer": str(cfg.tokenizer_config or cfg.base_model),
+        "datasets": reports,
+        "total": {
+            **overall(reports),
+            "prompt_too_long": sum(r["prompt_too_long"] for r in reports),
+            "tokens": {name: _merged([r["tokens"][name] for r in reports]) for name in names},
+        },
+        "prepared": prepared,
+        "packing": {"enabled": False},
+        "examples": examples,
+    }
+
+
+def _merged(stats: list[dict]) -> dict:
+    present = [s for s in stats if s["min"] is not None]
+    if not present:
+        return _stats([])
+    return {"total": sum(s["total"] for s in present), "min": min(s["min"] for s in present), "max": max(s["max"] for s in present)}
 
 
 def overall(reports: list[dict]) -> dict:

@@ -88,14 +88,17 @@ async def preflight(ctx: JobContext, state: JobState, checks: list[DatasetCheck]
     report["total"]["empty_rows"] = sum(dataset["empty_rows"] for dataset in report["datasets"])
     for dataset in report["datasets"]:
         yield events.status("preprocessing", _describe_dataset(dataset, report), dataset=dataset)
+    marks = "the prompt and the answers as the trainer sees them" if report.get("rl") else "[[...]] is trained on"
     for example in report["examples"]:
-        yield events.status("preprocessing", f"example {example['dataset']} row {example['row']} ([[...]] is trained on)", example=example)
+        yield events.status("preprocessing", f"example {example['dataset']} row {example['row']} ({marks})", example=example)
     yield events.result(
         ctx.valid.job.run_id, str(paths.run_dir), report["total"], time.monotonic() - started, mode="preflight", preflight=report,
     )
 
 
 def _describe_dataset(dataset: dict, report: dict) -> str:
+    if "rl" in dataset:
+        return _describe_preference_dataset(dataset, report)
     tokens = dataset["tokens"]
     fates = []
     if dataset["too_long"]:
@@ -111,3 +114,15 @@ def _describe_dataset(dataset: dict, report: dict) -> str:
         + f"; {tokens['total']} tokens, {tokens['trained']} trained on; "
         f"{tokens['min']}-{tokens['max']} per example (median {tokens['median']})"
     )
+
+
+def _describe_preference_dataset(dataset: dict, report: dict) -> str:
+    fates = ""
+    if dataset["too_long"]:
+        fate = {"truncate": "truncated", "raise": "training would stop"}.get(str(report["excess_length_strategy"]).lower(), "dropped")
+        fates = f" ({dataset['too_long']} pairs longer than sequence_len {report['sequence_len']}: {fate}"
+        if dataset["truncated"] and dataset["dropped"]:
+            fates += f"; {dataset['dropped']} dropped, their prompt alone too long"
+        fates += ")"
+    parts = "; ".join(f"{name} {stats['min']}-{stats['max']} tokens (median {stats['median']})" for name, stats in dataset["tokens"].items())
+    return f"{dataset['where']}: {dataset['rows_read']} rows, {dataset['rows_kept']} kept{fates}; {parts}"

@@ -9,6 +9,21 @@ from finetune_worker.contract.events import checkpoint, evaluation, status, warn
 
 LONG_RUN_EVENTS = 600
 ETA_MIN_STEPS = 3  # the ETA is judged only after a few steps
+# What TRL's preference trainers (DPO/IPO/SimPO, KTO, ORPO) log besides the loss: the
+# rewards of the chosen and rejected completions, their margin and how often the chosen
+# one wins, the log-probabilities and logits, KTO's KL term, ORPO's odds ratio.
+PREFERENCE_PREFIXES = ("rewards/", "logps/", "logits/")
+PREFERENCE_KEYS = ("kl", "log_odds_ratio", "log_odds_chosen", "nll_loss")
+
+
+def preference_metrics(logs: dict) -> dict:
+    """The preference trainer's metrics in one `log` record (none for supervised training)."""
+    return {
+        key: _round(value) for key, value in logs.items()
+        if (key.startswith(PREFERENCE_PREFIXES) or key in PREFERENCE_KEYS) and isinstance(value, (int, float))
+    }
+
+
 STAGE_MESSAGES = {
     "downloading": "loading the base model (downloading it unless it is cached)",
     "preprocessing": "loading and tokenizing the datasets",
@@ -34,6 +49,7 @@ class ProgressTracker:
     epoch: float | None = None
     loss: float | None = None
     learning_rate: float | None = None
+    preference: dict = field(default_factory=dict)  # the latest rewards/..., logps/... (rl runs)
     begin_time: float | None = None
     begin_step: int = 0
     now: float | None = None
@@ -101,6 +117,10 @@ class ProgressTracker:
             self.metrics["final_loss"] = _round(self.loss)
         if isinstance(logs.get("learning_rate"), (int, float)):
             self.learning_rate = logs["learning_rate"]
+        found = preference_metrics(logs)
+        if found:
+            self.preference = found
+            self.metrics.update({f"final_{key}": value for key, value in found.items()})
         for key in ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second"):
             if key in logs:
                 self.metrics[key] = _round(logs[key])
@@ -109,7 +129,7 @@ class ProgressTracker:
         """A `progress` event if one is due: about one a second, and always the last step."""
         if self.begin_time is None or self.step <= self.begin_step:
             return None
-        state = (self.step, self.loss)
+        state = (self.step, self.loss, tuple(self.preference.items()))
         if state == self.last_emitted:
             return None
         finished = self.max_steps is not None and self.step >= self.max_steps
@@ -141,7 +161,7 @@ class ProgressTracker:
     def progress_event(self) -> dict:
         total = self.max_steps or 0
         percent = round(100.0 * self.step / total, 1) if total else None
-        return {
+        event = {
             "type": "progress",
             "step": self.step,
             "total_steps": self.max_steps,
@@ -151,6 +171,9 @@ class ProgressTracker:
             "percent": percent,
             "eta_seconds": self._eta(),
         }
+        if self.preference:
+            event["preference"] = dict(self.preference)
+        return event
 
     def _eta(self) -> float | None:
         done = self.step - self.begin_step
