@@ -112,6 +112,19 @@ class EvaluationOptions(BaseModel):
     min_improvement: float = Field(default=0.0, ge=0.0, description="With publish_if_better: by more than this much.")
 
 
+class ContinueFrom(BaseModel):
+    """An earlier run of the same user_id that this run starts from (its own run_id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: SafeId = Field(description="The earlier run, on the volume under this job's user_id.")
+    checkpoint: Literal["final"] | Annotated[int, Field(ge=1)] = Field(
+        default="final",
+        description="final: the earlier run's finished output (a LoRA adapter, a full fine-tune's weights, or its merged "
+        "LoRA for a full fine-tune); a number: that step's checkpoint (output/checkpoint-N).",
+    )
+
+
 class JobInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -134,6 +147,11 @@ class JobInput(BaseModel):
     restart: bool = Field(
         default=False,
         description="Train this run_id again from scratch; an earlier attempt is kept, renamed <run_id>.previous-<time>.",
+    )
+    continue_from: ContinueFrom | None = Field(
+        default=None,
+        description="Start from an earlier run of this user_id: its LoRA adapter becomes the starting adapter "
+        "(the same base_model, adapter, lora_r and target modules), or its full weights (or merged LoRA) the base model.",
     )
 
 
