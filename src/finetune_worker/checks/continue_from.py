@@ -56,15 +56,14 @@ def resolve_continue_from(job: JobInput, args: dict[str, Any], runs_dir: Path) -
     if not isinstance(record, dict) or not isinstance(earlier_config, dict):
         return None, [no_such_run(wanted.run_id)]
     adapter_run = earlier_config.get("adapter") in LORA_ADAPTERS
-    new_adapter = args.get("adapter") if args else None
-    wants_adapter = new_adapter in LORA_ADAPTERS
+    wants_adapter = args.get("adapter") in LORA_ADAPTERS if args else None  # None: the args failed their own checks
     where, problem = _earlier_output(paths, wanted.checkpoint, adapter_run, wants_adapter)
     if problem:
         return None, [problem]
     base = base_model_of(record, earlier_config)
     origin = Origin(
         run_id=wanted.run_id, checkpoint=wanted.checkpoint, path=where,
-        starts_as="adapter" if adapter_run and wants_adapter else "base_model",
+        starts_as="adapter" if adapter_run and wants_adapter is not False else "base_model",
         base_model=base, earlier=tuple(lineage_of(record, earlier_config)),
     )
     if not args:
@@ -75,7 +74,7 @@ def resolve_continue_from(job: JobInput, args: dict[str, Any], runs_dir: Path) -
     return (None, problems) if problems else (origin, [])
 
 
-def _earlier_output(paths, checkpoint: str | int, adapter_run: bool, wants_adapter: bool) -> tuple[Path, Problem | None]:
+def _earlier_output(paths, checkpoint: str | int, adapter_run: bool, wants_adapter: bool | None) -> tuple[Path, Problem | None]:
     """The directory to start from: the final output, its merged LoRA, or a checkpoint."""
     run_id = paths.run_dir.name
     if checkpoint == "final":
@@ -90,7 +89,7 @@ def _earlier_output(paths, checkpoint: str | int, adapter_run: bool, wants_adapt
                            if p.name.removeprefix("checkpoint-").isdigit() and is_complete_checkpoint(p))
             have = f"; its checkpoints: {', '.join(map(str, steps))}" if steps else "; it has no complete checkpoint"
             return output, Problem("continue_from.checkpoint", f"run {run_id!r} has no checkpoint at step {checkpoint}{have}")
-    if adapter_run and not wants_adapter:
+    if adapter_run and wants_adapter is False:
         merged = paths.output_dir / "merged"
         if checkpoint == "final" and merged.is_dir() and _has_weights(merged):
             return merged, None
