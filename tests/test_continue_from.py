@@ -62,7 +62,7 @@ def _continue(tiny, volume, run_id: str, continue_from: dict, user: str = USER, 
 @pytest.mark.training
 def test_a_run_continues_from_an_earlier_runs_adapter(tiny, volume, run_a):
     a = run_a["metrics"]
-    assert a["first_loss"] - a["final_loss"] > 0.05, a  # A learned something worth continuing
+    assert _mean(_losses(volume, "run-a")[-4:]) < _mean(_losses(volume, "run-a")[:4]), a  # A learned something
     events = _continue(tiny, volume, "run-b", {"run_id": "run-a"}, max_steps=3)
     # B starts where A ended, not where A started. One batch's loss differs a lot from the
     # next, so compare like with like: B's first two steps see A's first two batches (the
