@@ -35,7 +35,14 @@ from finetune_worker.data.download import without_url_queries
 from finetune_worker.data.files import DatasetCheck
 from finetune_worker.data.stage import check_data, data_checked, off_loop, preflight
 from finetune_worker.plan.children import build_child_env
-from finetune_worker.plan.config import Tracking, build_axolotl_config, with_prepared_data, with_repo_id, with_resume_point
+from finetune_worker.plan.config import (
+    Tracking,
+    build_axolotl_config,
+    with_continue_from,
+    with_prepared_data,
+    with_repo_id,
+    with_resume_point,
+)
 from finetune_worker.plan.credentials import hub_and_wandb_secrets, tracker_secrets
 from finetune_worker.plan.distributed import process_count
 from finetune_worker.plan.fast_defaults import with_fast_defaults
@@ -187,6 +194,7 @@ async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     valid, settings, hardware = run.valid, run.settings, run.hardware
     tracking = Tracking(wandb_key=bool(run.wandb_key), model_id=valid.job.model_id, run_id=valid.job.run_id)
     plan = build_axolotl_config(valid.args, run.paths, settings.cache_dir / "prepared", hardware, tracking)
+    plan = with_continue_from(plan, valid.origin)
     processes = process_count(valid.job.num_processes, hardware.gpu_count)
     run.base, fetched = await base_model_facts(plan.config, run.env, run.child_env, state)
     for event in fetched:
@@ -202,6 +210,10 @@ async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         yield events.status("validating", f"fast defaults for this GPU (set them in args to override): {'; '.join(fast.chosen)}", defaults=fast.chosen)
     if limits := settings.limits():
         yield events.status("validating", "this worker's limits: " + ", ".join(f"{k}={v}" for k, v in limits.items()), limits=limits)
+    if origin := valid.origin:
+        what = "the starting adapter" if origin.starts_as == "adapter" else "the base model"
+        yield events.status("validating", f"continuing from run {origin.run_id} ({origin.checkpoint}): {origin.path.name} is {what}",
+                            continue_from={"run_id": origin.run_id, "checkpoint": origin.checkpoint, "as": origin.starts_as})
     if valid.defaults_used:
         yield events.status("validating", f"using the endpoint's defaults for {', '.join(valid.defaults_used)} (AXOLOTL_* variables)")
     run.ctx = JobContext(valid=valid, plan=plan, paths=run.paths, settings=settings, child_env=run.child_env, num_processes=processes)
@@ -335,7 +347,8 @@ async def _result(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         extra["not_published_reason"] = run.publish_blocked
     result = events.result(
         ctx.valid.job.run_id, str(ctx.paths.output_dir), run.trained["metrics"], time.monotonic() - run.started,
-        hub=run.hub, wandb=run.trained.get("wandb"), merged_dir=str(run.merged) if run.merged else None, **extra,
+        hub=run.hub, wandb=run.trained.get("wandb"), merged_dir=str(run.merged) if run.merged else None,
+        continue_from=ctx.valid.job.continue_from and ctx.valid.job.continue_from.model_dump(), lineage=ctx.valid.lineage, **extra,
     )
     write_json(ctx.paths.result_file, result)
     yield result
@@ -373,10 +386,11 @@ def _take_run(valid: ValidJob, paths: RunPaths, state: JobState) -> list[dict]:
 
 
 def _check_same_config(previous: PreviousRun, valid: ValidJob) -> None:
-    if previous.has_work and previous.args_digest not in (None, args_digest(valid.args)):
+    cont = valid.job.continue_from and valid.job.continue_from.model_dump()
+    if previous.has_work and (previous.args_digest not in (None, args_digest(valid.args)) or previous.continue_from != cont):
         raise JobError(
             errors.INVALID_INPUT,
-            "this run_id already has checkpoints or a result from a different config; "
+            "this run_id already has checkpoints or a result from a different config (args or continue_from); "
             "use a new run_id, or send restart: true to train again from scratch (the earlier attempt is kept)",
         )
 
@@ -395,6 +409,7 @@ def _job_record(valid: ValidJob) -> dict:
         "credentials_given": {name: getattr(creds, name) is not None for name in type(creds).model_fields},
         "args_sha256": args_digest(valid.args),
         "args": valid.job.args,
+        "lineage": valid.lineage,
     })
 
 

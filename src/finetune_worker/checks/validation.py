@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_worker.checks.args import ArgsContext, check_args
+from finetune_worker.checks.continue_from import Origin, lineage, resolve_continue_from
 from finetune_worker.checks.paths import make_roots
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError, Problem, problems_error
@@ -20,6 +21,12 @@ class ValidJob:
     args: dict[str, Any]  # the endpoint's defaults + the user's args, local paths made absolute
     defaults_used: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # warnings about the endpoint's AXOLOTL_* defaults
+    origin: Origin | None = None  # what continue_from starts from
+
+    @property
+    def lineage(self) -> dict:
+        """Base model -> each earlier run (continue_from) -> this run."""
+        return lineage(self.job, self.args, self.origin)
 
 
 def validate_job(
@@ -49,11 +56,17 @@ def validate_job(
         arg_problems += limit_problems(args, settings)
     if job is not None and job.publish.merge_lora and args.get("adapter") not in ("lora", "qlora"):
         arg_problems.append(Problem("publish.merge_lora", "needs a LoRA run (args.adapter: lora or qlora); a full fine-tune is already merged"))
+    origin = None
+    if job is not None and job.continue_from is not None:
+        if "lora_model_dir" in args:
+            arg_problems.append(Problem("args.lora_model_dir", "continue_from sets the starting adapter; remove lora_model_dir"))
+        origin, continue_problems = resolve_continue_from(job, {} if arg_problems else args, settings.runs_dir)
+        problems = problems + continue_problems
     if problems or arg_problems:
         code = errors.INVALID_INPUT if problems else errors.INVALID_CONFIG
         raise problems_error(code, problems + arg_problems)
     assert job is not None
-    return ValidJob(job=job, args=args, defaults_used=used, notes=notes)
+    return ValidJob(job=job, args=args, defaults_used=used, notes=notes, origin=origin)
 
 
 AXOLOTL_DEFAULT_SEQUENCE_LEN = 512  # AxolotlInputConfig.sequence_len

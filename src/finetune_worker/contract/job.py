@@ -122,6 +122,19 @@ HISTORY_FIELDS = {"runs": {"user_id", "mode", "credentials", "limit", "offset"},
 TRAINING_REQUIRED = ("model_id", "run_id", "args")
 
 
+class ContinueFrom(BaseModel):
+    """An earlier run of the same user_id that this run starts from (its own run_id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: SafeId = Field(description="The earlier run, on the volume under this job's user_id.")
+    checkpoint: Literal["final"] | Annotated[int, Field(ge=1)] = Field(
+        default="final",
+        description="final: the earlier run's finished output (a LoRA adapter, a full fine-tune's weights, or its merged "
+        "LoRA for a full fine-tune); a number: that step's checkpoint (output/checkpoint-N).",
+    )
+
+
 class JobInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -156,6 +169,12 @@ class JobInput(BaseModel):
         default=None, ge=0,
         description="runs and events only: where the page starts (runs: how many of the newest runs to skip; "
         "events: the index of the first event, as the previous page's next_offset).",
+    )
+
+    continue_from: ContinueFrom | None = Field(
+        default=None,
+        description="Start from an earlier run of this user_id: its LoRA adapter becomes the starting adapter "
+        "(the same base_model, adapter, lora_r and target modules), or its full weights (or merged LoRA) the base model.",
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from finetune_worker.checks.continue_from import Origin
 from finetune_worker.checks.options import INLINE_DATASET_KEYS
 from finetune_worker.run.hardware import Hardware
 from finetune_worker.run.rundir import RunPaths
@@ -219,6 +220,16 @@ def with_prepared_data(plan: AxolotlPlan, fingerprint: str) -> AxolotlPlan:
 
 def with_resume_point(plan: AxolotlPlan, checkpoint: Path | None) -> AxolotlPlan:
     return plan if checkpoint is None else with_config(plan, resume_from_checkpoint=str(checkpoint))
+
+
+def with_continue_from(plan: AxolotlPlan, origin: Origin | None) -> AxolotlPlan:
+    """Start from an earlier run (checks/continue_from.Origin): its adapter becomes the
+    starting adapter (lora_model_dir), or its weights the base model."""
+    if origin is None:
+        return plan
+    if origin.starts_as == "adapter":
+        return with_config(plan, lora_model_dir=str(origin.path))
+    return with_config(plan, base_model=str(origin.path), tokenizer_config=origin.tokenizer or plan.config.get("tokenizer_config"))
 
 
 def with_repo_id(plan: AxolotlPlan, repo_id: str) -> AxolotlPlan:

@@ -95,12 +95,13 @@ def render_model_card(
     versions: dict[str, str],
     has_loss_curve: bool,
     merged: str | None = None,
+    lineage: dict | None = None,
     extra_sections: list[str] = (),
 ) -> str:
     """README.md for the pushed repo: Hub metadata, how to load it, what mattered."""
     from huggingface_hub import ModelCardData
 
-    base = str(config.get("base_model", ""))
+    base = str((lineage or {}).get("base_model") or config.get("base_model", ""))
     adapter = config.get("adapter") in ("lora", "qlora")
     hub_datasets, local_datasets = _dataset_names(config)
     data = ModelCardData(
@@ -143,6 +144,7 @@ def render_model_card(
         args = f'"{repo}", subfolder="{folder}"' if folder else f'"{repo}"'
         lines += ["The adapter merged into the base model, as plain weights:", "", "```python",
                   f"model = AutoModelForCausalLM.from_pretrained({args})", "```", ""]
+    lines += lineage_section(lineage)
     lines += ["## Training", "", "| hyperparameter | value |", "|---|---|"]
     lines += [f"| `{key}` | `{config[key]}` |" for key in CARD_HYPERPARAMETERS if config.get(key) is not None]
     lines += [""]
@@ -155,6 +157,25 @@ def render_model_card(
     lines += list(extra_sections)
     lines += ["## Framework versions", ""] + [f"- {name} {version}" for name, version in versions.items()] + [""]
     return "\n".join(lines)
+
+
+def _model_name(name: str) -> str:
+    return f"a local model (`{Path(name).name}`)" if _is_local(name) else f"[{name}](https://huggingface.co/{name})"
+
+
+def lineage_section(lineage: dict | None) -> list[str]:
+    """How the model was made: the base model, then each run that built on the one before."""
+    runs = (lineage or {}).get("runs") or []
+    if len(runs) < 2:
+        return []
+    lines = ["## How it was made", "", f"1. Base model: {_model_name(str(lineage.get('base_model', '')))}"]
+    for number, run in enumerate(runs, start=1):
+        datasets = ", ".join(f"`{d}`" for d in run.get("datasets") or []) or "no dataset recorded"
+        start = run.get("continue_from")
+        came = f", from run `{start['run_id']}` ({'its final output' if start.get('checkpoint') == 'final' else 'step ' + str(start.get('checkpoint'))})" if start else ""
+        this = " (this model)" if number == len(runs) else ""
+        lines.append(f"{number + 1}. Run `{run.get('run_id')}`{this}: {run.get('method')} on {datasets}{came}")
+    return lines + [""]
 
 
 def _fenced(text: str) -> list[str]:

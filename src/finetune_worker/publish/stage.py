@@ -74,7 +74,7 @@ async def push(
     merged_where = None if merged is None else (merged_repo or f"{ctx.repo_id}:merged")
     card = render_model_card(
         repo_id=ctx.repo_id, config=ctx.plan.config, metrics=trained["metrics"], versions=framework_versions(),
-        has_loss_curve=has_curve, merged=merged_where, extra_sections=evaluation_sections(evaluation) if evaluation else [],
+        has_loss_curve=has_curve, merged=merged_where, lineage=ctx.valid.lineage, extra_sections=evaluation_sections(evaluation) if evaluation else [],
     )
     paths.hub_dir.mkdir(exist_ok=True)
     (paths.hub_dir / "README.md").write_text(card, encoding="utf-8")

@@ -165,6 +165,7 @@ class PreviousRun:
     trained: dict | None = None
     checkpoint: Path | None = None
     skipped_checkpoints: tuple[Path, ...] = ()
+    continue_from: dict | None = None  # what the earlier attempt started from (job.json)
 
     @property
     def has_work(self) -> bool:
@@ -184,6 +185,7 @@ def inspect_previous(paths: RunPaths) -> PreviousRun:
         trained=read_json(paths.trained_file),
         checkpoint=resume,
         skipped_checkpoints=newer,
+        continue_from=job.get("continue_from"),
     )
 
 
