@@ -181,3 +181,25 @@ def test_a_dpo_training_on_the_tiny_model_streams_its_reward_metrics(tiny, env, 
     for key in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert isinstance(metrics[key], float), (key, metrics)
     assert "final_rewards/margins" in final["metrics"]
+
+
+@pytest.mark.training
+def test_the_readme_chain_sft_then_dpo_with_continue_from_runs_end_to_end(tiny, env):
+    """README "SFT, then DPO": the DPO job continues the SFT run's adapter; its lineage says so."""
+    from conftest import collect, make_job, tiny_args
+
+    sft = make_job(tiny_args(tiny, max_steps=4))
+    first = collect(sft, env)
+    assert first[-1]["type"] == "result", first[-1]
+    dpo = make_job(dpo_args(tiny, {"rows": preference_rows()}), continue_from={"run_id": sft["run_id"], "checkpoint": "final"})
+    events = collect(dpo, env)
+    final = events[-1]
+    assert final["type"] == "result", final
+    assert final["continue_from"] == {"run_id": sft["run_id"], "checkpoint": "final"}
+    runs = final["lineage"]["runs"]
+    assert [run["run_id"] for run in runs] == [sft["run_id"], dpo["run_id"]]
+    assert "DPO" in runs[-1]["method"] and "DPO" not in runs[0]["method"]
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress and "rewards/margins" in progress[-1]["preference"]
+    config = (Path(env["BASE_VOLUME"]) / "runs" / "tester" / dpo["run_id"] / "config.yaml").read_text()
+    assert f"{sft['run_id']}/output" in config  # the SFT adapter is DPO's starting adapter (lora_model_dir)
