@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from finetune_worker.contract.settings import SECRET_ENV_VARS, WORKER_ONLY_ENV_PREFIXES
+from finetune_worker.contract.settings import LIMIT_SETTINGS, SECRET_ENV_VARS, WORKER_ONLY_ENV_PREFIXES
 from finetune_worker.run.rundir import RunPaths
 
 PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
-STEP_LIMIT_ENV = "FINETUNE_MAX_STEPS"
+STEP_LIMIT_ENV = LIMIT_SETTINGS["max_steps"]  # the progress plugin enforces it in the child
 
 
 # The child processes a job runs, each `python -m <module>`; every argv is built here.

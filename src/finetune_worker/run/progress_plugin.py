@@ -22,8 +22,7 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
-PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
-STEP_LIMIT_ENV = "FINETUNE_MAX_STEPS"
+from finetune_worker.plan.children import PROGRESS_FILE_ENV, STEP_LIMIT_ENV
 
 
 def _is_main_process() -> bool:
