@@ -21,9 +21,9 @@ from finetune_worker.checks.resources import ModelFacts, directory_facts, gib, m
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
 from finetune_worker.plan.children import build_model_config_argv
-from finetune_worker.run.children import ChildProcess
 from finetune_worker.run.rundir import read_json
 from finetune_worker.run.state import JobState
+from finetune_worker.run.tools import run_child
 
 MODEL_CONFIG_TIMEOUT_S = 120.0  # the base model's config.json from the Hub: seconds, unless the Hub is unwell
 
@@ -46,11 +46,8 @@ async def base_model_facts(config: dict, env: dict[str, str], child_env: dict[st
     with tempfile.TemporaryDirectory(prefix="model-config-") as scratch:  # the run directory is not ours yet
         out = Path(scratch) / "result.json"
         argv = build_model_config_argv(sys.executable, base_model, str(revision) if revision else None, out=out)
-        tool = state.training = ChildProcess(argv, child_env, Path(scratch) / "hub-model-config.log", Path(scratch) / ".records", state.redactor)
         try:
-            await tool.start()
-            async for _ in tool.records(deadline=time.monotonic() + MODEL_CONFIG_TIMEOUT_S):
-                pass
+            tool = await run_child(argv, child_env, Path(scratch), "hub-model-config", state, time.monotonic() + MODEL_CONFIG_TIMEOUT_S)
             outcome = read_json(out) or {"ok": False, "code": "network", "message": f"the Hub step exited with code {tool.returncode}"}
         finally:
             state.training = None

@@ -12,13 +12,20 @@ from finetune_worker.run.rundir import read_json
 from finetune_worker.run.state import JobContext, JobState
 
 
-async def run_tool(ctx: JobContext, state: JobState, argv: list[str], name: str) -> ChildProcess:
-    tool = ChildProcess(argv, ctx.child_env, ctx.paths.run_dir / f"{name}.log", ctx.paths.run_dir / f".{name}.records", state.redactor)
+async def run_child(
+    argv: list[str], env: dict[str, str], log_dir: Path, name: str, state: JobState, deadline: float | None = None
+) -> ChildProcess:
+    """Run a helper child to its end (or its deadline), its log in log_dir; a cancel stops it."""
+    tool = ChildProcess(argv, env, log_dir / f"{name}.log", log_dir / f".{name}.records", state.redactor)
     state.training = tool
     await tool.start()
-    async for _ in tool.records():
+    async for _ in tool.records(deadline=deadline):
         pass
     return tool
+
+
+async def run_tool(ctx: JobContext, state: JobState, argv: list[str], name: str) -> ChildProcess:
+    return await run_child(argv, ctx.child_env, ctx.paths.run_dir, name, state)
 
 
 def tool_output(ctx: JobContext, name: str) -> Path:
