@@ -93,9 +93,13 @@ def run_dir(volume: Path, job: dict) -> Path:
 def test_a_succeeding_job_leaks_no_secret(tiny, env, volume, caplog):
     evaluation = {"dataset": {"rows": [{"prompt": "Q: What colour is a lime? A:", "completion": " A lime is green."}]}, "max_new_tokens": 4}
     job = make_job(tiny_args(tiny, num_epochs=3, save_steps=10), credentials=CREDENTIALS, evaluation=evaluation)
+    generate = {"user_id": job["user_id"], "mode": "generate", "run_id": job["run_id"], "prompts": ["What colour is a lime?"],
+                "max_new_tokens": 4, "credentials": {"hf_token": HF_CANARY, "user_token": USER_TOKEN_CANARY}}
     with caplog.at_level(logging.DEBUG), ArgvWatcher() as argv:
         evs = collect(job, {**env, "WANDB_MODE": "offline"})  # the W&B key turns W&B on
-    assert evs[-1]["type"] == "result", evs[-1]
+        evs += collect(generate, env)  # the run answers a prompt: the generate child holds the token too
+    assert evs[-1]["type"] == "result" and evs[-1]["mode"] == "generate", evs[-1]
+    assert list(run_dir(volume, job).glob("generations/*/generate.log")), "the generate child ran, so its files are searched too"
     assert (run_dir(volume, job) / "evaluation.log").is_file(), "the evaluation child ran, so its files are searched too"
     assert list(run_dir(volume, job).glob("wandb/offline-run-*")), "W&B ran, so its files are searched too"
     assert argv.scans > 10 and argv.hits == []

@@ -1,6 +1,7 @@
 """One job, top to bottom, as a spine of named stages (see STAGES):
 
-    validate -> [runs / events: read the volume, answer] -> plan -> take the run -> check capacity -> prepare data -> [preflight: stop]
+    validate -> [runs / events: read the volume, answer] -> [generate: a finished run answers] -> plan -> take the run
+    -> check capacity -> prepare data -> [preflight: stop]
     -> check the Hub token -> train (or reuse) -> evaluate -> publish (merge, push) -> result
 
 `run_job` is the async generator every entry point drives (RunPod's handler, the
@@ -29,7 +30,7 @@ from finetune_worker.checks.usertoken import check_user_token
 from finetune_worker.checks.validation import ValidJob, config_problems_error, validate_job
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
-from finetune_worker.contract.job import HISTORY_MODES, parse_job_input
+from finetune_worker.contract.job import GENERATE_MODE, HISTORY_MODES, parse_job_input
 from finetune_worker.contract.settings import SettingsInvalid, WorkerSettings
 from finetune_worker.data.download import without_url_queries
 from finetune_worker.data.files import DatasetCheck
@@ -68,6 +69,7 @@ from finetune_worker.run.rundir import (
 )
 from finetune_worker.run.state import JobContext, JobState
 from finetune_worker.run.training import progress_tracker, start_standby, train
+from finetune_worker.serve import stage as answering
 
 LOG = logging.getLogger("finetune_worker")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +187,15 @@ async def _history(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         run.done = True
     elif job.mode == "events":
         yield await asyncio.to_thread(history.read_events, run.settings.runs_dir, job.user_id, job.run_id, job.limit, job.offset)
+        run.done = True
+
+
+async def _generate(run: JobRun, state: JobState) -> AsyncIterator[dict]:
+    """`mode: generate`: a finished run of this user answers the prompts (in a child); nothing trains."""
+    job = run.valid.job
+    if job.mode == GENERATE_MODE:
+        async for event in answering.generate(job, run.settings, run.child_env, state):
+            yield event
         run.done = True
 
 
@@ -348,14 +359,15 @@ async def _result(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     result = events.result(
         ctx.valid.job.run_id, str(ctx.paths.output_dir), run.trained["metrics"], time.monotonic() - run.started,
         hub=run.hub, wandb=run.trained.get("wandb"), merged_dir=str(run.merged) if run.merged else None,
-        continue_from=ctx.valid.job.continue_from and ctx.valid.job.continue_from.model_dump(), lineage=ctx.valid.lineage, **extra,
+        continue_from=ctx.valid.job.continue_from and ctx.valid.job.continue_from.model_dump(), lineage=ctx.valid.lineage,
+        deploy=publishing.deploy_recipe(ctx, run.merged, run.hub and run.hub.get("repo_id")), **extra,
     )
     write_json(ctx.paths.result_file, result)
     yield result
 
 
 STAGES = (
-    _validate, _history, _plan, _take_the_run, _check_capacity, _prepare_data, _preflight,
+    _validate, _history, _generate, _plan, _take_the_run, _check_capacity, _prepare_data, _preflight,
     _check_hub_token, _train_or_reuse, _evaluate, _publish, _result,
 )
 

@@ -16,10 +16,9 @@ import yaml
 
 from finetune_worker.contract.errors import Problem
 from finetune_worker.contract.job import JobInput
-from finetune_worker.run.rundir import is_complete_checkpoint, read_json, run_paths
+from finetune_worker.run.rundir import has_weights, is_complete_checkpoint, read_json, run_paths
 
 LORA_ADAPTERS = ("lora", "qlora")  # both save a PEFT LoRA adapter (adapter_config.json)
-WEIGHT_FILES = ("*.safetensors", "*.bin")
 MAX_LINEAGE = 100  # runs in one chain: past this, job.json files point in a circle
 
 
@@ -91,13 +90,13 @@ def _earlier_output(paths, checkpoint: str | int, adapter_run: bool, wants_adapt
             return output, Problem("continue_from.checkpoint", f"run {run_id!r} has no checkpoint at step {checkpoint}{have}")
     if adapter_run and wants_adapter is False:
         merged = paths.output_dir / "merged"
-        if checkpoint == "final" and merged.is_dir() and _has_weights(merged):
+        if checkpoint == "final" and merged.is_dir() and has_weights(merged):
             return merged, None
         return output, Problem("continue_from", f"run {run_id!r} trained a LoRA adapter: continue it with adapter: lora, "
                                                 "or merge its final adapter first (publish.merge_lora) to continue as a full fine-tune")
     if adapter_run and not (output / "adapter_config.json").is_file():
         return output, Problem("continue_from", f"run {run_id!r} left no LoRA adapter in {output.name} (no adapter_config.json)")
-    if not adapter_run and not _has_weights(output):
+    if not adapter_run and not has_weights(output):
         return output, Problem("continue_from", f"run {run_id!r} left no model weights in {output.name}")
     return output, None
 
@@ -138,10 +137,6 @@ def _target_problems(origin: Origin, args: dict, earlier_config: dict, adapter: 
         want = f"lora_target_modules: {modules}"
     return [Problem("args.lora_target_modules", f"{want} does not match the adapter of run {origin.run_id!r} "
                                                 f"(target modules {saved}); continue_from needs the same target modules")]
-
-
-def _has_weights(directory: Path) -> bool:
-    return directory.is_dir() and any(any(directory.glob(pattern)) for pattern in WEIGHT_FILES)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -10,7 +10,7 @@ from finetune_worker.checks.continue_from import Origin, lineage, resolve_contin
 from finetune_worker.checks.paths import make_roots
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError, Problem, problems_error
-from finetune_worker.contract.job import JobInput, blocks_args_check, parse_job_input
+from finetune_worker.contract.job import DEFAULT_NEW_TOKENS, GENERATE_MODE, JobInput, blocks_args_check, parse_job_input
 from finetune_worker.contract.settings import WorkerSettings
 from finetune_worker.run.hardware import Hardware
 
@@ -54,6 +54,8 @@ def validate_job(
         arg_problems.append(Problem("num_processes", f"this worker has {hardware.gpu_count} GPU(s); use at most {hardware.gpu_count} processes, one per GPU"))
     if args:
         arg_problems += limit_problems(args, settings)
+    if job is not None and job.mode == GENERATE_MODE:
+        problems = problems + generation_limit_problems(job, settings)
     if job is not None and job.publish.merge_lora and args.get("adapter") not in ("lora", "qlora"):
         arg_problems.append(Problem("publish.merge_lora", "needs a LoRA run (args.adapter: lora or qlora); a full fine-tune is already merged"))
     origin = None
@@ -92,6 +94,21 @@ def limit_problems(args: dict[str, Any], settings: WorkerSettings) -> list[Probl
             problems.append(Problem(
                 "args.datasets", f"the local datasets hold {total} bytes, over this worker's limit of {settings.max_dataset_bytes} (FINETUNE_MAX_DATASET_BYTES)"
             ))
+    return problems
+
+
+def generation_limit_problems(job: JobInput, settings: WorkerSettings) -> list[Problem]:
+    """The operator's caps on a generate job (FINETUNE_MAX_GENERATE_PROMPTS, FINETUNE_MAX_NEW_TOKENS),
+    checked before any weights load."""
+    problems = []
+    field, items = ("prompts", job.prompts) if job.prompts is not None else ("messages", job.messages or [])
+    if settings.max_generate_prompts is not None and len(items) > settings.max_generate_prompts:
+        problems.append(Problem(field, f"{len(items)} is over this worker's limit of {settings.max_generate_prompts} per job "
+                                       "(FINETUNE_MAX_GENERATE_PROMPTS); send them in several jobs"))
+    tokens = job.max_new_tokens or DEFAULT_NEW_TOKENS
+    if settings.max_new_tokens is not None and tokens > settings.max_new_tokens:
+        problems.append(Problem("max_new_tokens", f"{tokens}{'' if job.max_new_tokens else ' (the default)'} is over this worker's "
+                                                  f"limit of {settings.max_new_tokens} (FINETUNE_MAX_NEW_TOKENS)"))
     return problems
 
 

@@ -44,6 +44,11 @@ class JobError(Exception):
         return f"{self.code}: {self.message}"
 
 
+def run_not_found(user_id: str, run_id: str) -> JobError:
+    # The same words for a run of another user and for one that never was.
+    return JobError(RUN_NOT_FOUND, f"user {user_id!r} has no run {run_id!r} on this volume")
+
+
 def problems_error(code: str, problems: list[Problem]) -> JobError:
     count = len(problems)
     noun = "problem" if count == 1 else "problems"

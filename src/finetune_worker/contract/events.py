@@ -7,7 +7,7 @@ from typing import Any
 
 from finetune_worker.contract.errors import JobError
 
-STAGES = ("validating", "preparing", "downloading", "preprocessing", "training", "evaluating", "publishing")
+STAGES = ("validating", "preparing", "downloading", "preprocessing", "training", "evaluating", "publishing", "generating")
 
 
 def status(stage: str, message: str, **fields: Any) -> dict:
@@ -24,6 +24,11 @@ def checkpoint(step: int, path: str) -> dict:
 
 def evaluation(step: int | None, metrics: dict) -> dict:
     return {"type": "eval", "step": step, **metrics}
+
+
+def generation(index: int, prompt: Any, completion: str, tokens: int, finish_reason: str) -> dict:
+    """One answer of a generate job, as soon as its batch finishes."""
+    return {"type": "generation", "index": index, "prompt": prompt, "completion": completion, "tokens": tokens, "finish_reason": finish_reason}
 
 
 def result(run_id: str, output_dir: str, metrics: dict, duration_seconds: float, **fields: Any) -> dict:

@@ -114,12 +114,31 @@ class EvaluationOptions(BaseModel):
 
 # Modes that only read the user's runs on the volume: no args, no lock, no child.
 HISTORY_MODES = ("runs", "events")
+# generate: a finished run answers prompts (in a child); it never trains, takes no lock.
+GENERATE_MODE = "generate"
+READING_MODES = (*HISTORY_MODES, GENERATE_MODE)  # modes without model_id and args
 RUNS_PAGE_DEFAULT, RUNS_PAGE_MAX = 50, 200
 EVENTS_PAGE_DEFAULT, EVENTS_PAGE_MAX = 200, 1000
-# What a history answer needs besides its mode; every other field is refused there.
-HISTORY_FIELDS = {"runs": {"user_id", "mode", "credentials", "limit", "offset"},
-                  "events": {"user_id", "mode", "credentials", "run_id", "limit", "offset"}}
+GENERATION_FIELDS = ("prompts", "messages", "max_new_tokens", "temperature", "top_p", "checkpoint")
+# What each reading mode needs besides its mode; every other field is refused there.
+MODE_FIELDS = {"runs": {"user_id", "mode", "credentials", "limit", "offset"},
+               "events": {"user_id", "mode", "credentials", "run_id", "limit", "offset"},
+               GENERATE_MODE: {"user_id", "mode", "credentials", "run_id", *GENERATION_FIELDS}}
+# The credentials a reading mode uses: generate may need the Hub token for a gated base model.
+MODE_CREDENTIALS = {"runs": {"user_token"}, "events": {"user_token"}, GENERATE_MODE: {"user_token", "hf_token"}}
 TRAINING_REQUIRED = ("model_id", "run_id", "args")
+
+
+Checkpoint = Literal["final"] | Annotated[int, Field(ge=1)]
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation, as a chat template reads it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
 
 
 class ContinueFrom(BaseModel):
@@ -128,11 +147,15 @@ class ContinueFrom(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     run_id: SafeId = Field(description="The earlier run, on the volume under this job's user_id.")
-    checkpoint: Literal["final"] | Annotated[int, Field(ge=1)] = Field(
+    checkpoint: Checkpoint = Field(
         default="final",
         description="final: the earlier run's finished output (a LoRA adapter, a full fine-tune's weights, or its merged "
         "LoRA for a full fine-tune); a number: that step's checkpoint (output/checkpoint-N).",
     )
+
+
+# generate's hard bounds (the operator's FINETUNE_MAX_GENERATE_PROMPTS / FINETUNE_MAX_NEW_TOKENS may lower them).
+MAX_GENERATE_PROMPTS, MAX_NEW_TOKENS, DEFAULT_NEW_TOKENS = 256, 8192, 128
 
 
 class JobInput(BaseModel):
@@ -149,12 +172,13 @@ class JobInput(BaseModel):
         default=None, ge=1, le=64,
         description="Training processes (accelerate launch); default: one per visible GPU. On a CPU worker, >1 runs DDP over gloo.",
     )
-    mode: Literal["train", "preflight", "runs", "events"] = Field(
+    mode: Literal["train", "preflight", "runs", "events", "generate"] = Field(
         default="train",
         description="preflight: validate, load and tokenize the datasets exactly as training would, report statistics "
         "and marked-up examples, and stop without training (needs the tokenizer, not the model weights). "
         "runs: list this user's runs on the volume, newest first (limit, offset). "
-        "events: one run's recorded events (run_id), from offset on. runs and events only read the volume.",
+        "events: one run's recorded events (run_id), from offset on. runs and events only read the volume. "
+        "generate: a finished run (run_id, checkpoint) answers prompts or messages; nothing trains.",
     )
     restart: bool = Field(
         default=False,
@@ -171,6 +195,22 @@ class JobInput(BaseModel):
         "events: the index of the first event, as the previous page's next_offset).",
     )
 
+    prompts: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_GENERATE_PROMPTS,
+        description="generate only: prompts, each formatted the way the run was trained (its prompt template, "
+        "or one user message in its chat template, or as is for a completion run).",
+    )
+    messages: list[Annotated[list[ChatMessage], Field(min_length=1)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_GENERATE_PROMPTS,
+        description="generate only: conversations, each ending with a user message, formatted by the run's chat template.",
+    )
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS, description=f"generate only: default {DEFAULT_NEW_TOKENS}.")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="generate only: 0 (the default) is greedy decoding.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="generate only: nucleus sampling (with temperature > 0); default 1.")
+    checkpoint: Checkpoint | None = Field(
+        default=None, description="generate only: final (the default: the run's finished output) or a step's checkpoint."
+    )
+
     continue_from: ContinueFrom | None = Field(
         default=None,
         description="Start from an earlier run of this user_id: its LoRA adapter becomes the starting adapter "
@@ -180,28 +220,44 @@ class JobInput(BaseModel):
 
 def mode_problems(raw: dict) -> list[Problem]:
     """The fields each mode needs, and those it refuses: train and preflight need
-    model_id, run_id and args; runs and events read only the volume, so they refuse
-    what would only matter to a training (and any credential but user_token)."""
+    model_id, run_id and args; runs, events and generate only read the volume (generate
+    in a child), so they refuse what would only matter to a training."""
     mode = raw.get("mode", "train")
-    if mode not in HISTORY_MODES:
+    if mode not in READING_MODES:
         problems = [Problem(name, "required field is missing") for name in TRAINING_REQUIRED if name not in raw]
         problems += [Problem(name, "Input should be a valid dictionary" if name == "args" else f"invalid id; {SAFE_ID_HINT}")
-                     for name in TRAINING_REQUIRED if name in raw and raw[name] is None]  # the model takes None for runs/events
-        return problems + [Problem(name, "only used by mode 'runs' or 'events'") for name in ("limit", "offset") if name in raw]
-    problems = [Problem(name, f"not used by mode '{mode}' (it only reads this user's runs)")
-                for name in raw if name not in HISTORY_FIELDS[mode] | {"run_id"} and name in JobInput.model_fields]
-    if mode == "events" and raw.get("run_id") is None:
-        problems.append(Problem("run_id", "required field is missing (the run whose events to read)"))
+                     for name in TRAINING_REQUIRED if name in raw and raw[name] is None]  # the model takes None for reading modes
+        problems += [Problem(name, "only used by mode 'runs' or 'events'") for name in ("limit", "offset") if name in raw]
+        return problems + [Problem(name, "only used by mode 'generate'") for name in GENERATION_FIELDS if name in raw]
+    what = "it answers prompts with a finished run" if mode == GENERATE_MODE else "it only reads this user's runs"
+    problems = [Problem(name, f"not used by mode '{mode}' ({what})")
+                for name in raw if name not in MODE_FIELDS[mode] | {"run_id"} and name in JobInput.model_fields]
+    if mode in ("events", GENERATE_MODE) and raw.get("run_id") is None:
+        whose = "whose events to read" if mode == "events" else "that answers"
+        problems.append(Problem("run_id", f"required field is missing (the run {whose})"))
     if mode == "runs" and "run_id" in raw:
         problems.append(Problem("run_id", "mode 'runs' lists every run of this user; use mode 'events' with a run_id for one run"))
+    if mode == GENERATE_MODE and ("prompts" in raw) == ("messages" in raw):
+        problems.append(Problem("prompts", "give exactly one of prompts (a list of strings) or messages (a list of conversations)"))
     credentials = raw.get("credentials")
     if isinstance(credentials, dict):
-        problems += [Problem(f"credentials.{name}", f"not used by mode '{mode}' (only user_token is)")
-                     for name in credentials if name != "user_token" and name in Credentials.model_fields]
+        used = MODE_CREDENTIALS[mode]
+        problems += [Problem(f"credentials.{name}", f"not used by mode '{mode}' (only {' and '.join(sorted(used))})")
+                     for name in credentials if name not in used and name in Credentials.model_fields]
     limit, top = raw.get("limit"), RUNS_PAGE_MAX if mode == "runs" else EVENTS_PAGE_MAX
     if isinstance(limit, int) and not isinstance(limit, bool) and limit > top:
         problems.append(Problem("limit", f"at most {top} for mode '{mode}'"))
-    return problems
+    return problems + _conversation_problems(raw.get("messages") if mode == GENERATE_MODE else None)
+
+
+def _conversation_problems(conversations: Any) -> list[Problem]:
+    """A conversation to answer must end with a message the model replies to."""
+    if not isinstance(conversations, list):
+        return []
+    return [Problem(f"messages[{i}]", "ends with the assistant's message: end each conversation with the message to answer")
+            for i, conversation in enumerate(conversations)
+            if isinstance(conversation, list) and conversation and isinstance(conversation[-1], dict)
+            and conversation[-1].get("role") == "assistant"]
 
 
 def format_loc(loc: tuple[Any, ...] | list[Any]) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from finetune_worker.contract.job import HISTORY_FIELDS, HISTORY_MODES, TRAINING_REQUIRED, JobInput
+from finetune_worker.contract.job import MODE_FIELDS, READING_MODES, TRAINING_REQUIRED, JobInput
 
 
 def job_input_schema() -> dict:
@@ -19,13 +19,13 @@ def job_input_schema() -> dict:
         "The worker validates it with Axolotl's own schema and its own rules; see README.md."
     )
     # Which fields each mode needs and allows (the worker checks the same: contract/job.py mode_problems).
-    history = {mode: {"if": {"properties": {"mode": {"const": mode}}, "required": ["mode"]},
-                      "then": {"propertyNames": {"enum": sorted(HISTORY_FIELDS[mode])},
-                               "required": ["run_id"] if mode == "events" else []}}
-               for mode in HISTORY_MODES}
-    training = {"if": {"properties": {"mode": {"enum": list(HISTORY_MODES)}}, "required": ["mode"]},
+    reading = {mode: {"if": {"properties": {"mode": {"const": mode}}, "required": ["mode"]},
+                      "then": {"propertyNames": {"enum": sorted(MODE_FIELDS[mode])},
+                               "required": [] if mode == "runs" else ["run_id"]}}
+               for mode in READING_MODES}
+    training = {"if": {"properties": {"mode": {"enum": list(READING_MODES)}}, "required": ["mode"]},
                 "else": {"required": list(TRAINING_REQUIRED)}}
-    schema["allOf"] = [training, *history.values()]
+    schema["allOf"] = [training, *reading.values()]
     return schema
 
 def render() -> str:

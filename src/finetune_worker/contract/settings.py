@@ -24,6 +24,8 @@ LIMIT_SETTINGS = {
     "max_sequence_len": "FINETUNE_MAX_SEQUENCE_LEN",
     "max_lora_r": "FINETUNE_MAX_LORA_R",
     "max_dataset_bytes": "FINETUNE_MAX_DATASET_BYTES",
+    "max_generate_prompts": "FINETUNE_MAX_GENERATE_PROMPTS",  # mode generate: prompts or conversations per job
+    "max_new_tokens": "FINETUNE_MAX_NEW_TOKENS",  # mode generate: tokens per answer
 }
 USER_TOKEN_SETTINGS = {
     "user_token_secret": "FINETUNE_USER_TOKEN_SECRET", "user_token_public_key": "FINETUNE_USER_TOKEN_PUBLIC_KEY",
@@ -85,6 +87,8 @@ class WorkerSettings(BaseModel):
     max_sequence_len: int | None = Field(None, gt=0)
     max_lora_r: int | None = Field(None, gt=0)
     max_dataset_bytes: int | None = Field(None, gt=0)
+    max_generate_prompts: int | None = Field(None, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0)
     # AXOLOTL_* variables on the endpoint: defaults under every job's args.
     default_args: dict = {}
     default_arg_problems: list[str] = []

@@ -110,3 +110,10 @@ def build_child_env(
     return env
 
 
+
+
+GENERATE_MODULE = "finetune_worker.serve.generate"
+
+
+def build_generate_argv(python: str, spec_file: Path, out: Path) -> list[str]:
+    return build_tool_argv(python, GENERATE_MODULE, str(spec_file), out=out)

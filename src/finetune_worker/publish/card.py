@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ def render_model_card(
     merged: str | None = None,
     lineage: dict | None = None,
     extra_sections: list[str] = (),
+    deploy: dict | None = None,
 ) -> str:
     """README.md for the pushed repo: Hub metadata, how to load it, what mattered."""
     from huggingface_hub import ModelCardData
@@ -144,6 +146,7 @@ def render_model_card(
         args = f'"{repo}", subfolder="{folder}"' if folder else f'"{repo}"'
         lines += ["The adapter merged into the base model, as plain weights:", "", "```python",
                   f"model = AutoModelForCausalLM.from_pretrained({args})", "```", ""]
+    lines += deploy_section(deploy)
     lines += lineage_section(lineage)
     lines += ["## Training", "", "| hyperparameter | value |", "|---|---|"]
     lines += [f"| `{key}` | `{config[key]}` |" for key in CARD_HYPERPARAMETERS if config.get(key) is not None]
@@ -161,6 +164,23 @@ def render_model_card(
 
 def _model_name(name: str) -> str:
     return f"a local model (`{Path(name).name}`)" if _is_local(name) else f"[{name}](https://huggingface.co/{name})"
+
+
+def deploy_section(recipe: dict | None) -> list[str]:
+    """How to serve it: RunPod's vLLM worker, `vllm serve`, `transformers serve` (plan/serving.py's recipe)."""
+    if not recipe:
+        return []
+    env = recipe["runpod_vllm_worker"]["env"]
+    lines = ["## Deploy it", "", f"As a RunPod serverless endpoint with RunPod's vLLM worker (`{recipe['runpod_vllm_worker']['image']}`), "
+             "set these environment variables (add `HF_TOKEN` for a private repo):", "", "```bash"]
+    lines += [f"{key}={shlex.quote(value)}" for key, value in env.items()]
+    lines += ["```", "", "With vLLM on your own GPU (an OpenAI-compatible server on port 8000):", "", "```bash", recipe["vllm_serve"], "```", ""]
+    if recipe.get("transformers_serve"):
+        lines += ["Without vLLM (CPU or any GPU; slower), with transformers' own server:", "", "```bash", recipe["transformers_serve"], "```", ""]
+    elif recipe.get("note"):
+        lines += [f"`transformers serve`: {recipe['note']}.", ""]
+    lines += [f"Then call it as the model `{recipe['model']}` at `/v1/chat/completions`.", ""]
+    return lines
 
 
 def lineage_section(lineage: dict | None) -> list[str]:

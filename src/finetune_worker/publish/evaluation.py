@@ -18,10 +18,10 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 from finetune_worker.contract.job import EVAL_METRICS
 from finetune_worker.run.fastexit import exit_without_teardown
+from finetune_worker.serve.inference import alpaca_prompt, chat_prompt, generate_texts, load_base, load_finetuned, load_tokenizer
 
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 
@@ -88,16 +88,12 @@ def to_example(row: dict, fmt: str, tokenizer) -> dict:
     """(prompt text as the model saw it in training, reference answer)."""
     fmt = detect_format(row) if fmt == "auto" else fmt
     if fmt == "alpaca":
-        from axolotl.prompters import AlpacaPrompter
-
-        prompt = next(iter(AlpacaPrompter().build_prompt(row["instruction"], row.get("input") or None)))
-        return {"prompt": prompt, "reference": row["output"]}
+        return {"prompt": alpaca_prompt(row["instruction"], row.get("input")), "reference": row["output"]}
     if fmt == "messages":
         messages = row["messages"]
         if not messages or messages[-1].get("role") != "assistant":
             raise ValueError("an eval conversation must end with the assistant's answer (the reference)")
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-        return {"prompt": prompt, "reference": messages[-1]["content"]}
+        return {"prompt": chat_prompt(tokenizer, messages[:-1]), "reference": messages[-1]["content"]}
     return {"prompt": row["prompt"], "reference": row["completion"]}
 
 
@@ -119,44 +115,26 @@ def load_rows(dataset: dict, limit: int) -> list[dict]:
 # -- the child: models ------------------------------------------------------------
 
 
-def _load_base(config: dict):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {}
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
-        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if config.get("load_in_4bit") or config.get("load_in_8bit"):
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=bool(config.get("load_in_4bit")), load_in_8bit=bool(config.get("load_in_8bit")))
-    return AutoModelForCausalLM.from_pretrained(config["base_model"], trust_remote_code=bool(config.get("trust_remote_code")), **kwargs)
-
-
 def measure(model, tokenizer, examples: list[dict], max_new_tokens: int, temperature: float) -> tuple[dict, list[str]]:
+    """Loss of the references given the prompts, then the model's own answers (batched)."""
     import torch
 
     model.eval()
     device = next(model.parameters()).device
-    total_nll, total_tokens, predictions = 0.0, 0, []
+    total_nll, total_tokens = 0.0, 0
     eos = tokenizer.eos_token or ""
     for example in examples:
         prompt_ids = tokenizer(example["prompt"], return_tensors="pt").input_ids.to(device)
         full_ids = tokenizer(example["prompt"] + example["reference"] + eos, return_tensors="pt").input_ids.to(device)
         labels = full_ids.clone()
         labels[:, : prompt_ids.shape[1]] = -100
-        with torch.no_grad():
-            answer_tokens = int((labels[:, 1:] != -100).sum())
-            if answer_tokens:
+        answer_tokens = int((labels[:, 1:] != -100).sum())
+        if answer_tokens:
+            with torch.no_grad():
                 total_nll += float(model(input_ids=full_ids, labels=labels).loss) * answer_tokens
-                total_tokens += answer_tokens
-            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-            output = model.generate(
-                input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id, **sampling,
-            )
-        predictions.append(tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip())
+            total_tokens += answer_tokens
+    completions = generate_texts(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens, temperature)
+    predictions = [c.text for c in completions]
     loss = total_nll / total_tokens if total_tokens else float("nan")
     metrics = generation_metrics(predictions, [e["reference"] for e in examples])
     metrics.update(loss=round(loss, 4), perplexity=round(math.exp(min(loss, 50.0)), 4))
@@ -165,39 +143,24 @@ def measure(model, tokenizer, examples: list[dict], max_new_tokens: int, tempera
 
 def evaluate(spec: dict) -> dict:
     import yaml
-    from transformers import AutoTokenizer
 
     config = yaml.safe_load(Path(spec["config"]).read_text(encoding="utf-8"))
     options = spec["evaluation"]
     output_dir = Path(config["output_dir"])
-    tokenizer = AutoTokenizer.from_pretrained(output_dir if (output_dir / "tokenizer_config.json").exists() else config["base_model"])
+    tokenizer = load_tokenizer(config, output_dir)
     rows = load_rows(options["dataset"], options["num_examples"])
     examples = [to_example(row, options["dataset"].get("format", "auto"), tokenizer) for row in rows]
     generation = (options["max_new_tokens"], options["temperature"])
 
-    model = _load_base(config)
+    model = load_base(config)
     base, base_out = measure(model, tokenizer, examples, *generation)
-    if config.get("adapter") in ("lora", "qlora"):
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(output_dir))
-    else:
-        from transformers import AutoModelForCausalLM
-
-        del model
-        model = AutoModelForCausalLM.from_pretrained(output_dir, dtype="auto", device_map={"": 0} if _cuda() else None)
+    model = load_finetuned(config, output_dir, base=model)
     tuned, tuned_out = measure(model, tokenizer, examples, *generation)
     samples = [
         {"prompt": e["prompt"], "reference": e["reference"], "base": b, "finetuned": t}
         for e, b, t in list(zip(examples, base_out, tuned_out, strict=True))[: options["samples"]]
     ]
     return {"examples": len(examples), "base": base, "finetuned": tuned, "delta": compare(base, tuned), "samples": samples}
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
 from finetune_worker.plan.children import build_evaluation_argv, build_hub_argv, build_merge_argv
+from finetune_worker.plan.serving import run_recipe
 from finetune_worker.publish.card import evaluation_sections, framework_versions, render_model_card
 from finetune_worker.run.failures import diagnose
 from finetune_worker.run.rundir import write_json
@@ -66,6 +67,16 @@ async def evaluate(ctx: JobContext, state: JobState) -> dict:
     return evaluation
 
 
+def deploy_recipe(ctx: JobContext, merged: Path | None, repo_id: str | None) -> dict:
+    """How to serve this run: from the Hub once pushed (repo_id), else from the volume."""
+    config, publish = ctx.plan.config, ctx.valid.job.publish
+    merged_where = None
+    if merged is not None:
+        merged_where = publish.merged_hub_model_id if repo_id and publish.merged_hub_model_id else str(merged)
+    return run_recipe(config, ctx.valid.job.model_id, repo_id or str(ctx.paths.output_dir),
+                      config.get("adapter") in ("lora", "qlora"), config.get("lora_r"), merged_where)
+
+
 async def push(
     ctx: JobContext, state: JobState, trained: dict, has_curve: bool, merged: Path | None, evaluation: dict | None = None
 ) -> dict:
@@ -75,6 +86,7 @@ async def push(
     card = render_model_card(
         repo_id=ctx.repo_id, config=ctx.plan.config, metrics=trained["metrics"], versions=framework_versions(),
         has_loss_curve=has_curve, merged=merged_where, lineage=ctx.valid.lineage, extra_sections=evaluation_sections(evaluation) if evaluation else [],
+        deploy=deploy_recipe(ctx, merged, ctx.repo_id),
     )
     paths.hub_dir.mkdir(exist_ok=True)
     (paths.hub_dir / "README.md").write_text(card, encoding="utf-8")

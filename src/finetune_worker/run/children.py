@@ -31,7 +31,7 @@ LIVE_PROCESS_GROUPS: set[int] = set()
 _SHUTDOWN = threading.Event()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
@@ -143,7 +143,7 @@ class ChildProcess:
             # the run directory: no relative path means anything else
             cwd=None if standby else self.log_file.parent,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         LIVE_PROCESS_GROUPS.add(self.process.pid)
         if not standby:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.contract import errors
-from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.job import EVENTS_PAGE_DEFAULT, RUNS_PAGE_DEFAULT
 from finetune_worker.run.lock import holder
 from finetune_worker.run.rundir import RunPaths, read_json, run_paths
@@ -187,11 +186,6 @@ def list_runs(runs_dir: Path, user_id: str, limit: int | None, offset: int | Non
     }
 
 
-def _no_such_run(user_id: str, run_id: str) -> JobError:
-    # The same words for a run of another user and for one that never was.
-    return JobError(errors.RUN_NOT_FOUND, f"user {user_id!r} has no run {run_id!r} on this volume")
-
-
 def read_events(runs_dir: Path, user_id: str, run_id: str, limit: int | None, offset: int | None) -> dict[str, Any]:
     """The `result` of `mode: events`: the run's recorded events from index `offset`,
     at most `limit` of them and about EVENTS_PAGE_BYTES; `next_offset` asks for the rest.
@@ -199,7 +193,7 @@ def read_events(runs_dir: Path, user_id: str, run_id: str, limit: int | None, of
     limit, offset = limit or EVENTS_PAGE_DEFAULT, offset or 0
     paths = run_paths(runs_dir, user_id, run_id)
     if not paths.run_dir.is_dir() and holder(paths.lock_file) is None:
-        raise _no_such_run(user_id, run_id)
+        raise errors.run_not_found(user_id, run_id)
     page: list[dict] = []
     size, index, more = 0, 0, False
     try:

@@ -143,6 +143,14 @@ def is_complete_checkpoint(path: Path) -> bool:
     return any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS)
 
 
+MODEL_WEIGHTS = ("*.safetensors", "*.bin")  # what from_pretrained loads
+
+
+def has_weights(directory: Path) -> bool:
+    """A directory with model (or adapter) weights that from_pretrained can load."""
+    return directory.is_dir() and any(any(directory.glob(pattern)) for pattern in MODEL_WEIGHTS)
+
+
 def checkpoints(output_dir: Path) -> list[Path]:
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
     return sorted(found, key=checkpoint_step)

@@ -1,0 +1,68 @@
+"""The generate child: a finished run answers prompts (mode generate).
+
+    python -m finetune_worker.serve.generate SPEC --out FILE
+
+SPEC (JSON): the run's `config` (config.yaml's path), `model_dir` (its adapter or full
+weights), `prompts` or `messages`, `max_new_tokens`, `temperature`, `top_p`, and
+`records`: a JSON Lines file that gets one line per answer as each batch finishes (the
+worker turns them into `generation` events). FILE gets every answer at the end.
+Loading and generation are the evaluation child's (serve/inference.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from finetune_worker.run.fastexit import exit_without_teardown
+from finetune_worker.serve.inference import (
+    chat_prompt,
+    format_prompt,
+    generate_texts,
+    load_finetuned,
+    load_tokenizer,
+    prompt_style,
+)
+
+
+def formatted_prompts(spec: dict, config: dict, tokenizer) -> list[str]:
+    if spec.get("messages") is not None:
+        return [chat_prompt(tokenizer, conversation) for conversation in spec["messages"]]
+    style = prompt_style(config)
+    return [format_prompt(style, prompt, tokenizer) for prompt in spec["prompts"]]
+
+
+def generate(spec: dict) -> dict:
+    import yaml
+
+    config = yaml.safe_load(Path(spec["config"]).read_text(encoding="utf-8"))
+    model_dir = Path(spec["model_dir"])
+    tokenizer = load_tokenizer(config, model_dir, Path(str(config.get("output_dir", model_dir))))
+    prompts = formatted_prompts(spec, config, tokenizer)
+    model = load_finetuned(config, model_dir)
+    records = Path(spec["records"])
+
+    def report(first: int, done: list) -> None:
+        with records.open("a", encoding="utf-8") as out:
+            for offset, completion in enumerate(done):
+                out.write(json.dumps({"index": first + offset, "completion": completion.text, "tokens": completion.tokens,
+                                      "finish_reason": completion.finish_reason}) + "\n")
+
+    completions = generate_texts(model, tokenizer, prompts, spec["max_new_tokens"], spec["temperature"], spec["top_p"], on_batch=report)
+    return {"style": "chat" if spec.get("messages") is not None else prompt_style(config),
+            "completions": [{"completion": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason} for c in completions]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune_worker.serve.generate")
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    options = parser.parse_args(argv)
+    result = generate(json.loads(options.spec.read_text(encoding="utf-8")))
+    options.out.write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    exit_without_teardown(main())  # a failure raises past this and exits as usual

@@ -1,0 +1,93 @@
+"""`mode: generate`: a finished run of this user answers prompts, in a child (serve/generate.py).
+
+Nothing trains and no lock is taken. The run is looked up only under the job's own
+user; its weights load in the child, whose answers arrive as `generation` events while
+it runs and all together in the `result`. The child's files (spec, answers, log) go to
+`<run>/generations/<time>/`; only the log is kept once the job succeeds.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from finetune_worker.contract import errors, events
+from finetune_worker.contract.errors import JobError
+from finetune_worker.contract.job import DEFAULT_NEW_TOKENS, JobInput
+from finetune_worker.contract.settings import WorkerSettings
+from finetune_worker.plan.children import build_generate_argv
+from finetune_worker.plan.serving import run_recipe
+from finetune_worker.run.children import ChildProcess
+from finetune_worker.run.failures import diagnose
+from finetune_worker.run.rundir import read_json, run_paths, write_json
+from finetune_worker.run.state import JobState
+from finetune_worker.serve.target import RunOutput, finished_run
+
+
+def generation_options(job: JobInput) -> dict:
+    return {"max_new_tokens": job.max_new_tokens or DEFAULT_NEW_TOKENS, "temperature": job.temperature or 0.0,
+            "top_p": job.top_p if job.top_p is not None else 1.0}
+
+
+async def generate(job: JobInput, settings: WorkerSettings, child_env: dict[str, str], state: JobState) -> AsyncIterator[dict]:
+    target = finished_run(settings.runs_dir, job.user_id, job.run_id, job.checkpoint or "final")
+    items = job.prompts if job.prompts is not None else [[m.model_dump() for m in c] for c in job.messages]
+    what = "adapter" if target.adapter else "weights"
+    yield events.status("generating", f"loading run {job.run_id} ({_which(target)}: its {what}) to answer {len(items)} "
+                                      f"{'prompt' if job.prompts is not None else 'conversation'}{'s' if len(items) != 1 else ''}")
+    work = run_paths(settings.runs_dir, job.user_id, job.run_id).run_dir / "generations" / time.strftime("%Y%m%d-%H%M%S")
+    work = _fresh(work)
+    options = generation_options(job)
+    spec = {"config": str(work.parent.parent / "config.yaml"), "model_dir": str(target.model_dir), "records": str(work / "answers.jsonl"),
+            "prompts": job.prompts, "messages": None if job.prompts is not None else items, **options}
+    write_json(work / "spec.json", spec)
+    out = work / "result.json"
+    argv = build_generate_argv(sys.executable, work / "spec.json", out)
+    child = ChildProcess(argv, child_env, work / "generate.log", work / "answers.jsonl", state.redactor)
+    state.training = child  # a cancel stops it like a training
+    await child.start()
+    async for batch in child.records():
+        for record in batch:
+            if isinstance(record.get("index"), int) and 0 <= record["index"] < len(items):
+                yield events.generation(record["index"], items[record["index"]], str(record.get("completion", "")),
+                                        int(record.get("tokens", 0)), str(record.get("finish_reason", "")))
+    result = read_json(out)
+    if child.returncode != 0 or not isinstance(result, dict):
+        diagnosis = diagnose(child.returncode, child.log_tail(), "generating", None, target.base_model)
+        raise JobError(diagnosis.code, f"generating with run {job.run_id!r} failed: {diagnosis.message}", log_tail=child.log_tail())
+    for name in ("spec.json", "answers.jsonl", "result.json"):  # the prompts and answers live in the job's result only
+        (work / name).unlink(missing_ok=True)
+    completions = [{"index": i, "prompt": item, **answer} for i, (item, answer) in enumerate(zip(items, result["completions"], strict=True))]
+    yield {
+        "type": "result", "status": "completed", "mode": "generate", "run_id": job.run_id, "checkpoint": target.checkpoint,
+        "prompt_format": result.get("style"), "generation": options, "completions": completions,
+        "deploy": _recipe(target, job, settings),
+    }
+
+
+def _fresh(work: Path) -> Path:
+    """A new directory for this job's child (two jobs in the same second get their own)."""
+    for suffix in ("", *(f"-{n}" for n in range(2, 100))):
+        candidate = work.with_name(work.name + suffix)
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise JobError(errors.INTERNAL_ERROR, "could not make a directory for this generate job")
+
+
+def _which(target: RunOutput) -> str:
+    return "its final output" if target.checkpoint == "final" else f"step {target.checkpoint}"
+
+
+def _recipe(target: RunOutput, job: JobInput, settings: WorkerSettings) -> dict:
+    """Serve the run from the Hub when it was pushed there, else from the volume."""
+    stored = read_json(run_paths(settings.runs_dir, job.user_id, job.run_id).result_file) or {}
+    hub = stored.get("hub") if isinstance(stored.get("hub"), dict) and target.checkpoint == "final" else None
+    weights = hub["repo_id"] if hub and hub.get("repo_id") else str(target.model_dir)
+    name = str(read_json(run_paths(settings.runs_dir, job.user_id, job.run_id).job_file).get("model_id") or job.run_id)
+    merged = str(target.merged_dir) if target.merged_dir else None
+    return run_recipe(target.config, name, weights, target.adapter, target.lora_rank, merged)

@@ -1,0 +1,98 @@
+"""Which weights answer: a finished run's output (its adapter or full weights), or one of
+its checkpoints. Read from the run's own files only (config.yaml, trained.json, output/).
+
+A job finds its run only under its own user (`runs/<user_id>/<run_id>`): another user's
+run answers exactly as a run that does not exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune_worker.contract import errors
+from finetune_worker.contract.errors import JobError
+from finetune_worker.run.rundir import checkpoint_step, checkpoints, has_weights, is_complete_checkpoint, read_json, run_paths
+
+LORA_ADAPTERS = ("lora", "qlora")
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """A run's weights, ready to load or serve."""
+
+    name: str  # the run's id (or its directory's name)
+    config: dict[str, Any]  # the run's Axolotl config (config.yaml)
+    model_dir: Path  # the LoRA adapter, or the full weights
+    adapter: bool  # a LoRA adapter on config["base_model"]
+    checkpoint: str | int  # "final" or a step
+    merged_dir: Path | None = None  # the merged LoRA (output/merged), when there is one
+
+    @property
+    def base_model(self) -> str:
+        return str(self.config.get("base_model", ""))
+
+    @property
+    def full_weights(self) -> Path | None:
+        """Weights that load on their own: the full fine-tune, or the merged LoRA."""
+        return self.merged_dir if self.adapter else self.model_dir
+
+    @property
+    def lora_rank(self) -> int | None:
+        adapter = read_json(self.model_dir / "adapter_config.json") if self.adapter else None
+        rank = adapter.get("r") if isinstance(adapter, dict) else self.config.get("lora_r")
+        return rank if isinstance(rank, int) else None
+
+
+def finished_run(runs_dir: Path, user_id: str, run_id: str, checkpoint: str | int = "final") -> RunOutput:
+    """A job's run to answer with: it must be this user's, and finished (or have that checkpoint)."""
+    paths = run_paths(runs_dir, user_id, run_id)
+    config = _read_config(paths.config_file) if paths.run_dir.is_dir() and paths.job_file.is_file() else None
+    if config is None:
+        raise errors.run_not_found(user_id, run_id)
+    if checkpoint == "final" and read_json(paths.trained_file) is None:
+        raise JobError(errors.INVALID_INPUT, f"run {run_id!r} has not finished training; wait for it, or answer with one of "
+                                             f"its checkpoints (checkpoint: <step>){_steps(paths.output_dir)}")
+    return output_of(run_id, config, paths.output_dir, checkpoint)
+
+
+def run_in_directory(directory: Path, checkpoint: str | int = "final") -> RunOutput:
+    """A run given by its directory (a worker run dir or a Pod dir: config.yaml inside)."""
+    config = _read_config(directory / "config.yaml")
+    if config is None:
+        raise JobError(errors.RUN_NOT_FOUND, f"{directory} holds no run (no readable config.yaml)")
+    output_dir = Path(str(config.get("output_dir") or "output"))
+    return output_of(directory.name, config, output_dir if output_dir.is_absolute() else directory / output_dir, checkpoint)
+
+
+def output_of(name: str, config: dict, output_dir: Path, checkpoint: str | int) -> RunOutput:
+    adapter = config.get("adapter") in LORA_ADAPTERS
+    if checkpoint == "final":
+        where = output_dir
+    else:
+        where = output_dir / f"checkpoint-{checkpoint}"
+        if not (where.is_dir() and is_complete_checkpoint(where)):
+            raise JobError(errors.INVALID_INPUT, f"run {name!r} has no checkpoint at step {checkpoint}{_steps(output_dir)}")
+    if adapter and not (where / "adapter_config.json").is_file():
+        raise JobError(errors.INVALID_INPUT, f"run {name!r} left no LoRA adapter in {where.name} (no adapter_config.json)")
+    if not adapter and not has_weights(where):
+        raise JobError(errors.INVALID_INPUT, f"run {name!r} left no model weights in {where.name}")
+    merged = output_dir / "merged"
+    merged_dir = merged if adapter and checkpoint == "final" and has_weights(merged) else None
+    return RunOutput(name=name, config=config, model_dir=where, adapter=adapter, checkpoint=checkpoint, merged_dir=merged_dir)
+
+
+def _steps(output_dir: Path) -> str:
+    steps = [checkpoint_step(p) for p in checkpoints(output_dir) if is_complete_checkpoint(p)]
+    return f"; its checkpoints: {', '.join(map(str, steps))}" if steps else "; it has no complete checkpoint"
+
+
+def _read_config(path: Path) -> dict | None:
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else None

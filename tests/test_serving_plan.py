@@ -1,0 +1,97 @@
+"""The pure half of serving: vLLM and transformers serve argv, VLLM_* overrides, the deploy recipe and its model-card section.
+
+vLLM cannot run on this machine (no CUDA); its command lines are checked here as argv lists.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from finetune_worker.plan.serving import (
+    Served,
+    build_server_argv,
+    run_recipe,
+    serve_options,
+    vllm_lora_rank,
+    with_overrides,
+)
+from finetune_worker.publish.card import deploy_section
+
+CONFIG = {"base_model": "meta-llama/Llama-3.2-1B", "adapter": "lora", "lora_r": 32, "sequence_len": 4096}
+
+
+def test_vllm_argv_for_an_adapter_enables_lora_with_the_runs_rank_and_length():
+    options = serve_options(CONFIG, "support-bot", lora_rank=32, adapter=True)
+    argv = build_server_argv("vllm", Served("meta-llama/Llama-3.2-1B", adapter="/v/runs/u/r/output"), options, "0.0.0.0", 8000)
+    assert argv == ["vllm", "serve", "meta-llama/Llama-3.2-1B", "--enable-lora", "--lora-modules", "support-bot=/v/runs/u/r/output",
+                    "--max-lora-rank", "32", "--max-model-len", "4096", "--host", "0.0.0.0", "--port", "8000"]
+
+
+def test_vllm_argv_for_merged_or_full_weights_names_the_served_model():
+    options = serve_options({**CONFIG, "adapter": None}, "support-bot", lora_rank=None, adapter=False)
+    argv = build_server_argv("vllm", Served("/v/runs/u/r/output/merged"), options, "127.0.0.1", 9000)
+    assert argv == ["vllm", "serve", "/v/runs/u/r/output/merged", "--served-model-name", "support-bot",
+                    "--max-model-len", "4096", "--host", "127.0.0.1", "--port", "9000"]
+    assert "--enable-lora" not in argv
+
+
+@pytest.mark.parametrize(("rank", "vllm_rank"), [(None, 16), (4, 8), (8, 8), (17, 32), (300, 320), (1024, 512)])
+def test_an_adapters_rank_is_rounded_up_to_one_vllm_accepts(rank, vllm_rank):
+    assert vllm_lora_rank(rank) == vllm_rank
+
+
+def test_vllm_overrides_come_from_the_environment_and_bad_ones_are_named():
+    options = serve_options(CONFIG, "bot", lora_rank=32, adapter=True)
+    env = {"VLLM_MAX_MODEL_LEN": "8192", "VLLM_GPU_MEMORY_UTILIZATION": "0.85", "VLLM_MAX_LORA_RANK": "64",
+           "VLLM_SERVED_MODEL_NAME": "prod", "VLLM_CONFIG_FILE": "/workspace/vllm.yaml", "VLLM_EXTRA_ARGS": "--enforce-eager --max-num-seqs 8"}
+    changed, problems = with_overrides(options, env)
+    assert problems == []
+    argv = build_server_argv("vllm", Served("base", adapter="/a"), changed, "h", 1)
+    assert argv[:6] == ["vllm", "serve", "base", "--enable-lora", "--lora-modules", "prod=/a"]
+    assert argv[argv.index("--max-lora-rank") + 1] == "64" and argv[argv.index("--max-model-len") + 1] == "8192"
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.85" and argv[argv.index("--config") + 1] == "/workspace/vllm.yaml"
+    assert argv[-7:] == ["--enforce-eager", "--max-num-seqs", "8", "--host", "h", "--port", "1"]
+    _, problems = with_overrides(options, {"VLLM_MAX_MODEL_LEN": "lots", "VLLM_GPU_MEMORY_UTILIZATION": "1.5", "VLLM_MAX_LORA_RANK": "12"})
+    assert len(problems) == 3
+    assert any(p.startswith("VLLM_MAX_MODEL_LEN='lots'") for p in problems)
+    assert any(p.startswith("VLLM_GPU_MEMORY_UTILIZATION='1.5'") and "at most 1" in p for p in problems)
+    assert any(p.startswith("VLLM_MAX_LORA_RANK=12") and "320" in p for p in problems)
+
+
+def test_transformers_serve_takes_full_weights_only():
+    options = serve_options(CONFIG, "bot", 32, True)
+    assert build_server_argv("transformers", Served("/merged"), options, "127.0.0.1", 8001) == [
+        "transformers", "serve", "/merged", "--host", "127.0.0.1", "--port", "8001"]
+    with pytest.raises(ValueError, match="merge the LoRA first"):
+        build_server_argv("transformers", Served("base", adapter="/a"), options, "127.0.0.1", 8001)
+
+
+def test_the_recipe_of_a_pushed_adapter_sets_runpods_vllm_worker():
+    recipe = run_recipe(CONFIG, "support-bot", "me/support-bot-lora", adapter=True, lora_rank=32)
+    env = recipe["runpod_vllm_worker"]["env"]
+    assert env == {"MODEL_NAME": "meta-llama/Llama-3.2-1B", "ENABLE_LORA": "true", "MAX_LORA_RANK": "32", "MAX_MODEL_LEN": "4096",
+                   "LORA_MODULES": json.dumps([{"name": "support-bot", "path": "me/support-bot-lora"}])}
+    assert shlex.split(recipe["vllm_serve"]) == ["vllm", "serve", "meta-llama/Llama-3.2-1B", "--enable-lora", "--lora-modules",
+                                                 "support-bot=me/support-bot-lora", "--max-lora-rank", "32", "--max-model-len", "4096"]
+    assert recipe["transformers_serve"] is None and "merge" in recipe["note"]
+
+
+def test_the_recipe_of_a_full_fine_tune_and_of_merged_weights():
+    full = run_recipe({**CONFIG, "adapter": None}, "bot", "me/bot-full", adapter=False, lora_rank=None)
+    assert full["runpod_vllm_worker"]["env"] == {"MODEL_NAME": "me/bot-full", "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "bot", "MAX_MODEL_LEN": "4096"}
+    assert full["transformers_serve"] == "transformers serve me/bot-full"
+    merged = run_recipe(CONFIG, "bot", "me/bot-lora", adapter=True, lora_rank=8, merged="me/bot-merged")
+    assert merged["transformers_serve"] == "transformers serve me/bot-merged"
+    assert merged["merged"]["runpod_vllm_worker"]["env"]["MODEL_NAME"] == "me/bot-merged"
+    assert "--enable-lora" not in merged["merged"]["vllm_serve"]
+
+
+def test_the_model_card_says_how_to_deploy():
+    text = "\n".join(deploy_section(run_recipe(CONFIG, "support-bot", "me/support-bot-lora", adapter=True, lora_rank=32)))
+    assert "## Deploy it" in text and "ENABLE_LORA=true" in text
+    assert "LORA_MODULES='[{\"name\": \"support-bot\", \"path\": \"me/support-bot-lora\"}]'" in text
+    assert "vllm serve meta-llama/Llama-3.2-1B --enable-lora" in text
+    assert deploy_section(None) == []
