@@ -95,3 +95,27 @@ def test_the_model_card_says_how_to_deploy():
     assert "LORA_MODULES='[{\"name\": \"support-bot\", \"path\": \"me/support-bot-lora\"}]'" in text
     assert "vllm serve meta-llama/Llama-3.2-1B --enable-lora" in text
     assert deploy_section(None) == []
+
+
+def test_the_pods_serve_switches_are_not_axolotl_options():
+    from finetune_worker.contract.envconfig import args_from_env
+
+    args, _, problems = args_from_env({"AXOLOTL_SERVE": "true", "AXOLOTL_SERVE_PORT": "8001", "AXOLOTL_AUTORUN": "true"})
+    assert args == {} and problems == []
+
+
+def test_serve_refuses_what_it_cannot_serve_before_starting_anything(tmp_path, capsys):
+    from finetune_worker.serve.server import serve
+
+    assert serve("nobody/nothing", runs_dir=tmp_path, env={}, server="transformers") == 2
+    assert "has no run 'nothing'" in capsys.readouterr().err
+    assert serve(str(tmp_path / "missing"), runs_dir=tmp_path, env={}) == 2
+    assert "no such directory" in capsys.readouterr().err
+    run = tmp_path / "pod"
+    (run / "outputs").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"base_model: x\nadapter: lora\noutput_dir: {run / 'outputs'}\n")
+    assert serve(str(run), runs_dir=tmp_path, env={}) == 2
+    assert "left no LoRA adapter" in capsys.readouterr().err
+    (run / "outputs" / "adapter_config.json").write_text("{}")
+    assert serve(str(run), runs_dir=tmp_path, env={"VLLM_MAX_LORA_RANK": "12"}, server="vllm") == 2
+    assert "VLLM_MAX_LORA_RANK=12" in capsys.readouterr().err

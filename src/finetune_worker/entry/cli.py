@@ -49,6 +49,12 @@ class HumanPrinter:
         elif kind == "eval":
             metrics = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "step"))
             self._line(f"eval at step {event.get('step')}: {metrics}")
+        elif kind == "generation":
+            prompt = event["prompt"] if isinstance(event["prompt"], str) else event["prompt"][-1]["content"]
+            self._line(f"[{event['index']}] {prompt}\n  -> {event['completion']}")
+        elif kind == "result" and event.get("mode") == "generate":
+            self._line(f"generated {len(event['completions'])} answers with run {event['run_id']} ({event['checkpoint']}); "
+                       f"serve it: {event['deploy']['vllm_serve']}")
         elif kind == "result" and event.get("mode") in ("runs", "events"):
             self._line(json.dumps(event, indent=2))  # a read-back answer: the finetune-worker runs/events commands format it
         elif kind == "result":
@@ -301,6 +307,19 @@ def cmd_pod(args: argparse.Namespace) -> int:
     return start_pod(os.environ)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from finetune_worker.contract.settings import SettingsInvalid, WorkerSettings
+    from finetune_worker.serve.server import serve
+
+    try:
+        runs_dir = WorkerSettings.from_env(os.environ).runs_dir
+    except SettingsInvalid as exc:
+        print(f"finetune-worker serve: {exc}", file=sys.stderr)
+        return 2
+    checkpoint = "final" if args.checkpoint == "final" else int(args.checkpoint)
+    return serve(args.run, runs_dir=runs_dir, env=os.environ, host=args.host, port=args.port, checkpoint=checkpoint, server=args.server)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune-worker", description="Fine-tune LLMs with Axolotl, locally or on RunPod.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -347,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     pod = commands.add_parser("pod", help="Pod start-up: configure from AXOLOTL_*, log in to the Hub, print what to do next")
     pod.set_defaults(func=cmd_pod)
+
+    serve = commands.add_parser("serve", help="serve a finished run with an OpenAI-compatible server (vLLM, else transformers serve)")
+    serve.add_argument("run", help="a run directory (with config.yaml: a worker run or a Pod's directory), or USER/RUN_ID on the volume")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (0.0.0.0 to expose it through the Pod's HTTP port)")
+    serve.add_argument("--checkpoint", default="final", help="final (default) or a step number (vLLM only for a LoRA)")
+    serve.add_argument("--server", choices=("auto", "vllm", "transformers"), default="auto", help="default: vllm where installed")
+    serve.set_defaults(func=cmd_serve)
 
     for command in (submit, status, runs, events_cmd):
         command.add_argument("--json", action="store_true", help="print one JSON event per line, nothing else")

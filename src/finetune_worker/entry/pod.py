@@ -2,12 +2,14 @@
 
     finetune-worker configure --from-env --output config.yaml   # validate and write the YAML
     finetune-worker pod                                          # what the image runs on a Pod
+    finetune-worker serve /workspace/finetune                    # serve its trained output (AXOLOTL_SERVE=true: after training)
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +35,7 @@ WELCOME = """\
    axolotl train {config}
    axolotl preprocess {config}      # tokenize and inspect the data first
    finetune-worker run job.json     # or run a worker job on this Pod
+   finetune-worker serve {pod_dir}  # then serve the result (OpenAI API on port 8000)
 
  Change the config: set AXOLOTL_* variables on the Pod and restart it, or
    finetune-worker configure --from-env --output {config}
@@ -96,10 +99,33 @@ def start_pod(env: Mapping[str, str]) -> int:
         axolotl=importlib.metadata.version("axolotl"), config=config_file, outputs=pod_dir / "outputs",
         hf=hf_login(env.get("HF_TOKEN")), pod_dir=pod_dir,
     ), flush=True)
-    if config and not problems and str(env.get("AXOLOTL_AUTORUN", "")).lower() in ("1", "true", "yes"):
-        os.execvp("axolotl", ["axolotl", "train", str(config_file)])
+    ready = bool(config) and not problems
+    serving = _truthy(env.get("AXOLOTL_SERVE"))
+    if ready and _truthy(env.get("AXOLOTL_AUTORUN")):
+        if not serving:
+            os.execvp("axolotl", ["axolotl", "train", str(config_file)])
+        code = subprocess.call(["axolotl", "train", str(config_file)])
+        if code != 0:
+            print(f"axolotl train exited with code {code}; not serving. The Pod stays up.", file=sys.stderr, flush=True)
+            serving = False
+    if serving and config_file.exists():
+        serve_pod(pod_dir, env)
     while True:  # keep the Pod up for interactive use
         signal.pause()
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value or "").lower() in ("1", "true", "yes")
+
+
+def serve_pod(pod_dir: Path, env: Mapping[str, str]) -> int:
+    """AXOLOTL_SERVE: serve the Pod's run on 0.0.0.0:AXOLOTL_SERVE_PORT (8000), as the
+    original Pod workflow's vLLM start script did."""
+    from finetune_worker.contract.settings import WorkerSettings
+    from finetune_worker.serve.server import serve
+
+    port = int(env.get("AXOLOTL_SERVE_PORT") or 8000)
+    return serve(str(pod_dir), runs_dir=WorkerSettings.from_env(env).runs_dir, env=env, host="0.0.0.0", port=port)
 
 
 def write_config(config: dict, output: Path) -> None:
