@@ -15,7 +15,7 @@ from finetune_worker.plan.children import build_evaluation_argv, build_hub_argv,
 from finetune_worker.plan.serving import run_recipe
 from finetune_worker.publish.card import evaluation_sections, framework_versions, render_model_card
 from finetune_worker.run.failures import diagnose
-from finetune_worker.run.rundir import write_json
+from finetune_worker.run.rundir import copy_run_tokenizer, write_json
 from finetune_worker.run.state import JobContext, JobState
 from finetune_worker.run.tools import json_tool, run_tool, tool_output
 
@@ -43,6 +43,7 @@ async def merge(ctx: JobContext, state: JobState) -> tuple[Path | None, str | No
     tool = await run_tool(ctx, state, argv, "merge")
     merged = ctx.paths.output_dir / "merged"
     if tool.returncode == 0 and merged.is_dir() and any(merged.glob("*.safetensors")):
+        copy_run_tokenizer(ctx.paths.output_dir, merged)
         return merged, None
     tail = [line for line in tool.log_tail() if line.strip()]
     return None, (tail[-1] if tail else f"merge-lora exited with code {tool.returncode}")

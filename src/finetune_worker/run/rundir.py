@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -149,6 +150,19 @@ MODEL_WEIGHTS = ("*.safetensors", "*.bin")  # what from_pretrained loads
 def has_weights(directory: Path) -> bool:
     """A directory with model (or adapter) weights that from_pretrained can load."""
     return directory.is_dir() and any(any(directory.glob(pattern)) for pattern in MODEL_WEIGHTS)
+
+
+# The tokenizer a run saves, chat template included (transformers 5 writes it to chat_template.jinja).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def copy_run_tokenizer(output_dir: Path, merged_dir: Path) -> None:
+    """Give merged weights the tokenizer the run trained with: merge-lora saves the base
+    model's, which lacks a chat template the run's config set."""
+    for name in TOKENIZER_FILES:
+        if (output_dir / name).is_file():
+            shutil.copyfile(output_dir / name, merged_dir / name)
 
 
 def checkpoints(output_dir: Path) -> list[Path]:

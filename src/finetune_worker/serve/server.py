@@ -34,7 +34,7 @@ from finetune_worker.plan.serving import (
     with_overrides,
 )
 from finetune_worker.run.children import die_with_parent, group_members, stop_process_group
-from finetune_worker.run.rundir import has_weights, read_json, run_paths
+from finetune_worker.run.rundir import copy_run_tokenizer, has_weights, read_json, run_paths
 from finetune_worker.serve.target import RunOutput, finished_run, run_in_directory
 
 STARTUP_TIMEOUT_S = {VLLM: 1200.0, TRANSFORMERS: 600.0}  # vLLM downloads and compiles first
@@ -86,6 +86,7 @@ def merge_adapter(target: RunOutput, config_file: Path, env: Mapping[str, str], 
     merged = target.model_dir / "merged"
     if code != 0 or not has_weights(merged):
         raise ServeFailed(f"merge-lora failed (exit {code}); see {log}")
+    copy_run_tokenizer(target.model_dir, merged)
     return RunOutput(target.name, target.config, target.model_dir, target.adapter, target.checkpoint, merged)
 
 
