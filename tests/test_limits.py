@@ -55,6 +55,13 @@ def test_a_bad_limit_fails_clearly(name, value, volume, env):
         ("max_sequence_len", 128, {"sequence_len": 256}, "args.sequence_len"),
         ("max_sequence_len", 128, {"sequence_len": None}, "args.sequence_len"),  # Axolotl's default, 512
         ("max_lora_r", 8, {"lora_r": 16}, "args.lora_r"),
+        # numbers sent as strings: Axolotl's schema reads them as numbers, so the limits do too
+        ("max_steps", 10, {"max_steps": "50"}, "args.max_steps"),
+        ("max_steps", 10, {"max_steps": " 1_000 "}, "args.max_steps"),
+        ("max_sequence_len", 1024, {"sequence_len": "10000000"}, "args.sequence_len"),
+        ("max_sequence_len", 1024, {"sequence_len": 1e7}, "args.sequence_len"),
+        ("max_lora_r", 8, {"lora_r": "100000"}, "args.lora_r"),
+        ("max_lora_r", 8, {"adapter": "qlora", "lora_r": "16.0"}, "args.lora_r"),
         ("max_dataset_bytes", 1000, {}, "args.datasets"),
         ("max_dataset_bytes", 1000, {"datasets": [{"type": "alpaca", "rows": [{"instruction": "x" * 2000, "output": "y"}]}]}, "args.datasets"),
     ],

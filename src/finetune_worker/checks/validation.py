@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from finetune_worker.checks.args import ArgsContext, check_args
@@ -80,12 +81,12 @@ def limit_problems(args: dict[str, Any], settings: WorkerSettings) -> list[Probl
         if limit is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
             problems.append(Problem(where, f"{value}{what} is over this worker's limit of {limit} ({name})"))
 
-    over("args.max_steps", args.get("max_steps"), settings.max_steps, "FINETUNE_MAX_STEPS")
+    over("args.max_steps", as_axolotl_reads("max_steps", args.get("max_steps")), settings.max_steps, "FINETUNE_MAX_STEPS")
     sequence_len = args.get("sequence_len")
-    over("args.sequence_len", AXOLOTL_DEFAULT_SEQUENCE_LEN if sequence_len is None else sequence_len, settings.max_sequence_len,
-         "FINETUNE_MAX_SEQUENCE_LEN", " (Axolotl's default)" if sequence_len is None else "")
+    over("args.sequence_len", AXOLOTL_DEFAULT_SEQUENCE_LEN if sequence_len is None else as_axolotl_reads("sequence_len", sequence_len),
+         settings.max_sequence_len, "FINETUNE_MAX_SEQUENCE_LEN", " (Axolotl's default)" if sequence_len is None else "")
     if args.get("adapter") in ("lora", "qlora"):
-        over("args.lora_r", args.get("lora_r"), settings.max_lora_r, "FINETUNE_MAX_LORA_R")
+        over("args.lora_r", as_axolotl_reads("lora_r", args.get("lora_r")), settings.max_lora_r, "FINETUNE_MAX_LORA_R")
     if settings.max_dataset_bytes is not None:
         total = local_dataset_bytes(args)
         if total > settings.max_dataset_bytes:
@@ -93,6 +94,28 @@ def limit_problems(args: dict[str, Any], settings: WorkerSettings) -> list[Probl
                 "args.datasets", f"the local datasets hold {total} bytes, over this worker's limit of {settings.max_dataset_bytes} (FINETUNE_MAX_DATASET_BYTES)"
             ))
     return problems
+
+
+def as_axolotl_reads(key: str, value: Any) -> Any:
+    """`value` as Axolotl's schema will read option `key` ("100000" -> 100000, 1e7 -> 10000000);
+    unchanged when the schema would refuse it (the args check reports that)."""
+    if value is None or isinstance(value, bool):
+        return value
+    from pydantic import ValidationError
+
+    try:
+        return _option_adapter(key).validate_python(value)
+    except (ValidationError, ValueError, TypeError, RecursionError):
+        return value
+
+
+@cache
+def _option_adapter(key: str) -> Any:
+    from pydantic import TypeAdapter
+
+    from finetune_worker.checks import axolotl_schema
+
+    return TypeAdapter(axolotl_schema.input_config_model().model_fields[key].annotation)
 
 
 def local_dataset_bytes(args: dict[str, Any]) -> int:
