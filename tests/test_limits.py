@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import collect, make_job
-from finetune_worker.checks.validation import validate_job
+from finetune_worker.checks.validation import local_dataset_bytes, validate_job
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import REPO_ROOT, SettingsInvalid, WorkerSettings
@@ -21,7 +21,7 @@ from finetune_worker.run.redact import Redactor
 @pytest.fixture
 def limited_volume(tmp_path):
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 100)  # 3,700 bytes
+    (tmp_path / "data" / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 100)  # 3,600 bytes
     return tmp_path
 
 
@@ -81,6 +81,20 @@ def test_a_job_within_the_limits_passes(limited_volume):
     settings = WorkerSettings(base_volume=limited_volume, examples_dir=REPO_ROOT / "examples", max_steps=50, max_sequence_len=256,
                               max_lora_r=16, max_dataset_bytes=10_000, max_hours=1)
     validate_job(job(), settings, CPU_ONLY)
+
+
+def test_a_file_is_counted_once_towards_the_dataset_limit(limited_volume):
+    # a directory and its own data_files, and the same file in two lists (via a link): 3,600 bytes, not 14,400
+    (limited_volume / "data" / "link.jsonl").symlink_to(limited_volume / "data" / "train.jsonl")
+    settings = WorkerSettings(base_volume=limited_volume, examples_dir=REPO_ROOT / "examples", max_dataset_bytes=5000)
+    entry = {"path": "data", "data_files": ["data/train.jsonl"], "type": "alpaca", "ds_type": "json"}
+    raw = job(datasets=[entry], test_datasets=[{"path": "data/link.jsonl", "type": "alpaca", "ds_type": "json", "split": "train"}])
+    valid = validate_job(raw, settings, CPU_ONLY)
+    assert local_dataset_bytes(valid.args) == 3600
+    (limited_volume / "data" / "more.jsonl").write_text("x" * 2000)  # now the directory holds 5,600 bytes
+    with pytest.raises(JobError) as caught:
+        validate_job(raw, settings, CPU_ONLY)
+    assert any("5600 bytes" in d and "FINETUNE_MAX_DATASET_BYTES" in d for d in caught.value.details), caught.value.details
 
 
 def test_the_limits_are_reported_in_a_status_event(env):

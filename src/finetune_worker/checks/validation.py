@@ -119,29 +119,33 @@ def _option_adapter(key: str) -> Any:
 
 
 def local_dataset_bytes(args: dict[str, Any]) -> int:
-    """The size of the datasets' local files (a directory: every file in it) and inline rows."""
+    """The size of the datasets' local files (a directory: every file in it) and inline rows.
+    Each file counts once, however many entries name it (a directory and its own data_files,
+    one file in two lists, a link and its target)."""
     import json
     from pathlib import Path
 
     total = 0
+    files: dict[Path, int] = {}  # resolved file -> size
     for key in ("datasets", "test_datasets", "pretraining_dataset"):
         for entry in args.get(key) or []:
             if not isinstance(entry, dict):
                 continue
             if isinstance(entry.get("rows"), list):
                 total += len(json.dumps(entry["rows"]))
-            files = entry.get("data_files")
-            names = [entry.get("path")] + (files if isinstance(files, list) else [files])
+            data_files = entry.get("data_files")
+            names = [entry.get("path")] + (data_files if isinstance(data_files, list) else [data_files])
             for name in {n for n in names if isinstance(n, str) and n.startswith("/")}:
                 path = Path(name)
                 try:
-                    if path.is_file():
-                        total += path.stat().st_size
-                    elif path.is_dir():
-                        total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-                except OSError:
+                    found = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
+                    for file in found:
+                        real = file.resolve()
+                        if real not in files:
+                            files[real] = real.stat().st_size
+                except (OSError, ValueError, RuntimeError):
                     continue
-    return total
+    return total + sum(files.values())
 
 
 def _evaluation_problems(job: JobInput, roots) -> list[Problem]:
