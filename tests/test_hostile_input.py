@@ -289,3 +289,82 @@ def test_the_cli_never_raises_out_on_deep_json(tmp_path, volume, depth):
     assert out.returncode not in (0,) and "Traceback" not in out.stderr, out.stderr[-2000:]
     final = json.loads(out.stdout.strip().splitlines()[-1])
     assert final["type"] == "error" and final["code"] == errors.INVALID_INPUT and "nested" in (final["message"] + str(final["details"]))
+
+
+# ------------------------------------------------- every path option, odd values only
+def _path_option_names() -> list[str]:
+    """Every option the security table says names a place (a model, dataset, file, Hub repo or code)."""
+    from finetune_worker.checks.options import CLASSIFIED, Kind
+
+    kinds = (Kind.MODEL, Kind.DATA, Kind.READ, Kind.TEMPLATE, Kind.HUB, Kind.FILE_NAME, Kind.WORKER, Kind.CODE)
+    return sorted(name for name, kind in CLASSIFIED.items() if kind in kinds)
+
+
+MAPPING_OPTIONS = ("overrides_of_model_kwargs", "overrides_of_model_config", "bnb_config_kwargs", "model_quantization_config_kwargs",
+                   "processor_kwargs", "trl.generation_kwargs", "deepspeed")
+MAPPING_PATH_KEYS = ("cache_dir", "offload_folder", "pretrained_model_name_or_path", "nvme_path", "output_file", "log_dir", "my_path")
+# One place each, drawn evenly: every path option, each dataset list's location fields, the eval dataset, mapping options.
+PATH_PLACES = st.sampled_from(
+    [("option", name) for name in [*_path_option_names(), "cache_dir"]]
+    + [("dataset", key, field) for key in ("datasets", "test_datasets", "pretraining_dataset")
+       for field in ("path", "data_files", "chat_template_jinja", "input_transform", "type")]
+    + [("evaluation",)]
+    + [("mapping", option) for option in MAPPING_OPTIONS]
+)
+PATHISH = st.one_of(NASTY, ODD_TEXT, st.builds(lambda a, b: f"{a}/{b}", st.sampled_from(["data", "examples", "outside-link", "..", ""]), ODD_TEXT))
+PATH_VALUE = st.one_of(PATHISH, PATHISH, ODD_VALUE, st.lists(PATHISH, min_size=1, max_size=2))
+
+
+def place(where: tuple, value, mapping_key: tuple[str, bool] = ("cache_dir", False)) -> dict:
+    """A default job with `value` put at `where` (inside a mapping option: under `mapping_key`'s key, nested a level deeper or not)."""
+    raw = job()
+    args = raw["args"]
+    if where[0] == "option":
+        head, _, rest = where[1].partition(".")
+        if where[1].startswith("datasets."):
+            args["datasets"] = [{**args["datasets"][0], rest: value}]
+        else:
+            args[head] = {rest: value} if rest else value
+    elif where[0] == "dataset":
+        entry = {"path": "data/train.jsonl", "type": "alpaca", where[2]: value}
+        args[where[1]] = [entry]
+    elif where[0] == "evaluation":
+        raw["evaluation"] = {"dataset": {"path": value}}
+    else:
+        option, key, deeper = where[1], *mapping_key
+        head, _, rest = option.partition(".")
+        inner = {"nested": {key: value}} if deeper else {key: value}
+        args[head] = {rest: inner} if rest else inner
+    return raw
+
+
+def test_the_path_places_cover_the_options_the_audit_named():
+    names = set(_path_option_names())
+    assert {"deepspeed", "lm_eval_model", "tokenizer_config", "resume_from_checkpoint", "output_dir", "hub_model_id",
+            "axolotl_config_path", "plugins", "dynamic_checkpoint.trigger_file_path", "trackio_space_id",
+            "datasets.path", "datasets.data_files"} <= names
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(where=PATH_PLACES, value=PATH_VALUE, mapping_key=st.tuples(st.sampled_from(MAPPING_PATH_KEYS), st.booleans()))
+def test_fuzz_every_path_option_ends_with_a_named_code(worker_settings, where, value, mapping_key):
+    """Each place that names a file, directory, model, dataset or repo, given odd values:
+    validation and the plan accept the job or refuse it by name, never anything else."""
+    event(f"place: {where[0]}")
+    raw = place(where, value, mapping_key)
+    try:
+        valid = validate_job(raw, worker_settings, CPU_ONLY)
+        paths = run_paths(worker_settings.runs_dir, valid.job.user_id, valid.job.run_id)
+        plan = build_axolotl_config(valid.args, paths, worker_settings.cache_dir / "prepared", CPU_ONLY)
+    except JobError as error:
+        assert error.code in NAMED_REFUSALS, error
+        assert all(detail.encode() for detail in error.details)
+        return
+    event("accepted")
+    roots = make_roots(worker_settings.base_volume, worker_settings.examples_dir)
+    for key in ("datasets", "test_datasets", "pretraining_dataset"):
+        for entry in plan.config.get(key) or []:
+            for name in [entry.get("path")] + (entry.get("data_files") if isinstance(entry.get("data_files"), list) else [entry.get("data_files")]):
+                if isinstance(name, str) and name.startswith("/"):
+                    resolved = Path(name).resolve()
+                    assert roots.contains(resolved) or paths.run_dir.resolve() in resolved.parents, (key, name)
