@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -368,3 +370,93 @@ def test_fuzz_every_path_option_ends_with_a_named_code(worker_settings, where, v
                 if isinstance(name, str) and name.startswith("/"):
                     resolved = Path(name).resolve()
                     assert roots.contains(resolved) or paths.run_dir.resolve() in resolved.parents, (key, name)
+
+
+# -------------------------------------- generated requests through the whole job and the CLI
+KNOWN_CODES = {value for name, value in vars(errors).items() if name.isupper() and isinstance(value, str)} - {errors.INTERNAL_ERROR}
+ANY_REQUEST = st.one_of(RAW, ODD_REQUEST)
+
+
+@pytest.fixture(scope="module")
+def fuzz_env(worker_settings) -> dict[str, str]:
+    from conftest import SECRET_ENV
+
+    base = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith(("FINETUNE_", "AXOLOTL_"))}
+    return {**base, "BASE_VOLUME": str(worker_settings.base_volume), "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1"}
+
+
+def refused_cheaply(raw, env: dict[str, str]):
+    """`raw` in preflight mode (never a training), or None when validation accepts it: an
+    accepted request would go on to load a model, which these tests leave to others."""
+    if isinstance(raw, dict) and raw.get("mode", "train") == "train":
+        raw = {**raw, "mode": "preflight"}
+    try:
+        validate_job(raw, WorkerSettings.from_env(env), CPU_ONLY)
+    except JobError:
+        return raw
+    return None
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(raw=ANY_REQUEST)
+def test_fuzz_refused_requests_end_the_whole_job_with_a_named_code(fuzz_env, raw):
+    """A job only ever ends with a named code, never internal_error, and its events are JSON."""
+    from conftest import collect
+
+    raw = refused_cheaply(raw, fuzz_env)
+    if raw is None:
+        event("accepted by validation: not run")
+        return
+    out = collect(raw, fuzz_env, CPU_ONLY)
+    final = out[-1]
+    event(f"ended: {final.get('code', final['type'])}")
+    assert final["type"] == "error" and final["code"] in KNOWN_CODES, final
+    assert [e for e in out if e["type"] in ("error", "result")] == [final]
+    json.dumps(out).encode()  # every event is JSON a client can read: no NaN object, no lone surrogate left
+
+
+JOB_FILE = st.one_of(
+    ANY_REQUEST.map(lambda raw: ("input", raw)),
+    ANY_REQUEST.map(lambda raw: ("bare", raw)),
+    st.binary(max_size=200).map(lambda data: ("bytes", data)),
+    st.text(alphabet=CHARS, max_size=200).map(lambda text: ("text", text)),
+)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(content=JOB_FILE, as_json=st.booleans())
+def test_fuzz_the_cli_returns_an_exit_code_and_never_raises(fuzz_env, tmp_path_factory, content, as_json):
+    """`finetune-worker run FILE` in-process on generated job files (refused ones: no model
+    loads), printing to a strict UTF-8 stdout as a terminal's is: an exit code, never a traceback."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    from finetune_worker.entry.cli import main
+
+    kind, value = content
+    job_file = tmp_path_factory.mktemp("job") / "job.json"
+    if kind in ("input", "bare"):
+        raw = refused_cheaply(value, fuzz_env)
+        if raw is None:
+            event("accepted by validation: not run")
+            return
+        try:
+            job_file.write_text(json.dumps({"input": raw} if kind == "input" else raw), encoding="utf-8", errors="surrogatepass")
+        except (RecursionError, ValueError):
+            event("not JSON-serialisable: not run")
+            return
+    elif kind == "bytes":
+        job_file.write_bytes(value)
+    else:
+        job_file.write_text(value, encoding="utf-8", errors="surrogatepass")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", line_buffering=True)
+    with mock.patch.dict(os.environ, fuzz_env, clear=True), contextlib.redirect_stdout(stdout):
+        code = main(["run", str(job_file), *(["--json"] if as_json else [])])
+    event(f"exit {code}")
+    assert isinstance(code, int) and code != 0
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode("utf-8")
+    if as_json and printed.strip():
+        final = json.loads(printed.strip().splitlines()[-1])
+        assert final["type"] == "error" and final["code"] in KNOWN_CODES, final
