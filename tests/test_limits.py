@@ -83,6 +83,21 @@ def test_a_job_within_the_limits_passes(limited_volume):
     validate_job(job(), settings, CPU_ONLY)
 
 
+def test_numbers_sent_as_strings_reach_the_plan_as_numbers(limited_volume):
+    # Axolotl's schema reads "10" as 10; the worker's own estimates (disk, memory) do the arithmetic on the same values
+    from finetune_worker.checks.memory import estimate_gpu_memory
+    from finetune_worker.checks.resources import kept_checkpoints, lora_params
+
+    settings = WorkerSettings(base_volume=limited_volume, examples_dir=REPO_ROOT / "examples")
+    raw = job(max_steps="10", save_steps="5", micro_batch_size=" 2 ", sequence_len="256", lora_r="16.0", weight_decay="0.01")
+    args = validate_job(raw, settings, CPU_ONLY).args
+    assert (args["max_steps"], args["save_steps"], args["micro_batch_size"], args["sequence_len"], args["lora_r"], args["weight_decay"]) \
+        == (10, 5, 2, 256, 16, 0.01)
+    assert kept_checkpoints(args) == 2 and lora_params(args, None, 16_000) == 160
+    model_config = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 1000}
+    assert estimate_gpu_memory(args, model_config).total > 0
+
+
 def test_a_file_is_counted_once_towards_the_dataset_limit(limited_volume):
     # a directory and its own data_files, and the same file in two lists (via a link): 3,600 bytes, not 14,400
     (limited_volume / "data" / "link.jsonl").symlink_to(limited_volume / "data" / "train.jsonl")

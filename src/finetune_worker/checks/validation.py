@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -54,6 +55,7 @@ def validate_job(
     if job is not None and job.num_processes and hardware.has_gpu and job.num_processes > hardware.gpu_count:
         arg_problems.append(Problem("num_processes", f"this worker has {hardware.gpu_count} GPU(s); use at most {hardware.gpu_count} processes, one per GPU"))
     if args:
+        args = with_numbers_as_axolotl_reads(args)
         arg_problems += limit_problems(args, settings)
     if job is not None and job.publish.merge_lora and args.get("adapter") not in ("lora", "qlora"):
         arg_problems.append(Problem("publish.merge_lora", "needs a LoRA run (args.adapter: lora or qlora); a full fine-tune is already merged"))
@@ -104,9 +106,30 @@ def as_axolotl_reads(key: str, value: Any) -> Any:
     from pydantic import ValidationError
 
     try:
-        return _option_adapter(key).validate_python(value)
+        read = _option_adapter(key).validate_python(value)
     except (ValidationError, ValueError, TypeError, RecursionError):
         return value
+    return value if isinstance(read, float) and not math.isfinite(read) else read  # "nan" stays a string: events stay JSON
+
+
+def with_numbers_as_axolotl_reads(args: dict[str, Any]) -> dict[str, Any]:
+    """`args` with each numeric option sent as a string ("10", " 2 ", "1e-4") replaced by the
+    number Axolotl's schema reads from it, so the worker's limits and estimates see that number."""
+    numeric = _numeric_options()
+    return {key: as_axolotl_reads(key, value) if isinstance(value, str) and key in numeric else value for key, value in args.items()}
+
+
+@cache
+def _numeric_options() -> frozenset[str]:
+    """Axolotl's top-level options whose type holds only numbers (and None)."""
+    from finetune_worker.checks import axolotl_schema
+    from finetune_worker.checks.options import _leaves
+
+    numbers = (int, float, type(None))
+    return frozenset(
+        name for name, info in axolotl_schema.input_config_model().model_fields.items()
+        if (leaves := _leaves(info.annotation)) and all(leaf in numbers for leaf in leaves) and (int in leaves or float in leaves)
+    )
 
 
 @cache
