@@ -3,7 +3,7 @@ memory, side by side for 10 K, 100 K and 1 M alpaca rows (figures printed, never
 
     .venv/bin/python bench/data_check.py [--rows N ...] [--huge] [--src DIR]
 
-Each file is generated in a temporary folder (about 430 bytes a row, like the Alpaca
+Each file is generated in a temporary folder (about 506 bytes a row, like the Alpaca
 set), then checked by `check_datasets` in a child process of its own, which reports
 its rows, the seconds (wall and CPU) the check took and its peak resident memory (VmHWM) before and
 after the check. `--huge` adds a file of about 2 GB. `--src` points the child at

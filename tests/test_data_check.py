@@ -244,6 +244,33 @@ def test_https_datasets_are_downloaded_with_a_size_limit(https_site, tmp_path, m
     assert caught.value.message == f"args.datasets[0].path: downloading {site.url('/missing.jsonl')} failed: HTTP 404 Not Found"
 
 
+def test_a_download_onto_a_full_disk_is_disk_full(https_site, tmp_path, monkeypatch):
+    # /dev/full answers every write with ENOSPC, as a full volume does (no root needed): the .part file points there
+    site, cert = https_site
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    site.routes["/data/full.jsonl"] = file((json.dumps(GOOD) + "\n").encode() * 50)
+    dest = tmp_path / "full.jsonl"
+    (tmp_path / "full.jsonl.part").symlink_to("/dev/full")
+    with pytest.raises(JobError) as caught:
+        download(site.url("/data/full.jsonl?X-Signature=secret"), dest, "args.datasets[0]", LOOPBACK_ALLOWED)
+    assert caught.value.code == errors.DISK_FULL, caught.value
+    assert caught.value.message.startswith("args.datasets[0].path: ") and "No space left on device" in caught.value.message
+    assert "secret" not in caught.value.message
+    assert not list(tmp_path.glob("full.jsonl*"))
+
+
+def test_a_download_filling_a_real_volume_is_disk_full_and_leaves_nothing(https_site, full_volume, monkeypatch):
+    mount, fill = full_volume
+    site, cert = https_site
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    site.routes["/data/big.jsonl"] = file((json.dumps(GOOD) + "\n").encode() * 500)  # about 40 KB
+    fill(free=8192)
+    with pytest.raises(JobError) as caught:
+        download(site.url("/data/big.jsonl"), mount / "big.jsonl", "args.datasets[0]", replace(LOOPBACK_ALLOWED, max_bytes=1 << 20))
+    assert caught.value.code == errors.DISK_FULL, caught.value
+    assert not list(mount.glob("big.jsonl*"))
+
+
 def test_a_bad_row_fails_a_normal_job_before_any_model_loads(tiny, env, volume):
     rows = [GOOD] * 16 + [{"instruction": "no answer here", "input": ""}] + [GOOD] * 8
     path = write_lines(volume / "bad_line_17.jsonl", rows)

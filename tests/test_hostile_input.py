@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,7 +90,10 @@ def test_the_default_job_is_valid(worker_settings):
 
 
 # ---------------------------------------------------------------------------- fuzz
-TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
+# st.text() never draws lone surrogates (category Cs) by default: they come from their own alphabet, one character in four.
+SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=())
+CHARS = st.one_of(st.characters(codec="utf-8"), st.characters(codec="utf-8"), st.characters(codec="utf-8"), SURROGATES)
+TEXT = st.text(alphabet=CHARS, max_size=20)
 NASTY = st.sampled_from(["..", ".", "../x", "/etc/passwd", "data/train.jsonl", "examples/tiny-llama", "a/b", "", "~", "%2e%2e",
                          "file:///etc", "s3://b/k", "https://x/y.json", "data/../data/train.jsonl", "outside-link/passwd", "\x00"])
 IDS = st.one_of(NASTY, TEXT, st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True))
@@ -219,7 +224,7 @@ def test_odd_input_through_the_whole_job_never_ends_internal(volume, env):
 
 DEEP_DEPTHS = st.integers(0, 1200)
 ODD_TEXT = st.one_of(
-    st.text(max_size=40),  # surrogates included
+    st.text(alphabet=CHARS, max_size=40),  # lone surrogates included
     st.text(alphabet="abc/._-~\\ ", min_size=200, max_size=600),
     st.sampled_from(["a" * 256, "a/" + "b" * 300, "/" + "c" * 4100, "x\ud800y", "\udfff", "data/" + "d" * 300 + ".jsonl",
                      "examples/" + "e" * 255, "e" * 255, "\x00", "..", "~root", "\n", "%s%n", "\u202e"]),
@@ -286,3 +291,172 @@ def test_the_cli_never_raises_out_on_deep_json(tmp_path, volume, depth):
     assert out.returncode not in (0,) and "Traceback" not in out.stderr, out.stderr[-2000:]
     final = json.loads(out.stdout.strip().splitlines()[-1])
     assert final["type"] == "error" and final["code"] == errors.INVALID_INPUT and "nested" in (final["message"] + str(final["details"]))
+
+
+# ------------------------------------------------- every path option, odd values only
+def _path_option_names() -> list[str]:
+    """Every option the security table says names a place (a model, dataset, file, Hub repo or code)."""
+    from finetune_worker.checks.options import CLASSIFIED, Kind
+
+    kinds = (Kind.MODEL, Kind.DATA, Kind.READ, Kind.TEMPLATE, Kind.HUB, Kind.FILE_NAME, Kind.WORKER, Kind.CODE)
+    return sorted(name for name, kind in CLASSIFIED.items() if kind in kinds)
+
+
+MAPPING_OPTIONS = ("overrides_of_model_kwargs", "overrides_of_model_config", "bnb_config_kwargs", "model_quantization_config_kwargs",
+                   "processor_kwargs", "trl.generation_kwargs", "deepspeed")
+MAPPING_PATH_KEYS = ("cache_dir", "offload_folder", "pretrained_model_name_or_path", "nvme_path", "output_file", "log_dir", "my_path")
+# One place each, drawn evenly: every path option, each dataset list's location fields, the eval dataset, mapping options.
+PATH_PLACES = st.sampled_from(
+    [("option", name) for name in [*_path_option_names(), "cache_dir"]]
+    + [("dataset", key, field) for key in ("datasets", "test_datasets", "pretraining_dataset")
+       for field in ("path", "data_files", "chat_template_jinja", "input_transform", "type")]
+    + [("evaluation",)]
+    + [("mapping", option) for option in MAPPING_OPTIONS]
+)
+PATHISH = st.one_of(NASTY, ODD_TEXT, st.builds(lambda a, b: f"{a}/{b}", st.sampled_from(["data", "examples", "outside-link", "..", ""]), ODD_TEXT))
+PATH_VALUE = st.one_of(PATHISH, PATHISH, ODD_VALUE, st.lists(PATHISH, min_size=1, max_size=2))
+
+
+def place(where: tuple, value, mapping_key: tuple[str, bool] = ("cache_dir", False)) -> dict:
+    """A default job with `value` put at `where` (inside a mapping option: under `mapping_key`'s key, nested a level deeper or not)."""
+    raw = job()
+    args = raw["args"]
+    if where[0] == "option":
+        head, _, rest = where[1].partition(".")
+        if where[1].startswith("datasets."):
+            args["datasets"] = [{**args["datasets"][0], rest: value}]
+        else:
+            args[head] = {rest: value} if rest else value
+    elif where[0] == "dataset":
+        entry = {"path": "data/train.jsonl", "type": "alpaca", where[2]: value}
+        args[where[1]] = [entry]
+    elif where[0] == "evaluation":
+        raw["evaluation"] = {"dataset": {"path": value}}
+    else:
+        option, key, deeper = where[1], *mapping_key
+        head, _, rest = option.partition(".")
+        inner = {"nested": {key: value}} if deeper else {key: value}
+        args[head] = {rest: inner} if rest else inner
+    return raw
+
+
+def test_the_path_places_cover_the_options_the_audit_named():
+    names = set(_path_option_names())
+    assert {"deepspeed", "lm_eval_model", "tokenizer_config", "resume_from_checkpoint", "output_dir", "hub_model_id",
+            "axolotl_config_path", "plugins", "dynamic_checkpoint.trigger_file_path", "trackio_space_id",
+            "datasets.path", "datasets.data_files"} <= names
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(where=PATH_PLACES, value=PATH_VALUE, mapping_key=st.tuples(st.sampled_from(MAPPING_PATH_KEYS), st.booleans()))
+def test_fuzz_every_path_option_ends_with_a_named_code(worker_settings, where, value, mapping_key):
+    """Each place that names a file, directory, model, dataset or repo, given odd values:
+    validation and the plan accept the job or refuse it by name, never anything else."""
+    event(f"place: {where[0]}")
+    raw = place(where, value, mapping_key)
+    try:
+        valid = validate_job(raw, worker_settings, CPU_ONLY)
+        paths = run_paths(worker_settings.runs_dir, valid.job.user_id, valid.job.run_id)
+        plan = build_axolotl_config(valid.args, paths, worker_settings.cache_dir / "prepared", CPU_ONLY)
+    except JobError as error:
+        assert error.code in NAMED_REFUSALS, error
+        assert all(detail.encode() for detail in error.details)
+        return
+    event("accepted")
+    roots = make_roots(worker_settings.base_volume, worker_settings.examples_dir)
+    for key in ("datasets", "test_datasets", "pretraining_dataset"):
+        for entry in plan.config.get(key) or []:
+            for name in [entry.get("path")] + (entry.get("data_files") if isinstance(entry.get("data_files"), list) else [entry.get("data_files")]):
+                if isinstance(name, str) and name.startswith("/"):
+                    resolved = Path(name).resolve()
+                    assert roots.contains(resolved) or paths.run_dir.resolve() in resolved.parents, (key, name)
+
+
+# -------------------------------------- generated requests through the whole job and the CLI
+KNOWN_CODES = {value for name, value in vars(errors).items() if name.isupper() and isinstance(value, str)} - {errors.INTERNAL_ERROR}
+ANY_REQUEST = st.one_of(RAW, ODD_REQUEST)
+
+
+@pytest.fixture(scope="module")
+def fuzz_env(worker_settings) -> dict[str, str]:
+    from conftest import SECRET_ENV
+
+    base = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith(("FINETUNE_", "AXOLOTL_"))}
+    return {**base, "BASE_VOLUME": str(worker_settings.base_volume), "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1"}
+
+
+def refused_cheaply(raw, env: dict[str, str]):
+    """`raw` in preflight mode (never a training), or None when validation accepts it: an
+    accepted request would go on to load a model, which these tests leave to others."""
+    if isinstance(raw, dict) and raw.get("mode", "train") == "train":
+        raw = {**raw, "mode": "preflight"}
+    try:
+        validate_job(raw, WorkerSettings.from_env(env), CPU_ONLY)
+    except JobError:
+        return raw
+    return None
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(raw=ANY_REQUEST)
+def test_fuzz_refused_requests_end_the_whole_job_with_a_named_code(fuzz_env, raw):
+    """A job only ever ends with a named code, never internal_error, and its events are JSON."""
+    from conftest import collect
+
+    raw = refused_cheaply(raw, fuzz_env)
+    if raw is None:
+        event("accepted by validation: not run")
+        return
+    out = collect(raw, fuzz_env, CPU_ONLY)
+    final = out[-1]
+    event(f"ended: {final.get('code', final['type'])}")
+    assert final["type"] == "error" and final["code"] in KNOWN_CODES, final
+    assert [e for e in out if e["type"] in ("error", "result")] == [final]
+    json.dumps(out).encode()  # every event is JSON a client can read: no NaN object, no lone surrogate left
+
+
+JOB_FILE = st.one_of(
+    ANY_REQUEST.map(lambda raw: ("input", raw)),
+    ANY_REQUEST.map(lambda raw: ("bare", raw)),
+    st.binary(max_size=200).map(lambda data: ("bytes", data)),
+    st.text(alphabet=CHARS, max_size=200).map(lambda text: ("text", text)),
+)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(content=JOB_FILE, as_json=st.booleans())
+def test_fuzz_the_cli_returns_an_exit_code_and_never_raises(fuzz_env, tmp_path_factory, content, as_json):
+    """`finetune-worker run FILE` in-process on generated job files (refused ones: no model
+    loads), printing to a strict UTF-8 stdout as a terminal's is: an exit code, never a traceback."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    from finetune_worker.entry.cli import main
+
+    kind, value = content
+    job_file = tmp_path_factory.mktemp("job") / "job.json"
+    if kind in ("input", "bare"):
+        raw = refused_cheaply(value, fuzz_env)
+        if raw is None:
+            event("accepted by validation: not run")
+            return
+        try:
+            job_file.write_text(json.dumps({"input": raw} if kind == "input" else raw), encoding="utf-8", errors="surrogatepass")
+        except (RecursionError, ValueError):
+            event("not JSON-serialisable: not run")
+            return
+    elif kind == "bytes":
+        job_file.write_bytes(value)
+    else:
+        job_file.write_text(value, encoding="utf-8", errors="surrogatepass")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", line_buffering=True)
+    with mock.patch.dict(os.environ, fuzz_env, clear=True), contextlib.redirect_stdout(stdout):
+        code = main(["run", str(job_file), *(["--json"] if as_json else [])])
+    event(f"exit {code}")
+    assert isinstance(code, int) and code != 0
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode("utf-8")
+    if as_json and printed.strip():
+        final = json.loads(printed.strip().splitlines()[-1])
+        assert final["type"] == "error" and final["code"] in KNOWN_CODES, final

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import collect, make_job
-from finetune_worker.checks.validation import validate_job
+from finetune_worker.checks.validation import local_dataset_bytes, validate_job
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import REPO_ROOT, SettingsInvalid, WorkerSettings
@@ -21,7 +21,7 @@ from finetune_worker.run.redact import Redactor
 @pytest.fixture
 def limited_volume(tmp_path):
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 100)  # 3,700 bytes
+    (tmp_path / "data" / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 100)  # 3,600 bytes
     return tmp_path
 
 
@@ -55,6 +55,13 @@ def test_a_bad_limit_fails_clearly(name, value, volume, env):
         ("max_sequence_len", 128, {"sequence_len": 256}, "args.sequence_len"),
         ("max_sequence_len", 128, {"sequence_len": None}, "args.sequence_len"),  # Axolotl's default, 512
         ("max_lora_r", 8, {"lora_r": 16}, "args.lora_r"),
+        # numbers sent as strings: Axolotl's schema reads them as numbers, so the limits do too
+        ("max_steps", 10, {"max_steps": "50"}, "args.max_steps"),
+        ("max_steps", 10, {"max_steps": " 1_000 "}, "args.max_steps"),
+        ("max_sequence_len", 1024, {"sequence_len": "10000000"}, "args.sequence_len"),
+        ("max_sequence_len", 1024, {"sequence_len": 1e7}, "args.sequence_len"),
+        ("max_lora_r", 8, {"lora_r": "100000"}, "args.lora_r"),
+        ("max_lora_r", 8, {"adapter": "qlora", "lora_r": "16.0"}, "args.lora_r"),
         ("max_dataset_bytes", 1000, {}, "args.datasets"),
         ("max_dataset_bytes", 1000, {"datasets": [{"type": "alpaca", "rows": [{"instruction": "x" * 2000, "output": "y"}]}]}, "args.datasets"),
     ],
@@ -74,6 +81,35 @@ def test_a_job_within_the_limits_passes(limited_volume):
     settings = WorkerSettings(base_volume=limited_volume, examples_dir=REPO_ROOT / "examples", max_steps=50, max_sequence_len=256,
                               max_lora_r=16, max_dataset_bytes=10_000, max_hours=1)
     validate_job(job(), settings, CPU_ONLY)
+
+
+def test_numbers_sent_as_strings_reach_the_plan_as_numbers(limited_volume):
+    # Axolotl's schema reads "10" as 10; the worker's own estimates (disk, memory) do the arithmetic on the same values
+    from finetune_worker.checks.memory import estimate_gpu_memory
+    from finetune_worker.checks.resources import kept_checkpoints, lora_params
+
+    settings = WorkerSettings(base_volume=limited_volume, examples_dir=REPO_ROOT / "examples")
+    raw = job(max_steps="10", save_steps="5", micro_batch_size=" 2 ", sequence_len="256", lora_r="16.0", weight_decay="0.01")
+    args = validate_job(raw, settings, CPU_ONLY).args
+    assert (args["max_steps"], args["save_steps"], args["micro_batch_size"], args["sequence_len"], args["lora_r"], args["weight_decay"]) \
+        == (10, 5, 2, 256, 16, 0.01)
+    assert kept_checkpoints(args) == 2 and lora_params(args, None, 16_000) == 160
+    model_config = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 1000}
+    assert estimate_gpu_memory(args, model_config).total > 0
+
+
+def test_a_file_is_counted_once_towards_the_dataset_limit(limited_volume):
+    # a directory and its own data_files, and the same file in two lists (via a link): 3,600 bytes, not 14,400
+    (limited_volume / "data" / "link.jsonl").symlink_to(limited_volume / "data" / "train.jsonl")
+    settings = WorkerSettings(base_volume=limited_volume, examples_dir=REPO_ROOT / "examples", max_dataset_bytes=5000)
+    entry = {"path": "data", "data_files": ["data/train.jsonl"], "type": "alpaca", "ds_type": "json"}
+    raw = job(datasets=[entry], test_datasets=[{"path": "data/link.jsonl", "type": "alpaca", "ds_type": "json", "split": "train"}])
+    valid = validate_job(raw, settings, CPU_ONLY)
+    assert local_dataset_bytes(valid.args) == 3600
+    (limited_volume / "data" / "more.jsonl").write_text("x" * 2000)  # now the directory holds 5,600 bytes
+    with pytest.raises(JobError) as caught:
+        validate_job(raw, settings, CPU_ONLY)
+    assert any("5600 bytes" in d and "FINETUNE_MAX_DATASET_BYTES" in d for d in caught.value.details), caught.value.details
 
 
 def test_the_limits_are_reported_in_a_status_event(env):

@@ -74,6 +74,23 @@ def test_host_memory_oom_is_out_of_memory():
     assert diagnose(1, elastic, "training", None).code == errors.OUT_OF_MEMORY
 
 
+def test_a_dataloader_worker_killed_by_the_oom_killer_is_out_of_memory():
+    # torch's SIGCHLD handler (torch/csrc/DataLoader.cpp: "DataLoader worker (pid {}) is killed by signal: {}. ",
+    # the signal named by strsignal), then dataloader.py's own RuntimeError; the trainer itself exits 1.
+    tail = [
+        "RuntimeError: DataLoader worker (pid 4242) is killed by signal: Killed. ",
+        "",
+        "The above exception was the direct cause of the following exception:",
+        "RuntimeError: DataLoader worker (pid(s) 4242) exited unexpectedly",
+    ]
+    found = diagnose(1, tail, "training", None)
+    assert found.code == errors.OUT_OF_MEMORY, found
+    assert "DataLoader worker" in found.message and "dataloader_num_workers" in found.message and "RAM" in found.message
+    # another signal (a segfault in a worker) is not named as memory
+    assert diagnose(1, ["RuntimeError: DataLoader worker (pid 4242) is killed by signal: Segmentation fault. "], "training", None).code \
+        == errors.TRAINING_FAILED
+
+
 # The messages huggingface_hub and transformers raise, copied from their source in the venv.
 OFFLINE_LINES = [
     "huggingface_hub.errors.OfflineModeIsEnabled: Cannot reach https://huggingface.co/api/models/someone/not-cached-model/revision/main: "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from finetune_worker.checks.args import ArgsContext, check_args
@@ -53,6 +55,7 @@ def validate_job(
     if job is not None and job.num_processes and hardware.has_gpu and job.num_processes > hardware.gpu_count:
         arg_problems.append(Problem("num_processes", f"this worker has {hardware.gpu_count} GPU(s); use at most {hardware.gpu_count} processes, one per GPU"))
     if args:
+        args = with_numbers_as_axolotl_reads(args)
         arg_problems += limit_problems(args, settings)
     if job is not None and job.mode == GENERATE_MODE:
         problems = problems + generation_limit_problems(job, settings)
@@ -82,12 +85,12 @@ def limit_problems(args: dict[str, Any], settings: WorkerSettings) -> list[Probl
         if limit is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
             problems.append(Problem(where, f"{value}{what} is over this worker's limit of {limit} ({name})"))
 
-    over("args.max_steps", args.get("max_steps"), settings.max_steps, "FINETUNE_MAX_STEPS")
+    over("args.max_steps", as_axolotl_reads("max_steps", args.get("max_steps")), settings.max_steps, "FINETUNE_MAX_STEPS")
     sequence_len = args.get("sequence_len")
-    over("args.sequence_len", AXOLOTL_DEFAULT_SEQUENCE_LEN if sequence_len is None else sequence_len, settings.max_sequence_len,
-         "FINETUNE_MAX_SEQUENCE_LEN", " (Axolotl's default)" if sequence_len is None else "")
+    over("args.sequence_len", AXOLOTL_DEFAULT_SEQUENCE_LEN if sequence_len is None else as_axolotl_reads("sequence_len", sequence_len),
+         settings.max_sequence_len, "FINETUNE_MAX_SEQUENCE_LEN", " (Axolotl's default)" if sequence_len is None else "")
     if args.get("adapter") in ("lora", "qlora"):
-        over("args.lora_r", args.get("lora_r"), settings.max_lora_r, "FINETUNE_MAX_LORA_R")
+        over("args.lora_r", as_axolotl_reads("lora_r", args.get("lora_r")), settings.max_lora_r, "FINETUNE_MAX_LORA_R")
     if settings.max_dataset_bytes is not None:
         total = local_dataset_bytes(args)
         if total > settings.max_dataset_bytes:
@@ -112,30 +115,77 @@ def generation_limit_problems(job: JobInput, settings: WorkerSettings) -> list[P
     return problems
 
 
+def as_axolotl_reads(key: str, value: Any) -> Any:
+    """`value` as Axolotl's schema will read option `key` ("100000" -> 100000, 1e7 -> 10000000);
+    unchanged when the schema would refuse it (the args check reports that)."""
+    if value is None or isinstance(value, bool):
+        return value
+    from pydantic import ValidationError
+
+    try:
+        read = _option_adapter(key).validate_python(value)
+    except (ValidationError, ValueError, TypeError, RecursionError):
+        return value
+    return value if isinstance(read, float) and not math.isfinite(read) else read  # "nan" stays a string: events stay JSON
+
+
+def with_numbers_as_axolotl_reads(args: dict[str, Any]) -> dict[str, Any]:
+    """`args` with each numeric option sent as a string ("10", " 2 ", "1e-4") replaced by the
+    number Axolotl's schema reads from it, so the worker's limits and estimates see that number."""
+    numeric = _numeric_options()
+    return {key: as_axolotl_reads(key, value) if isinstance(value, str) and key in numeric else value for key, value in args.items()}
+
+
+@cache
+def _numeric_options() -> frozenset[str]:
+    """Axolotl's top-level options whose type holds only numbers (and None)."""
+    from finetune_worker.checks import axolotl_schema
+    from finetune_worker.checks.options import _leaves
+
+    numbers = (int, float, type(None))
+    return frozenset(
+        name for name, info in axolotl_schema.input_config_model().model_fields.items()
+        if (leaves := _leaves(info.annotation)) and all(leaf in numbers for leaf in leaves) and (int in leaves or float in leaves)
+    )
+
+
+@cache
+def _option_adapter(key: str) -> Any:
+    from pydantic import TypeAdapter
+
+    from finetune_worker.checks import axolotl_schema
+
+    return TypeAdapter(axolotl_schema.input_config_model().model_fields[key].annotation)
+
+
 def local_dataset_bytes(args: dict[str, Any]) -> int:
-    """The size of the datasets' local files (a directory: every file in it) and inline rows."""
+    """The size of the datasets' local files (a directory: every file in it) and inline rows.
+    Each file counts once, however many entries name it (a directory and its own data_files,
+    one file in two lists, a link and its target)."""
     import json
     from pathlib import Path
 
     total = 0
+    files: dict[Path, int] = {}  # resolved file -> size
     for key in ("datasets", "test_datasets", "pretraining_dataset"):
         for entry in args.get(key) or []:
             if not isinstance(entry, dict):
                 continue
             if isinstance(entry.get("rows"), list):
                 total += len(json.dumps(entry["rows"]))
-            files = entry.get("data_files")
-            names = [entry.get("path")] + (files if isinstance(files, list) else [files])
+            data_files = entry.get("data_files")
+            names = [entry.get("path")] + (data_files if isinstance(data_files, list) else [data_files])
             for name in {n for n in names if isinstance(n, str) and n.startswith("/")}:
                 path = Path(name)
                 try:
-                    if path.is_file():
-                        total += path.stat().st_size
-                    elif path.is_dir():
-                        total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-                except OSError:
+                    found = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
+                    for file in found:
+                        real = file.resolve()
+                        if real not in files:
+                            files[real] = real.stat().st_size
+                except (OSError, ValueError, RuntimeError):
                     continue
-    return total
+    return total + sum(files.values())
 
 
 def _evaluation_problems(job: JobInput, roots) -> list[Problem]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import json.scanner
@@ -108,7 +109,10 @@ def download(url: str, dest: Path, where: str, rules: DownloadRules, cancel: Can
         failure = JobError(errors.DATASET_ERROR, f"{where}.path: downloading {shown} failed: HTTP {exc.code} {exc.reason}")
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", None)
-        if isinstance(reason, Refused):  # raised while connecting: urllib wraps it
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # writing `partial`, not the network
+            failure = JobError(errors.DISK_FULL, f"{where}.path: the volume filled up while downloading {shown} (No space left on device); "
+                               "free space or use a larger volume")
+        elif isinstance(reason, Refused):  # raised while connecting: urllib wraps it
             failure = _refused(where, shown, guard, reason)
         elif guard.remaining() <= 0:
             failure = _too_slow(where, shown, rules.deadline_s)

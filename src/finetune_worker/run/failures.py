@@ -78,6 +78,12 @@ LOG_PATTERNS: list[tuple[re.Pattern, Diagnosis]] = [
         Diagnosis(errors.OUT_OF_MEMORY, "a training process was killed by SIGKILL, most likely because the machine ran out of RAM (host memory); "
                   "lower micro_batch_size, sequence_len or dataloader_num_workers, or use a worker with more memory"),
     ),
+    (
+        # torch's DataLoader: a worker process killed by SIGKILL (strsignal: "Killed"), as the kernel's OOM killer does
+        re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: Killed"),
+        Diagnosis(errors.OUT_OF_MEMORY, "a DataLoader worker process was killed by SIGKILL, most likely because the machine ran out of RAM "
+                  "(host memory); lower dataloader_num_workers (or set it to 0), micro_batch_size or sequence_len, or use a worker with more memory"),
+    ),
 ]
 
 HOST_OOM = Diagnosis(
