@@ -212,3 +212,27 @@ def test_cuda_only_plugins_are_adapted_on_cpu_not_refused(tiny, ctx):
     """On CPU the plan removes Liger (with its options); the check must not refuse it first."""
     args = tiny_args(tiny, plugins=[LIGER], liger_rms_norm=True)
     assert problems(args, ctx) == []
+
+
+A100 = Hardware(gpu_count=1, gpu_names=("NVIDIA A100-SXM4-80GB",), gpu_memory_bytes=(80 * 2**30,), bf16=True, compute_capability=(8, 0))
+H100 = Hardware(gpu_count=1, gpu_names=("NVIDIA H100 80GB HBM3",), gpu_memory_bytes=(80 * 2**30,), bf16=True, compute_capability=(9, 0))
+
+
+def test_axolotl_checks_the_config_with_this_gpus_capabilities(tiny, volume):
+    """`axolotl train` passes the GPU's capabilities to Axolotl's validation: fp8 needs
+    Hopper (sm_90), so an A100 worker refuses it up front, as the training would."""
+    args = tiny_args(tiny, fp8=True)
+    on = lambda hardware: problems(args, ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples"), hardware=hardware))  # noqa: E731
+    assert "args: fp8 requested, but fp8 is not supported on this GPU" in on(A100)
+    assert not [p for p in on(H100) if "fp8 is not supported" in p]
+
+
+def test_capabilities_are_those_axolotl_computes():
+    from finetune_worker.checks.axolotl_schema import capabilities
+
+    gpu, env = capabilities(A100)
+    assert gpu == {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_80"}
+    assert env["torch_version"] and "+" not in env["torch_version"]
+    assert capabilities(H100, processes=4)[0]["n_gpu"] == 4 and capabilities(H100)[0]["fp8"] is True
+    # Where CUDA is unavailable Axolotl finds no bf16, fp8, tf32 nor compute capability.
+    assert capabilities(CPU_ONLY)[0] == {"bf16": False, "fp8": False, "tf32": False, "n_gpu": 1, "compute_capability": None}

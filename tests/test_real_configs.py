@@ -11,6 +11,7 @@ on; and Axolotl's own validation, plugins registered, accepts the final planned 
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 
@@ -122,7 +123,7 @@ def test_the_corpus_is_large_and_axolotl_accepts_every_config():
     assert len(CORPUS) >= 40
     rejected = {name: problems for name, args in CORPUS.items() if (problems := axolotl_schema.schema_problems(
         {k: v for k, v in args.items() if k not in ("debug", "strict", "gptq_groupsize", "eval_table_max_new_tokens",
-                                                    "safe_serialization", "rl_adapter_ref_model")}, _plugins(args)))}
+                                                    "safe_serialization", "rl_adapter_ref_model")}, _plugins(args), H100))}
     assert rejected == {}
 
 
@@ -142,7 +143,7 @@ def plan_on(args: dict, hardware: Hardware, tmp_path):
     valid = validate_job(raw, settings, hardware)
     plan = build_axolotl_config(valid.args, run_paths(settings.runs_dir, "corpus", "r"), tmp_path / "prepared", hardware, Tracking())
     speedups = Speedups(flash_attn=True, liger=True, model_type=model_type(args["base_model"]))
-    apply_fast_defaults(plan.config, hardware, speedups, validate=_planned_config_problems)
+    apply_fast_defaults(plan.config, hardware, speedups, validate=functools.partial(_planned_config_problems, hardware=hardware))
     return valid, plan
 
 
@@ -155,5 +156,5 @@ def test_the_worker_accepts_what_axolotl_accepts(name, hardware, tmp_path):
         if hardware is CPU_ONLY and all(any(r in d for r in CPU_REFUSALS) for d in exc.details):
             return  # a documented refusal the user can act on (the message says what to use instead)
         raise AssertionError(f"{name} on {'GPU' if hardware.has_gpu else 'CPU'} refused: {exc.details}") from None
-    final = _planned_config_problems(plan.config)
+    final = _planned_config_problems(plan.config, hardware)
     assert final == [], f"Axolotl refuses the worker's final config for {name}: {final}"

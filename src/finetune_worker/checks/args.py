@@ -83,7 +83,7 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     problems += combination_problems(args, ctx.hardware.has_gpu)
     problems += _publish_problems(args)
     if not any(p.path in ("args.datasets", "args.plugins") for p in problems):
-        problems += _schema_problems(args, {loc for loc, _ in bad_datasets})
+        problems += _schema_problems(args, {loc for loc, _ in bad_datasets}, ctx.hardware)
     return args, problems
 
 
@@ -463,8 +463,9 @@ def _without_inline_rows(entry: Any) -> Any:
 PLACEHOLDER_DATASET = {"path": "placeholder/dataset", "type": "alpaca"}
 
 
-def _schema_problems(args: dict, bad_datasets: set[tuple[str, int]]) -> list[Problem]:
-    """Axolotl's validation over the config, minus dataset entries already reported."""
+def _schema_problems(args: dict, bad_datasets: set[tuple[str, int]], hardware: Hardware) -> list[Problem]:
+    """Axolotl's validation over the config with this worker's GPU capabilities, minus
+    dataset entries already reported."""
     candidate = {k: v for k, v in args.items() if k not in WORKER_OWNED_KEYS and k not in WORKER_READ_KEYS}
     for key, entries in list(candidate.items()):
         if key in DATASET_LIST_KEYS and isinstance(entries, list):
@@ -474,4 +475,4 @@ def _schema_problems(args: dict, bad_datasets: set[tuple[str, int]]) -> list[Pro
         candidate[key][index] = dict(PLACEHOLDER_DATASET)
     reported = tuple(f"args.{key}[{index}]" for key, index in bad_datasets)
     plugins = _loadable_plugins(args)  # others are reported already
-    return [p for p in axolotl_schema.schema_problems(candidate, plugins) if not p.path.startswith(reported)]
+    return [p for p in axolotl_schema.schema_problems(candidate, plugins, hardware) if not p.path.startswith(reported)]
