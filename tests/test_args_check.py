@@ -236,3 +236,54 @@ def test_capabilities_are_those_axolotl_computes():
     assert capabilities(H100, processes=4)[0]["n_gpu"] == 4 and capabilities(H100)[0]["fp8"] is True
     # Where CUDA is unavailable Axolotl finds no bf16, fp8, tf32 nor compute capability.
     assert capabilities(CPU_ONLY)[0] == {"bf16": False, "fp8": False, "tf32": False, "n_gpu": 1, "compute_capability": None}
+
+
+def checked_with_notes(args, ctx):
+    ctx.notes.clear()
+    checked, found = check_args(args, ctx)
+    return checked, [str(p) for p in found], list(ctx.notes)
+
+
+@pytest.mark.parametrize("typo", [{"lora_dropuot": 0}, {"warmup_step": 0}, {"lora_dropuot": 0.0}])
+def test_a_misspelt_option_set_to_zero_is_reported_not_dropped(tiny, ctx, typo):
+    (key,) = typo
+    checked, found, notes = checked_with_notes(tiny_args(tiny, **typo), ctx)
+    assert [p for p in found if p.startswith(f"args.{key}: unknown option; did you mean '")] and key in checked
+    assert notes == []
+
+
+@pytest.mark.parametrize(("key", "hint"), [("epochs", "num_epochs"), ("context_parapllel_size", "context_parallel_size")])
+def test_unknown_options_get_a_hint(tiny, ctx, key, hint):
+    _, found, _ = checked_with_notes(tiny_args(tiny, **{key: 2}), ctx)
+    assert f"args.{key}: unknown option; did you mean '{hint}'? (Axolotl would silently ignore it)" in found
+
+
+def test_no_misleading_hint_for_options_without_a_near_name(tiny, ctx):
+    _, found, notes = checked_with_notes(tiny_args(tiny, train_on_split="train", sample_packing_seq_len_multiplier=2), ctx)
+    assert found == ["args.train_on_split: unknown option (Axolotl would silently ignore it)"]
+    assert notes == ["args.sample_packing_seq_len_multiplier is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"]
+
+
+@pytest.mark.parametrize(("extra", "note"), [
+    ({"debug": None}, "args.debug is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
+    ({"gptq_model_v1": True}, "args.gptq_model_v1 is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
+    ({"eta_min": 1e-6}, "args.eta_min is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
+    ({"adam_eps": 1e-8}, "args.adam_eps is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
+    ({"test_value": True}, "args.test_value is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
+    ({"lora_dropuot": None}, "args.lora_dropuot is empty (null, false or empty); Axolotl 0.19 ignores it, so it is dropped"),
+    ({"cut_cross_entropy": False}, "args.cut_cross_entropy is off and belongs to the plugin "
+                                   "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin, which plugins does not list; "
+                                   "Axolotl 0.19 ignores it, so it is dropped"),
+])
+def test_ignored_options_are_dropped_with_a_note(tiny, ctx, extra, note):
+    checked, found, notes = checked_with_notes(tiny_args(tiny, **extra), ctx)
+    assert found == [] and notes == [note] and not set(extra) & set(checked)
+
+
+def test_cut_cross_entropy_without_its_plugin_says_to_add_the_plugin(tiny, ctx):
+    checked, found, notes = checked_with_notes(tiny_args(tiny, cut_cross_entropy=True, bf16=True), ctx)
+    assert found == ["args.cut_cross_entropy: needs its plugin, which Axolotl loads only when listed: add plugins: "
+                     "[axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin] (without it Axolotl would silently ignore the option), "
+                     "or remove it"]
+    assert notes == []
+

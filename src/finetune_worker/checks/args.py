@@ -232,8 +232,11 @@ LEGACY_OPTIONS = frozenset({
     "debug", "strict", "gptq_groupsize", "gptq_model_v1", "eta_min", "adam_eps", "eval_table_max_new_tokens",
     "safe_serialization", "test_value", "rl_adapter_ref_model", "landmark_attention", "xpos_rope",
     "sample_packing_seq_len_multiplier", "use_reentrant", "pretraining_dataset_streaming", "mpt_alibi",
-    "chat_template_strategy", "cut_cross_entropy", "flash_optimum", "dataset_keep_in_memory",
+    "chat_template_strategy", "flash_optimum", "dataset_keep_in_memory",
 })
+# Options of an Axolotl integration, known only with its plugin listed in `plugins`
+# (without it Axolotl ignores them): the plugin each one needs.
+PLUGIN_OPTIONS = {"cut_cross_entropy": "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"}
 # Names users bring from other trainers, and what Axolotl calls them.
 OPTION_ALIASES = {
     "epochs": "num_epochs", "lr": "learning_rate", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
@@ -243,15 +246,30 @@ OPTION_ALIASES = {
 }
 
 
+def _is_empty(value: Any) -> bool:
+    """null, false, or an empty string, list or object: the same as leaving the option
+    out. Not 0 or 0.0 (`lora_dropuot: 0` is a typo to report, not an empty value)."""
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
+
+
 def _drop_ignored_options(args: dict, notes: list[str]) -> None:
-    """Empty values and options of earlier Axolotl releases: dropped from `args`, with a note."""
+    """Unknown options that are empty, options of earlier Axolotl releases, and a
+    plugin's option turned off without its plugin: dropped from `args`, with a note."""
     known = axolotl_schema.known_keys(_loadable_plugins(args)) | WORKER_READ_KEYS
     for key in [k for k in args if k not in known]:
         value = args[key]
-        if value in (None, False, "", [], {}) or key in LEGACY_OPTIONS and key not in OPTION_ALIASES:
-            del args[key]
-            why = "is empty" if value in (None, False, "", [], {}) else "is an option of earlier Axolotl releases"
-            notes.append(f"args.{key} {why} and Axolotl 0.19 ignores it; dropped")
+        if key in PLUGIN_OPTIONS:
+            if not _is_empty(value):
+                continue  # reported: it needs its plugin
+            why = f"is off and belongs to the plugin {PLUGIN_OPTIONS[key]}, which plugins does not list"
+        elif key in LEGACY_OPTIONS:
+            why = "is an option of earlier Axolotl releases"
+        elif _is_empty(value):
+            why = "is empty (null, false or empty)"
+        else:
+            continue
+        del args[key]
+        notes.append(f"args.{key} {why}; Axolotl 0.19 ignores it, so it is dropped")
 
 
 def _unknown_key_problems(args: dict) -> list[Problem]:
@@ -259,6 +277,10 @@ def _unknown_key_problems(args: dict) -> list[Problem]:
     known = axolotl_schema.known_keys(_loadable_plugins(args)) | WORKER_READ_KEYS
     problems = []
     for key in [k for k in args if k not in known]:
+        if key in PLUGIN_OPTIONS:
+            problems.append(Problem(f"args.{key}", f"needs its plugin, which Axolotl loads only when listed: add plugins: [{PLUGIN_OPTIONS[key]}] "
+                                    "(without it Axolotl would silently ignore the option), or remove it"))
+            continue
         hint = f"; did you mean '{OPTION_ALIASES[key]}'?" if key in OPTION_ALIASES else suggest(key, sorted(known))
         problems.append(Problem(f"args.{key}", f"unknown option{hint} (Axolotl would silently ignore it)"))
     return problems
