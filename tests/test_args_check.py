@@ -287,3 +287,20 @@ def test_cut_cross_entropy_without_its_plugin_says_to_add_the_plugin(tiny, ctx):
                      "or remove it"]
     assert notes == []
 
+
+def test_hub_data_files_are_file_names_inside_the_repo_and_come_back_unchanged(tiny, ctx):
+    files = ["data/train-00000.jsonl", "data/train-00001.jsonl"]
+    args = tiny_args(tiny, datasets=[{"path": "my-org/mixed-data", "data_files": files, "type": "alpaca"},
+                                     {"path": "my-org/one-file", "data_files": "train.jsonl", "type": "alpaca"}])
+    checked, found = check_args(args, ctx)
+    assert found == []
+    assert checked["datasets"][0]["data_files"] == files and checked["datasets"][1]["data_files"] == "train.jsonl"
+    assert checked["datasets"][0]["path"] == "my-org/mixed-data"
+
+
+@pytest.mark.parametrize("value", ["../x.jsonl", "data/../../x.jsonl", "/x.jsonl", "/etc/passwd"])
+def test_a_hub_data_file_outside_its_repo_is_refused(tiny, ctx, value):
+    args = tiny_args(tiny, datasets=[{"path": "my-org/mixed-data", "data_files": ["ok.jsonl", value], "type": "alpaca"}])
+    assert problems(args, ctx) == ["args.datasets[0].data_files[1]: must be a relative file name inside the Hub dataset repo "
+                                   "my-org/mixed-data (e.g. data/train.jsonl)"]
+
