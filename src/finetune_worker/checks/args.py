@@ -70,7 +70,7 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     `*_problems` checks)."""
     args = copy.deepcopy(args)
     problems: list[Problem] = []
-    problems += resolve_presets(args, ctx.notes)
+    problems += resolve_presets(args, ctx.notes, own_file=lambda value: _own_file(value, ctx.roots))
     problems += _shape_problems(args)
     bad_datasets = _dataset_problems(args) + _resolve_dataset_paths(args, ctx)
     problems += [p for _, p in sorted(bad_datasets, key=lambda found: (DATASET_LIST_KEYS.index(found[0][0]), found[0][1]))]
@@ -427,6 +427,14 @@ def _mapping_problems(value: Any, where: str, ctx: ArgsContext) -> list[Problem]
         for index, item in enumerate(value):
             problems.extend(_mapping_problems(item, f"{where}[{index}]", ctx))
     return problems
+
+
+def _own_file(value: str, roots: PathRoots) -> bool:
+    """Whether `value` names a file the job may read (the user's, on the volume)."""
+    try:
+        return Path(resolve_inside(value, roots)).is_file()
+    except PathRejected:
+        return False
 
 
 def _exists(value: str) -> bool:
