@@ -304,3 +304,20 @@ def test_a_hub_data_file_outside_its_repo_is_refused(tiny, ctx, value):
     assert problems(args, ctx) == ["args.datasets[0].data_files[1]: must be a relative file name inside the Hub dataset repo "
                                    "my-org/mixed-data (e.g. data/train.jsonl)"]
 
+
+@pytest.mark.parametrize(("qat", "path", "dtype"), [
+    ({"weight_dtype": "nvfp4", "activation_dtype": "int8"}, "args.qat.weight_dtype", "nvfp4"),
+    ({"weight_dtype": "mxfp4"}, "args.qat.weight_dtype", "mxfp4"),
+    ({"weight_dtype": "int8", "activation_dtype": "fp8", "group_size": 32}, "args.qat.activation_dtype", "fp8"),
+])
+def test_low_precision_qat_is_refused_on_cpu_with_what_to_do(tiny, ctx, qat, path, dtype):
+    args = tiny_args(tiny, qat=qat)
+    del args["adapter"]
+    assert f"{path}: {dtype} fake quantisation needs a CUDA GPU (torchao's low-precision kernels) and this worker has none; " \
+           "remove qat, or run on a GPU worker" in problems(args, ctx)
+
+
+def test_context_parallel_is_refused_on_cpu_with_what_to_do(tiny, ctx):
+    found = problems(tiny_args(tiny, context_parallel_size=2, micro_batch_size=1), ctx)
+    assert "args.context_parallel_size: context parallelism splits each sequence across GPUs (ring-flash-attention) and this worker " \
+           "has none; remove context_parallel_size, or run on a GPU worker with at least 2 GPUs" in found

@@ -181,3 +181,12 @@ def test_the_users_own_file_at_an_axolotl_deepspeed_path_is_used_not_the_preset(
     checked, problems = check_args(hub_args(deepspeed="deepspeed_configs/zero2.json"), ctx)
     assert problems == [] and checked["deepspeed"] == str(own.resolve()) and ctx.notes == []
 
+
+def test_deepspeed_and_fsdp_on_cpu_say_what_to_do(volume):
+    from finetune_worker.run.hardware import CPU_ONLY
+
+    ctx = ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples"), hardware=CPU_ONLY)
+    for extra, path in (({"deepspeed": "zero2"}, "args.deepspeed"), ({"fsdp_config": "full_shard"}, "args.fsdp_config")):
+        _, problems = check_args(hub_args(**extra), ctx)
+        assert [str(p) for p in problems if p.path == path] == [
+            f"{path}: DeepSpeed and FSDP need CUDA GPUs and this worker has none; remove deepspeed / fsdp_config, or run on a GPU worker"]

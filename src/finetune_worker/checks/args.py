@@ -51,6 +51,8 @@ QUANTISED_LOADING = {
     "gptq": ("GPTQ", "GPTQ kernels"),
 }
 NO_GPU_FIX = "use adapter: lora without quantised loading, or run on a GPU worker"
+# QAT dtypes (qat.weight_dtype / qat.activation_dtype) whose fake quantisation runs only on CUDA.
+GPU_QAT_DTYPES = frozenset({"fp8", "float8", "float8_e4m3fn", "nvfp4", "mxfp4"})
 
 
 @dataclass(frozen=True)
@@ -478,6 +480,17 @@ def _hardware_problems(args: dict, hardware: Hardware) -> list[Problem]:
     ]
     if args.get("adapter") == "qlora":
         problems.append(Problem("args.adapter", f"qlora needs a CUDA GPU and this worker has none; {NO_GPU_FIX}"))
+    qat = args.get("qat")
+    if isinstance(qat, dict):
+        for key in ("weight_dtype", "activation_dtype"):
+            if isinstance(qat.get(key), str) and qat[key] in GPU_QAT_DTYPES:
+                problems.append(Problem(f"args.qat.{key}", f"{qat[key]} fake quantisation needs a CUDA GPU (torchao's low-precision kernels) "
+                                        "and this worker has none; remove qat, or run on a GPU worker"))
+    for key in ("context_parallel_size", "sequence_parallel_degree"):
+        size = args.get(key)
+        if isinstance(size, int) and not isinstance(size, bool) and size > 1:
+            problems.append(Problem(f"args.{key}", "context parallelism splits each sequence across GPUs (ring-flash-attention) and this "
+                                    f"worker has none; remove {key}, or run on a GPU worker with at least {size} GPUs"))
     return problems
 
 

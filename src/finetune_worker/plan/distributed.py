@@ -107,7 +107,8 @@ def combination_problems(args: dict[str, Any], has_gpu: bool) -> list[Problem]:
     if stage == 3 and args.get("load_in_8bit"):
         problems.append(Problem("args.load_in_8bit", "ZeRO-3 cannot shard 8-bit weights; use deepspeed: zero2, or adapter: qlora with load_in_4bit"))
     if (args.get("deepspeed") or sharded_fsdp) and not has_gpu:
-        problems.append(Problem("args.deepspeed" if args.get("deepspeed") else "args.fsdp_config", "DeepSpeed and FSDP need CUDA GPUs and this worker has none"))
+        problems.append(Problem("args.deepspeed" if args.get("deepspeed") else "args.fsdp_config",
+                                "DeepSpeed and FSDP need CUDA GPUs and this worker has none; remove deepspeed / fsdp_config, or run on a GPU worker"))
     return problems
 
 
