@@ -212,3 +212,112 @@ def test_cuda_only_plugins_are_adapted_on_cpu_not_refused(tiny, ctx):
     """On CPU the plan removes Liger (with its options); the check must not refuse it first."""
     args = tiny_args(tiny, plugins=[LIGER], liger_rms_norm=True)
     assert problems(args, ctx) == []
+
+
+A100 = Hardware(gpu_count=1, gpu_names=("NVIDIA A100-SXM4-80GB",), gpu_memory_bytes=(80 * 2**30,), bf16=True, compute_capability=(8, 0))
+H100 = Hardware(gpu_count=1, gpu_names=("NVIDIA H100 80GB HBM3",), gpu_memory_bytes=(80 * 2**30,), bf16=True, compute_capability=(9, 0))
+
+
+def test_axolotl_checks_the_config_with_this_gpus_capabilities(tiny, volume):
+    """`axolotl train` passes the GPU's capabilities to Axolotl's validation: fp8 needs
+    Hopper (sm_90), so an A100 worker refuses it up front, as the training would."""
+    args = tiny_args(tiny, fp8=True)
+    on = lambda hardware: problems(args, ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples"), hardware=hardware))  # noqa: E731
+    assert "args: fp8 requested, but fp8 is not supported on this GPU" in on(A100)
+    assert not [p for p in on(H100) if "fp8 is not supported" in p]
+
+
+def test_capabilities_are_those_axolotl_computes():
+    from finetune_worker.checks.axolotl_schema import capabilities
+
+    gpu, env = capabilities(A100)
+    assert gpu == {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_80"}
+    assert env["torch_version"] and "+" not in env["torch_version"]
+    assert capabilities(H100, processes=4)[0]["n_gpu"] == 4 and capabilities(H100)[0]["fp8"] is True
+    # Where CUDA is unavailable Axolotl finds no bf16, fp8, tf32 nor compute capability.
+    assert capabilities(CPU_ONLY)[0] == {"bf16": False, "fp8": False, "tf32": False, "n_gpu": 1, "compute_capability": None}
+
+
+def checked_with_notes(args, ctx):
+    ctx.notes.clear()
+    checked, found = check_args(args, ctx)
+    return checked, [str(p) for p in found], list(ctx.notes)
+
+
+@pytest.mark.parametrize("typo", [{"lora_dropuot": 0}, {"warmup_step": 0}, {"lora_dropuot": 0.0}])
+def test_a_misspelt_option_set_to_zero_is_reported_not_dropped(tiny, ctx, typo):
+    (key,) = typo
+    checked, found, notes = checked_with_notes(tiny_args(tiny, **typo), ctx)
+    assert [p for p in found if p.startswith(f"args.{key}: unknown option; did you mean '")] and key in checked
+    assert notes == []
+
+
+@pytest.mark.parametrize(("key", "hint"), [("epochs", "num_epochs"), ("context_parapllel_size", "context_parallel_size")])
+def test_unknown_options_get_a_hint(tiny, ctx, key, hint):
+    _, found, _ = checked_with_notes(tiny_args(tiny, **{key: 2}), ctx)
+    assert f"args.{key}: unknown option; did you mean '{hint}'? (Axolotl would silently ignore it)" in found
+
+
+def test_no_misleading_hint_for_options_without_a_near_name(tiny, ctx):
+    _, found, notes = checked_with_notes(tiny_args(tiny, train_on_split="train", sample_packing_seq_len_multiplier=2), ctx)
+    assert found == ["args.train_on_split: unknown option (Axolotl would silently ignore it)"]
+    assert notes == ["args.sample_packing_seq_len_multiplier is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"]
+
+
+@pytest.mark.parametrize(("extra", "note"), [
+    ({"debug": None}, "args.debug is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
+    ({"gptq_model_v1": True}, "args.gptq_model_v1 is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
+    ({"eta_min": 1e-6}, "args.eta_min is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
+    ({"adam_eps": 1e-8}, "args.adam_eps is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
+    ({"test_value": True}, "args.test_value is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
+    ({"lora_dropuot": None}, "args.lora_dropuot is empty (null, false or empty); Axolotl 0.19 ignores it, so it is dropped"),
+    ({"cut_cross_entropy": False}, "args.cut_cross_entropy is off and belongs to the plugin "
+                                   "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin, which plugins does not list; "
+                                   "Axolotl 0.19 ignores it, so it is dropped"),
+])
+def test_ignored_options_are_dropped_with_a_note(tiny, ctx, extra, note):
+    checked, found, notes = checked_with_notes(tiny_args(tiny, **extra), ctx)
+    assert found == [] and notes == [note] and not set(extra) & set(checked)
+
+
+def test_cut_cross_entropy_without_its_plugin_says_to_add_the_plugin(tiny, ctx):
+    checked, found, notes = checked_with_notes(tiny_args(tiny, cut_cross_entropy=True, bf16=True), ctx)
+    assert found == ["args.cut_cross_entropy: needs its plugin, which Axolotl loads only when listed: add plugins: "
+                     "[axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin] (without it Axolotl would silently ignore the option), "
+                     "or remove it"]
+    assert notes == []
+
+
+def test_hub_data_files_are_file_names_inside_the_repo_and_come_back_unchanged(tiny, ctx):
+    files = ["data/train-00000.jsonl", "data/train-00001.jsonl"]
+    args = tiny_args(tiny, datasets=[{"path": "my-org/mixed-data", "data_files": files, "type": "alpaca"},
+                                     {"path": "my-org/one-file", "data_files": "train.jsonl", "type": "alpaca"}])
+    checked, found = check_args(args, ctx)
+    assert found == []
+    assert checked["datasets"][0]["data_files"] == files and checked["datasets"][1]["data_files"] == "train.jsonl"
+    assert checked["datasets"][0]["path"] == "my-org/mixed-data"
+
+
+@pytest.mark.parametrize("value", ["../x.jsonl", "data/../../x.jsonl", "/x.jsonl", "/etc/passwd"])
+def test_a_hub_data_file_outside_its_repo_is_refused(tiny, ctx, value):
+    args = tiny_args(tiny, datasets=[{"path": "my-org/mixed-data", "data_files": ["ok.jsonl", value], "type": "alpaca"}])
+    assert problems(args, ctx) == ["args.datasets[0].data_files[1]: must be a relative file name inside the Hub dataset repo "
+                                   "my-org/mixed-data (e.g. data/train.jsonl)"]
+
+
+@pytest.mark.parametrize(("qat", "path", "dtype"), [
+    ({"weight_dtype": "nvfp4", "activation_dtype": "int8"}, "args.qat.weight_dtype", "nvfp4"),
+    ({"weight_dtype": "mxfp4"}, "args.qat.weight_dtype", "mxfp4"),
+    ({"weight_dtype": "int8", "activation_dtype": "fp8", "group_size": 32}, "args.qat.activation_dtype", "fp8"),
+])
+def test_low_precision_qat_is_refused_on_cpu_with_what_to_do(tiny, ctx, qat, path, dtype):
+    args = tiny_args(tiny, qat=qat)
+    del args["adapter"]
+    assert f"{path}: {dtype} fake quantisation needs a CUDA GPU (torchao's low-precision kernels) and this worker has none; " \
+           "remove qat, or run on a GPU worker" in problems(args, ctx)
+
+
+def test_context_parallel_is_refused_on_cpu_with_what_to_do(tiny, ctx):
+    found = problems(tiny_args(tiny, context_parallel_size=2, micro_batch_size=1), ctx)
+    assert "args.context_parallel_size: context parallelism splits each sequence across GPUs (ring-flash-attention) and this worker " \
+           "has none; remove context_parallel_size, or run on a GPU worker with at least 2 GPUs" in found

@@ -149,3 +149,44 @@ def test_a_failing_rank_fails_the_job_with_its_log(tiny, env):
     final = events[-1]
     assert final["type"] == "error" and final["code"] != "internal_error", final
     assert any("no_such_module" in line or "ChildFailedError" in line or "rank" in line for line in final["log_tail"])
+
+
+@pytest.mark.parametrize(("path", "preset"), [
+    ("deepspeed_configs/zero1.json", "zero1"),
+    ("deepspeed_configs/zero2.json", "zero2"),
+    ("deepspeed_configs/zero3.json", "zero3"),
+    ("deepspeed_configs/zero3_bf16.json", "zero3"),
+    ("deepspeed_configs/zero3_bf16_cpuoffload_all.json", "zero3_offload"),
+    ("/workspace/axolotl/deepspeed_configs/zero2.json", "zero2"),
+])
+def test_axolotls_deepspeed_files_get_the_matching_preset_with_a_warning(gpu_ctx, path, preset):
+    gpu_ctx.notes.clear()
+    checked, problems = check_args(hub_args(deepspeed=path), gpu_ctx)
+    assert problems == [] and checked["deepspeed"] == str(deepspeed_preset_path(preset))
+    assert gpu_ctx.notes == [f"args.deepspeed: {path} is a file of Axolotl's repository; the worker's {preset} preset stands in for it"]
+
+
+def test_a_missing_deepspeed_file_names_the_presets(gpu_ctx):
+    _, problems = check_args(hub_args(deepspeed="configs/my_zero2.json"), gpu_ctx)
+    assert [p.path for p in problems] == ["args.deepspeed"]
+    assert problems[0].message.endswith("; or use a preset shipped with the worker: zero1, zero2, zero3, zero3_offload "
+                                        "(also Axolotl's deepspeed_configs/zero*.json names)")
+
+
+def test_the_users_own_file_at_an_axolotl_deepspeed_path_is_used_not_the_preset(tmp_path):
+    own = tmp_path / "deepspeed_configs" / "zero2.json"
+    own.parent.mkdir()
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": False}}))
+    ctx = ArgsContext(roots=make_roots(tmp_path, REPO_ROOT / "examples"), hardware=H100)
+    checked, problems = check_args(hub_args(deepspeed="deepspeed_configs/zero2.json"), ctx)
+    assert problems == [] and checked["deepspeed"] == str(own.resolve()) and ctx.notes == []
+
+
+def test_deepspeed_and_fsdp_on_cpu_say_what_to_do(volume):
+    from finetune_worker.run.hardware import CPU_ONLY
+
+    ctx = ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples"), hardware=CPU_ONLY)
+    for extra, path in (({"deepspeed": "zero2"}, "args.deepspeed"), ({"fsdp_config": "full_shard"}, "args.fsdp_config")):
+        _, problems = check_args(hub_args(**extra), ctx)
+        assert [str(p) for p in problems if p.path == path] == [
+            f"{path}: DeepSpeed and FSDP need CUDA GPUs and this worker has none; remove deepspeed / fsdp_config, or run on a GPU worker"]

@@ -259,3 +259,32 @@ def test_without_a_wandb_key_wandb_is_off_and_says_so(tiny, hub_env, volume):
     assert any("W&B is off" in e["message"] for e in evs if e["type"] == "warning")
     assert not (run_dir(volume, job) / "wandb").exists()
     assert (run_dir(volume, job) / "loss.png").is_file()
+
+
+def test_a_job_with_hub_model_id_without_an_owner_says_where_it_goes(tiny, hub, hub_env):
+    """The pipeline resolves the owner before training and says so; the events are read
+    up to the token check, and the job is stopped there (no training)."""
+    import asyncio
+
+    from finetune_worker.pipeline import run_job
+    from finetune_worker.run.hardware import CPU_ONLY
+
+    job = make_job(tiny_args(tiny, hub_model_id="my-adapter"), credentials={"hf_token": WRITE_TOKEN})
+
+    async def until_the_token_check() -> list[dict]:
+        seen = []
+        stream = run_job(job, env=hub_env, hardware=CPU_ONLY)
+        try:
+            async for event in stream:
+                seen.append(event)
+                if event["type"] in ("error", "result") or "may push to" in event.get("message", ""):
+                    break
+        finally:
+            await stream.aclose()
+        return seen
+
+    evs = asyncio.run(until_the_token_check())
+    messages = [e.get("message", "") for e in evs]
+    assert "hub_model_id 'my-adapter' has no owner, so it goes to the token's user: alice/my-adapter" in messages, evs[-1]
+    assert messages[-1] == "the token of 'alice' may push to alice/my-adapter"
+    assert "progress" not in [e["type"] for e in evs]

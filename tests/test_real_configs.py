@@ -11,6 +11,7 @@ on; and Axolotl's own validation, plugins registered, accepts the final planned 
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 
@@ -107,11 +108,25 @@ CORPUS = {
     "flex-attention": config("NousResearch/Llama-3.2-1B", **LORA, flex_attention=True),
     "sdpa-explicit": config("NousResearch/Llama-3.2-1B", **LORA, attn_implementation="sdpa"),
     "tensor-parallel": config("NousResearch/Llama-3.2-1B", bf16=True, tensor_parallel_size=2),
+    "context-parallel": config("NousResearch/Llama-3.2-1B", bf16=True, context_parallel_size=2, attn_implementation="flash_attention_2",
+                               micro_batch_size=1),
 }
+# Configs Axolotl accepts only with an optional package installed (it refuses them
+# without): skipped where the package is missing, except for the CPU worker's refusal.
+NEEDS_PACKAGE = {"context-parallel": "ring_flash_attn"}
+# Configs a CPU worker must refuse with its own message (not Axolotl's after CPU adaptation).
+REFUSED_ON_CPU = {"context-parallel": "args.context_parallel_size: context parallelism splits each sequence across GPUs"}
 
 # Documented refusals on a worker without a GPU (README, "How args is checked"):
-# quantised loading and DeepSpeed/FSDP need CUDA. Each message names the field and a fix.
-CPU_REFUSALS = ("needs a CUDA GPU", "need CUDA GPUs")
+# quantised loading, DeepSpeed/FSDP and context parallelism need CUDA. Each message names
+# the field and a fix.
+CPU_REFUSALS = ("needs a CUDA GPU", "need CUDA GPUs", "context parallelism splits each sequence across GPUs")
+
+
+def _package_missing(name: str) -> bool:
+    import importlib.util
+
+    return name in NEEDS_PACKAGE and importlib.util.find_spec(NEEDS_PACKAGE[name]) is None
 
 
 def _plugins(args: dict) -> tuple[str, ...]:
@@ -120,9 +135,9 @@ def _plugins(args: dict) -> tuple[str, ...]:
 
 def test_the_corpus_is_large_and_axolotl_accepts_every_config():
     assert len(CORPUS) >= 40
-    rejected = {name: problems for name, args in CORPUS.items() if (problems := axolotl_schema.schema_problems(
+    rejected = {name: problems for name, args in CORPUS.items() if not _package_missing(name) and (problems := axolotl_schema.schema_problems(
         {k: v for k, v in args.items() if k not in ("debug", "strict", "gptq_groupsize", "eval_table_max_new_tokens",
-                                                    "safe_serialization", "rl_adapter_ref_model")}, _plugins(args)))}
+                                                    "safe_serialization", "rl_adapter_ref_model")}, _plugins(args), H100))}
     assert rejected == {}
 
 
@@ -142,18 +157,25 @@ def plan_on(args: dict, hardware: Hardware, tmp_path):
     valid = validate_job(raw, settings, hardware)
     plan = build_axolotl_config(valid.args, run_paths(settings.runs_dir, "corpus", "r"), tmp_path / "prepared", hardware, Tracking())
     speedups = Speedups(flash_attn=True, liger=True, model_type=model_type(args["base_model"]))
-    apply_fast_defaults(plan.config, hardware, speedups, validate=_planned_config_problems)
+    apply_fast_defaults(plan.config, hardware, speedups, validate=functools.partial(_planned_config_problems, hardware=hardware))
     return valid, plan
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
 @pytest.mark.parametrize("hardware", [H100, CPU_ONLY], ids=["h100", "cpu"])
 def test_the_worker_accepts_what_axolotl_accepts(name, hardware, tmp_path):
+    if hardware is not CPU_ONLY and _package_missing(name):
+        pytest.skip(f"Axolotl refuses {name} without {NEEDS_PACKAGE[name]}, which is not installed here")
     try:
         valid, plan = plan_on(copy.deepcopy(CORPUS[name]), hardware, tmp_path)
     except JobError as exc:
-        if hardware is CPU_ONLY and all(any(r in d for r in CPU_REFUSALS) for d in exc.details):
+        # Without the package Axolotl's own refusal comes beside the worker's.
+        own = [d for d in exc.details if not (_package_missing(name) and f"{NEEDS_PACKAGE[name]} is not installed" in d)]
+        if name in REFUSED_ON_CPU and hardware is CPU_ONLY:
+            assert any(d.startswith(REFUSED_ON_CPU[name]) for d in own), exc.details
+        if hardware is CPU_ONLY and own and all(any(r in d for r in CPU_REFUSALS) for d in own):
             return  # a documented refusal the user can act on (the message says what to use instead)
         raise AssertionError(f"{name} on {'GPU' if hardware.has_gpu else 'CPU'} refused: {exc.details}") from None
-    final = _planned_config_problems(plan.config)
+    assert not (hardware is CPU_ONLY and name in REFUSED_ON_CPU), f"{name} passes on a CPU worker"
+    final = _planned_config_problems(plan.config, hardware)
     assert final == [], f"Axolotl refuses the worker's final config for {name}: {final}"

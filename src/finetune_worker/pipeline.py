@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import time
@@ -211,8 +212,9 @@ async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     for event in fetched:
         yield event
     speedups = capacity.speedups(plan.config, run.base.config, hardware, processes)
-    plan, fast = with_fast_defaults(plan, hardware, speedups, validate=_planned_config_problems)
-    final_problems = _planned_config_problems(plan.config)
+    validate = functools.partial(_planned_config_problems, hardware=hardware, processes=processes)
+    plan, fast = with_fast_defaults(plan, hardware, speedups, validate=validate)
+    final_problems = validate(plan.config)
     if final_problems:
         raise config_problems_error(final_problems)
     for message in (*valid.notes, *plan.warnings, *fast.dropped):
@@ -407,10 +409,11 @@ def _check_same_config(previous: PreviousRun, valid: ValidJob) -> None:
         )
 
 
-def _planned_config_problems(config: dict) -> list:
+def _planned_config_problems(config: dict, hardware: Hardware | None = None, processes: int | None = None) -> list:
     """Axolotl's check of the planned config, its plugins registered as `axolotl train`
-    registers them (the last one is the worker's progress plugin, not Axolotl's)."""
-    return axolotl_schema.schema_problems(config, tuple(config["plugins"][:-1]))
+    registers them (the last one is the worker's progress plugin, not Axolotl's), with
+    the capabilities of `hardware` as `axolotl train` passes them."""
+    return axolotl_schema.schema_problems(config, tuple(config["plugins"][:-1]), hardware, processes)
 
 
 def _job_record(valid: ValidJob) -> dict:

@@ -51,6 +51,8 @@ QUANTISED_LOADING = {
     "gptq": ("GPTQ", "GPTQ kernels"),
 }
 NO_GPU_FIX = "use adapter: lora without quantised loading, or run on a GPU worker"
+# QAT dtypes (qat.weight_dtype / qat.activation_dtype) whose fake quantisation runs only on CUDA.
+GPU_QAT_DTYPES = frozenset({"fp8", "float8", "float8_e4m3fn", "nvfp4", "mxfp4"})
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     `*_problems` checks)."""
     args = copy.deepcopy(args)
     problems: list[Problem] = []
-    problems += resolve_presets(args, ctx.notes)
+    problems += resolve_presets(args, ctx.notes, own_file=lambda value: _own_file(value, ctx.roots))
     problems += _shape_problems(args)
     bad_datasets = _dataset_problems(args) + _resolve_dataset_paths(args, ctx)
     problems += [p for _, p in sorted(bad_datasets, key=lambda found: (DATASET_LIST_KEYS.index(found[0][0]), found[0][1]))]
@@ -83,7 +85,7 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     problems += combination_problems(args, ctx.hardware.has_gpu)
     problems += _publish_problems(args)
     if not any(p.path in ("args.datasets", "args.plugins") for p in problems):
-        problems += _schema_problems(args, {loc for loc, _ in bad_datasets})
+        problems += _schema_problems(args, {loc for loc, _ in bad_datasets}, ctx.hardware)
     return args, problems
 
 
@@ -232,8 +234,11 @@ LEGACY_OPTIONS = frozenset({
     "debug", "strict", "gptq_groupsize", "gptq_model_v1", "eta_min", "adam_eps", "eval_table_max_new_tokens",
     "safe_serialization", "test_value", "rl_adapter_ref_model", "landmark_attention", "xpos_rope",
     "sample_packing_seq_len_multiplier", "use_reentrant", "pretraining_dataset_streaming", "mpt_alibi",
-    "chat_template_strategy", "cut_cross_entropy", "flash_optimum", "dataset_keep_in_memory",
+    "chat_template_strategy", "flash_optimum", "dataset_keep_in_memory",
 })
+# Options of an Axolotl integration, known only with its plugin listed in `plugins`
+# (without it Axolotl ignores them): the plugin each one needs.
+PLUGIN_OPTIONS = {"cut_cross_entropy": "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"}
 # Names users bring from other trainers, and what Axolotl calls them.
 OPTION_ALIASES = {
     "epochs": "num_epochs", "lr": "learning_rate", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
@@ -243,15 +248,30 @@ OPTION_ALIASES = {
 }
 
 
+def _is_empty(value: Any) -> bool:
+    """null, false, or an empty string, list or object: the same as leaving the option
+    out. Not 0 or 0.0 (`lora_dropuot: 0` is a typo to report, not an empty value)."""
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
+
+
 def _drop_ignored_options(args: dict, notes: list[str]) -> None:
-    """Empty values and options of earlier Axolotl releases: dropped from `args`, with a note."""
+    """Unknown options that are empty, options of earlier Axolotl releases, and a
+    plugin's option turned off without its plugin: dropped from `args`, with a note."""
     known = axolotl_schema.known_keys(_loadable_plugins(args)) | WORKER_READ_KEYS
     for key in [k for k in args if k not in known]:
         value = args[key]
-        if value in (None, False, "", [], {}) or key in LEGACY_OPTIONS and key not in OPTION_ALIASES:
-            del args[key]
-            why = "is empty" if value in (None, False, "", [], {}) else "is an option of earlier Axolotl releases"
-            notes.append(f"args.{key} {why} and Axolotl 0.19 ignores it; dropped")
+        if key in PLUGIN_OPTIONS:
+            if not _is_empty(value):
+                continue  # reported: it needs its plugin
+            why = f"is off and belongs to the plugin {PLUGIN_OPTIONS[key]}, which plugins does not list"
+        elif key in LEGACY_OPTIONS:
+            why = "is an option of earlier Axolotl releases"
+        elif _is_empty(value):
+            why = "is empty (null, false or empty)"
+        else:
+            continue
+        del args[key]
+        notes.append(f"args.{key} {why}; Axolotl 0.19 ignores it, so it is dropped")
 
 
 def _unknown_key_problems(args: dict) -> list[Problem]:
@@ -259,6 +279,10 @@ def _unknown_key_problems(args: dict) -> list[Problem]:
     known = axolotl_schema.known_keys(_loadable_plugins(args)) | WORKER_READ_KEYS
     problems = []
     for key in [k for k in args if k not in known]:
+        if key in PLUGIN_OPTIONS:
+            problems.append(Problem(f"args.{key}", f"needs its plugin, which Axolotl loads only when listed: add plugins: [{PLUGIN_OPTIONS[key]}] "
+                                    "(without it Axolotl would silently ignore the option), or remove it"))
+            continue
         hint = f"; did you mean '{OPTION_ALIASES[key]}'?" if key in OPTION_ALIASES else suggest(key, sorted(known))
         problems.append(Problem(f"args.{key}", f"unknown option{hint} (Axolotl would silently ignore it)"))
     return problems
@@ -407,6 +431,14 @@ def _mapping_problems(value: Any, where: str, ctx: ArgsContext) -> list[Problem]
     return problems
 
 
+def _own_file(value: str, roots: PathRoots) -> bool:
+    """Whether `value` names a file the job may read (the user's, on the volume)."""
+    try:
+        return Path(resolve_inside(value, roots)).is_file()
+    except PathRejected:
+        return False
+
+
 def _exists(value: str) -> bool:
     try:
         return Path(value).exists()
@@ -448,6 +480,17 @@ def _hardware_problems(args: dict, hardware: Hardware) -> list[Problem]:
     ]
     if args.get("adapter") == "qlora":
         problems.append(Problem("args.adapter", f"qlora needs a CUDA GPU and this worker has none; {NO_GPU_FIX}"))
+    qat = args.get("qat")
+    if isinstance(qat, dict):
+        for key in ("weight_dtype", "activation_dtype"):
+            if isinstance(qat.get(key), str) and qat[key] in GPU_QAT_DTYPES:
+                problems.append(Problem(f"args.qat.{key}", f"{qat[key]} fake quantisation needs a CUDA GPU (torchao's low-precision kernels) "
+                                        "and this worker has none; remove qat, or run on a GPU worker"))
+    for key in ("context_parallel_size", "sequence_parallel_degree"):
+        size = args.get(key)
+        if isinstance(size, int) and not isinstance(size, bool) and size > 1:
+            problems.append(Problem(f"args.{key}", "context parallelism splits each sequence across GPUs (ring-flash-attention) and this "
+                                    f"worker has none; remove {key}, or run on a GPU worker with at least {size} GPUs"))
     return problems
 
 
@@ -463,8 +506,9 @@ def _without_inline_rows(entry: Any) -> Any:
 PLACEHOLDER_DATASET = {"path": "placeholder/dataset", "type": "alpaca"}
 
 
-def _schema_problems(args: dict, bad_datasets: set[tuple[str, int]]) -> list[Problem]:
-    """Axolotl's validation over the config, minus dataset entries already reported."""
+def _schema_problems(args: dict, bad_datasets: set[tuple[str, int]], hardware: Hardware) -> list[Problem]:
+    """Axolotl's validation over the config with this worker's GPU capabilities, minus
+    dataset entries already reported."""
     candidate = {k: v for k, v in args.items() if k not in WORKER_OWNED_KEYS and k not in WORKER_READ_KEYS}
     for key, entries in list(candidate.items()):
         if key in DATASET_LIST_KEYS and isinstance(entries, list):
@@ -474,4 +518,4 @@ def _schema_problems(args: dict, bad_datasets: set[tuple[str, int]]) -> list[Pro
         candidate[key][index] = dict(PLACEHOLDER_DATASET)
     reported = tuple(f"args.{key}[{index}]" for key, index in bad_datasets)
     plugins = _loadable_plugins(args)  # others are reported already
-    return [p for p in axolotl_schema.schema_problems(candidate, plugins) if not p.path.startswith(reported)]
+    return [p for p in axolotl_schema.schema_problems(candidate, plugins, hardware) if not p.path.startswith(reported)]

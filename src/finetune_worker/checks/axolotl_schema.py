@@ -21,10 +21,13 @@ import tempfile
 import threading
 import warnings
 from functools import cache, lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_worker.contract.errors import Problem
 from finetune_worker.contract.job import format_loc, suggest
+
+if TYPE_CHECKING:
+    from finetune_worker.run.hardware import Hardware
 
 INTEGRATIONS_PACKAGE = "axolotl.integrations."
 _IMPORTED = False
@@ -201,9 +204,35 @@ def plugin_problem(plugin: Any) -> str | None:
     return None
 
 
-def schema_problems(args: dict[str, Any], plugins: tuple[str, ...] = ()) -> list[Problem]:
+def capabilities(hardware: Hardware, processes: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(capabilities, env_capabilities) as `axolotl train` computes them on `hardware`
+    (axolotl.cli.config.gpu_capabilities) for the training child: its validators refuse
+    what this GPU cannot do (fp8 before Hopper, SageAttention outside sm_80..sm_120).
+
+    Without a GPU they are what Axolotl computes where CUDA is unavailable: no bf16,
+    fp8 or tf32 and no compute capability. `n_gpu` is Axolotl's WORLD_SIZE, the number
+    of training processes (one per GPU unless the job asks for fewer)."""
+    import torch
+
+    cc = hardware.compute_capability if hardware.has_gpu else None
+    if processes is None:
+        processes = hardware.gpu_count if hardware.gpu_count > 1 else 1
+    gpu = {
+        "bf16": bool(hardware.has_gpu and hardware.bf16),
+        "fp8": bool(cc and cc >= (9, 0)),
+        "tf32": bool(cc and cc >= (8, 0)),
+        "n_gpu": processes,
+        "compute_capability": f"sm_{cc[0]}{cc[1]}" if cc else None,
+    }
+    return gpu, {"torch_version": str(torch.__version__).split("+", maxsplit=1)[0]}
+
+
+def schema_problems(
+    args: dict[str, Any], plugins: tuple[str, ...] = (), hardware: Hardware | None = None, processes: int | None = None
+) -> list[Problem]:
     """Run Axolotl's own validation (the one `axolotl train` runs) over `args`, with
-    `plugins` registered first, as `axolotl train` registers the config's plugins.
+    `plugins` registered first, as `axolotl train` registers the config's plugins,
+    and, given the `hardware`, with the capabilities `axolotl train` would pass there.
 
     Axolotl merges the plugins' options and validators only when `args` lists plugins
     (`cfg.plugins`), as in the training child."""
@@ -212,10 +241,11 @@ def schema_problems(args: dict[str, Any], plugins: tuple[str, ...] = ()) -> list
     from axolotl.utils.dict import DictDefault
     from pydantic import ValidationError
 
+    gpu, env = capabilities(hardware, processes) if hardware is not None else (None, None)
     problems: list[Problem] = []
     try:
         with registered_plugins(plugins):
-            validate_config(DictDefault(copy.deepcopy(args)))
+            validate_config(DictDefault(copy.deepcopy(args)), capabilities=gpu, env_capabilities=env)
     except ValidationError as exc:
         for error in exc.errors():
             message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")

@@ -154,7 +154,8 @@ def adapt_for_cpu(config: dict[str, Any]) -> list[str]:
     """Turn off CUDA-only features in place; return what a user-set value became.
 
     What cannot be adapted without changing what the job asks for (quantised loading,
-    qlora, DeepSpeed/FSDP) is refused earlier, by args_check."""
+    qlora, DeepSpeed/FSDP, low-precision QAT, context parallelism) is refused earlier, by
+    args_check."""
     changed = []
     for flag in CUDA_ONLY_FLAGS:
         if config.get(flag) not in (None, False):

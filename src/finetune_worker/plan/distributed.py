@@ -7,6 +7,7 @@ the worker, or an `fsdp_config` mapping); the launcher is `accelerate launch`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,14 @@ def axolotl_docs_preset(value: str) -> str | None:
     return AXOLOTL_DEEPSPEED_FILES.get(name) if folder in AXOLOTL_DEEPSPEED_DIRS else None
 
 
-def resolve_presets(args: dict[str, Any], notes: list[str] | None = None) -> list[Problem]:
-    """Replace preset names in `args` (in place) by what Axolotl reads; return problems."""
+def resolve_presets(args: dict[str, Any], notes: list[str] | None = None, own_file: Callable[[str], bool] | None = None) -> list[Problem]:
+    """Replace preset names in `args` (in place) by what Axolotl reads; return problems.
+    A path of Axolotl's DeepSpeed files stays the user's own where `own_file` says the
+    user has that file (on the volume); otherwise a preset stands in for it."""
     problems = []
     deepspeed = args.get("deepspeed")
-    if isinstance(deepspeed, str) and deepspeed.endswith(".json") and axolotl_docs_preset(deepspeed):
+    if (isinstance(deepspeed, str) and deepspeed.endswith(".json") and axolotl_docs_preset(deepspeed)
+            and not (own_file and own_file(deepspeed))):
         preset = axolotl_docs_preset(deepspeed)
         args["deepspeed"] = str(deepspeed_preset_path(preset))
         if notes is not None:
@@ -103,7 +107,8 @@ def combination_problems(args: dict[str, Any], has_gpu: bool) -> list[Problem]:
     if stage == 3 and args.get("load_in_8bit"):
         problems.append(Problem("args.load_in_8bit", "ZeRO-3 cannot shard 8-bit weights; use deepspeed: zero2, or adapter: qlora with load_in_4bit"))
     if (args.get("deepspeed") or sharded_fsdp) and not has_gpu:
-        problems.append(Problem("args.deepspeed" if args.get("deepspeed") else "args.fsdp_config", "DeepSpeed and FSDP need CUDA GPUs and this worker has none"))
+        problems.append(Problem("args.deepspeed" if args.get("deepspeed") else "args.fsdp_config",
+                                "DeepSpeed and FSDP need CUDA GPUs and this worker has none; remove deepspeed / fsdp_config, or run on a GPU worker"))
     return problems
 
 
