@@ -273,3 +273,50 @@ def test_a_deepspeed_path_with_a_nul_byte_is_a_named_problem(tiny, volume):
     """Found by the fuzz test: resolving it raised ValueError out of validation."""
     gpu = ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples", "alice"), hardware=ONE_GPU)
     assert "NUL" in only(problems(tiny_args(tiny, deepspeed="a\x00b.json"), gpu), "args.deepspeed")
+
+
+# -- 9. remote code through Hub kernels ----------------------------------------------------
+# With use_kernels, Axolotl passes allow_all_kernels=True to from_pretrained
+# (axolotl/loaders/model.py), and transformers then loads an attn_implementation that
+# names a Hub repo through kernels.get_kernel(trust_remote_code=True): any repo's code runs.
+
+
+@pytest.fixture
+def gpu_alice(volume):
+    return ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples", "alice"), hardware=ONE_GPU)
+
+
+@pytest.mark.parametrize("impl", ["evil-user/evil-kernel", "evil-user/evil-kernel@main", "paged|evil-user/evil-kernel",
+                                  "evil-user/evil-kernel:flash_attn_varlen_func", "kernels-community/flash-attn3@0123abcd"])
+@pytest.mark.parametrize("use_kernels", [True, None])
+def test_an_attention_kernel_from_any_hub_repo_is_remote_code(tiny, gpu_alice, impl, use_kernels):
+    message = only(problems(tiny_args(tiny, attn_implementation=impl, use_kernels=use_kernels), gpu_alice), "args.attn_implementation")
+    assert "FINETUNE_ALLOW_TRUST_REMOTE_CODE" in message
+
+
+@pytest.mark.parametrize(
+    "key, value, where",
+    [
+        ("model_kwargs", {"allow_all_kernels": True}, "args.model_kwargs.allow_all_kernels"),
+        ("model_kwargs", {"kernel_config": {"kernel_mapping": {}}}, "args.model_kwargs.kernel_config"),
+        ("model_kwargs", {"attn_implementation": "evil-user/evil-kernel"}, "args.model_kwargs.attn_implementation"),
+        ("model_config", {"_attn_implementation": {"text_config": "evil-user/evil-kernel"}}, "args.model_config._attn_implementation"),
+    ],
+)
+def test_hub_kernels_inside_mappings_are_remote_code(tiny, gpu_alice, key, value, where):
+    only(problems(tiny_args(tiny, use_kernels=True, **{key: value}), gpu_alice), where)
+
+
+@pytest.mark.parametrize("impl", [None, "sdpa", "flash_attention_2", "kernels-community/flash-attn3", "kernels-community/flash-attn2"])
+def test_kernels_from_the_trusted_community_repos_pass(tiny, gpu_alice, impl):
+    """use_kernels alone swaps layers for the kernels transformers names itself
+    (kernels-community); an attention kernel of that organisation at its default
+    version is what transformers' own flash-attention fallback loads."""
+    found = problems(tiny_args(tiny, attn_implementation=impl, use_kernels=True), gpu_alice)
+    assert not [p for p in found if "remote" in p or "code" in p], found
+
+
+def test_the_operator_may_allow_hub_kernels(tiny, volume):
+    ctx = ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples", "alice"), hardware=ONE_GPU, allow_trust_remote_code=True)
+    found = problems(tiny_args(tiny, attn_implementation="someone/kernel", use_kernels=True, model_kwargs={"allow_all_kernels": True}), ctx)
+    assert not [p for p in found if "attn_implementation" in p or "allow_all_kernels" in p], found

@@ -15,14 +15,17 @@ from typing import Any
 
 from finetune_worker.checks import axolotl_schema
 from finetune_worker.checks.options import (
+    ATTENTION_KEYS,
     CREDENTIAL_ENV,
     DATASET_LIST_KEYS,
+    HUB_KERNEL_MESSAGE,
     INLINE_DATASET_KEYS,
     Kind,
     dataset_fields,
     is_nested,
     kind_of,
     mapping_key_problem,
+    names_hub_kernel,
 )
 from finetune_worker.checks.paths import HUB_ID, PathRejected, PathRoots, resolve_inside, resolve_local_or_hub
 from finetune_worker.contract.errors import Problem
@@ -361,6 +364,8 @@ def _option_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
 def _kind_problem(kind: Kind, key: str, value: Any, ctx: ArgsContext) -> str | None:
     if kind is Kind.REMOTE_CODE and not ctx.allow_trust_remote_code:
         return REMOTE_CODE_MESSAGE
+    if key in ATTENTION_KEYS and names_hub_kernel(value) and not ctx.allow_trust_remote_code:
+        return HUB_KERNEL_MESSAGE  # with use_kernels, Axolotl lets transformers load any Hub repo's kernel
     if kind is Kind.CREDENTIAL:
         env = CREDENTIAL_ENV.get(key)
         instead = f"send it as credentials.{key}" if env else "this integration's credentials are not supported on this worker"
@@ -393,7 +398,7 @@ def _mapping_problems(value: Any, where: str, ctx: ArgsContext) -> list[Problem]
     problems = []
     if isinstance(value, dict):
         for key, item in value.items():
-            found = mapping_key_problem(key)
+            found = mapping_key_problem(key, item)
             waived = found is not None and (
                 (found[0] is Kind.REMOTE_CODE and ctx.allow_trust_remote_code) or (found[0] is Kind.READ and not ctx.shared)
             )
