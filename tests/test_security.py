@@ -320,3 +320,17 @@ def test_the_operator_may_allow_hub_kernels(tiny, volume):
     ctx = ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples", "alice"), hardware=ONE_GPU, allow_trust_remote_code=True)
     found = problems(tiny_args(tiny, attn_implementation="someone/kernel", use_kernels=True, model_kwargs={"allow_all_kernels": True}), ctx)
     assert not [p for p in found if "attn_implementation" in p or "allow_all_kernels" in p], found
+
+
+# -- 10. a refused DeepSpeed path is never read ----------------------------------------------
+
+
+def test_another_users_deepspeed_file_answers_like_a_missing_one(tiny, volume, gpu_alice):
+    """The ZeRO stage of bob's file must not show through the 8-bit check."""
+    bobs = volume / "runs" / "bob" / "r" / "ds.json"
+    bobs.parent.mkdir(parents=True, exist_ok=True)
+    bobs.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    found = problems(tiny_args(tiny, load_in_8bit=True, deepspeed=str(bobs)), gpu_alice)
+    absent = problems(tiny_args(tiny, load_in_8bit=True, deepspeed=str(bobs.with_name("none.json"))), gpu_alice)
+    assert not [p for p in found if "ZeRO-3" in p], found
+    assert [p.replace("ds.json", "X") for p in found] == [p.replace("none.json", "X") for p in absent]

@@ -16,6 +16,7 @@ from typing import Any
 from finetune_worker.checks import axolotl_schema
 from finetune_worker.checks.options import (
     ATTENTION_KEYS,
+    CLASSIFIED,
     CREDENTIAL_ENV,
     DATASET_LIST_KEYS,
     HUB_KERNEL_MESSAGE,
@@ -53,6 +54,8 @@ QUANTISED_LOADING = {
     "load_in_8bit": ("8-bit loading", "bitsandbytes"),
     "gptq": ("GPTQ", "GPTQ kernels"),
 }
+# Local paths that Axolotl (or the worker's checks) open and read.
+READ_OPTIONS = frozenset(name for name, kind in CLASSIFIED.items() if kind is Kind.READ)
 NO_GPU_FIX = "use adapter: lora without quantised loading, or run on a GPU worker"
 
 
@@ -81,12 +84,16 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     problems += _unknown_key_problems(args)
     problems += _plugin_problems(args)
     problems += _option_problems(args, ctx)
-    problems += _resolve_model_paths(args, ctx)
+    refused_paths = _resolve_model_paths(args, ctx)
+    problems += refused_paths
+    # A refused path is never read: another user's file answers exactly like a missing one.
+    unread = {p.path.removeprefix("args.") for p in refused_paths} & READ_OPTIONS
     problems += _hardware_problems(args, ctx.hardware)
-    problems += combination_problems(args, ctx.hardware.has_gpu)
+    problems += combination_problems(args, ctx.hardware.has_gpu, read_deepspeed="deepspeed" not in unread)
     problems += _publish_problems(args)
     if not any(p.path in ("args.datasets", "args.plugins") for p in problems):
-        problems += _schema_problems(args, {loc for loc, _ in bad_datasets})
+        readable = {k: v for k, v in args.items() if k not in unread}
+        problems += _schema_problems(readable, {loc for loc, _ in bad_datasets})
     return args, problems
 
 
