@@ -244,12 +244,13 @@ def test_tracker_keys_in_args_point_to_credentials(tiny, alice, key, plugins):
 def test_the_job_record_keeps_urls_without_their_query(tiny, volume):
     from finetune_worker.pipeline import _job_record
 
-    signed = "https://data.example.com/train.jsonl?X-Amz-Signature=SECRETSIGNATURE&X-Amz-Credential=AKIA"
-    raw = {"user_id": "alice", "model_id": "m", "run_id": "r2", "args": tiny_args(tiny, datasets=[{"path": signed, "type": "alpaca"}]),
-           "credentials": {"comet_api_key": "CANARYcometKey000001"}}
-    record = json.dumps(_job_record(validate_job(raw, WorkerSettings(base_volume=volume), CPU_ONLY)))
-    assert "SECRETSIGNATURE" not in record and "AKIA" not in record and "CANARYcometKey" not in record
-    assert "https://data.example.com/train.jsonl" in record
+    for scheme in ("https", "HTTPS", "Https"):
+        signed = f"{scheme}://data.example.com/train.jsonl?X-Amz-Signature=SECRETSIGNATURE&X-Amz-Credential=AKIA"
+        raw = {"user_id": "alice", "model_id": "m", "run_id": "r2", "args": tiny_args(tiny, datasets=[{"path": signed, "type": "alpaca"}]),
+               "credentials": {"comet_api_key": "CANARYcometKey000001"}}
+        record = json.dumps(_job_record(validate_job(raw, WorkerSettings(base_volume=volume), CPU_ONLY)))
+        assert "SECRETSIGNATURE" not in record and "AKIA" not in record and "CANARYcometKey" not in record, scheme
+        assert "://data.example.com/train.jsonl" in record
 
 
 def test_tracker_keys_reach_only_the_childs_environment(tiny, volume):
