@@ -335,3 +335,22 @@ def test_another_users_deepspeed_file_answers_like_a_missing_one(tiny, volume, g
     absent = problems(tiny_args(tiny, load_in_8bit=True, deepspeed=str(bobs.with_name("none.json"))), gpu_alice)
     assert not [p for p in found if "ZeRO-3" in p], found
     assert [p.replace("ds.json", "X") for p in found] == [p.replace("none.json", "X") for p in absent]
+
+
+# -- 11. a dataset folder never holds the worker's locks or set-aside attempts -----------------
+
+
+@pytest.mark.parametrize("folder", ["runs/lockkeeper", "runs/lockkeeper/sub"])
+def test_a_dataset_folder_with_locks_or_set_aside_attempts_is_refused(tiny, volume, folder):
+    area = volume / "runs" / "lockkeeper"
+    (area / "sub" / "r1").mkdir(parents=True, exist_ok=True)
+    (area / "sub" / "r1" / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (area / "sub" / "r1.lock").write_text("{}")
+    (area / "sub" / "r0.previous-20260101-000000").mkdir(exist_ok=True)
+    keeper = ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples", "lockkeeper"), hardware=CPU_ONLY)
+    for key in ("datasets", "test_datasets"):
+        extra = {"val_set_size": 0} if key == "test_datasets" else {}
+        found = problems(tiny_args(tiny, **extra, **{key: [{"path": folder, "type": "alpaca", "ds_type": "json"}]}), keeper)
+        assert "lock files or set-aside attempts" in only(found, f"args.{key}[0].path")
+    ok = problems(tiny_args(tiny, datasets=[{"path": "runs/lockkeeper/sub/r1", "type": "alpaca", "ds_type": "json"}]), keeper)
+    assert not [p for p in ok if p.startswith("args.datasets[0].path")], ok

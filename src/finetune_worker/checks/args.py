@@ -28,7 +28,14 @@ from finetune_worker.checks.options import (
     mapping_key_problem,
     names_hub_kernel,
 )
-from finetune_worker.checks.paths import HUB_ID, PathRejected, PathRoots, resolve_inside, resolve_local_or_hub
+from finetune_worker.checks.paths import (
+    HUB_ID,
+    PathRejected,
+    PathRoots,
+    resolve_inside,
+    resolve_local_or_hub,
+    worker_files_problem,
+)
 from finetune_worker.contract.errors import Problem
 from finetune_worker.contract.job import HUB_REPO_ID, HUB_REPO_NAME, suggest
 from finetune_worker.plan.config import integration_name
@@ -151,6 +158,8 @@ def _resolve_dataset_paths(args: dict, ctx: ArgsContext) -> list[tuple[tuple[str
                 # An https URL only where the worker downloads it under its rules (plan.localise_datasets).
                 url_ok = loc[0] in INLINE_DATASET_KEYS
                 entry["path"] = resolve_local_or_hub(entry["path"], ctx.roots, remote_ok=True, url_ok=url_ok)
+                if message := worker_files_problem(entry["path"], ctx.roots):
+                    raise PathRejected(message)
             except PathRejected as exc:
                 found.append((loc, Problem(f"{where}.path", str(exc))))
         found += [(loc, p) for p in _resolve_data_files(entry, where, ctx)]
@@ -222,6 +231,8 @@ def _resolve_data_files(entry: dict, where: str, ctx: ArgsContext) -> list[Probl
         suffix = f"[{index}]" if isinstance(files, list) else ""
         try:
             resolved.append(_repo_file(value, entry["path"]) if in_repo else resolve_local_or_hub(value, ctx.roots, remote_ok=True))
+            if message := worker_files_problem(resolved[-1], ctx.roots):
+                raise PathRejected(message)
         except PathRejected as exc:
             problems.append(Problem(f"{where}.data_files{suffix}", str(exc)))
     if not problems:

@@ -123,13 +123,15 @@ def local_dataset_bytes(args: dict[str, Any]) -> int:
 
 def _evaluation_problems(job: JobInput, roots) -> list[Problem]:
     """Resolve the eval dataset's path (in place) and check inline eval rows."""
-    from finetune_worker.checks.paths import PathRejected, resolve_local_or_hub
+    from finetune_worker.checks.paths import PathRejected, resolve_local_or_hub, worker_files_problem
     from finetune_worker.data.rows import eval_row_shape, row_problem
 
     dataset = job.evaluation.dataset
     if dataset.path is not None:
         try:
             dataset.path = resolve_local_or_hub(dataset.path, roots)
+            if message := worker_files_problem(dataset.path, roots):
+                raise PathRejected(message)
         except PathRejected as exc:
             return [Problem("evaluation.dataset.path", str(exc))]
         return []
