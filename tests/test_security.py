@@ -153,10 +153,14 @@ def _path_cases(run: Path, volume: Path):
         "resume_from_checkpoint": lambda p: {"resume_from_checkpoint": p + "/output"},
         "base_model": lambda p: {"base_model": p + "/output"},
         "tokenizer_config": lambda p: {"tokenizer_config": p + "/output"},
+        "test_datasets": lambda p: {"val_set_size": 0, "test_datasets": [{"path": p + "/data.jsonl", "type": "alpaca", "split": "train"}]},
+        "pretraining_dataset": lambda p: {"datasets": None, "max_steps": 2,
+                                          "pretraining_dataset": [{"path": p + "/data.jsonl", "type": "pretrain", "text_column": "output"}]},
     }, relative
 
 
-@pytest.mark.parametrize("option", ["datasets", "data_files", "lora_model_dir", "resume_from_checkpoint", "base_model", "tokenizer_config"])
+@pytest.mark.parametrize("option", ["datasets", "data_files", "lora_model_dir", "resume_from_checkpoint", "base_model", "tokenizer_config",
+                                    "test_datasets", "pretraining_dataset"])
 @pytest.mark.parametrize("absolute", [True, False])
 def test_another_users_run_answers_like_a_missing_path(tiny, alice, volume, bobs_run, option, absolute):
     cases, relative = _path_cases(bobs_run, volume)
