@@ -358,3 +358,22 @@ def test_a_dataset_folder_with_locks_or_set_aside_attempts_is_refused(tiny, volu
         assert "lock files or set-aside attempts" in only(found, f"args.{key}[0].path")
     ok = problems(tiny_args(tiny, datasets=[{"path": "runs/lockkeeper/sub/r1", "type": "alpaca", "ds_type": "json"}]), keeper)
     assert not [p for p in ok if p.startswith("args.datasets[0].path")], ok
+
+
+# -- 12. writing to the Hub with the endpoint's own token ----------------------------------------
+
+
+@pytest.mark.parametrize("option, extra", [("push_dataset_to_hub", {"hf_use_auth_token": True}), ("trackio_space_id", {})])
+def test_hub_writes_from_the_config_need_the_jobs_own_token(tiny, volume, option, extra):
+    """The training child's HF_TOKEN falls back to the endpoint's: without this check a
+    job could push a dataset (or a Trackio Space) into any repo the operator's token can write."""
+    settings = WorkerSettings(base_volume=volume, hf_token="hf_operatorsOwnToken0000")
+    raw = {"user_id": "alice", "model_id": "m", "run_id": "r3", "args": tiny_args(tiny, **{option: "victim-org/thing"}, **extra)}
+    with pytest.raises(JobError) as caught:
+        validate_job(raw, settings, CPU_ONLY)
+    assert any(d.startswith(f"args.{option}:") and "credentials.hf_token" in d for d in caught.value.details), caught.value.details
+    raw["credentials"] = {"hf_token": "hf_usersOwnToken00000000"}
+    try:
+        validate_job(raw, settings, CPU_ONLY)
+    except JobError as exc:
+        assert not [d for d in exc.details if d.startswith(f"args.{option}:")], exc.details
