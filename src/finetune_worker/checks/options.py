@@ -5,9 +5,10 @@ entries of every kind, DeepSpeed/FSDP, TRL, vLLM, dynamic checkpointing, and the
 input arguments of every bundled plugin) has a `Kind`. Options whose type holds
 only numbers, booleans, literals or enums are plain values by construction;
 every option that can hold a string or a free-form mapping is listed below by
-hand. `tests/test_options.py` walks Axolotl's schema and fails when an option is
-not classified, so a new Axolotl release cannot slip a file-reading option
-through; at run time an unclassified option is refused (fail closed).
+hand. `tests/test_security.py::test_every_axolotl_option_is_classified` walks
+Axolotl's schema and fails when an option is not classified, so a new Axolotl
+release cannot slip a file-reading option through; at run time an unclassified
+option is refused (fail closed).
 
 Dataset entries share one namespace (`datasets.<field>`) for `datasets`,
 `test_datasets` and `pretraining_dataset`.
