@@ -83,7 +83,7 @@ def hub_write_problems(args: dict[str, Any], job: JobInput) -> list[Problem]:
         return []
     return [
         Problem(f"args.{key}", "writes to the Hugging Face Hub during training; send credentials.hf_token with write access "
-                "to that repo (the endpoint's own token is never used to write for a job)")
+                "to that repo (the endpoint's own token is not used for this)")
         for key in HUB_WRITE_OPTIONS
         if args.get(key)
     ]
