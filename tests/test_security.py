@@ -153,10 +153,14 @@ def _path_cases(run: Path, volume: Path):
         "resume_from_checkpoint": lambda p: {"resume_from_checkpoint": p + "/output"},
         "base_model": lambda p: {"base_model": p + "/output"},
         "tokenizer_config": lambda p: {"tokenizer_config": p + "/output"},
+        "test_datasets": lambda p: {"val_set_size": 0, "test_datasets": [{"path": p + "/data.jsonl", "type": "alpaca", "split": "train"}]},
+        "pretraining_dataset": lambda p: {"datasets": None, "max_steps": 2,
+                                          "pretraining_dataset": [{"path": p + "/data.jsonl", "type": "pretrain", "text_column": "output"}]},
     }, relative
 
 
-@pytest.mark.parametrize("option", ["datasets", "data_files", "lora_model_dir", "resume_from_checkpoint", "base_model", "tokenizer_config"])
+@pytest.mark.parametrize("option", ["datasets", "data_files", "lora_model_dir", "resume_from_checkpoint", "base_model", "tokenizer_config",
+                                    "test_datasets", "pretraining_dataset"])
 @pytest.mark.parametrize("absolute", [True, False])
 def test_another_users_run_answers_like_a_missing_path(tiny, alice, volume, bobs_run, option, absolute):
     cases, relative = _path_cases(bobs_run, volume)
@@ -244,12 +248,13 @@ def test_tracker_keys_in_args_point_to_credentials(tiny, alice, key, plugins):
 def test_the_job_record_keeps_urls_without_their_query(tiny, volume):
     from finetune_worker.pipeline import _job_record
 
-    signed = "https://data.example.com/train.jsonl?X-Amz-Signature=SECRETSIGNATURE&X-Amz-Credential=AKIA"
-    raw = {"user_id": "alice", "model_id": "m", "run_id": "r2", "args": tiny_args(tiny, datasets=[{"path": signed, "type": "alpaca"}]),
-           "credentials": {"comet_api_key": "CANARYcometKey000001"}}
-    record = json.dumps(_job_record(validate_job(raw, WorkerSettings(base_volume=volume), CPU_ONLY)))
-    assert "SECRETSIGNATURE" not in record and "AKIA" not in record and "CANARYcometKey" not in record
-    assert "https://data.example.com/train.jsonl" in record
+    for scheme in ("https", "HTTPS", "Https"):
+        signed = f"{scheme}://data.example.com/train.jsonl?X-Amz-Signature=SECRETSIGNATURE&X-Amz-Credential=AKIA"
+        raw = {"user_id": "alice", "model_id": "m", "run_id": "r2", "args": tiny_args(tiny, datasets=[{"path": signed, "type": "alpaca"}]),
+               "credentials": {"comet_api_key": "CANARYcometKey000001"}}
+        record = json.dumps(_job_record(validate_job(raw, WorkerSettings(base_volume=volume), CPU_ONLY)))
+        assert "SECRETSIGNATURE" not in record and "AKIA" not in record and "CANARYcometKey" not in record, scheme
+        assert "://data.example.com/train.jsonl" in record
 
 
 def test_tracker_keys_reach_only_the_childs_environment(tiny, volume):
@@ -273,3 +278,102 @@ def test_a_deepspeed_path_with_a_nul_byte_is_a_named_problem(tiny, volume):
     """Found by the fuzz test: resolving it raised ValueError out of validation."""
     gpu = ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples", "alice"), hardware=ONE_GPU)
     assert "NUL" in only(problems(tiny_args(tiny, deepspeed="a\x00b.json"), gpu), "args.deepspeed")
+
+
+# -- 9. remote code through Hub kernels ----------------------------------------------------
+# With use_kernels, Axolotl passes allow_all_kernels=True to from_pretrained
+# (axolotl/loaders/model.py), and transformers then loads an attn_implementation that
+# names a Hub repo through kernels.get_kernel(trust_remote_code=True): any repo's code runs.
+
+
+@pytest.fixture
+def gpu_alice(volume):
+    return ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples", "alice"), hardware=ONE_GPU)
+
+
+@pytest.mark.parametrize("impl", ["evil-user/evil-kernel", "evil-user/evil-kernel@main", "paged|evil-user/evil-kernel",
+                                  "evil-user/evil-kernel:flash_attn_varlen_func", "kernels-community/flash-attn3@0123abcd"])
+@pytest.mark.parametrize("use_kernels", [True, None])
+def test_an_attention_kernel_from_any_hub_repo_is_remote_code(tiny, gpu_alice, impl, use_kernels):
+    message = only(problems(tiny_args(tiny, attn_implementation=impl, use_kernels=use_kernels), gpu_alice), "args.attn_implementation")
+    assert "FINETUNE_ALLOW_TRUST_REMOTE_CODE" in message
+
+
+@pytest.mark.parametrize(
+    "key, value, where",
+    [
+        ("model_kwargs", {"allow_all_kernels": True}, "args.model_kwargs.allow_all_kernels"),
+        ("model_kwargs", {"kernel_config": {"kernel_mapping": {}}}, "args.model_kwargs.kernel_config"),
+        ("model_kwargs", {"attn_implementation": "evil-user/evil-kernel"}, "args.model_kwargs.attn_implementation"),
+        ("model_config", {"_attn_implementation": {"text_config": "evil-user/evil-kernel"}}, "args.model_config._attn_implementation"),
+    ],
+)
+def test_hub_kernels_inside_mappings_are_remote_code(tiny, gpu_alice, key, value, where):
+    only(problems(tiny_args(tiny, use_kernels=True, **{key: value}), gpu_alice), where)
+
+
+@pytest.mark.parametrize("impl", [None, "sdpa", "flash_attention_2", "kernels-community/flash-attn3", "kernels-community/flash-attn2"])
+def test_kernels_from_the_trusted_community_repos_pass(tiny, gpu_alice, impl):
+    """use_kernels alone swaps layers for the kernels transformers names itself
+    (kernels-community); an attention kernel of that organisation at its default
+    version is what transformers' own flash-attention fallback loads."""
+    found = problems(tiny_args(tiny, attn_implementation=impl, use_kernels=True), gpu_alice)
+    assert not [p for p in found if "remote" in p or "code" in p], found
+
+
+def test_the_operator_may_allow_hub_kernels(tiny, volume):
+    ctx = ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples", "alice"), hardware=ONE_GPU, allow_trust_remote_code=True)
+    found = problems(tiny_args(tiny, attn_implementation="someone/kernel", use_kernels=True, model_kwargs={"allow_all_kernels": True}), ctx)
+    assert not [p for p in found if "attn_implementation" in p or "allow_all_kernels" in p], found
+
+
+# -- 10. a refused DeepSpeed path is never read ----------------------------------------------
+
+
+def test_another_users_deepspeed_file_answers_like_a_missing_one(tiny, volume, gpu_alice):
+    """The ZeRO stage of bob's file must not show through the 8-bit check."""
+    bobs = volume / "runs" / "bob" / "r" / "ds.json"
+    bobs.parent.mkdir(parents=True, exist_ok=True)
+    bobs.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    found = problems(tiny_args(tiny, load_in_8bit=True, deepspeed=str(bobs)), gpu_alice)
+    absent = problems(tiny_args(tiny, load_in_8bit=True, deepspeed=str(bobs.with_name("none.json"))), gpu_alice)
+    assert not [p for p in found if "ZeRO-3" in p], found
+    assert [p.replace("ds.json", "X") for p in found] == [p.replace("none.json", "X") for p in absent]
+
+
+# -- 11. a dataset folder never holds the worker's locks or set-aside attempts -----------------
+
+
+@pytest.mark.parametrize("folder", ["runs/lockkeeper", "runs/lockkeeper/sub"])
+def test_a_dataset_folder_with_locks_or_set_aside_attempts_is_refused(tiny, volume, folder):
+    area = volume / "runs" / "lockkeeper"
+    (area / "sub" / "r1").mkdir(parents=True, exist_ok=True)
+    (area / "sub" / "r1" / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (area / "sub" / "r1.lock").write_text("{}")
+    (area / "sub" / "r0.previous-20260101-000000").mkdir(exist_ok=True)
+    keeper = ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples", "lockkeeper"), hardware=CPU_ONLY)
+    for key in ("datasets", "test_datasets"):
+        extra = {"val_set_size": 0} if key == "test_datasets" else {}
+        found = problems(tiny_args(tiny, **extra, **{key: [{"path": folder, "type": "alpaca", "ds_type": "json"}]}), keeper)
+        assert "lock files or set-aside attempts" in only(found, f"args.{key}[0].path")
+    ok = problems(tiny_args(tiny, datasets=[{"path": "runs/lockkeeper/sub/r1", "type": "alpaca", "ds_type": "json"}]), keeper)
+    assert not [p for p in ok if p.startswith("args.datasets[0].path")], ok
+
+
+# -- 12. writing to the Hub with the endpoint's own token ----------------------------------------
+
+
+@pytest.mark.parametrize("option, extra", [("push_dataset_to_hub", {"hf_use_auth_token": True}), ("trackio_space_id", {})])
+def test_hub_writes_from_the_config_need_the_jobs_own_token(tiny, volume, option, extra):
+    """The training child's HF_TOKEN falls back to the endpoint's: without this check a
+    job could push a dataset (or a Trackio Space) into any repo the operator's token can write."""
+    settings = WorkerSettings(base_volume=volume, hf_token="hf_operatorsOwnToken0000")
+    raw = {"user_id": "alice", "model_id": "m", "run_id": "r3", "args": tiny_args(tiny, **{option: "victim-org/thing"}, **extra)}
+    with pytest.raises(JobError) as caught:
+        validate_job(raw, settings, CPU_ONLY)
+    assert any(d.startswith(f"args.{option}:") and "credentials.hf_token" in d for d in caught.value.details), caught.value.details
+    raw["credentials"] = {"hf_token": "hf_usersOwnToken00000000"}
+    try:
+        validate_job(raw, settings, CPU_ONLY)
+    except JobError as exc:
+        assert not [d for d in exc.details if d.startswith(f"args.{option}:")], exc.details

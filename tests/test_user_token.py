@@ -304,3 +304,24 @@ def test_the_job_record_says_a_token_was_given_without_storing_it():
     record = pipeline._job_record(ValidJob(job=job, args={}))
     assert record["credentials_given"] == {"hf_token": False, "wandb_api_key": False, "comet_api_key": False, "swanlab_api_key": False, "user_token": True}
     assert token not in json.dumps(record)
+
+
+# -- restart and continue_from cannot act on another user's runs -------------------------------
+
+
+@pytest.mark.parametrize("fields", [{"restart": True}, {"continue_from": {"run_id": "earlier"}}])
+def test_a_token_for_another_user_cannot_restart_or_continue_that_users_runs(hs_env, volume, user, calls, fields):
+    """The victim's run is made by hand (no training); mallory's token names mallory."""
+    for run_id in ("target", "earlier"):
+        paths = run_paths(volume / "runs", user, run_id)
+        (paths.run_dir / "output").mkdir(parents=True)
+        paths.result_file.write_text(json.dumps({"type": "result", "status": "completed", "run_id": run_id}))
+    before = sorted(p.name for p in runs_of(volume, user).iterdir())
+    token = mint("mallory")
+    job = make_job({"base_model": "x/y"}, user_id=user, run_id="target", credentials={"user_token": token}, **fields)
+    evs = collect(job, hs_env)
+    assert evs[-1]["code"] == "auth_error" and calls == [], evs[-1]
+    after = sorted(p.name for p in runs_of(volume, user).iterdir())
+    assert after == before and not [name for name in after if ".previous-" in name]
+    assert run_paths(volume / "runs", user, "target").result_file.exists()
+    assert token not in json.dumps(evs)

@@ -15,16 +15,27 @@ from typing import Any
 
 from finetune_worker.checks import axolotl_schema
 from finetune_worker.checks.options import (
+    ATTENTION_KEYS,
+    CLASSIFIED,
     CREDENTIAL_ENV,
     DATASET_LIST_KEYS,
+    HUB_KERNEL_MESSAGE,
     INLINE_DATASET_KEYS,
     Kind,
     dataset_fields,
     is_nested,
     kind_of,
     mapping_key_problem,
+    names_hub_kernel,
 )
-from finetune_worker.checks.paths import HUB_ID, PathRejected, PathRoots, resolve_inside, resolve_local_or_hub
+from finetune_worker.checks.paths import (
+    HUB_ID,
+    PathRejected,
+    PathRoots,
+    resolve_inside,
+    resolve_local_or_hub,
+    worker_files_problem,
+)
 from finetune_worker.contract.errors import Problem
 from finetune_worker.contract.job import HUB_REPO_ID, HUB_REPO_NAME, suggest
 from finetune_worker.plan.config import integration_name
@@ -50,6 +61,8 @@ QUANTISED_LOADING = {
     "load_in_8bit": ("8-bit loading", "bitsandbytes"),
     "gptq": ("GPTQ", "GPTQ kernels"),
 }
+# Local paths that Axolotl (or the worker's checks) open and read.
+READ_OPTIONS = frozenset(name for name, kind in CLASSIFIED.items() if kind is Kind.READ)
 NO_GPU_FIX = "use adapter: lora without quantised loading, or run on a GPU worker"
 # QAT dtypes (qat.weight_dtype / qat.activation_dtype) whose fake quantisation runs only on CUDA.
 GPU_QAT_DTYPES = frozenset({"fp8", "float8", "float8_e4m3fn", "nvfp4", "mxfp4"})
@@ -80,12 +93,16 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     problems += _unknown_key_problems(args)
     problems += _plugin_problems(args)
     problems += _option_problems(args, ctx)
-    problems += _resolve_model_paths(args, ctx)
+    refused_paths = _resolve_model_paths(args, ctx)
+    problems += refused_paths
+    # A refused path is never read: another user's file answers exactly like a missing one.
+    unread = {p.path.removeprefix("args.") for p in refused_paths} & READ_OPTIONS
     problems += _hardware_problems(args, ctx.hardware)
-    problems += combination_problems(args, ctx.hardware.has_gpu)
+    problems += combination_problems(args, ctx.hardware.has_gpu, read_deepspeed="deepspeed" not in unread)
     problems += _publish_problems(args)
     if not any(p.path in ("args.datasets", "args.plugins") for p in problems):
-        problems += _schema_problems(args, {loc for loc, _ in bad_datasets}, ctx.hardware)
+        readable = {k: v for k, v in args.items() if k not in unread}
+        problems += _schema_problems(readable, {loc for loc, _ in bad_datasets}, ctx.hardware)
     return args, problems
 
 
@@ -143,6 +160,8 @@ def _resolve_dataset_paths(args: dict, ctx: ArgsContext) -> list[tuple[tuple[str
                 # An https URL only where the worker downloads it under its rules (plan.localise_datasets).
                 url_ok = loc[0] in INLINE_DATASET_KEYS
                 entry["path"] = resolve_local_or_hub(entry["path"], ctx.roots, remote_ok=True, url_ok=url_ok)
+                if message := worker_files_problem(entry["path"], ctx.roots):
+                    raise PathRejected(message)
             except PathRejected as exc:
                 found.append((loc, Problem(f"{where}.path", str(exc))))
         found += [(loc, p) for p in _resolve_data_files(entry, where, ctx)]
@@ -214,6 +233,8 @@ def _resolve_data_files(entry: dict, where: str, ctx: ArgsContext) -> list[Probl
         suffix = f"[{index}]" if isinstance(files, list) else ""
         try:
             resolved.append(_repo_file(value, entry["path"]) if in_repo else resolve_local_or_hub(value, ctx.roots, remote_ok=True))
+            if message := worker_files_problem(resolved[-1], ctx.roots):
+                raise PathRejected(message)
         except PathRejected as exc:
             problems.append(Problem(f"{where}.data_files{suffix}", str(exc)))
     if not problems:
@@ -385,6 +406,8 @@ def _option_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
 def _kind_problem(kind: Kind, key: str, value: Any, ctx: ArgsContext) -> str | None:
     if kind is Kind.REMOTE_CODE and not ctx.allow_trust_remote_code:
         return REMOTE_CODE_MESSAGE
+    if key in ATTENTION_KEYS and names_hub_kernel(value) and not ctx.allow_trust_remote_code:
+        return HUB_KERNEL_MESSAGE  # with use_kernels, Axolotl lets transformers load any Hub repo's kernel
     if kind is Kind.CREDENTIAL:
         env = CREDENTIAL_ENV.get(key)
         instead = f"send it as credentials.{key}" if env else "this integration's credentials are not supported on this worker"
@@ -417,7 +440,7 @@ def _mapping_problems(value: Any, where: str, ctx: ArgsContext) -> list[Problem]
     problems = []
     if isinstance(value, dict):
         for key, item in value.items():
-            found = mapping_key_problem(key)
+            found = mapping_key_problem(key, item)
             waived = found is not None and (
                 (found[0] is Kind.REMOTE_CODE and ctx.allow_trust_remote_code) or (found[0] is Kind.READ and not ctx.shared)
             )

@@ -5,9 +5,10 @@ entries of every kind, DeepSpeed/FSDP, TRL, vLLM, dynamic checkpointing, and the
 input arguments of every bundled plugin) has a `Kind`. Options whose type holds
 only numbers, booleans, literals or enums are plain values by construction;
 every option that can hold a string or a free-form mapping is listed below by
-hand. `tests/test_options.py` walks Axolotl's schema and fails when an option is
-not classified, so a new Axolotl release cannot slip a file-reading option
-through; at run time an unclassified option is refused (fail closed).
+hand. `tests/test_security.py::test_every_axolotl_option_is_classified` walks
+Axolotl's schema and fails when an option is not classified, so a new Axolotl
+release cannot slip a file-reading option through; at run time an unclassified
+option is refused (fail closed).
 
 Dataset entries share one namespace (`datasets.<field>`) for `datasets`,
 `test_datasets` and `pretraining_dataset`.
@@ -116,18 +117,55 @@ CREDENTIAL_ENV = {"comet_api_key": "COMET_API_KEY", "swanlab_api_key": "SWANLAB_
 # Keys refused anywhere inside a free-form mapping (model kwargs, config overrides,
 # DeepSpeed objects, ...): they run repository code, carry credentials, or name
 # places on disk that the library would read or write.
-REMOTE_CODE_KEYS = frozenset({"trust_remote_code", "auto_map", "code_revision"})
+# `allow_all_kernels` lifts the kernels library's trusted-publisher check, and a
+# `kernel_config` maps layers to Hub kernel repos of the config's choosing.
+REMOTE_CODE_KEYS = frozenset({"trust_remote_code", "auto_map", "code_revision", "allow_all_kernels", "kernel_config"})
+# Keys (top level or in a mapping) whose value transformers loads as a Hub kernel
+# when it names a repo (`org/repo`, `org/repo@rev`, `org/repo:function`, `paged|org/repo`).
+ATTENTION_KEYS = frozenset({"attn_implementation", "_attn_implementation"})
+# The organisation whose kernels transformers itself loads (its flash-attention fallback
+# and its layer mapping under use_kernels). Its repos at their default version are the
+# library's own choice; a revision (`@...`) may name any commit, a pull request's too.
+TRUSTED_KERNEL_ORG = "kernels-community"
+HUB_KERNEL_MESSAGE = (
+    "names a kernel repository on the Hugging Face Hub: its code would run in the training. "
+    f"Use a built-in attention (sdpa, flash_attention_2, ...) or a {TRUSTED_KERNEL_ORG}/ kernel without @revision; "
+    "or ask the operator to set FINETUNE_ALLOW_TRUST_REMOTE_CODE=1"
+)
 CREDENTIAL_KEYS = frozenset({"token", "use_auth_token", "api_key", "hf_token", "secret", "password"})
 PATH_KEY_SUFFIXES = ("_dir", "_path", "_file", "_folder", "_paths", "_files")
 PATH_KEYS = frozenset({"cache_dir", "offload_folder", "nvme_path", "pretrained_model_name_or_path", "output_path", "output_file"})
 
 
-def mapping_key_problem(key: str) -> tuple[Kind, str] | None:
+def names_hub_kernel(value: Any) -> bool:
+    """Whether an attention implementation (a string, or a mapping of sub-configs to
+    strings) names a Hub kernel repo other than a trusted one at its default version.
+
+    transformers (integrations/hub_kernels.py) takes what follows a `|` (`paged|...`),
+    then `repo[@rev][:function]`; Axolotl passes any value with a `/` through."""
+    if isinstance(value, dict):
+        return any(names_hub_kernel(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(names_hub_kernel(item) for item in value)
+    if not isinstance(value, str):
+        return False
+    for part in value.split("|"):
+        if "/" not in part:
+            continue
+        org, _, rest = part.split(":")[0].strip().partition("/")
+        if not (org == TRUSTED_KERNEL_ORG and rest and "/" not in rest and "@" not in rest):
+            return True
+    return False
+
+
+def mapping_key_problem(key: str, value: Any = None) -> tuple[Kind, str] | None:
     """What a key inside a free-form mapping touches (REMOTE_CODE, CREDENTIAL or READ
     for a place on disk) and why it is refused, or None."""
     lowered = str(key).lower()
     if lowered in REMOTE_CODE_KEYS:
-        return Kind.REMOTE_CODE, "runs code from a model repository; refused inside any mapping"
+        return Kind.REMOTE_CODE, "runs code from a model or kernel repository; refused inside any mapping"
+    if lowered in ATTENTION_KEYS and names_hub_kernel(value):
+        return Kind.REMOTE_CODE, HUB_KERNEL_MESSAGE
     if lowered in CREDENTIAL_KEYS or lowered.endswith("_token") or lowered.endswith("api_key"):
         return Kind.CREDENTIAL, "looks like a credential; send credentials in `credentials`, never in args"
     if lowered in PATH_KEYS or lowered.endswith(PATH_KEY_SUFFIXES):

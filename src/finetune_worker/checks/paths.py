@@ -7,6 +7,7 @@ asking whether a candidate path exists.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -129,6 +130,29 @@ def _resolve_local_or_hub(value: str, roots: PathRoots, *, remote_ok: bool, url_
 def is_https_url(value: str) -> bool:
     parts = urlsplit(value)
     return parts.scheme == "https" and bool(parts.hostname) and not parts.username and not parts.password
+
+
+# How many entries a dataset folder's walk looks at before it gives up (and refuses).
+MAX_FOLDER_ENTRIES = 20_000
+
+
+def worker_files_problem(resolved: str, roots: PathRoots) -> str | None:
+    """A folder of the user's own runs area that holds the worker's lock files or
+    set-aside attempts (at any depth) is refused: a job never reads them. Folders
+    elsewhere on the volume cannot hold them and are not walked."""
+    folder = Path(resolved)
+    if not any(_within(folder, root) for root in roots.granted) or not folder.is_dir():
+        return None
+    seen = 0
+    for _, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            seen += 1
+            if name.endswith(LOCK_SUFFIX) or SET_ASIDE_MARKER in name:
+                return (f"this folder holds the worker's lock files or set-aside attempts ({name}); "
+                        "name the run's own folder or its data files instead")
+            if seen > MAX_FOLDER_ENTRIES:
+                return f"this folder holds more than {MAX_FOLDER_ENTRIES} entries; name the data files or a smaller folder"
+    return None
 
 
 def resolve_inside(value: str, roots: PathRoots) -> str:

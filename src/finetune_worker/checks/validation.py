@@ -50,6 +50,8 @@ def validate_job(
         )
         args, arg_problems = check_args(raw_args, context)
         notes = (*notes, *context.notes)
+    if job is not None and args:
+        arg_problems += hub_write_problems(args, job)
     if job is not None and job.evaluation is not None:
         arg_problems += _evaluation_problems(job, make_roots(settings.base_volume, settings.examples_dir, job.user_id))
     if job is not None and job.num_processes and hardware.has_gpu and job.num_processes > hardware.gpu_count:
@@ -72,6 +74,24 @@ def validate_job(
         raise problems_error(code, problems + arg_problems)
     assert job is not None
     return ValidJob(job=job, args=args, defaults_used=used, notes=notes, origin=origin)
+
+
+# Options with which the training itself writes to the Hub, with HF_TOKEN in its environment.
+HUB_WRITE_OPTIONS = ("push_dataset_to_hub", "trackio_space_id")
+
+
+def hub_write_problems(args: dict[str, Any], job: JobInput) -> list[Problem]:
+    """The training child's HF_TOKEN is the job's hf_token, else the endpoint's own: a
+    config that writes to the Hub must bring its own token, or it would write to any
+    repo the operator's token can (validate_job serves shared endpoints only)."""
+    if job.credentials.hf_token is not None:
+        return []
+    return [
+        Problem(f"args.{key}", "writes to the Hugging Face Hub during training; send credentials.hf_token with write access "
+                "to that repo (the endpoint's own token is not used for this)")
+        for key in HUB_WRITE_OPTIONS
+        if args.get(key)
+    ]
 
 
 AXOLOTL_DEFAULT_SEQUENCE_LEN = 512  # AxolotlInputConfig.sequence_len
@@ -190,13 +210,15 @@ def local_dataset_bytes(args: dict[str, Any]) -> int:
 
 def _evaluation_problems(job: JobInput, roots) -> list[Problem]:
     """Resolve the eval dataset's path (in place) and check inline eval rows."""
-    from finetune_worker.checks.paths import PathRejected, resolve_local_or_hub
+    from finetune_worker.checks.paths import PathRejected, resolve_local_or_hub, worker_files_problem
     from finetune_worker.data.rows import eval_row_shape, row_problem
 
     dataset = job.evaluation.dataset
     if dataset.path is not None:
         try:
             dataset.path = resolve_local_or_hub(dataset.path, roots)
+            if message := worker_files_problem(dataset.path, roots):
+                raise PathRejected(message)
         except PathRejected as exc:
             return [Problem("evaluation.dataset.path", str(exc))]
         return []

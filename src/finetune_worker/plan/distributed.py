@@ -98,12 +98,13 @@ def resolve_presets(args: dict[str, Any], notes: list[str] | None = None, own_fi
     return problems
 
 
-def combination_problems(args: dict[str, Any], has_gpu: bool) -> list[Problem]:
+def combination_problems(args: dict[str, Any], has_gpu: bool, read_deepspeed: bool = True) -> list[Problem]:
+    """`read_deepspeed`: False when the path was refused (never open a file the job may not read)."""
     problems = []
     sharded_fsdp = args.get("fsdp_config") or args.get("fsdp")
     if args.get("deepspeed") and sharded_fsdp:
         problems.append(Problem("args.deepspeed", "DeepSpeed and FSDP cannot be used together; keep one of deepspeed or fsdp_config"))
-    stage = deepspeed_stage(args.get("deepspeed"))
+    stage = deepspeed_stage(args.get("deepspeed")) if read_deepspeed else None
     if stage == 3 and args.get("load_in_8bit"):
         problems.append(Problem("args.load_in_8bit", "ZeRO-3 cannot shard 8-bit weights; use deepspeed: zero2, or adapter: qlora with load_in_4bit"))
     if (args.get("deepspeed") or sharded_fsdp) and not has_gpu:
