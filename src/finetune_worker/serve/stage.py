@@ -37,10 +37,10 @@ async def generate(job: JobInput, settings: WorkerSettings, child_env: dict[str,
     what = "adapter" if target.adapter else "weights"
     yield events.status("generating", f"loading run {job.run_id} ({_which(target)}: its {what}) to answer {len(items)} "
                                       f"{'prompt' if job.prompts is not None else 'conversation'}{'s' if len(items) != 1 else ''}")
-    work = run_paths(settings.runs_dir, job.user_id, job.run_id).run_dir / "generations" / time.strftime("%Y%m%d-%H%M%S")
-    work = _fresh(work)
+    paths = run_paths(settings.runs_dir, job.user_id, job.run_id)
+    work = _fresh(paths.run_dir / "generations" / time.strftime("%Y%m%d-%H%M%S"))
     options = generation_options(job)
-    spec = {"config": str(work.parent.parent / "config.yaml"), "model_dir": str(target.model_dir), "records": str(work / "answers.jsonl"),
+    spec = {"config": str(paths.config_file), "model_dir": str(target.model_dir), "records": str(work / "answers.jsonl"),
             "prompts": job.prompts, "messages": None if job.prompts is not None else items, **options}
     write_json(work / "spec.json", spec)
     out = work / "result.json"
@@ -85,9 +85,10 @@ def _which(target: RunOutput) -> str:
 
 def _recipe(target: RunOutput, job: JobInput, settings: WorkerSettings) -> dict:
     """Serve the run from the Hub when it was pushed there, else from the volume."""
-    stored = read_json(run_paths(settings.runs_dir, job.user_id, job.run_id).result_file) or {}
-    hub = stored.get("hub") if isinstance(stored.get("hub"), dict) and target.checkpoint == "final" else None
+    paths = run_paths(settings.runs_dir, job.user_id, job.run_id)
+    stored, record = read_json(paths.result_file), read_json(paths.job_file)
+    hub = stored.get("hub") if isinstance(stored, dict) and isinstance(stored.get("hub"), dict) and target.checkpoint == "final" else None
     weights = hub["repo_id"] if hub and hub.get("repo_id") else str(target.model_dir)
-    name = str(read_json(run_paths(settings.runs_dir, job.user_id, job.run_id).job_file).get("model_id") or job.run_id)
+    name = str(record.get("model_id") or job.run_id) if isinstance(record, dict) else job.run_id
     merged = str(target.merged_dir) if target.merged_dir else None
     return run_recipe(target.config, name, weights, target.adapter, target.lora_rank, merged)
