@@ -119,3 +119,11 @@ def test_serve_refuses_what_it_cannot_serve_before_starting_anything(tmp_path, c
     (run / "outputs" / "adapter_config.json").write_text("{}")
     assert serve(str(run), runs_dir=tmp_path, env={"VLLM_MAX_LORA_RANK": "12"}, server="vllm") == 2
     assert "VLLM_MAX_LORA_RANK=12" in capsys.readouterr().err
+
+
+def test_the_model_card_never_shows_a_local_base_models_path():
+    recipe = run_recipe({**CONFIG, "base_model": "/runpod-volume/models/my-llama"}, "bot", "me/bot-lora", adapter=True, lora_rank=8)
+    text = "\n".join(deploy_section(recipe, local_base="my-llama"))
+    assert "/runpod-volume" not in text
+    assert "MODEL_NAME='<my-llama>'" in text and "vllm serve <my-llama> --enable-lora" in text
+    assert "replace `<my-llama>`" in text

@@ -146,7 +146,7 @@ def render_model_card(
         args = f'"{repo}", subfolder="{folder}"' if folder else f'"{repo}"'
         lines += ["The adapter merged into the base model, as plain weights:", "", "```python",
                   f"model = AutoModelForCausalLM.from_pretrained({args})", "```", ""]
-    lines += deploy_section(deploy)
+    lines += deploy_section(deploy, local_base=Path(base).name if _is_local(base) else None)
     lines += lineage_section(lineage)
     lines += ["## Training", "", "| hyperparameter | value |", "|---|---|"]
     lines += [f"| `{key}` | `{config[key]}` |" for key in CARD_HYPERPARAMETERS if config.get(key) is not None]
@@ -166,10 +166,14 @@ def _model_name(name: str) -> str:
     return f"a local model (`{Path(name).name}`)" if _is_local(name) else f"[{name}](https://huggingface.co/{name})"
 
 
-def deploy_section(recipe: dict | None) -> list[str]:
-    """How to serve it: RunPod's vLLM worker, `vllm serve`, `transformers serve` (plan/serving.py's recipe)."""
+def deploy_section(recipe: dict | None, local_base: str | None = None) -> list[str]:
+    """How to serve it: RunPod's vLLM worker, `vllm serve`, `transformers serve` (plan/serving.py's recipe).
+    A base model that was a local directory appears as <its name>, never as its path."""
     if not recipe:
         return []
+    if local_base:
+        model = recipe["runpod_vllm_worker"]["env"].get("MODEL_NAME", "")
+        recipe = json.loads(json.dumps(recipe).replace(json.dumps(model)[1:-1], f"<{local_base}>"))
     env = recipe["runpod_vllm_worker"]["env"]
     lines = ["## Deploy it", "", f"As a RunPod serverless endpoint with RunPod's vLLM worker (`{recipe['runpod_vllm_worker']['image']}`), "
              "set these environment variables (add `HF_TOKEN` for a private repo):", "", "```bash"]
@@ -180,6 +184,8 @@ def deploy_section(recipe: dict | None) -> list[str]:
     elif recipe.get("note"):
         lines += [f"`transformers serve`: {recipe['note']}.", ""]
     lines += [f"Then call it as the model `{recipe['model']}` at `/v1/chat/completions`.", ""]
+    if local_base:
+        lines += [f"It was trained from a local copy of its base model: replace `<{local_base}>` with that model's Hub id or path.", ""]
     return lines
 
 

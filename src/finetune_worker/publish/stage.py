@@ -68,12 +68,15 @@ async def evaluate(ctx: JobContext, state: JobState) -> dict:
     return evaluation
 
 
-def deploy_recipe(ctx: JobContext, merged: Path | None, repo_id: str | None) -> dict:
-    """How to serve this run: from the Hub once pushed (repo_id), else from the volume."""
+def deploy_recipe(ctx: JobContext, merged: Path | None, repo_id: str | None, on_volume: bool = True) -> dict:
+    """How to serve this run: from the Hub once pushed (repo_id), else from the volume.
+    `on_volume=False` (the model card): no path on the worker's volume."""
     config, publish = ctx.plan.config, ctx.valid.job.publish
     merged_where = None
-    if merged is not None:
-        merged_where = publish.merged_hub_model_id if repo_id and publish.merged_hub_model_id else str(merged)
+    if merged is not None and repo_id and publish.merged_hub_model_id:
+        merged_where = publish.merged_hub_model_id
+    elif merged is not None and on_volume:
+        merged_where = str(merged)
     return run_recipe(config, ctx.valid.job.model_id, repo_id or str(ctx.paths.output_dir),
                       config.get("adapter") in ("lora", "qlora"), config.get("lora_r"), merged_where)
 
@@ -87,7 +90,7 @@ async def push(
     card = render_model_card(
         repo_id=ctx.repo_id, config=ctx.plan.config, metrics=trained["metrics"], versions=framework_versions(),
         has_loss_curve=has_curve, merged=merged_where, lineage=ctx.valid.lineage, extra_sections=evaluation_sections(evaluation) if evaluation else [],
-        deploy=deploy_recipe(ctx, merged, ctx.repo_id),
+        deploy=deploy_recipe(ctx, merged, ctx.repo_id, on_volume=False),
     )
     paths.hub_dir.mkdir(exist_ok=True)
     (paths.hub_dir / "README.md").write_text(card, encoding="utf-8")
