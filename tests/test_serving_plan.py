@@ -127,3 +127,20 @@ def test_the_model_card_never_shows_a_local_base_models_path():
     assert "/runpod-volume" not in text
     assert "MODEL_NAME='<my-llama>'" in text and "vllm serve <my-llama> --enable-lora" in text
     assert "replace `<my-llama>`" in text
+
+
+def test_merged_weights_stop_at_the_chat_templates_end_of_turn(tmp_path):
+    """A chat fine-tune of a base model ends answers with <|im_end|> while its eos stays </s>:
+    the merged weights' generation_config lists both, so servers stop where the answer ends."""
+    from finetune_worker.run.rundir import copy_run_tokenizer
+
+    output, merged = tmp_path / "output", tmp_path / "output" / "merged"
+    merged.mkdir(parents=True)
+    added = [{"id": 2, "content": "</s>", "special": True}, {"id": 5, "content": "<|im_end|>", "special": True},
+             {"id": 6, "content": "<|eot_id|>", "special": False}]
+    (output / "tokenizer.json").write_text(json.dumps({"added_tokens": added}))
+    (output / "chat_template.jinja").write_text("{{ messages }}")
+    (merged / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 3}))
+    copy_run_tokenizer(output, merged)
+    assert (merged / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert json.loads((merged / "generation_config.json").read_text()) == {"eos_token_id": [2, 5], "pad_token_id": 3}

@@ -157,12 +157,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
+# The tokens chat templates end a turn with (ChatML, Llama 3, Gemma, Phi-3, Qwen).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
 def copy_run_tokenizer(output_dir: Path, merged_dir: Path) -> None:
-    """Give merged weights the tokenizer the run trained with: merge-lora saves the base
-    model's, which lacks a chat template the run's config set."""
+    """Give merged weights the tokenizer the run trained with (merge-lora saves the base
+    model's, which lacks a chat template the run's config set), and let generation stop
+    at its end-of-turn token: a chat fine-tune of a base model ends answers with one, and
+    servers (vLLM, transformers serve) stop only at generation_config's eos_token_id."""
     for name in TOKENIZER_FILES:
         if (output_dir / name).is_file():
             shutil.copyfile(output_dir / name, merged_dir / name)
+    tokenizer, generation = read_json(merged_dir / "tokenizer.json"), read_json(merged_dir / "generation_config.json")
+    if not isinstance(tokenizer, dict) or not isinstance(generation, dict):
+        return
+    turns = [t["id"] for t in tokenizer.get("added_tokens") or [] if t.get("special") and t.get("content") in END_OF_TURN_TOKENS]
+    eos = generation.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+    if set(turns) - set(eos):
+        write_json(merged_dir / "generation_config.json", {**generation, "eos_token_id": [*eos, *sorted(set(turns) - set(eos))]})
 
 
 def checkpoints(output_dir: Path) -> list[Path]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_worker.run.rundir import END_OF_TURN_TOKENS  # a chat fine-tune of a base model ends answers with one
+
 LORA_ADAPTERS = ("lora", "qlora")
 GENERATION_BATCH = 8  # prompts per generate() call; left-padded
 
@@ -118,6 +120,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, te
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow every prompt directly
     if tokenizer.pad_token_id is None:
@@ -127,8 +130,8 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, te
         for first in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[first:first + batch_size], return_tensors="pt", padding=True).to(device)
             with torch.no_grad():
-                output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
-            done = [_completion(tokenizer, row[batch.input_ids.shape[1]:], max_new_tokens) for row in output]
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(stops), **sampling)
+            done = [_completion(tokenizer, row[batch.input_ids.shape[1]:], max_new_tokens, stops) for row in output]
             out.extend(done)
             if on_batch is not None:
                 on_batch(first, done)
@@ -137,10 +140,19 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, te
     return out
 
 
-def _completion(tokenizer, new_ids, max_new_tokens: int) -> Completion:
+def stop_token_ids(tokenizer, configured: int | list[int] | None = None) -> set[int]:
+    """Where an answer ends: the model's and tokenizer's end of sequence, padding, and the
+    end-of-turn tokens the tokenizer has as special tokens."""
+    stops = set(configured if isinstance(configured, list) else [configured])
+    stops |= {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    special = set(getattr(tokenizer, "all_special_tokens", [])) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    stops |= {tokenizer.convert_tokens_to_ids(token) for token in END_OF_TURN_TOKENS if token in special}
+    return {token for token in stops if isinstance(token, int) and token >= 0}
+
+
+def _completion(tokenizer, new_ids, max_new_tokens: int, stops: set[int]) -> Completion:
     ids = new_ids.tolist()
-    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-    ended = next((i for i, token in enumerate(ids) if token in eos), None)
+    ended = next((i for i, token in enumerate(ids) if token in stops), None)
     kept = ids if ended is None else ids[:ended]
     reason = "stop" if ended is not None or len(ids) < max_new_tokens else "length"
     return Completion(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), reason)
