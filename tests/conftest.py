@@ -106,6 +106,27 @@ def collect(job_input: Any, env: dict[str, str], hardware=None) -> list[dict]:
     return asyncio.run(run())
 
 
+def collect_until(job_input: Any, env: dict[str, str], stop, hardware=None) -> list[dict]:
+    """Drive the job until `stop(event)` holds (or the job ends), then close it: nothing
+    after that point runs."""
+    from finetune_worker.pipeline import run_job
+    from finetune_worker.run.hardware import CPU_ONLY
+
+    async def run() -> list[dict]:
+        seen = []
+        stream = run_job(job_input, env=env, hardware=hardware or CPU_ONLY)
+        try:
+            async for event in stream:
+                seen.append(event)
+                if stop(event) or event["type"] in ("result", "error"):
+                    break
+        finally:
+            await stream.aclose()
+        return seen
+
+    return asyncio.run(run())
+
+
 # A training runs as `python -m axolotl.cli.train CONFIG`, or as the standby child
 # `python -m finetune_worker.run.standby CONFIG` that the pipeline starts at job receipt.
 TRAINING_PROGRAMS = ("axolotl.cli.train", "finetune_worker.run.standby")

@@ -4,7 +4,6 @@ memory estimate is there from the first job, and a gated or missing model fails 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_job, tiny_args
+from conftest import collect_until, make_job, tiny_args
 from fake_hub import FakeHub, user
 from finetune_worker.checks.memory import GIB
 from finetune_worker.checks.resources import directory_facts, estimate_disk, model_facts
@@ -66,22 +65,8 @@ def downloads(hub: FakeHub, repo_id: str) -> set[str]:
 def first_events(job: dict, env: dict[str, str], until: str = "memory_estimate_bytes") -> tuple[list[dict], float]:
     """Drive the job until an event carries `until` (or the job ends), then close it:
     nothing after that point runs. (The events, the seconds it took.)"""
-    from finetune_worker.pipeline import run_job
-
-    async def run() -> list[dict]:
-        seen = []
-        stream = run_job(job, env=env, hardware=H100)
-        try:
-            async for event in stream:
-                seen.append(event)
-                if until in event or event["type"] in ("result", "error"):
-                    break
-        finally:
-            await stream.aclose()
-        return seen
-
     started = time.monotonic()
-    seen = asyncio.run(run())
+    seen = collect_until(job, env, lambda event: until in event, hardware=H100)
     return seen, time.monotonic() - started
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import collect, make_job, tiny_args
+from conftest import collect, collect_until, make_job, tiny_args
 from fake_hub import FakeHub, user
 from finetune_worker.publish.card import render_model_card
 from finetune_worker.publish.hub import token_problem, with_retries
@@ -264,26 +264,8 @@ def test_without_a_wandb_key_wandb_is_off_and_says_so(tiny, hub_env, volume):
 def test_a_job_with_hub_model_id_without_an_owner_says_where_it_goes(tiny, hub, hub_env):
     """The pipeline resolves the owner before training and says so; the events are read
     up to the token check, and the job is stopped there (no training)."""
-    import asyncio
-
-    from finetune_worker.pipeline import run_job
-    from finetune_worker.run.hardware import CPU_ONLY
-
     job = make_job(tiny_args(tiny, hub_model_id="my-adapter"), credentials={"hf_token": WRITE_TOKEN})
-
-    async def until_the_token_check() -> list[dict]:
-        seen = []
-        stream = run_job(job, env=hub_env, hardware=CPU_ONLY)
-        try:
-            async for event in stream:
-                seen.append(event)
-                if event["type"] in ("error", "result") or "may push to" in event.get("message", ""):
-                    break
-        finally:
-            await stream.aclose()
-        return seen
-
-    evs = asyncio.run(until_the_token_check())
+    evs = collect_until(job, hub_env, lambda event: "may push to" in event.get("message", ""))
     messages = [e.get("message", "") for e in evs]
     assert "hub_model_id 'my-adapter' has no owner, so it goes to the token's user: alice/my-adapter" in messages, evs[-1]
     assert messages[-1] == "the token of 'alice' may push to alice/my-adapter"

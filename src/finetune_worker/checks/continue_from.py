@@ -12,11 +12,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from finetune_worker.contract.errors import Problem
 from finetune_worker.contract.job import JobInput
-from finetune_worker.run.rundir import has_weights, is_complete_checkpoint, read_json, run_paths
+from finetune_worker.run.rundir import (
+    checkpoints_named,
+    has_weights,
+    is_complete_checkpoint,
+    read_config,
+    read_json,
+    run_paths,
+    weights_problem,
+)
 
 LORA_ADAPTERS = ("lora", "qlora")  # both save a PEFT LoRA adapter (adapter_config.json)
 MAX_LINEAGE = 100  # runs in one chain: past this, job.json files point in a circle
@@ -51,7 +57,7 @@ def resolve_continue_from(job: JobInput, args: dict[str, Any], runs_dir: Path) -
                                                       "without continue_from (it resumes from its last checkpoint)")]
     paths = run_paths(runs_dir, job.user_id, wanted.run_id)
     record = read_json(paths.job_file) if paths.run_dir.is_dir() else None
-    earlier_config = _read_yaml(paths.config_file)
+    earlier_config = read_config(paths.config_file)
     if not isinstance(record, dict) or not isinstance(earlier_config, dict):
         return None, [no_such_run(wanted.run_id)]
     adapter_run = earlier_config.get("adapter") in LORA_ADAPTERS
@@ -84,20 +90,16 @@ def _earlier_output(paths, checkpoint: str | int, adapter_run: bool, wants_adapt
     else:
         output = paths.output_dir / f"checkpoint-{checkpoint}"
         if not (output.is_dir() and is_complete_checkpoint(output)):
-            steps = sorted(int(p.name.removeprefix("checkpoint-")) for p in paths.output_dir.glob("checkpoint-*")
-                           if p.name.removeprefix("checkpoint-").isdigit() and is_complete_checkpoint(p))
-            have = f"; its checkpoints: {', '.join(map(str, steps))}" if steps else "; it has no complete checkpoint"
-            return output, Problem("continue_from.checkpoint", f"run {run_id!r} has no checkpoint at step {checkpoint}{have}")
+            return output, Problem("continue_from.checkpoint",
+                                   f"run {run_id!r} has no checkpoint at step {checkpoint}{checkpoints_named(paths.output_dir)}")
     if adapter_run and wants_adapter is False:
         merged = paths.output_dir / "merged"
         if checkpoint == "final" and merged.is_dir() and has_weights(merged):
             return merged, None
         return output, Problem("continue_from", f"run {run_id!r} trained a LoRA adapter: continue it with adapter: lora, "
                                                 "or merge its final adapter first (publish.merge_lora) to continue as a full fine-tune")
-    if adapter_run and not (output / "adapter_config.json").is_file():
-        return output, Problem("continue_from", f"run {run_id!r} left no LoRA adapter in {output.name} (no adapter_config.json)")
-    if not adapter_run and not has_weights(output):
-        return output, Problem("continue_from", f"run {run_id!r} left no model weights in {output.name}")
+    if missing := weights_problem(run_id, output, adapter_run):
+        return output, Problem("continue_from", missing)
     return output, None
 
 
@@ -137,13 +139,6 @@ def _target_problems(origin: Origin, args: dict, earlier_config: dict, adapter: 
         want = f"lora_target_modules: {modules}"
     return [Problem("args.lora_target_modules", f"{want} does not match the adapter of run {origin.run_id!r} "
                                                 f"(target modules {saved}); continue_from needs the same target modules")]
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
 
 
 # ---------------------------------------------------------------- lineage

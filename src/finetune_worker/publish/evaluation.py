@@ -14,13 +14,11 @@ The pure parts (metrics, the publish gate) are importable without torch.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from pathlib import Path
 
 from finetune_worker.contract.job import EVAL_METRICS
-from finetune_worker.run.fastexit import exit_without_teardown
+from finetune_worker.run.fastexit import exit_without_teardown, spec_child
 from finetune_worker.serve.inference import alpaca_prompt, chat_prompt, generate_texts, load_base, load_finetuned, load_tokenizer
 
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
@@ -164,13 +162,7 @@ def evaluate(spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune_worker.publish.evaluation")
-    parser.add_argument("spec", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
-    options = parser.parse_args(argv)
-    result = evaluate(json.loads(options.spec.read_text(encoding="utf-8")))
-    options.out.write_text(json.dumps(result), encoding="utf-8")
-    return 0
+    return spec_child("finetune_worker.publish.evaluation", evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from finetune_worker.checks.continue_from import LORA_ADAPTERS
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
 from finetune_worker.plan.children import build_evaluation_argv, build_hub_argv, build_merge_argv
@@ -78,7 +79,7 @@ def deploy_recipe(ctx: JobContext, merged: Path | None, repo_id: str | None, on_
     elif merged is not None and on_volume:
         merged_where = str(merged)
     return run_recipe(config, ctx.valid.job.model_id, repo_id or str(ctx.paths.output_dir),
-                      config.get("adapter") in ("lora", "qlora"), config.get("lora_r"), merged_where)
+                      config.get("adapter") in LORA_ADAPTERS, config.get("lora_r"), merged_where)
 
 
 async def push(

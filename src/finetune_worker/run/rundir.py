@@ -115,6 +115,15 @@ def append_event(paths: RunPaths, event: dict) -> None:
         print(f"finetune-worker: could not record an event in {paths.events_file}: {exc}", file=sys.stderr)
 
 
+def read_config(path: Path) -> dict | None:
+    """A run's config.yaml, or None when it is missing or not a YAML mapping."""
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -177,6 +186,21 @@ def copy_run_tokenizer(output_dir: Path, merged_dir: Path) -> None:
     eos = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
     if set(turns) - set(eos):
         write_json(merged_dir / "generation_config.json", {**generation, "eos_token_id": [*eos, *sorted(set(turns) - set(eos))]})
+
+
+def weights_problem(run_id: str, where: Path, adapter: bool) -> str | None:
+    """Why a run's output (or checkpoint) cannot be loaded: no adapter, or no weights."""
+    if adapter and not (where / "adapter_config.json").is_file():
+        return f"run {run_id!r} left no LoRA adapter in {where.name} (no adapter_config.json)"
+    if not adapter and not has_weights(where):
+        return f"run {run_id!r} left no model weights in {where.name}"
+    return None
+
+
+def checkpoints_named(output_dir: Path) -> str:
+    """The complete checkpoints a run kept, said after a refusal that names a step."""
+    steps = [checkpoint_step(p) for p in checkpoints(output_dir) if is_complete_checkpoint(p)]
+    return f"; its checkpoints: {', '.join(map(str, steps))}" if steps else "; it has no complete checkpoint"
 
 
 def checkpoints(output_dir: Path) -> list[Path]:

@@ -11,11 +11,10 @@ Loading and generation are the evaluation child's (serve/inference.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from finetune_worker.run.fastexit import exit_without_teardown
+from finetune_worker.run.fastexit import exit_without_teardown, spec_child
 from finetune_worker.serve.inference import (
     chat_prompt,
     format_prompt,
@@ -55,13 +54,7 @@ def generate(spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune_worker.serve.generate")
-    parser.add_argument("spec", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
-    options = parser.parse_args(argv)
-    result = generate(json.loads(options.spec.read_text(encoding="utf-8")))
-    options.out.write_text(json.dumps(result), encoding="utf-8")
-    return 0
+    return spec_child("finetune_worker.serve.generate", generate, argv)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_worker.checks.continue_from import LORA_ADAPTERS
 from finetune_worker.run.rundir import END_OF_TURN_TOKENS  # a chat fine-tune of a base model ends answers with one
 
-LORA_ADAPTERS = ("lora", "qlora")
 GENERATION_BATCH = 8  # prompts per generate() call; left-padded
 
 

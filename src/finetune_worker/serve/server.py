@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -34,7 +35,7 @@ from finetune_worker.plan.serving import (
     with_overrides,
 )
 from finetune_worker.run.children import die_with_parent, group_members, stop_process_group
-from finetune_worker.run.rundir import copy_run_tokenizer, has_weights, read_json, run_paths
+from finetune_worker.run.rundir import copy_run_tokenizer, has_weights
 from finetune_worker.serve.target import RunOutput, finished_run, run_in_directory
 
 STARTUP_TIMEOUT_S = {VLLM: 1200.0, TRANSFORMERS: 600.0}  # vLLM downloads and compiles first
@@ -71,23 +72,23 @@ def served_weights(target: RunOutput, server: str) -> Served:
     return Served(str(full))
 
 
-def merge_adapter(target: RunOutput, config_file: Path, env: Mapping[str, str], out: TextIO) -> RunOutput:
+def merge_adapter(target: RunOutput, env: Mapping[str, str], out: TextIO) -> RunOutput:
     """Axolotl's merge-lora into <output_dir>/merged (for transformers serve), once."""
     if target.merged_dir is not None or not target.adapter:
         return target
     if target.checkpoint != "final":
         raise ServeFailed("transformers serve needs full weights and only a run's final adapter is merged; "
                           "serve the final output, or install vLLM to serve a checkpoint's adapter")
-    log = config_file.parent / "merge.log"
+    log = target.run_dir / "merge.log"
     print(f"merging the LoRA adapter into its base model for transformers serve (log: {log})", file=out, flush=True)
     with open(log, "ab") as handle:
-        code = subprocess.call(build_merge_argv(sys.executable, config_file, target.model_dir), env=dict(env),
-                               stdout=handle, stderr=subprocess.STDOUT, cwd=config_file.parent)
+        code = subprocess.call(build_merge_argv(sys.executable, target.config_file, target.model_dir), env=dict(env),
+                               stdout=handle, stderr=subprocess.STDOUT, cwd=target.run_dir)
     merged = target.model_dir / "merged"
     if code != 0 or not has_weights(merged):
         raise ServeFailed(f"merge-lora failed (exit {code}); see {log}")
     copy_run_tokenizer(target.model_dir, merged)
-    return RunOutput(target.name, target.config, target.model_dir, target.adapter, target.checkpoint, merged)
+    return replace(target, merged_dir=merged)
 
 
 def server_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -114,10 +115,9 @@ def serve(where: str, *, runs_dir: Path, env: Mapping[str, str], host: str = "12
     try:
         target = find_run(where, runs_dir, checkpoint)
         server = choose_server(server, env)
-        config_file = _config_file(where, runs_dir)
         if server == TRANSFORMERS:
-            target = merge_adapter(target, config_file, env, out)
-        options, problems = with_overrides(serve_options(target.config, _served_name(config_file, target), target.lora_rank, target.adapter), env)
+            target = merge_adapter(target, env, out)
+        options, problems = with_overrides(serve_options(target.config, target.served_name, target.lora_rank, target.adapter), env)
         if problems:
             raise ServeFailed("; ".join(problems))
         served = served_weights(target, server)
@@ -152,14 +152,3 @@ def serve(where: str, *, runs_dir: Path, env: Mapping[str, str], host: str = "12
 def _program(name: str, env: Mapping[str, str]) -> str | None:
     """The program in this interpreter's environment first (a venv's bin), then on PATH."""
     return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)]))
-
-
-def _config_file(where: str, runs_dir: Path) -> Path:
-    path = Path(where)
-    return path / "config.yaml" if path.is_dir() else run_paths(runs_dir, *where.split("/")).config_file
-
-
-def _served_name(config_file: Path, target: RunOutput) -> str:
-    """The name clients call: the job's model_id for a worker run, else the run directory's name."""
-    record = read_json(config_file.parent / "job.json")
-    return str(record.get("model_id")) if isinstance(record, dict) and record.get("model_id") else target.name

@@ -21,7 +21,7 @@ from finetune_worker.plan.children import build_generate_argv
 from finetune_worker.plan.serving import run_recipe
 from finetune_worker.run.children import ChildProcess
 from finetune_worker.run.failures import diagnose
-from finetune_worker.run.rundir import read_json, run_paths, write_json
+from finetune_worker.run.rundir import RunPaths, read_json, write_json
 from finetune_worker.run.state import JobState
 from finetune_worker.serve.target import RunOutput, finished_run
 
@@ -37,10 +37,9 @@ async def generate(job: JobInput, settings: WorkerSettings, child_env: dict[str,
     what = "adapter" if target.adapter else "weights"
     yield events.status("generating", f"loading run {job.run_id} ({_which(target)}: its {what}) to answer {len(items)} "
                                       f"{'prompt' if job.prompts is not None else 'conversation'}{'s' if len(items) != 1 else ''}")
-    paths = run_paths(settings.runs_dir, job.user_id, job.run_id)
-    work = _fresh(paths.run_dir / "generations" / time.strftime("%Y%m%d-%H%M%S"))
+    work = _fresh(target.run_dir / "generations" / time.strftime("%Y%m%d-%H%M%S"))
     options = generation_options(job)
-    spec = {"config": str(paths.config_file), "model_dir": str(target.model_dir), "records": str(work / "answers.jsonl"),
+    spec = {"config": str(target.config_file), "model_dir": str(target.model_dir), "records": str(work / "answers.jsonl"),
             "prompts": job.prompts, "messages": None if job.prompts is not None else items, **options}
     write_json(work / "spec.json", spec)
     out = work / "result.json"
@@ -63,7 +62,7 @@ async def generate(job: JobInput, settings: WorkerSettings, child_env: dict[str,
     yield {
         "type": "result", "status": "completed", "mode": "generate", "run_id": job.run_id, "checkpoint": target.checkpoint,
         "prompt_format": result.get("style"), "generation": options, "completions": completions,
-        "deploy": _recipe(target, job, settings),
+        "deploy": _recipe(target),
     }
 
 
@@ -83,12 +82,10 @@ def _which(target: RunOutput) -> str:
     return "its final output" if target.checkpoint == "final" else f"step {target.checkpoint}"
 
 
-def _recipe(target: RunOutput, job: JobInput, settings: WorkerSettings) -> dict:
+def _recipe(target: RunOutput) -> dict:
     """Serve the run from the Hub when it was pushed there, else from the volume."""
-    paths = run_paths(settings.runs_dir, job.user_id, job.run_id)
-    stored, record = read_json(paths.result_file), read_json(paths.job_file)
+    stored = read_json(RunPaths(target.run_dir).result_file)
     hub = stored.get("hub") if isinstance(stored, dict) and isinstance(stored.get("hub"), dict) and target.checkpoint == "final" else None
     weights = hub["repo_id"] if hub and hub.get("repo_id") else str(target.model_dir)
-    name = str(record.get("model_id") or job.run_id) if isinstance(record, dict) else job.run_id
     merged = str(target.merged_dir) if target.merged_dir else None
-    return run_recipe(target.config, name, weights, target.adapter, target.lora_rank, merged)
+    return run_recipe(target.config, target.served_name, weights, target.adapter, target.lora_rank, merged)

@@ -11,13 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from finetune_worker.checks.continue_from import LORA_ADAPTERS
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
-from finetune_worker.run.rundir import checkpoint_step, checkpoints, has_weights, is_complete_checkpoint, read_json, run_paths
-
-LORA_ADAPTERS = ("lora", "qlora")
+from finetune_worker.run.rundir import (
+    checkpoints_named,
+    has_weights,
+    is_complete_checkpoint,
+    read_config,
+    read_json,
+    run_paths,
+    weights_problem,
+)
 
 
 @dataclass(frozen=True)
@@ -25,11 +30,22 @@ class RunOutput:
     """A run's weights, ready to load or serve."""
 
     name: str  # the run's id (or its directory's name)
+    run_dir: Path  # where its config.yaml (and, for a worker run, job.json) live
     config: dict[str, Any]  # the run's Axolotl config (config.yaml)
     model_dir: Path  # the LoRA adapter, or the full weights
     adapter: bool  # a LoRA adapter on config["base_model"]
     checkpoint: str | int  # "final" or a step
     merged_dir: Path | None = None  # the merged LoRA (output/merged), when there is one
+
+    @property
+    def config_file(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def served_name(self) -> str:
+        """What clients call it: the job's model_id for a worker run, else the run's name."""
+        record = read_json(self.run_dir / "job.json")
+        return str(record.get("model_id")) if isinstance(record, dict) and record.get("model_id") else self.name
 
     @property
     def base_model(self) -> str:
@@ -50,49 +66,36 @@ class RunOutput:
 def finished_run(runs_dir: Path, user_id: str, run_id: str, checkpoint: str | int = "final") -> RunOutput:
     """A job's run to answer with: it must be this user's, and finished (or have that checkpoint)."""
     paths = run_paths(runs_dir, user_id, run_id)
-    config = _read_config(paths.config_file) if paths.run_dir.is_dir() and paths.job_file.is_file() else None
+    config = read_config(paths.config_file) if paths.run_dir.is_dir() and paths.job_file.is_file() else None
     if config is None:
         raise errors.run_not_found(user_id, run_id)
     if checkpoint == "final" and read_json(paths.trained_file) is None:
         raise JobError(errors.INVALID_INPUT, f"run {run_id!r} has not finished training; wait for it, or answer with one of "
-                                             f"its checkpoints (checkpoint: <step>){_steps(paths.output_dir)}")
-    return output_of(run_id, config, paths.output_dir, checkpoint)
+                                             f"its checkpoints (checkpoint: <step>){checkpoints_named(paths.output_dir)}")
+    return output_of(run_id, paths.run_dir, config, paths.output_dir, checkpoint)
 
 
 def run_in_directory(directory: Path, checkpoint: str | int = "final") -> RunOutput:
     """A run given by its directory (a worker run dir or a Pod dir: config.yaml inside)."""
-    config = _read_config(directory / "config.yaml")
+    config = read_config(directory / "config.yaml")
     if config is None:
         raise JobError(errors.RUN_NOT_FOUND, f"{directory} holds no run (no readable config.yaml)")
     output_dir = Path(str(config.get("output_dir") or "output"))
-    return output_of(directory.name, config, output_dir if output_dir.is_absolute() else directory / output_dir, checkpoint)
+    return output_of(directory.name, directory, config, output_dir if output_dir.is_absolute() else directory / output_dir, checkpoint)
 
 
-def output_of(name: str, config: dict, output_dir: Path, checkpoint: str | int) -> RunOutput:
+def output_of(name: str, run_dir: Path, config: dict, output_dir: Path, checkpoint: str | int) -> RunOutput:
     adapter = config.get("adapter") in LORA_ADAPTERS
     if checkpoint == "final":
         where = output_dir
     else:
         where = output_dir / f"checkpoint-{checkpoint}"
         if not (where.is_dir() and is_complete_checkpoint(where)):
-            raise JobError(errors.INVALID_INPUT, f"run {name!r} has no checkpoint at step {checkpoint}{_steps(output_dir)}")
-    if adapter and not (where / "adapter_config.json").is_file():
-        raise JobError(errors.INVALID_INPUT, f"run {name!r} left no LoRA adapter in {where.name} (no adapter_config.json)")
-    if not adapter and not has_weights(where):
-        raise JobError(errors.INVALID_INPUT, f"run {name!r} left no model weights in {where.name}")
+            raise JobError(errors.INVALID_INPUT, f"run {name!r} has no checkpoint at step {checkpoint}{checkpoints_named(output_dir)}")
+    if missing := weights_problem(name, where, adapter):
+        raise JobError(errors.INVALID_INPUT, missing)
     merged = output_dir / "merged"
     merged_dir = merged if adapter and checkpoint == "final" and has_weights(merged) else None
-    return RunOutput(name=name, config=config, model_dir=where, adapter=adapter, checkpoint=checkpoint, merged_dir=merged_dir)
+    return RunOutput(name=name, run_dir=run_dir, config=config, model_dir=where, adapter=adapter, checkpoint=checkpoint, merged_dir=merged_dir)
 
 
-def _steps(output_dir: Path) -> str:
-    steps = [checkpoint_step(p) for p in checkpoints(output_dir) if is_complete_checkpoint(p)]
-    return f"; its checkpoints: {', '.join(map(str, steps))}" if steps else "; it has no complete checkpoint"
-
-
-def _read_config(path: Path) -> dict | None:
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    return config if isinstance(config, dict) else None
