@@ -1,9 +1,10 @@
 # finetune-worker: a RunPod serverless worker (and Pod image) that fine-tunes LLMs with Axolotl.
 #
-# The base is the official Axolotl image, pinned by tag and digest. Its Axolotl and
-# torch versions must match the ones the tests run against (builder/constraints.txt);
-# builder/check_versions.py checks that in CI.
-ARG BASE_IMAGE=axolotlai/axolotl:0.19.0-py3.12-cu130-2.13.0@sha256:b38049f2454ceafc58c7a8269c7b400a75416e15b0f308a33850d48ae11e384d
+# The base is the official Axolotl image for Python 3.12, pinned by tag (add @sha256:<digest>
+# once read from the registry: README "The image" says how). Its Axolotl, Python and torch
+# versions must match the ones the tests run against (builder/constraints.txt,
+# builder/setup_venv.sh); builder/check_versions.py checks that in CI.
+ARG BASE_IMAGE=axolotlai/axolotl:0.21.0-py3.12-cu130-2.13.0
 FROM ${BASE_IMAGE}
 
 # Optional: a Hub model id to bake into the image (for example NousResearch/Llama-3.2-1B),

@@ -20,7 +20,7 @@ variable "EXTRA_TAGS" {
 }
 
 variable "BASE_IMAGE" {
-  default = "axolotlai/axolotl:0.19.0-py3.12-cu130-2.13.0@sha256:b38049f2454ceafc58c7a8269c7b400a75416e15b0f308a33850d48ae11e384d"
+  default = "axolotlai/axolotl:0.21.0-py3.12-cu130-2.13.0"
 }
 
 variable "PREBAKE_MODEL" {

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
 
 from finetune_worker.contract import events
 from finetune_worker.contract.errors import JobError
@@ -27,10 +26,9 @@ from finetune_worker.run.state import JobContext, JobState
 from finetune_worker.run.tools import json_tool
 
 STEP_STOP_S = 10.0  # how long a cancelled job waits for its data step's thread to stop
-T = TypeVar("T")
 
 
-async def off_loop(state: JobState, step: Callable[[threading.Event], T]) -> T:
+async def off_loop[T](state: JobState, step: Callable[[threading.Event], T]) -> T:
     """Run a blocking step in a thread, so that the event loop (and a cancel) keeps running.
 
     A cancel sets the step's flag, which the step checks between chunks of what it reads
