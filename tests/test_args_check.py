@@ -119,8 +119,11 @@ def test_plugins_only_from_axolotl_integrations(tiny, ctx):
     assert len(found) == 2
 
 
-def test_trust_remote_code_needs_the_operator(tiny, ctx):
-    assert problems(tiny_args(tiny, trust_remote_code=True), ctx)[0].startswith("args.trust_remote_code: running code")
+def test_trust_remote_code_waits_for_the_model_config(tiny, ctx):
+    """The model's own flag passes the args check: the base model's config.json decides
+    later (test_axolotl_upgrade.py); inside a mapping it is refused here, as ever."""
+    assert problems(tiny_args(tiny, trust_remote_code=True), ctx) == []
+    assert problems(tiny_args(tiny, model_kwargs={"trust_remote_code": True}), ctx)[0].startswith("args.model_kwargs.trust_remote_code: runs code")
     allowed = ArgsContext(ctx.roots, CPU_ONLY, allow_trust_remote_code=True)
     assert problems(tiny_args(tiny, trust_remote_code=True), allowed) == []
 
@@ -261,19 +264,19 @@ def test_unknown_options_get_a_hint(tiny, ctx, key, hint):
 def test_no_misleading_hint_for_options_without_a_near_name(tiny, ctx):
     _, found, notes = checked_with_notes(tiny_args(tiny, train_on_split="train", sample_packing_seq_len_multiplier=2), ctx)
     assert found == ["args.train_on_split: unknown option (Axolotl would silently ignore it)"]
-    assert notes == ["args.sample_packing_seq_len_multiplier is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"]
+    assert notes == ["args.sample_packing_seq_len_multiplier is an option of Axolotl before 0.5; Axolotl 0.21.0 ignores it, so it is dropped"]
 
 
 @pytest.mark.parametrize(("extra", "note"), [
-    ({"debug": None}, "args.debug is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
-    ({"gptq_model_v1": True}, "args.gptq_model_v1 is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
-    ({"eta_min": 1e-6}, "args.eta_min is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
-    ({"adam_eps": 1e-8}, "args.adam_eps is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
-    ({"test_value": True}, "args.test_value is an option of earlier Axolotl releases; Axolotl 0.19 ignores it, so it is dropped"),
-    ({"lora_dropuot": None}, "args.lora_dropuot is empty (null, false or empty); Axolotl 0.19 ignores it, so it is dropped"),
+    ({"debug": None}, "args.debug is an option of Axolotl before 0.5; Axolotl 0.21.0 ignores it, so it is dropped"),
+    ({"gptq_model_v1": True}, "args.gptq_model_v1 is an option of Axolotl before 0.5; Axolotl 0.21.0 ignores it, so it is dropped"),
+    ({"eta_min": 1e-6}, "args.eta_min is an option of Axolotl before 0.5; Axolotl 0.21.0 ignores it, so it is dropped"),
+    ({"adam_eps": 1e-8}, "args.adam_eps is an option of Axolotl before 0.5; Axolotl 0.21.0 ignores it, so it is dropped"),
+    ({"test_value": True}, "args.test_value is an option of Axolotl before 0.5; Axolotl 0.21.0 ignores it, so it is dropped"),
+    ({"lora_dropuot": None}, "args.lora_dropuot is empty (null, false or empty); Axolotl 0.21.0 ignores it, so it is dropped"),
     ({"cut_cross_entropy": False}, "args.cut_cross_entropy is off and belongs to the plugin "
                                    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin, which plugins does not list; "
-                                   "Axolotl 0.19 ignores it, so it is dropped"),
+                                   "Axolotl 0.21.0 ignores it, so it is dropped"),
 ])
 def test_ignored_options_are_dropped_with_a_note(tiny, ctx, extra, note):
     checked, found, notes = checked_with_notes(tiny_args(tiny, **extra), ctx)

@@ -57,8 +57,8 @@ def rejected(raw, worker_settings) -> JobError:
         ({"lora_model_dir": "/tmp"}, "args.lora_model_dir"),
         ({"plugins": ["builtins.exec"]}, "args.plugins[0]"),
         ({"plugins": ["axolotl.integrations.liger.plugin.os"]}, "args.plugins[0]"),
-        ({"trust_remote_code": True}, "args.trust_remote_code"),
-        ({"datasets": [{"path": "data/train.jsonl", "type": "alpaca", "trust_remote_code": True}]}, "args.datasets[0].trust_remote_code"),
+        ({"model_kwargs": {"trust_remote_code": True}}, "args.model_kwargs.trust_remote_code"),
+        ({"processor_kwargs": {"auto_map": {"AutoTokenizer": "evil.Tokenizer"}}}, "args.processor_kwargs.auto_map"),
     ],
 )
 def test_hostile_args_are_rejected_naming_the_field(worker_settings, args_update, where):

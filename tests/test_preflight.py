@@ -46,7 +46,7 @@ def preflight_events(tiny, volume):
     datasets = [
         {"path": str(tiny / "tiny_alpaca.jsonl"), "type": "alpaca", "ds_type": "json"},
         {"path": str(tiny / "tiny_chat.jsonl"), "type": "chat_template", "chat_template": "chatml", "ds_type": "json"},
-        {"path": str(tiny / "tiny_completion.jsonl"), "type": "completion", "ds_type": "json"},
+        {"path": str(tiny / "tiny_completion.jsonl"), "type": "completion", "ds_type": "json", "weight": 0.5},
         {"rows": [GOOD, LONG, EMPTY, GOOD], "type": "alpaca"},
     ]
     job = make_job(tiny_args(tiny, datasets=datasets, chat_template="chatml"), mode="preflight")
@@ -77,6 +77,17 @@ def test_too_long_and_empty_rows_are_counted(preflight_events):
     assert inline["rows_read"] == 4 and inline["too_long"] == 1 and inline["dropped"] == 1 and inline["rows_kept"] == 3
     assert inline["empty_rows"] == 1 and inline["tokens"]["max"] > 256
     assert events[-1]["preflight"]["total"]["empty_rows"] == 1
+
+
+def test_a_weighted_dataset_is_reported_with_the_rows_axolotl_samples(preflight_events):
+    events, _ = preflight_events
+    completion = _by_dataset(events)["args.datasets[2]"]
+    assert completion["weight"] == 0.5 and completion["rows_before_weight"] == 36 and completion["rows_read"] == 18
+    assert "args.datasets[2]: 18 rows (weight 0.5: 18 sampled of 36)" in [
+        e["message"].split(",")[0] for e in events if e["type"] == "status" and e.get("dataset", {}).get("where") == "args.datasets[2]"
+    ]
+    unweighted = _by_dataset(events)["args.datasets[0]"]
+    assert "weight" not in unweighted and unweighted["rows_read"] == 36
 
 
 def test_examples_mark_the_response_as_trained_and_the_prompt_not(preflight_events):

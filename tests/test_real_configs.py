@@ -110,6 +110,18 @@ CORPUS = {
     "tensor-parallel": config("NousResearch/Llama-3.2-1B", bf16=True, tensor_parallel_size=2),
     "context-parallel": config("NousResearch/Llama-3.2-1B", bf16=True, context_parallel_size=2, attn_implementation="flash_attention_2",
                                micro_batch_size=1),
+    # Written for Axolotl up to 0.19 (its llama-3/qlora-fsdp-70b.yaml, reused by dstack's FSDP+QLoRA recipe): FSDP1, translated.
+    "fsdp1-qlora": config("NousResearch/Meta-Llama-3-8B", load_in_4bit=True, adapter="qlora", lora_r=8, lora_alpha=16, lora_target_linear=True,
+                          bf16="auto", gradient_checkpointing=True, fsdp=["full_shard", "auto_wrap"],
+                          fsdp_config={"fsdp_limit_all_gathers": True, "fsdp_sync_module_states": True, "fsdp_offload_params": True,
+                                       "fsdp_use_orig_params": False, "fsdp_cpu_ram_efficient_loading": True,
+                                       "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+                                       "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_sharding_strategy": "FULL_SHARD"}),
+    # New in Axolotl 0.21: the DFT loss (no Liger fused cross-entropy beside it), eval_on_start, sampled datasets.
+    "dft-loss": config("NousResearch/Llama-3.2-1B", **LORA, use_dft=True),
+    "weighted-datasets": config("NousResearch/Llama-3.2-1B", [{"path": "tatsu-lab/alpaca", "type": "alpaca", "weight": 0.25},
+                                                              {"path": "my-org/qa", "type": "alpaca_chat.load_qa"}], **LORA,
+                                val_set_size=0.05, eval_on_start=False),
 }
 # Configs Axolotl accepts only with an optional package installed (it refuses them
 # without): skipped where the package is missing, except for the CPU worker's refusal.
@@ -133,9 +145,19 @@ def _plugins(args: dict) -> tuple[str, ...]:
     return tuple(p for p in args.get("plugins") or [] if not p.startswith("finetune_worker."))
 
 
+# Configs of earlier Axolotl releases that the installed one refuses and the worker carries over (checks/fsdp.py).
+TRANSLATED = {"fsdp1-qlora": "The top-level `fsdp` list is no longer supported"}
+
+
+def test_axolotl_refuses_what_the_worker_translates():
+    for name, refusal in TRANSLATED.items():
+        problems = axolotl_schema.schema_problems(copy.deepcopy(CORPUS[name]), _plugins(CORPUS[name]), H100)
+        assert any(refusal in p.message for p in problems), (name, problems)
+
+
 def test_the_corpus_is_large_and_axolotl_accepts_every_config():
     assert len(CORPUS) >= 40
-    rejected = {name: problems for name, args in CORPUS.items() if not _package_missing(name) and (problems := axolotl_schema.schema_problems(
+    rejected = {name: problems for name, args in CORPUS.items() if name not in TRANSLATED and not _package_missing(name) and (problems := axolotl_schema.schema_problems(
         {k: v for k, v in args.items() if k not in ("debug", "strict", "gptq_groupsize", "eval_table_max_new_tokens",
                                                     "safe_serialization", "rl_adapter_ref_model")}, _plugins(args), H100))}
     assert rejected == {}

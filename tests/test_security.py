@@ -16,6 +16,7 @@ import pytest
 from conftest import tiny_args
 from finetune_worker.checks import options
 from finetune_worker.checks.args import ArgsContext, check_args
+from finetune_worker.checks.native import remote_code_decision
 from finetune_worker.checks.paths import make_roots
 from finetune_worker.checks.validation import validate_job
 from finetune_worker.contract.errors import JobError
@@ -112,8 +113,12 @@ def test_remote_code_and_paths_inside_mappings_are_refused(tiny, alice, key, val
 
 
 def test_remote_code_is_refused_with_what_the_user_can_do(tiny, alice):
-    message = only(problems(tiny_args(tiny, trust_remote_code=True), alice), "args.trust_remote_code")
-    assert "Remove it" in message and "Mixtral" in message and "FINETUNE_ALLOW_TRUST_REMOTE_CODE" in message
+    """Inside a mapping, refused at once; the model's own flag is decided by its config.json
+    (a model type transformers lacks is refused before any download: test_axolotl_upgrade.py)."""
+    message = only(problems(tiny_args(tiny, model_kwargs={"trust_remote_code": True}), alice), "args.model_kwargs.trust_remote_code")
+    assert "runs code from a model or kernel repository" in message
+    _, _, refused = remote_code_decision({"base_model": "acme/custom", "trust_remote_code": True}, {"model_type": "acme_custom"}, False)
+    assert "does not implement" in refused.message and "FINETUNE_ALLOW_TRUST_REMOTE_CODE" in refused.message
 
 
 # -- 3. deleting files through dynamic checkpointing -----------------------------------

@@ -26,6 +26,7 @@ from typing import Any
 
 from finetune_worker.checks import axolotl_schema, capacity
 from finetune_worker.checks.model_config import base_model_facts
+from finetune_worker.checks.native import remote_code_decision
 from finetune_worker.checks.resources import ModelFacts, link_prebaked_model
 from finetune_worker.checks.usertoken import check_user_token
 from finetune_worker.checks.validation import ValidJob, config_problems_error, validate_job
@@ -40,6 +41,7 @@ from finetune_worker.plan.children import build_child_env
 from finetune_worker.plan.config import (
     Tracking,
     build_axolotl_config,
+    with_config,
     with_continue_from,
     with_prepared_data,
     with_repo_id,
@@ -211,6 +213,12 @@ async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     run.base, fetched = await base_model_facts(plan.config, run.env, run.child_env, state)
     for event in fetched:
         yield event
+    drop_flag, native_note, remote_code = remote_code_decision(plan.config, run.base.config, settings.allow_trust_remote_code)
+    if remote_code:
+        raise config_problems_error([remote_code])
+    if drop_flag:
+        plan = with_config(plan, trust_remote_code=None)
+        yield events.warning(native_note)
     speedups = capacity.speedups(plan.config, run.base.config, hardware, processes)
     validate = functools.partial(_planned_config_problems, hardware=hardware, processes=processes)
     plan, fast = with_fast_defaults(plan, hardware, speedups, validate=validate)

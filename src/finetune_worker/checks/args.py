@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.checks import axolotl_schema
+from finetune_worker.checks.fsdp import translate_fsdp1
+from finetune_worker.checks.history import earlier_release, ignored_note
+from finetune_worker.checks.native import NATIVE_CHECKED_KEY
 from finetune_worker.checks.options import (
     ATTENTION_KEYS,
     CLASSIFIED,
@@ -55,6 +58,9 @@ MAX_INLINE_ROWS = 100_000
 REFUSED_INTEGRATIONS = {
     "hatchery": "it trains on a remote service with its own API key",
     "nemo_gym": "it clones repositories and starts servers from the config",
+    "coreweave": "it uploads checkpoints to a bucket with the machine's AWS credentials and sends the environment variable "
+                 "the config names as a bearer token to the URL the config names",
+    "diffusion_decision": "it loads its datasets with its own loader (local files, Hub and image URLs), past the worker's dataset checks",
 }
 QUANTISED_LOADING = {
     "load_in_4bit": ("4-bit loading", "bitsandbytes"),
@@ -86,7 +92,9 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     args = copy.deepcopy(args)
     problems: list[Problem] = []
     problems += resolve_presets(args, ctx.notes, own_file=lambda value: _own_file(value, ctx.roots))
+    problems += translate_fsdp1(args, ctx.notes)
     problems += _shape_problems(args)
+    _drop_earlier_dataset_fields(args, ctx.notes)
     bad_datasets = _dataset_problems(args) + _resolve_dataset_paths(args, ctx)
     problems += [p for _, p in sorted(bad_datasets, key=lambda found: (DATASET_LIST_KEYS.index(found[0][0]), found[0][1]))]
     _drop_ignored_options(args, ctx.notes)
@@ -250,13 +258,6 @@ def _repo_file(value: Any, repo: str) -> str:
     return value
 
 
-# Options that earlier Axolotl releases read and 0.19 ignores: dropped with a warning.
-LEGACY_OPTIONS = frozenset({
-    "debug", "strict", "gptq_groupsize", "gptq_model_v1", "eta_min", "adam_eps", "eval_table_max_new_tokens",
-    "safe_serialization", "test_value", "rl_adapter_ref_model", "landmark_attention", "xpos_rope",
-    "sample_packing_seq_len_multiplier", "use_reentrant", "pretraining_dataset_streaming", "mpt_alibi",
-    "chat_template_strategy", "flash_optimum", "dataset_keep_in_memory",
-})
 # Options of an Axolotl integration, known only with its plugin listed in `plugins`
 # (without it Axolotl ignores them): the plugin each one needs.
 PLUGIN_OPTIONS = {"cut_cross_entropy": "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"}
@@ -285,14 +286,31 @@ def _drop_ignored_options(args: dict, notes: list[str]) -> None:
             if not _is_empty(value):
                 continue  # reported: it needs its plugin
             why = f"is off and belongs to the plugin {PLUGIN_OPTIONS[key]}, which plugins does not list"
-        elif key in LEGACY_OPTIONS:
-            why = "is an option of earlier Axolotl releases"
+        elif release := earlier_release(key):
+            why = f"is an option of {release}"
         elif _is_empty(value):
             why = "is empty (null, false or empty)"
         else:
             continue
         del args[key]
-        notes.append(f"args.{key} {why}; Axolotl 0.19 ignores it, so it is dropped")
+        notes.append(ignored_note(f"args.{key}", why))
+
+
+def _drop_earlier_dataset_fields(args: dict, notes: list[str]) -> None:
+    """Dataset entry fields of earlier Axolotl releases (`train_on_split`), and a dataset's
+    `trust_remote_code` (datasets 4 and later run no loading scripts: it has no effect),
+    dropped with a note."""
+    known = dataset_fields()
+    for (key, index), entry in list(_dataset_entries(args)):
+        if entry.get("trust_remote_code") is not None:
+            del entry["trust_remote_code"]
+            notes.append(f"args.{key}[{index}].trust_remote_code has no effect: the installed datasets library runs no "
+                         "dataset loading scripts (a dataset that needs one cannot be loaded at all); it is dropped")
+        for field_name in [f for f in entry if f not in known and f != INLINE_ROWS_KEY]:
+            release = earlier_release(f"datasets.{field_name}")
+            if release:
+                del entry[field_name]
+                notes.append(ignored_note(f"args.{key}[{index}].{field_name}", f"is a dataset field of {release}"))
 
 
 def _unknown_key_problems(args: dict) -> list[Problem]:
@@ -387,7 +405,9 @@ def _option_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
                         if isinstance(item, dict):
                             visit(item, path if key not in DATASET_LIST_KEYS else "datasets", f"{here}[{index}]")
                 continue
-            message = _kind_problem(kind, key, value, ctx)
+            # The model's own flag waits for its config.json (checks/native.py): on a model type
+            # that transformers implements it is dropped, on any other it is refused there.
+            message = None if path == NATIVE_CHECKED_KEY else _kind_problem(kind, key, value, ctx)
             if message:
                 problems.append(Problem(here, message))
             if kind is Kind.MAPPING or (kind is Kind.READ and isinstance(value, dict)):

@@ -31,7 +31,7 @@ class Kind(enum.Enum):
     READ = "a local path read by Axolotl (confined)"
     TEMPLATE = "inline Jinja text, or a file path Axolotl reads (confined)"
     HUB = "a Hugging Face Hub repo id"
-    FILE_NAME = "a file name inside the run's output directory (written or deleted there)"
+    FILE_NAME = "a plain file name, written or deleted inside the run's own directory"
     WORKER = "set or read by the worker itself"
     CODE = "names Python code to import (only Axolotl's own strategies and plugins)"
     REMOTE_CODE = "runs code from a model or dataset repository (operator's switch)"
@@ -59,11 +59,11 @@ trl.vllm_guided_decoding_regex trl.loss_type vllm.device vllm.dtype vllm.reasoni
 eval_causal_lm_metrics bench_split metric_for_best_model
 selective_checkpointing.save selective_checkpointing.recompute_layer_types unfrozen_parameters
 sample_packing_mp_start_method attn_implementation large_head_attention experts_implementation
-fsdp fsdp_config.transformer_layer_cls_to_wrap fsdp_config.mixed_precision_policy fp32_norm_classes
+fsdp_config.transformer_layer_cls_to_wrap fsdp_config.mixed_precision_policy fp32_norm_classes
 special_tokens.bos_token special_tokens.eos_token special_tokens.pad_token special_tokens.unk_token
 special_tokens.additional_special_tokens tokens torch_compile_backend gpu_memory_limit
 chat_template eot_tokens default_system_message
-diffusion.mask_token_str expert_backend nonexpert_quantization moe_grouped_backend
+diffusion.mask_token_str diffusion_lm.mask_token_str selective_checkpointing.save_modules expert_backend nonexpert_quantization moe_grouped_backend
 dsv4_fp8_nonexpert_mode dsv4_fp4_grouped_mode lm_eval_tasks spectrum_model_name
 swanlab_project swanlab_experiment_name swanlab_description swanlab_mode swanlab_workspace
 datasets.split datasets.name datasets.ds_type datasets.revision datasets.conversation datasets.chat_template
@@ -85,6 +85,8 @@ lora_rank_pattern lora_alpha_pattern peft_trainable_token_indices bnb_config_kwa
 model_quantization_config_kwargs trl.generation_kwargs trl.chat_template_kwargs accelerator_config device device_map
 gradient_checkpointing_kwargs flex_attn_compile_kwargs added_tokens_overrides torch_compile_options max_memory
 chat_template_kwargs comet_experiment_config datasets.message_property_mappings datasets.roles resources_per_worker
+autotune_profiles diffusion_lm.self_conditioning diffusion_lm.unroll
+diffusion_decision.mixture.weights diffusion_decision.mixture.loss_weight diffusion_decision.mixture.max_examples_per_source
 """
 
 _BY_HAND: dict[Kind, str] = {
@@ -95,7 +97,7 @@ _BY_HAND: dict[Kind, str] = {
     Kind.READ: "lora_model_dir resume_from_checkpoint deepspeed",
     Kind.TEMPLATE: "chat_template_jinja datasets.chat_template_jinja",
     Kind.HUB: "push_dataset_to_hub trackio_space_id",
-    Kind.FILE_NAME: "dynamic_checkpoint.trigger_file_path",
+    Kind.FILE_NAME: "dynamic_checkpoint.trigger_file_path autotune_cache_path",
     Kind.WORKER: "output_dir dataset_prepared_path hub_model_id hub_strategy hub_revision axolotl_config_path",
     Kind.CODE: "plugins datasets.type datasets.input_transform",
     Kind.REMOTE_CODE: "trust_remote_code datasets.trust_remote_code",
@@ -105,6 +107,8 @@ _BY_HAND: dict[Kind, str] = {
         hatchery.base_url hatchery.project_id swanlab_web_host swanlab_api_host swanlab_lark_webhook_url
         bench_dataset nemo_gym_dir nemo_gym_config_paths nemo_gym_datasets nemo_gym_model_name nemo_gym_auto_clone
         hatchery.loss_fn_config hatchery.save_name_prefix
+        coreweave.deployment_id coreweave.bucket coreweave.path_prefix coreweave.gateway_url coreweave.model
+        coreweave.api_url coreweave.api_token_env coreweave.s3_endpoint_url coreweave.s3_profile
     """,
     Kind.UNSUPPORTED_CODE: "trainer_cls torchdistx_path trl.reward_funcs trl.rollout_func vllm.serve_module vllm.worker_extension_cls hatchery.reward_funcs",
 }
@@ -252,17 +256,21 @@ def plugin_arg_models() -> list[type]:
 
     from finetune_worker.checks import axolotl_schema
 
-    models = []
+    models, seen = [], set()
     for info in pkgutil.iter_modules(integrations.__path__):
-        try:
-            module = importlib.import_module(f"{integrations.__name__}.{info.name}")
-        except ImportError:  # an optional dependency of the plugin is not installed
-            continue
-        for _, cls in inspect.getmembers(module, inspect.isclass):
-            if issubclass(cls, BasePlugin) and cls is not BasePlugin and cls.__module__.startswith(module.__name__):
-                args_path = cls().get_input_args()
-                if args_path:
-                    models.append(axolotl_schema.load_plugin_class(args_path))
+        package = f"{integrations.__name__}.{info.name}"
+        # a package may export its plugin lazily (a module __getattr__): look in its plugin module too
+        for module_name in (package, f"{package}.plugin"):
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:  # no such module, or an optional dependency of the plugin is not installed
+                continue
+            for _, cls in inspect.getmembers(module, inspect.isclass):
+                if issubclass(cls, BasePlugin) and cls is not BasePlugin and cls.__module__.startswith(package) and cls not in seen:
+                    seen.add(cls)
+                    args_path = cls().get_input_args()
+                    if args_path:
+                        models.append(axolotl_schema.load_plugin_class(args_path))
     return models
 
 

@@ -83,6 +83,7 @@ async def preflight(ctx: JobContext, state: JobState, checks: list[DatasetCheck]
     empty = {check.where: check.empty_rows for check in checks}
     for dataset in report["datasets"]:
         dataset["empty_rows"] = empty.get(dataset["where"], 0)
+    _add_weights(report, ctx.plan.config, checks)
     report["total"]["empty_rows"] = sum(dataset["empty_rows"] for dataset in report["datasets"])
     for dataset in report["datasets"]:
         yield events.status("preprocessing", _describe_dataset(dataset, report), dataset=dataset)
@@ -92,6 +93,20 @@ async def preflight(ctx: JobContext, state: JobState, checks: list[DatasetCheck]
     yield events.result(
         ctx.valid.job.run_id, str(paths.run_dir), report["total"], time.monotonic() - started, mode="preflight", preflight=report,
     )
+
+
+def _add_weights(report: dict, config: dict, checks: list[DatasetCheck]) -> None:
+    """A dataset's `weight` (Axolotl samples that share of its rows, before tokenizing):
+    the report's rows are the sampled ones; the rows before sampling come from the data check."""
+    in_files = {check.where: check.rows for check in checks}
+    for dataset in report["datasets"]:
+        list_key, _, index = dataset["where"].removeprefix("args.").rstrip("]").partition("[")
+        entries = config.get(list_key) or []
+        entry = entries[int(index)] if index.isdigit() and int(index) < len(entries) else {}
+        weight = entry.get("weight") if isinstance(entry, dict) else None
+        if weight is not None:
+            dataset["weight"] = weight
+            dataset["rows_before_weight"] = in_files.get(dataset["where"])
 
 
 def _describe_dataset(dataset: dict, report: dict) -> str:
@@ -106,8 +121,12 @@ def _describe_dataset(dataset: dict, report: dict) -> str:
         fates.append(f"{dataset['too_short']} too short: dropped")
     if dataset["no_trained_tokens"]:
         fates.append(f"{dataset['no_trained_tokens']} with nothing to train on")
+    weighted = ""
+    if "weight" in dataset:
+        before = dataset.get("rows_before_weight")
+        weighted = f" (weight {dataset['weight']}: {dataset['rows_read']} sampled of {before if before is not None else 'all'})"
     return (
-        f"{dataset['where']}: {dataset['rows_read']} rows, {dataset['rows_kept']} kept"
+        f"{dataset['where']}: {dataset['rows_read']} rows{weighted}, {dataset['rows_kept']} kept"
         + (f" ({'; '.join(fates)})" if fates else "")
         + f"; {tokens['total']} tokens, {tokens['trained']} trained on; "
         f"{tokens['min']}-{tokens['max']} per example (median {tokens['median']})"

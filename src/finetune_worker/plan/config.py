@@ -39,7 +39,7 @@ CPU_LARGE_HEAD_ATTENTION = "sdpa"  # 'auto' and 'triton_flash' use a Triton kern
 # Axolotl integrations whose kernels need CUDA (Triton, CUDA extensions), with their options:
 # dropped on CPU, options and all (tests/test_plan.py checks these lists against Axolotl's).
 CUDA_ONLY_PLUGIN_OPTIONS = {
-    "cut_cross_entropy": ("cut_cross_entropy",),
+    "cut_cross_entropy": ("cut_cross_entropy", "cut_cross_entropy_accum_c_fp32", "cut_cross_entropy_c_grad_chunk_size"),
     "liger": (
         "liger_cross_entropy", "liger_fused_linear_cross_entropy", "liger_glu_activation", "liger_kernel_impl", "liger_layer_norm",
         "liger_rms_norm", "liger_rms_norm_gated", "liger_rope", "liger_swiglu", "liger_use_token_scaling",

@@ -112,7 +112,8 @@ def _candidate_defaults(config: dict[str, Any], hardware: Hardware, speedups: Sp
     if speedups.liger and speedups.model_type in LIGER_MODEL_TYPES and "liger" not in _plugin_names(work):
         tensor_parallel = (work.get("tensor_parallel_size") or 1) > 1
         own_mlp = work.get("tiled_mlp") and not work.get("tiled_mlp_use_original_mlp")
-        other_loss = uses_cut_cross_entropy(work) or work.get("chunked_cross_entropy")
+        # Axolotl 0.21 refuses the DFT and EAFT losses beside Liger's fused cross-entropy
+        other_loss = uses_cut_cross_entropy(work) or work.get("chunked_cross_entropy") or work.get("use_dft") or work.get("use_eaft")
         default("plugins", LIGER_PLUGIN, force=True)
         default("liger_rope", True, needs="plugins")
         if not tensor_parallel:  # Liger's RMSNorm and its losses do not support tensor parallelism
