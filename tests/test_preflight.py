@@ -100,7 +100,7 @@ def test_examples_mark_the_response_as_trained_and_the_prompt_not(preflight_even
     assert "What colour" in user and "[[" not in user
     assert re.search(r"\[\[A \w+ is \w+\.", assistant)
     completion = _examples(events, "args.datasets[2]")[0]
-    assert completion.startswith("[[") and "Q: What colour" in completion  # completion trains on everything
+    assert completion.startswith("[[Q: ") and completion.endswith("]]")  # completion trains on everything (a sampled row: weight 0.5)
 
 
 def test_train_on_inputs_marks_the_prompt_too_and_training_reuses_the_tokens(tiny, env, volume):

@@ -45,14 +45,16 @@ CUDA_ONLY_PLUGIN_OPTIONS = {
         "liger_rms_norm", "liger_rms_norm_gated", "liger_rope", "liger_swiglu", "liger_use_token_scaling",
     ),
     "kernels": (
-        "dsv4_bf16_all", "dsv4_fp4_grouped_mode", "dsv4_fp8_lora_kernel", "dsv4_fp8_nonexpert_mode", "dsv4_shared_mlp_lora_kernel",
-        "expert_backend", "gemma4_fp8_nonexpert", "gemma4_nf4_nonexpert", "moe_bnb_fast", "moe_dequant_chunk_size",
-        "moe_grouped_backend", "nonexpert_quantization", "nvfp4_merge_aware", "nvfp4_merge_aware_start_step", "use_dsv4_kernels",
-        "use_glm_dsa_kernels", "use_scattermoe", "use_sonicmoe",
+        "autotune_cache_path", "autotune_neighborhood", "autotune_profiles", "dsv4_bf16_all", "dsv4_fp4_grouped_mode",
+        "dsv4_fp8_lora_kernel", "dsv4_fp8_nonexpert_mode", "dsv4_shared_mlp_lora_kernel", "expert_backend", "gemma4_fp8_nonexpert",
+        "gemma4_nf4_nonexpert", "moe_bnb_fast", "moe_dequant_chunk_size", "moe_grouped_backend", "nonexpert_quantization",
+        "nvfp4_merge_aware_start_step", "use_dsv4_kernels", "use_glm_dsa_kernels", "use_scattermoe", "use_sonicmoe",
     ),
+    # Built into Axolotl 0.21 (registered for every run), so its options are always known.
     "expert_parallel": (
-        "expert_parallel_backend", "expert_parallel_fallback_on_unsupported", "expert_parallel_num_nvl_bytes",
-        "expert_parallel_num_rdma_bytes", "expert_parallel_size", "expert_parallel_token_capacity",
+        "expert_parallel_backend", "expert_parallel_dispatch_chunks", "expert_parallel_fallback_on_unsupported",
+        "expert_parallel_num_nvl_bytes", "expert_parallel_num_rdma_bytes", "expert_parallel_save_dispatch", "expert_parallel_size",
+        "expert_parallel_token_capacity",
     ),
 }
 
