@@ -31,10 +31,11 @@ def _not_dot_names(value: str) -> str:
 
 SafeId = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Za-z0-9._-]+$", min_length=1, max_length=64),
+    # Not starting with '-': an id may become a program argument (a served model's name, a run given to `serve`).
+    StringConstraints(pattern=r"^[A-Za-z0-9._][A-Za-z0-9._-]*$", min_length=1, max_length=64),
     AfterValidator(_not_dot_names),
 ]
-SAFE_ID_HINT = "use 1-64 letters, digits, '.', '_' or '-' (it names a directory)"
+SAFE_ID_HINT = "use 1-64 letters, digits, '.', '_' or '-', not starting with '-' (it names a directory)"
 
 
 class Credentials(BaseModel):
