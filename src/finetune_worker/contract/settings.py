@@ -30,6 +30,7 @@ LIMIT_SETTINGS = {
 USER_TOKEN_SETTINGS = {
     "user_token_secret": "FINETUNE_USER_TOKEN_SECRET", "user_token_public_key": "FINETUNE_USER_TOKEN_PUBLIC_KEY",
     "user_token_audience": "FINETUNE_USER_TOKEN_AUDIENCE", "user_token_issuer": "FINETUNE_USER_TOKEN_ISSUER",
+    "user_token_max_lifetime_s": "FINETUNE_USER_TOKEN_MAX_LIFETIME_S",
 }
 # Every setting but BASE_VOLUME: field -> environment variable.
 ENV_NAMES = {
@@ -78,6 +79,8 @@ class WorkerSettings(BaseModel):
     user_token_public_key: str | None = None  # PEM: RS*/PS*, ES*, EdDSA
     user_token_audience: str | None = None
     user_token_issuer: str | None = None
+    # Set: a token must carry `iat` and `exp`, at most this many seconds apart.
+    user_token_max_lifetime_s: float | None = Field(None, gt=0, allow_inf_nan=False)
     download_deadline_s: float = Field(DOWNLOAD_DEADLINE_S, gt=0)
     # Private hosts dataset URLs may reach anyway: `host` or `host:port`, lower case.
     allowed_private_hosts: frozenset[str] = frozenset()
