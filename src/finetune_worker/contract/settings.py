@@ -44,7 +44,7 @@ ENV_NAMES = {
 # values are masked wherever the worker writes (redact.py).
 SECRET_ENV_VARS = (
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "COMET_API_KEY", "SWANLAB_API_KEY",
-    "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "FINETUNE_USER_TOKEN_SECRET",
+    "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "FINETUNE_USER_TOKEN_SECRET", "FINETUNE_SERVE_API_KEY", "VLLM_API_KEY",
 )
 # RunPod's job-queue addresses (they carry its key): the worker's, never a child's.
 WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
