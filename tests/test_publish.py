@@ -77,6 +77,83 @@ def test_model_card_has_metadata_and_no_local_paths():
     assert meta["base_model"] == "NousResearch/Llama-3.2-1B" and meta["library_name"] == "transformers"
 
 
+HOSTILE = (
+    "a`b", "``", "x|y", "<script>alert(1)</script>", "[x](http://evil.example)", "![img](http://evil.example/i.png)",
+    "&lt;b&gt;&#60;", "<http://evil.example>", "www.evil.example", "line\nbreak", "\\|escaped", "*bold* _it_", "</td></tr>",
+)
+
+
+def _tokens(tokens):
+    for token in tokens:
+        yield token
+        yield from _tokens(token.children or [])
+
+
+def _cells(tokens) -> list[list[str]]:
+    """Each table row's cells, as the text they show."""
+    rows, row, cell = [], None, None
+    for token in tokens:
+        if token.type == "tr_open":
+            row = []
+        elif token.type in ("td_open", "th_open"):
+            cell = []
+        elif token.type == "inline" and cell is not None:
+            cell.append("".join(child.content for child in token.children if child.type in ("text", "code_inline")))
+        elif token.type in ("td_close", "th_close"):
+            row.append("".join(cell))
+            cell = None
+        elif token.type == "tr_close":
+            rows.append(row)
+    return rows
+
+
+def test_the_model_card_shows_hostile_values_as_written_and_adds_no_html_link_or_cell():
+    """Every string from the job (option values, dataset and model names, an earlier run's record,
+    metric names, evaluation samples) is shown literally: parsed back as CommonMark with GFM tables,
+    the card has no HTML, no link or image but its own, and every table row has its own cells."""
+    from markdown_it import MarkdownIt
+
+    from finetune_worker.plan.serving import run_recipe
+    from finetune_worker.publish.card import evaluation_sections
+
+    hostile = " ".join(HOSTILE)
+    local_base = f"/v/models/{hostile.replace('/', '%')}"
+    config = {
+        "base_model": local_base, "adapter": "lora", "lora_r": 8, "lora_target_modules": list(HOSTILE), "optimizer": hostile,
+        "lr_scheduler": "cosine` | <img src=x onerror=alert(1)>",
+        "datasets": [{"path": "org/data"}, {"path": f"/v/data/{hostile.replace('/', '%')}.jsonl"}],
+    }
+    lineage = {"base_model": local_base, "runs": [
+        {"run_id": "first`|<b>", "method": hostile, "datasets": list(HOSTILE)},
+        {"run_id": "second", "method": "SFT, LoRA", "datasets": [], "continue_from": {"run_id": hostile, "checkpoint": hostile}},
+    ]}
+    evaluation = {"examples": 1, "base": {hostile: 0.5}, "finetuned": {hostile: 0.75}, "delta": {hostile: 0.25},
+                  "samples": [{"prompt": "```\n<script>x</script>\n```", "reference": hostile, "base": "````", "finetuned": "~~~\n<b>"}]}
+    card = render_model_card(
+        repo_id="alice/x", config=config, metrics={hostile: 0.5, "final_loss": 0.1}, versions={"axolotl": hostile},
+        has_loss_curve=True, merged="alice/x:merged", lineage=lineage, extra_sections=evaluation_sections(evaluation),
+        deploy=run_recipe(config, "bot", "alice/x", adapter=True, lora_rank=8),
+    )
+    body = card.split("---\n", 2)[2]  # after the YAML front matter, which the Hub reads apart
+    tokens = MarkdownIt("commonmark").enable("table").parse(body)
+    every = list(_tokens(tokens))
+    assert [t.content for t in every if t.type.startswith("html")] == []
+    links = [t.attrs.get("href") for t in every if t.type == "link_open"]
+    assert links == ["https://github.com/axolotl-ai-cloud/axolotl", "https://huggingface.co/datasets/org/data"]
+    assert [t.attrs.get("src") for t in every if t.type == "image"] == ["loss.png"]
+    flat = hostile.replace("\n", " ")
+    rows = {row[0]: row[1:] for row in _cells(tokens)}
+    assert rows["lora_target_modules"] == [str(list(HOSTILE)).replace("\n", " ")]
+    assert rows["optimizer"] == [flat] and rows["lr_scheduler"] == [config["lr_scheduler"]]
+    assert rows[flat] in (["0.5"], ["0.5", "0.75", "+0.25"])  # the results and the evaluation tables
+    assert rows["final_loss"] == ["0.1"]
+    fences = [t.content for t in every if t.type == "fence"]
+    assert "```\n<script>x</script>\n```\n" in fences and "````\n" in fences and "~~~\n<b>\n" in fences
+    shown = " ".join(t.content for t in every if t.type in ("text", "code_inline"))
+    assert shown.count(flat) >= 6  # a local name, the lineage's method and run, metrics, versions: shown as written
+    assert "/v/models" not in card and "/v/data" not in card
+
+
 # ------------------------------------------------------------------ end to end
 
 
