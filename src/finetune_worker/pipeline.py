@@ -24,14 +24,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from finetune_worker.checks import axolotl_schema, capacity
+from finetune_worker.checks import axolotl_schema, capacity, tenancy
 from finetune_worker.checks.model_config import base_model_facts
 from finetune_worker.checks.resources import ModelFacts, link_prebaked_model
 from finetune_worker.checks.usertoken import check_user_token
 from finetune_worker.checks.validation import ValidJob, config_problems_error, validate_job
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
-from finetune_worker.contract.job import GENERATE_MODE, HISTORY_MODES, parse_job_input
+from finetune_worker.contract.job import GENERATE_MODE, HISTORY_MODES, READING_MODES, parse_job_input
 from finetune_worker.contract.settings import SettingsInvalid, WorkerSettings
 from finetune_worker.data.download import without_url_queries
 from finetune_worker.data.files import DatasetCheck
@@ -91,6 +91,8 @@ class JobRun:
     paths: RunPaths | None = None
     child_env: dict[str, str] = field(default_factory=dict)
     wandb_key: str | None = None
+    hub_writes: tenancy.HubWrites = field(default_factory=lambda: tenancy.HubWrites({}))
+    wandb: tenancy.WandbTarget = field(default_factory=tenancy.WandbTarget)
     ctx: JobContext | None = None
     base: ModelFacts | None = None
     previous: PreviousRun | None = None
@@ -154,8 +156,9 @@ async def _pipeline(run: JobRun, state: JobState) -> AsyncIterator[dict]:
 
 
 async def _validate(run: JobRun, state: JobState) -> AsyncIterator[dict]:
-    """The worker's settings, the user's identity, then the job and its Axolotl config;
-    the standby training child starts as soon as a training job parses."""
+    """The worker's settings, the user's identity, then the job and its Axolotl config, and
+    where it may write (on a shared endpoint: checks/tenancy.py); the standby training child
+    starts as soon as a training job parses."""
     try:
         settings = run.settings = WorkerSettings.from_env(run.env)
     except SettingsInvalid as exc:
@@ -177,6 +180,11 @@ async def _validate(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         )
         await start_standby(job, run.paths, run.child_env, hardware, state)
     run.valid = validate_job(run.raw_input, settings, hardware, parsed=(job, problems))
+    if run.valid.job.mode not in READING_MODES:
+        run.hub_writes = tenancy.hub_writes(run.valid.job, run.valid.args, settings)
+        run.wandb = tenancy.wandb_target(run.valid.job, run.valid.args, settings)
+        for note in (*run.hub_writes.notes, *run.wandb.notes):
+            yield events.status("validating", note)
 
 
 async def _history(run: JobRun, state: JobState) -> AsyncIterator[dict]:
@@ -204,7 +212,8 @@ async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     """The Axolotl config: the job's args, the worker's paths and plugin, CPU adaptation,
     then the fast defaults this GPU can use, checked again by Axolotl's own schema."""
     valid, settings, hardware = run.valid, run.settings, run.hardware
-    tracking = Tracking(wandb_key=bool(run.wandb_key), model_id=valid.job.model_id, run_id=valid.job.run_id)
+    tracking = Tracking(wandb_key=bool(run.wandb_key), model_id=valid.job.model_id, run_id=valid.job.run_id,
+                        wandb_entity=run.wandb.entity, wandb_project=run.wandb.project, wandb_off_reason=run.wandb.off_reason)
     plan = build_axolotl_config(valid.args, run.paths, settings.cache_dir / "prepared", hardware, tracking)
     plan = with_continue_from(plan, valid.origin)
     processes = process_count(valid.job.num_processes, hardware.gpu_count)
@@ -287,16 +296,19 @@ async def _preflight(run: JobRun, state: JobState) -> AsyncIterator[dict]:
 
 
 async def _check_hub_token(run: JobRun, state: JobState) -> AsyncIterator[dict]:
-    """Before training: the token may write to hub_model_id (which gets an owner if it has none)."""
-    ctx = run.ctx
-    if not ctx.repo_id:
+    """Before training: the token the job writes with may write to every Hub repo the job
+    names (a hub_model_id without an owner gets the token's user, unless `_validate` placed it)."""
+    ctx, writes = run.ctx, run.hub_writes.repos
+    if not writes:
         return
-    yield events.status("publishing", f"checking that the Hugging Face token may write to {ctx.repo_id}")
-    user, repo_id = await publishing.check_token(ctx, state)
-    if repo_id != ctx.repo_id:
+    yield events.status("publishing", f"checking that the Hugging Face token may write to {', '.join(writes.values())}")
+    user, checked = await publishing.check_token(ctx, state, list(writes.values()))
+    repo_id = dict(zip(writes, checked, strict=True)).get(tenancy.HUB_MODEL_ID)
+    if repo_id and repo_id != writes[tenancy.HUB_MODEL_ID]:
         yield events.status("preparing", f"hub_model_id {ctx.repo_id!r} has no owner, so it goes to the token's user: {repo_id}")
+    if repo_id and repo_id != ctx.repo_id:
         run.ctx = ctx = replace(ctx, plan=with_repo_id(ctx.plan, repo_id))
-    yield events.status("preparing", f"the token of '{user}' may push to {ctx.repo_id}")
+    yield events.status("preparing", f"the token of '{user}' may push to {', '.join(checked)}")
 
 
 async def _train_or_reuse(run: JobRun, state: JobState) -> AsyncIterator[dict]:

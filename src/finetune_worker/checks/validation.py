@@ -10,6 +10,7 @@ from typing import Any
 from finetune_worker.checks.args import ArgsContext, check_args
 from finetune_worker.checks.continue_from import Origin, lineage, resolve_continue_from
 from finetune_worker.checks.paths import make_roots
+from finetune_worker.checks.tenancy import TRAINING_HUB_WRITES
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError, Problem, problems_error
 from finetune_worker.contract.job import DEFAULT_NEW_TOKENS, GENERATE_MODE, JobInput, blocks_args_check, parse_job_input
@@ -76,10 +77,6 @@ def validate_job(
     return ValidJob(job=job, args=args, defaults_used=used, notes=notes, origin=origin)
 
 
-# Options with which the training itself writes to the Hub, with HF_TOKEN in its environment.
-HUB_WRITE_OPTIONS = ("push_dataset_to_hub", "trackio_space_id")
-
-
 def hub_write_problems(args: dict[str, Any], job: JobInput) -> list[Problem]:
     """The training child's HF_TOKEN is the job's hf_token, else the endpoint's own: a
     config that writes to the Hub must bring its own token, or it would write to any
@@ -89,7 +86,7 @@ def hub_write_problems(args: dict[str, Any], job: JobInput) -> list[Problem]:
     return [
         Problem(f"args.{key}", "writes to the Hugging Face Hub during training; send credentials.hf_token with write access "
                 "to that repo (the endpoint's own token is not used for this)")
-        for key in HUB_WRITE_OPTIONS
+        for key in TRAINING_HUB_WRITES
         if args.get(key)
     ]
 

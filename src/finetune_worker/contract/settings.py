@@ -37,7 +37,8 @@ ENV_NAMES = {
     "examples_dir": "FINETUNE_EXAMPLES_DIR", "hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY",
     "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE", "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES",
     "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES", "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S",
-    "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
+    "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", "hub_namespace": "FINETUNE_HUB_NAMESPACE",
+    "wandb_entity": "FINETUNE_WANDB_ENTITY", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
 }
 # Environment variables whose values are secrets: the worker's own credentials. No
 # child inherits them (a child gets the job's own: plan.build_child_env), and their
@@ -70,6 +71,11 @@ class WorkerSettings(BaseModel):
     examples_dir: Path = REPO_ROOT / "examples"
     hf_token: SecretStr | None = None
     wandb_api_key: SecretStr | None = None
+    # With user tokens (several tenants), where the endpoint's own credentials may write
+    # for a job (checks/tenancy.py): the Hub namespace of `<namespace>/<user_id>__<name>`
+    # repos, and the W&B entity of `<user_id>__<project>` projects. Unset: nowhere.
+    hub_namespace: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+    wandb_entity: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     allow_trust_remote_code: bool = False
     max_request_bytes: int = MAX_REQUEST_BYTES
     max_download_bytes: int = MAX_DOWNLOAD_BYTES

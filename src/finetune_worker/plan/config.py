@@ -77,11 +77,15 @@ class AxolotlPlan:
 
 @dataclass(frozen=True)
 class Tracking:
-    """W&B is on when the job or the worker has a key; TensorBoard always."""
+    """W&B is on when the job or the worker has a key (and may use it: checks/tenancy.py);
+    TensorBoard always. A shared endpoint's key forces its entity and the user's project."""
 
     wandb_key: bool = False
     model_id: str = ""
     run_id: str = ""
+    wandb_entity: str | None = None
+    wandb_project: str | None = None
+    wandb_off_reason: str = "no wandb_api_key in the job or the worker's environment"
 
 
 def build_axolotl_config(
@@ -135,12 +139,13 @@ def apply_tracking(config: dict[str, Any], tracking: Tracking) -> list[str]:
     """TensorBoard logs by default; W&B only with a key (project defaults to the model id)."""
     config.setdefault("use_tensorboard", True)
     if tracking.wandb_key:
+        config.update({key: value for key, value in (("wandb_entity", tracking.wandb_entity), ("wandb_project", tracking.wandb_project)) if value})
         config.setdefault("wandb_project", tracking.model_id)
         config.setdefault("wandb_name", tracking.run_id)
         return []
     dropped = [key for key in WANDB_KEYS if config.pop(key, None) is not None]
     if dropped:
-        return [f"W&B is off: no wandb_api_key in the job or the worker's environment, so {', '.join(dropped)} was ignored"]
+        return [f"W&B is off: {tracking.wandb_off_reason}, so {', '.join(dropped)} was ignored"]
     return []
 
 

@@ -203,7 +203,7 @@ def render_model_card(
     if has_loss_curve:
         lines += ["![Training loss](loss.png)", ""]
     lines += list(extra_sections)
-    lines += ["## Framework versions", ""] + [f"- {text(name)} {text(version)}" for name, version in versions.items()] + [""]
+    lines += ["## Framework versions", ""] + [f"- {name} {version}" for name, version in versions.items()] + [""]  # installed packages
     return "\n".join(lines)
 
 

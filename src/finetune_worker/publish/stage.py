@@ -30,12 +30,12 @@ async def hub_tool(ctx: JobContext, state: JobState, name: str, command: str, *a
     return outcome
 
 
-async def check_token(ctx: JobContext, state: JobState) -> tuple[str, str]:
-    """The token's user, and the repo the push goes to (with its owner)."""
-    outcome = await hub_tool(ctx, state, "hub-check", "check", "--repo-id", ctx.repo_id)
+async def check_token(ctx: JobContext, state: JobState, repo_ids: list[str]) -> tuple[str, list[str]]:
+    """The token's user, and each repo with its owner (a bare name: the token's user's)."""
+    outcome = await hub_tool(ctx, state, "hub-check", "check", *(f"--repo-id={repo}" for repo in repo_ids))
     if not outcome["ok"]:
         raise JobError(errors.AUTH_ERROR, outcome["message"], log_tail=outcome.get("log_tail", []))
-    return outcome.get("user", "?"), outcome.get("repo_id", ctx.repo_id)
+    return outcome.get("user", "?"), outcome.get("repo_ids", repo_ids)
 
 
 async def merge(ctx: JobContext, state: JobState) -> tuple[Path | None, str | None]:
