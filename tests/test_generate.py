@@ -58,7 +58,7 @@ def test_generate_answers_conversations_with_the_trained_facts(chat_run, volume)
     assert result["generation"] == {"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0}
     recipe = result["deploy"]
     assert recipe["runpod_vllm_worker"]["env"]["ENABLE_LORA"] == "true"
-    assert "--enable-lora" in recipe["vllm_serve"] and "--max-model-len 256" in recipe["vllm_serve"]
+    assert "--enable-lora" in recipe["vllm_serve"] and "--max-model-len=256" in recipe["vllm_serve"]
     # nothing of the job stays in the run but the child's log; the run's own events are untouched
     work = sorted((volume / "runs" / USER / chat_run / "generations").iterdir())[-1]
     assert [p.name for p in work.iterdir()] == ["generate.log"]

@@ -191,7 +191,7 @@ def test_the_rule_places_and_refuses():
     assert tenancy.hub_writes(parsed(), {"hub_model_id": "mallory__x"}, ns).repos == {"args.hub_model_id": "acme/mallory__x"}
     assert tenancy.hub_writes(parsed(merged="acme/mallory__m"), {"hub_model_id": "acme/mallory__x"}, ns).repos == {
         "args.hub_model_id": "acme/mallory__x", "publish.merged_hub_model_id": "acme/mallory__m"}
-    for repo in ("x__y", "acme/x", "acme/mallory__", "acme/mallory__x__y", "other/mallory__x"):
+    for repo in ("x__y", "acme/x", "acme/mallory__", "acme/mallory__x__y", "other/mallory__x", "x-", "acme/mallory__x..y", "a" * 90):
         with pytest.raises(JobError) as refused:
             tenancy.hub_writes(parsed(), {"hub_model_id": repo}, ns)
         assert refused.value.code == "auth_error" and refused.value.details[0].startswith(f"args.hub_model_id: {repo!r}")

@@ -104,6 +104,9 @@ def hub_writes(job: JobInput, args: dict[str, Any], settings: WorkerSettings) ->
             problems.append(Problem(where, f"{repo!r} is not one of this user's repos in the endpoint's namespace"))
         else:
             placed[where] = repo
+        if where in placed and (invalid := repo_id_problem(placed[where])):
+            target = "" if placed[where] == repo else f" (as {placed[where]!r})"
+            problems.append(Problem(where, f"{repo!r}{target}: {invalid}"))
     if problems:
         raise JobError(
             errors.AUTH_ERROR,
@@ -133,18 +136,25 @@ def tenant_name_problem(user_id: str, name: str) -> bool:
 
 def tenant_problem(user_id: str, namespace: str) -> str | None:
     """Why repos named after this user_id cannot be the user's own, or None."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     if user_id != user_id.lower():
         return (f"the user_id {user_id!r} has capital letters, and the Hub ignores case in repo names, so its repos would "
                 "be those of the lower-case user_id too; the endpoint's token writes only for lower-case user_ids "
                 "(send credentials.hf_token instead)")
-    try:
-        validate_repo_id(f"{namespace}/{user_id}{TENANT_SEPARATOR}x")
-    except HFValidationError:
+    if repo_id_problem(f"{namespace}/{user_id}{TENANT_SEPARATOR}x"):
         return (f"the user_id {user_id!r} cannot begin a Hub repo name (the Hub refuses a name that starts with '.' "
                 "or holds '--' or '..'); send credentials.hf_token instead")
+    return None
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """What the Hub's own rules (huggingface_hub's validate_repo_id) say against this repo id, or None."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        return str(exc)
     return None
 
 
