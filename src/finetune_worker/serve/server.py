@@ -110,8 +110,9 @@ def wait_until_healthy(process: subprocess.Popen, url: str, timeout: float) -> b
 
 
 def serve(where: str, *, runs_dir: Path, env: Mapping[str, str], host: str = "127.0.0.1", port: int = 8000,
-          checkpoint: str | int = "final", server: str = "auto", out: TextIO = sys.stdout) -> int:
-    """Serve a run until SIGTERM/SIGINT (or the server exits); the exit code."""
+          checkpoint: str | int = "final", server: str = "auto", out: TextIO | None = None) -> int:
+    """Serve a run until SIGTERM/SIGINT (or the server exits); the exit code. Lines go to `out` (sys.stdout at the call)."""
+    out = out or sys.stdout
     try:
         target = find_run(where, runs_dir, checkpoint)
         server = choose_server(server, env)
