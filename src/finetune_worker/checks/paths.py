@@ -163,9 +163,10 @@ def resolve_inside(value: str, roots: PathRoots) -> str:
     return resolved
 
 
-# The paths a run's config.yaml names that the worker or a child loads again later
-# (generate, continue_from): confined again, as if the job had sent them.
-CONFIG_PATH_KEYS = ("base_model", "base_model_config", "tokenizer_config", "lora_model_dir", "output_dir")
+# The paths a run's config.yaml names that a child loads again later (generate,
+# continue_from): confined again, as if the job had sent them. Its output_dir is never
+# read back: the worker knows where a run's output is.
+CONFIG_PATH_KEYS = ("base_model", "base_model_config", "tokenizer_config", "lora_model_dir")
 
 
 def config_path_problem(config: dict, roots: PathRoots) -> str | None:

@@ -3,7 +3,7 @@
     python -m finetune_worker.serve.generate SPEC --out FILE
 
 SPEC (JSON): the run's `config` (config.yaml's path), `model_dir` (its adapter or full
-weights), `prompts` or `messages`, `max_prompt_tokens`, `max_new_tokens`, `temperature`,
+weights), `output_dir` (the run's output, where its tokenizer is), `prompts` or `messages`, `max_prompt_tokens`, `max_new_tokens`, `temperature`,
 `top_p`, and `records`: a JSON Lines file that gets one line per answer as each batch
 finishes (the worker turns them into `generation` events). FILE gets every answer at the
 end, or, when a formatted prompt has more than `max_prompt_tokens` tokens, `too_long`
@@ -47,7 +47,7 @@ def generate(spec: dict) -> dict:
 
     config = yaml.safe_load(Path(spec["config"]).read_text(encoding="utf-8"))
     model_dir = Path(spec["model_dir"])
-    tokenizer = load_tokenizer(config, model_dir, Path(str(config.get("output_dir", model_dir))))
+    tokenizer = load_tokenizer(config, model_dir, Path(spec.get("output_dir") or model_dir))
     prompts = formatted_prompts(spec, config, tokenizer)
     if too_long := prompts_over(tokenizer, prompts, spec.get("max_prompt_tokens")):
         return {"too_long": too_long}

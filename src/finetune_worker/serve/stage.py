@@ -46,7 +46,8 @@ async def generate(job: JobInput, settings: WorkerSettings, child_env: dict[str,
     options = generation_options(job)
     cap, cap_source = prompt_token_cap(target.config, settings)
     spec_file, answers, out = work / "spec.json", work / "answers.jsonl", work / "result.json"
-    spec = {"config": str(target.config_file), "model_dir": str(target.model_dir), "records": str(answers),
+    output_dir = target.model_dir if target.checkpoint == "final" else target.model_dir.parent
+    spec = {"config": str(target.config_file), "model_dir": str(target.model_dir), "output_dir": str(output_dir), "records": str(answers),
             "prompts": job.prompts, "messages": None if job.prompts is not None else items, "max_prompt_tokens": cap, **options}
     state.scratch += [spec_file, answers, out]  # the prompts and answers live in the job's result only, however it ends
     try:
