@@ -98,7 +98,10 @@ def test_a_succeeding_job_leaks_no_secret(tiny, env, volume, caplog):
     with caplog.at_level(logging.DEBUG), ArgvWatcher() as argv:
         evs = collect(job, {**env, "WANDB_MODE": "offline"})  # the W&B key turns W&B on
         evs += collect(generate, env)  # the run answers a prompt: the generate child holds the token too
+        stopped = collect(generate, {**env, "FINETUNE_GENERATE_DEADLINE_S": "1"})  # stopped at its deadline: an error with its log tail
     assert evs[-1]["type"] == "result" and evs[-1]["mode"] == "generate", evs[-1]
+    assert stopped[-1]["code"] == "deadline_exceeded", stopped[-1]
+    evs += stopped
     assert list(run_dir(volume, job).glob("generations/*/generate.log")), "the generate child ran, so its files are searched too"
     assert (run_dir(volume, job) / "evaluation.log").is_file(), "the evaluation child ran, so its files are searched too"
     assert list(run_dir(volume, job).glob("wandb/offline-run-*")), "W&B ran, so its files are searched too"

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import hashlib
+import json
 import logging
 import os
 import time
@@ -26,6 +28,7 @@ from typing import Any
 
 from finetune_worker.checks import axolotl_schema, capacity, tenancy
 from finetune_worker.checks.model_config import base_model_facts
+from finetune_worker.checks.options import INLINE_DATASET_KEYS
 from finetune_worker.checks.resources import ModelFacts, link_prebaked_model
 from finetune_worker.checks.usertoken import check_user_token
 from finetune_worker.checks.validation import ValidJob, config_problems_error, validate_job
@@ -40,6 +43,7 @@ from finetune_worker.plan.children import build_child_env
 from finetune_worker.plan.config import (
     Tracking,
     build_axolotl_config,
+    with_checkpoint_cap,
     with_continue_from,
     with_prepared_data,
     with_repo_id,
@@ -65,6 +69,7 @@ from finetune_worker.run.rundir import (
     prepare_run_dir,
     read_json,
     run_paths,
+    through_link,
     write_config,
     write_json,
 )
@@ -134,6 +139,7 @@ async def _pipeline(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     yield events.status("validating", "checking the job input and the Axolotl config")
     try:
         for stage in STAGES:
+            state.check_deadline()  # FINETUNE_MAX_HOURS bounds the whole job, not only its children
             async for event in stage(run, state):
                 yield event
             if run.done:
@@ -163,6 +169,7 @@ async def _validate(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         settings = run.settings = WorkerSettings.from_env(run.env)
     except SettingsInvalid as exc:
         raise JobError(errors.INVALID_CONFIG, f"this worker is misconfigured (the operator must fix its environment): {exc}") from None
+    state.start_clock(settings, run.started)
     # Who the user is comes first: nothing is parsed, locked or started for a job
     # whose user_id the operator's service has not signed (when it signs them).
     ignored_token = check_user_token(run.raw_input, settings)
@@ -177,6 +184,7 @@ async def _validate(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         run.child_env = build_child_env(
             run.env, paths=run.paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token,
             wandb_api_key=run.wandb_key, other_secrets=tracker_secrets(job), step_limit=settings.max_steps,
+            run_bytes_limit=settings.max_run_bytes,
         )
         await start_standby(job, run.paths, run.child_env, hardware, state)
     run.valid = validate_job(run.raw_input, settings, hardware, parsed=(job, problems))
@@ -223,6 +231,7 @@ async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     speedups = capacity.speedups(plan.config, run.base.config, hardware, processes)
     validate = functools.partial(_planned_config_problems, hardware=hardware, processes=processes)
     plan, fast = with_fast_defaults(plan, hardware, speedups, validate=validate)
+    plan = with_checkpoint_cap(plan, settings.max_checkpoints)
     final_problems = validate(plan.config)
     if final_problems:
         raise config_problems_error(final_problems)
@@ -243,6 +252,9 @@ async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
 
 async def _take_the_run(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     """Lock the run, look at earlier attempts; a completed run answers with its stored result."""
+    if through_link(run.paths.run_dir):
+        raise JobError(errors.INVALID_INPUT, f"run {run.valid.job.run_id!r}: its directory on the volume is a symbolic link, "
+                                             "which the worker never follows; use another run_id (the operator can remove the link)")
     for event in _take_run(run.valid, run.paths, state):
         yield event
     state.paths = run.paths
@@ -267,7 +279,7 @@ async def _check_capacity(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         yield events.status("preparing", f"resuming from step {step} ({checkpoint.name})", resumed_from_step=int(step))
     for event in capacity.check_memory(ctx.plan.config, run.base.config, run.hardware, ctx.num_processes):
         yield event
-    capacity.check_disk(ctx.plan.config, run.base, run.settings)
+    capacity.check_disk(ctx.plan.config, run.base, run.settings, merge=ctx.valid.job.publish.merge_lora)
 
 
 async def _prepare_data(run: JobRun, state: JobState) -> AsyncIterator[dict]:
@@ -429,14 +441,26 @@ def _planned_config_problems(config: dict, hardware: Hardware | None = None, pro
 
 
 def _job_record(valid: ValidJob) -> dict:
-    """What job.json keeps: no credential, and URLs without their query (a signed URL's query is one)."""
+    """What job.json keeps: no credential, URLs without their query (a signed URL's query
+    is one), and rows sent inline as their count and digest (training rows are in the run's data/)."""
     creds = valid.job.credentials
-    return without_url_queries({
+    record = without_url_queries({
         **valid.job.model_dump(exclude={"credentials", "args"}),
         "credentials_given": {name: getattr(creds, name) is not None for name in type(creds).model_fields},
         "args_sha256": args_digest(valid.args),
         "args": valid.job.args,
         "lineage": valid.lineage,
     })
+    for key in INLINE_DATASET_KEYS:
+        for entry in (record.get("args") or {}).get(key) or []:
+            _rows_as_digest(entry)
+    if isinstance(record.get("evaluation"), dict):
+        _rows_as_digest(record["evaluation"].get("dataset"))
+    return record
 
 
+def _rows_as_digest(entry: Any) -> None:
+    """`rows: [...]` -> `rows: {"count": N, "sha256": ...}`, in place."""
+    if isinstance(entry, dict) and isinstance(entry.get("rows"), list):
+        rows = entry["rows"]
+        entry["rows"] = {"count": len(rows), "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()}

@@ -245,9 +245,6 @@ def mode_problems(raw: dict) -> list[Problem]:
         used = MODE_CREDENTIALS[mode]
         problems += [Problem(f"credentials.{name}", f"not used by mode '{mode}' (only {' and '.join(sorted(used))})")
                      for name in credentials if name not in used and name in Credentials.model_fields]
-    limit, top = raw.get("limit"), RUNS_PAGE_MAX if mode == "runs" else EVENTS_PAGE_MAX
-    if isinstance(limit, int) and not isinstance(limit, bool) and limit > top:
-        problems.append(Problem("limit", f"at most {top} for mode '{mode}'"))
     return problems + _conversation_problems(raw.get("messages") if mode == GENERATE_MODE else None)
 
 
@@ -399,4 +396,13 @@ def parse_job_input(raw: Any, max_bytes: int) -> tuple[JobInput | None, list[Pro
     except ValidationError as exc:
         found = {p.path for p in problems}
         return None, problems + [p for p in map(_problem_from_pydantic, exc.errors()) if p.path not in found]
+    problems += page_problems(job)
     return (None, problems) if problems else (job, [])
+
+
+def page_problems(job: JobInput) -> list[Problem]:
+    """A page's size, checked on the parsed value: "1000" and 1000 meet the same cap."""
+    top = RUNS_PAGE_MAX if job.mode == "runs" else EVENTS_PAGE_MAX
+    if job.limit is not None and job.limit > top:
+        return [Problem("limit", f"at most {top} for mode '{job.mode}'")]
+    return []

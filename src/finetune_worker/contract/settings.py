@@ -26,6 +26,25 @@ LIMIT_SETTINGS = {
     "max_dataset_bytes": "FINETUNE_MAX_DATASET_BYTES",
     "max_generate_prompts": "FINETUNE_MAX_GENERATE_PROMPTS",  # mode generate: prompts or conversations per job
     "max_new_tokens": "FINETUNE_MAX_NEW_TOKENS",  # mode generate: tokens per answer
+    "max_prompt_tokens": "FINETUNE_MAX_PROMPT_TOKENS",  # mode generate: tokens per prompt (else the run's sequence_len)
+    "max_checkpoints": "FINETUNE_MAX_CHECKPOINTS",  # checkpoints a run keeps (save_total_limit)
+    "max_run_bytes": "FINETUNE_MAX_RUN_BYTES",  # one run directory's size, checked at each checkpoint
+}
+# How long each helper child may run, in seconds: field -> (environment variable, default).
+# Every child also ends by the job's own deadline (FINETUNE_MAX_HOURS, from the job's start).
+DEADLINE_SETTINGS = {
+    "preflight_deadline_s": ("FINETUNE_PREFLIGHT_DEADLINE_S", 1800.0),
+    "evaluation_deadline_s": ("FINETUNE_EVALUATION_DEADLINE_S", 3600.0),
+    "generate_deadline_s": ("FINETUNE_GENERATE_DEADLINE_S", 1800.0),
+    "merge_deadline_s": ("FINETUNE_MERGE_DEADLINE_S", 3600.0),
+    "push_deadline_s": ("FINETUNE_PUSH_DEADLINE_S", 7200.0),
+    "hub_check_deadline_s": ("FINETUNE_HUB_CHECK_DEADLINE_S", 120.0),
+}
+# Each helper child (by the name of its log) -> its deadline's field; training has none of its own.
+CHILD_DEADLINES = {
+    "preflight": "preflight_deadline_s", "evaluation": "evaluation_deadline_s", "generate": "generate_deadline_s",
+    "merge": "merge_deadline_s", "hub-push": "push_deadline_s", "hub-check": "hub_check_deadline_s",
+    "hub-model-config": "hub_check_deadline_s",
 }
 USER_TOKEN_SETTINGS = {
     "user_token_secret": "FINETUNE_USER_TOKEN_SECRET", "user_token_public_key": "FINETUNE_USER_TOKEN_PUBLIC_KEY",
@@ -39,6 +58,7 @@ ENV_NAMES = {
     "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES", "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S",
     "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", "hub_namespace": "FINETUNE_HUB_NAMESPACE",
     "wandb_entity": "FINETUNE_WANDB_ENTITY", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
+    **{field: name for field, (name, _) in DEADLINE_SETTINGS.items()},
 }
 # Environment variables whose values are secrets: the worker's own credentials. No
 # child inherits them (a child gets the job's own: plan.build_child_env), and their
@@ -98,6 +118,16 @@ class WorkerSettings(BaseModel):
     max_dataset_bytes: int | None = Field(None, gt=0)
     max_generate_prompts: int | None = Field(None, gt=0)
     max_new_tokens: int | None = Field(None, gt=0)
+    max_prompt_tokens: int | None = Field(None, gt=0)
+    max_checkpoints: int | None = Field(None, gt=0)
+    max_run_bytes: int | None = Field(None, gt=0)
+    # Wall-clock limits of the helper children (DEADLINE_SETTINGS), seconds.
+    preflight_deadline_s: float = Field(DEADLINE_SETTINGS["preflight_deadline_s"][1], gt=0, allow_inf_nan=False)
+    evaluation_deadline_s: float = Field(DEADLINE_SETTINGS["evaluation_deadline_s"][1], gt=0, allow_inf_nan=False)
+    generate_deadline_s: float = Field(DEADLINE_SETTINGS["generate_deadline_s"][1], gt=0, allow_inf_nan=False)
+    merge_deadline_s: float = Field(DEADLINE_SETTINGS["merge_deadline_s"][1], gt=0, allow_inf_nan=False)
+    push_deadline_s: float = Field(DEADLINE_SETTINGS["push_deadline_s"][1], gt=0, allow_inf_nan=False)
+    hub_check_deadline_s: float = Field(DEADLINE_SETTINGS["hub_check_deadline_s"][1], gt=0, allow_inf_nan=False)
     # AXOLOTL_* variables on the endpoint: defaults under every job's args.
     default_args: dict = {}
     default_arg_problems: list[str] = []
@@ -126,6 +156,11 @@ class WorkerSettings(BaseModel):
     def limits(self) -> dict[str, float | int]:
         """The operator limits that are set, by environment variable."""
         return {name: getattr(self, field) for field, name in LIMIT_SETTINGS.items() if getattr(self, field) is not None}
+
+    def child_deadline(self, name: str) -> tuple[float, str] | None:
+        """(seconds, environment variable) of the helper child `name`'s own limit; None for training."""
+        field = CHILD_DEADLINES.get(name)
+        return None if field is None else (getattr(self, field), DEADLINE_SETTINGS[field][0])
 
     @property
     def user_tokens_required(self) -> bool:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from finetune_worker.checks.continue_from import Origin
 from finetune_worker.checks.options import INLINE_DATASET_KEYS
+from finetune_worker.checks.resources import AXOLOTL_KEPT_CHECKPOINTS
 from finetune_worker.run.hardware import Hardware
 from finetune_worker.run.rundir import RunPaths
 
@@ -236,6 +237,17 @@ def with_continue_from(plan: AxolotlPlan, origin: Origin | None) -> AxolotlPlan:
     if origin.starts_as == "adapter":
         return with_config(plan, lora_model_dir=str(origin.path))
     return with_config(plan, base_model=str(origin.path), tokenizer_config=origin.tokenizer or plan.config.get("tokenizer_config"))
+
+
+def with_checkpoint_cap(plan: AxolotlPlan, cap: int | None) -> AxolotlPlan:
+    """At most `cap` checkpoints kept (the operator's FINETUNE_MAX_CHECKPOINTS): a
+    save_total_limit the job left unset (Axolotl keeps 4) or a fast default above it is lowered."""
+    kept = plan.config.get("save_total_limit") or AXOLOTL_KEPT_CHECKPOINTS
+    if cap is None or not isinstance(kept, int) or kept <= cap:
+        return plan
+    capped = with_config(plan, save_total_limit=cap)
+    return replace(capped, warnings=[*plan.warnings, f"save_total_limit: {cap} (this worker keeps at most {cap} checkpoints per run, "
+                                                     "FINETUNE_MAX_CHECKPOINTS; the oldest ones are deleted as new ones are saved)"])
 
 
 def with_repo_id(plan: AxolotlPlan, repo_id: str) -> AxolotlPlan:
