@@ -66,6 +66,7 @@ class FakeRunPod:
         self.worker_posts: list[bytes] = []  # bodies of job-done and job-stream, for leak checks
         self.client_replies: list[bytes] = []  # replies to /status, /stream and /cancel
         self.webhook_calls: list[tuple[str, int | str]] = []  # (job id, the webhook's HTTP status or the failure)
+        self.webhook_tls = None  # an ssl.SSLContext that trusts the test's https webhook
         self.lock = threading.Condition()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
@@ -146,7 +147,7 @@ class FakeRunPod:
         body = json.dumps(self._status(job_id)).encode()
         request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=10) as reply:
+            with urllib.request.urlopen(request, timeout=10, context=self.webhook_tls) as reply:
                 outcome: int | str = reply.status
         except OSError as exc:
             outcome = str(exc)

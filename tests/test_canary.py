@@ -98,7 +98,10 @@ def test_a_succeeding_job_leaks_no_secret(tiny, env, volume, caplog):
     with caplog.at_level(logging.DEBUG), ArgvWatcher() as argv:
         evs = collect(job, {**env, "WANDB_MODE": "offline"})  # the W&B key turns W&B on
         evs += collect(generate, env)  # the run answers a prompt: the generate child holds the token too
+        stopped = collect(generate, {**env, "FINETUNE_GENERATE_DEADLINE_S": "1"})  # stopped at its deadline: an error with its log tail
     assert evs[-1]["type"] == "result" and evs[-1]["mode"] == "generate", evs[-1]
+    assert stopped[-1]["code"] == "deadline_exceeded", stopped[-1]
+    evs += stopped
     assert list(run_dir(volume, job).glob("generations/*/generate.log")), "the generate child ran, so its files are searched too"
     assert (run_dir(volume, job) / "evaluation.log").is_file(), "the evaluation child ran, so its files are searched too"
     assert list(run_dir(volume, job).glob("wandb/offline-run-*")), "W&B ran, so its files are searched too"
@@ -200,3 +203,38 @@ def test_a_secret_printed_by_the_training_is_redacted_in_the_log(tiny, env, volu
     debug_log = run_dir(volume, job) / "output" / "debug.log"
     assert debug_log.is_file(), "Axolotl tees its log into output/debug.log: searched too"
     assert_clean_text(debug_log.read_text(), "Axolotl's debug.log")
+
+
+SERVE_KEY_CANARY = "CANARYserveApiKey00000000000000000001"
+
+
+def test_the_serve_api_key_reaches_vllm_through_its_environment_only(tmp_path, capsys):
+    """`finetune-worker serve` with FINETUNE_SERVE_API_KEY: vLLM cannot run on this machine (no
+    CUDA), so a stand-in `vllm` program on PATH records the argv and environment it was given
+    and exits; the key must be in VLLM_API_KEY (which vLLM reads) and nowhere else."""
+    import sys
+
+    from finetune_worker.serve.server import serve
+
+    seen = tmp_path / "seen.json"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "vllm"
+    stand_in.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        f"open({str(seen)!r}, 'w').write(json.dumps({{'argv': sys.argv, 'env': dict(os.environ)}}))\nsys.exit(3)\n")
+    stand_in.chmod(0o755)
+    run = tmp_path / "pod"
+    (run / "outputs").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"base_model: org/base\nadapter: lora\nlora_r: 8\noutput_dir: {run / 'outputs'}\n")
+    (run / "outputs" / "adapter_config.json").write_text("{}")
+    env = {"PATH": str(bin_dir), "FINETUNE_SERVE_API_KEY": SERVE_KEY_CANARY}
+    assert serve(str(run), runs_dir=tmp_path, env=env, host="0.0.0.0", port=1, server="vllm") == 1
+    recorded = json.loads(seen.read_text())
+    assert recorded["env"]["VLLM_API_KEY"] == SERVE_KEY_CANARY and "FINETUNE_SERVE_API_KEY" not in recorded["env"]
+    assert SERVE_KEY_CANARY not in json.dumps(recorded["argv"])
+    printed = capsys.readouterr()
+    assert "with an API key" in printed.out and SERVE_KEY_CANARY not in printed.out + printed.err
+    # transformers serve cannot check a key: refused before anything starts, the key not repeated
+    assert serve(str(run), runs_dir=tmp_path, env=env, server="transformers") == 2
+    printed = capsys.readouterr()
+    assert "transformers serve has no API key" in printed.err and SERVE_KEY_CANARY not in printed.out + printed.err

@@ -174,14 +174,17 @@ def _fake_full_run(runs: Path, run_id: str, base: str, continue_from: dict | Non
 
 def test_a_full_fine_tune_continues_as_the_base_model(tmp_path):
     from finetune_worker.checks.continue_from import resolve_continue_from
+    from finetune_worker.checks.paths import make_roots
     from finetune_worker.contract.job import JobInput
+    from finetune_worker.contract.settings import REPO_ROOT
     from finetune_worker.plan.config import AxolotlPlan, with_continue_from
 
     runs = tmp_path / "runs"
+    roots = make_roots(tmp_path, REPO_ROOT / "examples", USER)
     first = _fake_full_run(runs, "full-a", "org/base")
     args = {"base_model": "org/base", "datasets": [{"path": "org/more", "type": "alpaca"}], "learning_rate": 1e-5}
     job = JobInput(user_id=USER, model_id="m", run_id="full-b", args=args, continue_from={"run_id": "full-a"})
-    origin, problems = resolve_continue_from(job, args, runs)
+    origin, problems = resolve_continue_from(job, args, runs, roots)
     assert problems == [] and origin.starts_as == "base_model" and origin.path == first / "output"
     plan = with_continue_from(AxolotlPlan(config=dict(args), warnings=[], publish={}, adapted_for_cpu=[]), origin)
     # the weights are the base model; the tokenizer (not saved beside them here) is the chain's base model's
@@ -193,7 +196,7 @@ def test_a_full_fine_tune_continues_as_the_base_model(tmp_path):
 
     _fake_full_run(runs, "full-b", str(first / "output"), {"run_id": "full-a", "checkpoint": "final"}, lineage(job, args, origin))
     job_c = JobInput(user_id=USER, model_id="m", run_id="full-c", args=args, continue_from={"run_id": "full-b"})
-    origin_c, problems = resolve_continue_from(job_c, args, runs)
+    origin_c, problems = resolve_continue_from(job_c, args, runs, roots)
     assert problems == []
     chain = lineage(job_c, args, origin_c)
     assert chain["base_model"] == "org/base"
@@ -202,5 +205,5 @@ def test_a_full_fine_tune_continues_as_the_base_model(tmp_path):
         ("full-c", "SFT, full fine-tune", ["org/more"]),
     ]
     other = {**args, "base_model": "org/other"}
-    _, problems = resolve_continue_from(job_c.model_copy(update={"args": other}), other, runs)
+    _, problems = resolve_continue_from(job_c.model_copy(update={"args": other}), other, runs, roots)
     assert [p.path for p in problems] == ["args.base_model"]

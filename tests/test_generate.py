@@ -7,6 +7,7 @@ answers every generate job here; tests/test_serve.py serves the same kind of run
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_generate_answers_conversations_with_the_trained_facts(chat_run, volume)
     assert result["generation"] == {"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0}
     recipe = result["deploy"]
     assert recipe["runpod_vllm_worker"]["env"]["ENABLE_LORA"] == "true"
-    assert "--enable-lora" in recipe["vllm_serve"] and "--max-model-len 256" in recipe["vllm_serve"]
+    assert "--enable-lora" in recipe["vllm_serve"] and "--max-model-len=256" in recipe["vllm_serve"]
     # nothing of the job stays in the run but the child's log; the run's own events are untouched
     work = sorted((volume / "runs" / USER / chat_run / "generations").iterdir())[-1]
     assert [p.name for p in work.iterdir()] == ["generate.log"]
@@ -183,3 +184,128 @@ def test_serve_answers_chat_completions_with_the_fine_tune_and_stops_whole(chat_
     assert code == 0
     assert group_members(ready["pid"]) == [], "the server's process tree outlived the stop"
     assert (volume / "runs" / USER / chat_run / "output" / "merged" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------ bounds: deadlines, tokens, links
+# Runs made by hand (no training): a full fine-tune whose weights are the bundled tiny model.
+LOOPING_TEMPLATE = (
+    "{%- for m in messages -%}{%- if m['content'] == 'LOOP' -%}"
+    "{%- for i in range(100000) -%}{%- for j in range(100000) -%}{%- endfor -%}{%- endfor -%}"
+    "{%- endif -%}<|user|>{{ m['content'] }}{%- endfor -%}{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
+
+
+def hand_made_run(volume, run_id: str, user_id: str = USER, **config) -> Path:
+    """A finished full fine-tune on the volume: the bundled tiny model as its output, a chat template
+    that loops on the message 'LOOP', sequence_len 64."""
+    import json
+    import shutil
+
+    import yaml
+
+    from finetune_worker.contract.settings import REPO_ROOT
+
+    run_dir = Path(volume) / "runs" / user_id / run_id
+    shutil.copytree(REPO_ROOT / "examples" / "tiny-llama", run_dir / "output")
+    (run_dir / "output" / "chat_template.jinja").write_text(LOOPING_TEMPLATE)
+    settings = {"base_model": str(REPO_ROOT / "examples" / "tiny-llama"), "datasets": [{"path": "x.jsonl", "type": "chat_template"}],
+                "sequence_len": 64, "output_dir": str(run_dir / "output"), **config}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(settings))
+    (run_dir / "job.json").write_text(json.dumps({"run_id": run_id, "model_id": "m", "args": settings}))
+    (run_dir / "trained.json").write_text("{}")
+    return run_dir
+
+
+def example_args() -> dict:
+    """A LoRA config on the bundled examples (no session assets needed)."""
+    return {"base_model": "examples/tiny-llama", "datasets": [{"path": "examples/tiny_alpaca.jsonl", "type": "alpaca", "ds_type": "json"}],
+            "adapter": "lora", "lora_r": 16, "lora_target_linear": True, "sequence_len": 256, "learning_rate": 0.002, "max_steps": 2}
+
+
+def generation_dirs(run_dir) -> list:
+    return sorted((run_dir / "generations").iterdir()) if (run_dir / "generations").is_dir() else []
+
+
+def test_a_chat_template_that_loops_cannot_hold_the_worker(volume):
+    import time
+
+    from conftest import live_processes
+
+    run_dir = hand_made_run(volume, "loops")
+    started = time.monotonic()
+    error = collect(generate_job("loops", messages=[[{"role": "user", "content": "LOOP"}]]),
+                    {**volume_env(volume), "FINETUNE_GENERATE_DEADLINE_S": "10"})[-1]
+    assert error["code"] == "deadline_exceeded", error
+    assert "the generate step was stopped at its deadline (FINETUNE_GENERATE_DEADLINE_S=10 s" in error["message"]
+    assert time.monotonic() - started < 60
+    work = generation_dirs(run_dir)[-1]
+    assert [p.name for p in work.iterdir()] == ["generate.log"], "the spec (the prompts) outlived the job"
+    assert live_processes(str(work), ("finetune_worker.serve.generate",)) == []
+
+
+def test_prompts_are_capped_in_tokens_with_the_index_of_each_one_too_long(volume):
+    run_dir = hand_made_run(volume, "capped")
+    prompts = ["hello", "word " * 100, "hi", "word " * 8]  # about 420 and 50 tokens once formatted
+    error = collect(generate_job("capped", prompts=prompts), volume_env(volume))[-1]
+    assert error["code"] == "invalid_input", error
+    assert [d.split(":")[0] for d in error["details"]] == ["prompts[1]"]
+    assert "over the limit of 64 (the run's sequence_len)" in error["details"][0]
+    error = collect(generate_job("capped", prompts=prompts), {**volume_env(volume), "FINETUNE_MAX_PROMPT_TOKENS": "32"})[-1]
+    assert [d.split(":")[0] for d in error["details"]] == ["prompts[1]", "prompts[3]"], error
+    assert "FINETUNE_MAX_PROMPT_TOKENS" in error["details"][1]
+    for work in generation_dirs(run_dir):  # refused, and nothing of the prompts stays on the volume
+        assert [p.name for p in work.iterdir()] == ["generate.log"]
+        assert "word word" not in (work / "generate.log").read_text()
+
+
+def test_a_symlinked_run_is_never_followed(volume):
+    """A run directory (or a user directory) that is a link could lead anywhere on the volume:
+    events, generate and continue_from answer as for a missing run, and a training refuses it."""
+    from finetune_worker.checks.validation import validate_job
+    from finetune_worker.contract.errors import JobError
+    from finetune_worker.contract.settings import WorkerSettings
+    from finetune_worker.run import history
+    from finetune_worker.run.hardware import CPU_ONLY
+
+    env = volume_env(volume)
+    run_dir = hand_made_run(volume, "linked-target")
+    (run_dir.parent / "linked").symlink_to(run_dir, target_is_directory=True)
+    (volume / "runs" / "link-user").symlink_to(run_dir.parent, target_is_directory=True)
+    for user, run_id in ((USER, "linked"), ("link-user", "linked-target")):
+        generated = collect(generate_job(run_id, user_id=user, prompts=["hi"]), env)[-1]
+        assert generated["code"] == "run_not_found", generated
+        with pytest.raises(JobError) as caught:
+            history.read_events(volume / "runs", user, run_id, None, None)
+        assert caught.value.code == "run_not_found"
+        assert run_id not in [r["run_id"] for r in history.list_runs(volume / "runs", user, None, None)["runs"]]
+        raw = make_job(example_args(), user_id=user, continue_from={"run_id": run_id})
+        with pytest.raises(JobError) as caught:
+            validate_job(raw, WorkerSettings.from_env(env), CPU_ONLY)
+        assert f"continue_from.run_id: no such run: {run_id!r}" in caught.value.details[0], caught.value.details
+    # the run itself is found, so the link is what was refused
+    assert "linked-target" in [r["run_id"] for r in history.list_runs(volume / "runs", USER, None, None)["runs"]]
+    # a training whose own run directory is a link is refused before it writes anything there
+    (run_dir.parent / "train-linked").symlink_to(run_dir.parent / "elsewhere", target_is_directory=True)
+    refused = collect(make_job(example_args(), user_id=USER, run_id="train-linked"), env)[-1]
+    assert refused["code"] == "invalid_input" and "symbolic link" in refused["message"], refused
+    assert not (run_dir.parent / "elsewhere").exists()
+
+
+def test_paths_in_a_runs_config_are_confined_again(volume):
+    """A run's config.yaml naming another user's files is not loaded for generate or continue_from."""
+    from finetune_worker.checks.validation import validate_job
+    from finetune_worker.contract.errors import JobError
+    from finetune_worker.contract.settings import WorkerSettings
+    from finetune_worker.run.hardware import CPU_ONLY
+
+    env = volume_env(volume)
+    theirs = hand_made_run(volume, "private", user_id="victim")
+    hand_made_run(volume, "pointing", base_model=str(theirs / "output"), tokenizer_config=str(theirs / "output"))
+    generated = collect(generate_job("pointing", prompts=["hi"]), env)[-1]
+    assert generated["code"] == "invalid_input" and "config.yaml's base_model: no such file or directory" in generated["message"], generated
+    raw = make_job({**example_args(), "adapter": None, "lora_r": None, "lora_target_linear": None},
+                   user_id=USER, continue_from={"run_id": "pointing"})
+    raw["args"] = {k: v for k, v in raw["args"].items() if v is not None}
+    with pytest.raises(JobError) as caught:
+        validate_job(raw, WorkerSettings.from_env(env), CPU_ONLY)
+    assert any("cannot be continued: its config.yaml's base_model: no such file" in d for d in caught.value.details), caught.value.details

@@ -154,6 +154,15 @@ def test_another_users_run_reads_exactly_like_a_missing_one(runs):
     assert history.read_events(runs, "bob", "secret", None, None)["events"] == [progress(1, 2.0)]
 
 
+def test_the_runs_page_is_ordered_by_the_head_of_job_json_and_reads_only_the_page(runs, monkeypatch):
+    opened = []
+    real = history.read_json
+    monkeypatch.setattr(history, "read_json", lambda path: opened.append(path) or real(path))
+    page = history.list_runs(runs, "alice", 2, 0)
+    assert [r["run_id"] for r in page["runs"]] == ["cont", "live"] and page["total"] == 5
+    assert {p.parent.name for p in opened} == {"cont", "live"}, "a job.json outside the page was parsed"
+
+
 def test_a_run_dir_written_before_created_was_recorded_is_dated_by_its_files(runs):
     run_dir = make_run(runs, "dave", "old", created=0, events=[progress(1, 1.0)])
     record = json.loads((run_dir / "job.json").read_text())
@@ -180,6 +189,12 @@ def test_history_modes_need_no_args_and_refuse_what_only_a_training_uses():
     assert [p.path for p in problems] == ["run_id"]
     _, problems = parse({"user_id": "u", "mode": "runs", "limit": 500})
     assert [str(p) for p in problems] == ["limit: at most 200 for mode 'runs'"]
+    # a number sent as a string is held to the same cap once parsed
+    for limit in ("1000", " 201 ", 201.0):
+        _, problems = parse({"user_id": "u", "mode": "runs", "limit": limit})
+        assert [str(p) for p in problems] == ["limit: at most 200 for mode 'runs'"], (limit, problems)
+    _, problems = parse({"user_id": "u", "mode": "events", "run_id": "r", "limit": "5000"})
+    assert [p.path for p in problems] == ["limit"] and "1000" in problems[0].message
     _, problems = parse({"user_id": "u", "mode": "events", "run_id": "r.previous-1"})
     assert [p.path for p in problems] == ["run_id"], "a set-aside attempt is not a run id"
 

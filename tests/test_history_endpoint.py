@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from conftest import TRAINING_PROGRAMS, live_processes
 from fake_runpod import FakeRunPod
 from finetune_worker.contract.settings import REPO_ROOT
 from finetune_worker.entry import client as worker_client
+from loopback_sites import make_cert
 from test_history import RESULT, make_run, progress
 from test_runpod_loop import start_worker, stop_worker
 
@@ -118,9 +120,14 @@ class Hook(BaseHTTPRequestHandler):
 
 def test_submit_sends_the_webhook_and_runpod_calls_it_at_the_end(endpoint, tmp_path):
     fake, _, env, _, _ = endpoint
+    cert, key = make_cert(tmp_path)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    fake.webhook_tls = ssl.create_default_context(cafile=str(cert))  # RunPod trusts the hook's certificate
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/done"
+    url = f"https://localhost:{server.server_address[1]}/done"
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({"base_model": "org/m", "lerning_rate": 1e-3}))  # refused at validation
     try:
@@ -132,6 +139,20 @@ def test_submit_sends_the_webhook_and_runpod_calls_it_at_the_end(endpoint, tmp_p
     finally:
         server.shutdown()
     assert done.returncode == 1 and json.loads(done.stdout.splitlines()[-1])["code"] == "invalid_config"
+
+
+def test_a_webhook_that_is_not_https_is_refused_before_anything_is_sent(endpoint, tmp_path):
+    """RunPod POSTs the job's final status (its result and events) to the webhook: never in clear text."""
+    fake, ep, env, _, _ = endpoint
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"base_model": "org/m"}))
+    before = len(fake.jobs)
+    for url in ("http://hooks.example.com/done", "ftp://hooks.example.com/x", "https:///no-host", "hooks.example.com/done"):
+        done = cli(fake, env, "submit", str(config), "--user-id", USER, "--webhook", url, "--json", "--poll", "0.2", timeout=60)
+        assert done.returncode == 2 and "must be an https:// URL" in done.stderr, done.stderr[-2000:]
+        with pytest.raises(ValueError, match="must be an https:// URL"):
+            worker_client.submit(ep, {"user_id": USER, "mode": "runs"}, webhook=url)
+    assert len(fake.jobs) == before, "nothing reached RunPod"
 
 
 def test_a_request_mixing_modes_is_refused_with_every_reason(endpoint):
@@ -148,8 +169,8 @@ def test_a_request_mixing_modes_is_refused_with_every_reason(endpoint):
 
 def test_webhook_field_goes_beside_input_as_the_sdk_sends_a_whole_request(endpoint):
     fake, ep, _, _, _ = endpoint
-    job_id = worker_client.submit(ep, {"user_id": USER, "mode": "runs"}, webhook="http://127.0.0.1:9/none")
-    assert fake.jobs[job_id].webhook == "http://127.0.0.1:9/none" and fake.jobs[job_id].input == {"user_id": USER, "mode": "runs"}
+    job_id = worker_client.submit(ep, {"user_id": USER, "mode": "runs"}, webhook="https://127.0.0.1:9/none")
+    assert fake.jobs[job_id].webhook == "https://127.0.0.1:9/none" and fake.jobs[job_id].input == {"user_id": USER, "mode": "runs"}
     # runpod.Endpoint.run sends a request that has an "input" key as it is: the same body
     sdk_job = ep.run({"input": {"user_id": USER, "mode": "runs"}, "webhook": "http://127.0.0.1:9/sdk"})
     assert fake.jobs[sdk_job.job_id].webhook == "http://127.0.0.1:9/sdk"

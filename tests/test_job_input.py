@@ -44,6 +44,18 @@ def test_safe_ids_are_accepted(good):
     assert problems == []
 
 
+@pytest.mark.parametrize("field", ["user_id", "model_id", "run_id"])
+def test_an_id_cannot_start_with_a_dash(field):
+    """An id may end up as a program's argument (`--served-model-name=...`, `serve USER/RUN`):
+    '-rf' or '--api-key=x' would read as an option there."""
+    for bad in ("-rf", "--api-key=x", "-"):
+        _, problems = parse_job_input(job(**{field: bad}), LIMIT)
+        assert paths(problems) == [field] and "not starting with '-'" in problems[0].message
+    _, problems = parse_job_input(job(continue_from={"run_id": "--help"}), LIMIT)
+    assert paths(problems) == ["continue_from.run_id"]
+    assert parse_job_input(job(**{field: "a-"}), LIMIT)[1] == []
+
+
 def test_every_problem_is_reported_at_once_with_hints():
     raw = job(user_id="a/b", run_id="../x", credential={"hf_token": "x"})
     raw.pop("model_id")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -12,10 +13,12 @@ from finetune_worker.checks.validation import local_dataset_bytes, validate_job
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import REPO_ROOT, SettingsInvalid, WorkerSettings
-from finetune_worker.run.children import ChildProcess
+from finetune_worker.run.children import ChildProcess, Deadline, group_members
 from finetune_worker.run.hardware import CPU_ONLY
 from finetune_worker.run.progress import ProgressTracker
 from finetune_worker.run.redact import Redactor
+from finetune_worker.run.state import JobState
+from finetune_worker.run.tools import run_child
 
 
 @pytest.fixture
@@ -77,6 +80,43 @@ def test_a_job_over_a_limit_fails_validation_naming_it(limited_volume, limit, va
     assert any(d.startswith(where + ":") and name in d for d in caught.value.details), caught.value.details
 
 
+@pytest.mark.parametrize("kept", [-1, 0, "-1"])
+def test_a_save_total_limit_at_or_below_zero_is_refused(limited_volume, kept):
+    """-1 makes the Trainer keep every checkpoint: with save_steps: 1, one per step until the volume is full."""
+    settings = WorkerSettings(base_volume=limited_volume, examples_dir=REPO_ROOT / "examples")
+    with pytest.raises(JobError) as caught:
+        validate_job(job(save_total_limit=kept, save_steps=1), settings, CPU_ONLY)
+    assert caught.value.code == errors.INVALID_CONFIG
+    assert any(d.startswith("args.save_total_limit: ") and "would keep every checkpoint" in d for d in caught.value.details), caught.value.details
+
+
+def test_the_operator_caps_the_checkpoints_a_run_keeps(limited_volume):
+    from finetune_worker.plan.config import AxolotlPlan, with_checkpoint_cap
+
+    settings = WorkerSettings(base_volume=limited_volume, examples_dir=REPO_ROOT / "examples", max_checkpoints=2)
+    with pytest.raises(JobError) as caught:
+        validate_job(job(save_total_limit=5, save_steps=10), settings, CPU_ONLY)
+    assert any(d.startswith("args.save_total_limit: 5 is over") and "FINETUNE_MAX_CHECKPOINTS" in d for d in caught.value.details)
+    unset = AxolotlPlan(config={"save_steps": 10}, warnings=[], publish={}, adapted_for_cpu=[])  # Axolotl would keep 4
+    capped = with_checkpoint_cap(unset, 2)
+    assert capped.config["save_total_limit"] == 2 and "FINETUNE_MAX_CHECKPOINTS" in capped.warnings[-1] and "save_total_limit" not in unset.config
+    assert with_checkpoint_cap(with_checkpoint_cap(unset, 2), 2).config == capped.config
+    assert with_checkpoint_cap(unset, None) is unset
+
+
+def test_a_run_estimated_over_the_size_cap_is_refused_before_it_starts(limited_volume):
+    from finetune_worker.checks.capacity import check_disk
+    from finetune_worker.checks.resources import ModelFacts
+
+    model = ModelFacts(weight_bytes=4_000_000, needs_download=True, config={"torch_dtype": "float32"})  # a full fine-tune: 12 MB a checkpoint
+    config = {"save_total_limit": 3, "num_epochs": 3}
+    check_disk(config, model, WorkerSettings(base_volume=limited_volume, max_run_bytes=100_000_000))
+    with pytest.raises(JobError) as caught:
+        check_disk(config, model, WorkerSettings(base_volume=limited_volume, max_run_bytes=30_000_000))
+    assert caught.value.code == errors.DISK_QUOTA and "FINETUNE_MAX_RUN_BYTES" in caught.value.message
+    assert "3 checkpoint(s)" in caught.value.message  # the download goes to the shared cache, not the run
+
+
 def test_a_job_within_the_limits_passes(limited_volume):
     settings = WorkerSettings(base_volume=limited_volume, examples_dir=REPO_ROOT / "examples", max_steps=50, max_sequence_len=256,
                               max_lora_r=16, max_dataset_bytes=10_000, max_hours=1)
@@ -121,17 +161,54 @@ def test_the_limits_are_reported_in_a_status_event(env):
     assert "FINETUNE_MAX_LORA_R=64" in limits[0]["message"]
 
 
-def test_the_hours_cap_stops_the_training_process(tmp_path):
-    async def run() -> tuple[ChildProcess, float]:
-        child = ChildProcess(["sleep", "60"], {}, tmp_path / "log.txt", tmp_path / "progress.jsonl", Redactor())
-        await child.start()
-        started = time.monotonic()
-        async for _ in child.records(deadline=started + 1.0):
-            pass
-        return child, time.monotonic() - started
+def _job_state(env: dict[str, str], max_hours: float | None = None) -> JobState:
+    state = JobState()
+    state.start_clock(WorkerSettings.from_env(env), time.monotonic())
+    if max_hours is not None:  # the job started long enough ago that this much of FINETUNE_MAX_HOURS is left
+        state.job_deadline = Deadline.after(max_hours * 3600, f"FINETUNE_MAX_HOURS={max_hours:g} h for the whole job, counted from its start")
+    return state
 
-    child, took = asyncio.run(run())
-    assert child.timed_out and child.returncode is not None and took < 20
+
+def _sleep_as(name: str, state: JobState, tmp_path) -> tuple[JobError, float]:
+    async def run() -> tuple[JobError, float]:
+        started = time.monotonic()
+        with pytest.raises(JobError) as caught:
+            await run_child(["sleep", "60"], {}, tmp_path, name, state)
+        return caught.value, time.monotonic() - started
+
+    return asyncio.run(run())
+
+
+def test_a_helper_child_ends_at_its_own_deadline_naming_the_setting(tmp_path):
+    state = _job_state({"FINETUNE_PREFLIGHT_DEADLINE_S": "1"})
+    error, took = _sleep_as("preflight", state, tmp_path)
+    assert error.code == errors.DEADLINE_EXCEEDED and took < 20
+    assert "the preflight was stopped" in error.message and "FINETUNE_PREFLIGHT_DEADLINE_S=1 s" in error.message
+    assert state.training.timed_out and state.training.returncode is not None and not group_members(state.training.pid)
+
+
+def test_the_hours_cap_bounds_a_child_that_is_not_a_training(tmp_path):
+    # its own limit is 30 minutes (the default); what is left of the job's FINETUNE_MAX_HOURS comes first
+    state = _job_state({"FINETUNE_MAX_HOURS": "2"}, max_hours=1 / 3600)
+    error, took = _sleep_as("evaluation", state, tmp_path)
+    assert error.code == errors.DEADLINE_EXCEEDED and took < 20
+    assert "the evaluation was stopped" in error.message and "FINETUNE_MAX_HOURS" in error.message, error.message
+
+
+def test_a_job_past_its_deadline_starts_no_child_and_a_standby_never_told_to_go_is_killed(tmp_path):
+    state = _job_state({}, max_hours=-1.0)
+    error, took = _sleep_as("merge", state, tmp_path)
+    assert error.code == errors.DEADLINE_EXCEEDED and took < 1 and state.training.process is None
+
+    async def standby() -> ChildProcess:
+        child = ChildProcess(["sleep", "60"], {}, tmp_path / "log.txt", tmp_path / "progress.jsonl", Redactor(),
+                             deadline=Deadline.after(1.0, "FINETUNE_MAX_HOURS=1 h"), what="the training")
+        await child.start(standby=True)
+        await asyncio.wait_for(child.process.wait(), 20)
+        return child
+
+    child = asyncio.run(standby())
+    assert child.timed_out and child.returncode == -9
 
 
 def test_a_far_eta_is_warned_about_once():
@@ -166,5 +243,45 @@ def test_a_run_over_the_step_limit_is_stopped_before_its_first_step(env):
 
 @pytest.mark.training
 def test_the_hours_cap_ends_the_job_naming_the_setting(env):
-    final = collect(make_job(_quickstart_args()), {**env, "FINETUNE_MAX_HOURS": "0.0003"})[-1]  # about 1 s
-    assert final["code"] == errors.TRAINING_FAILED and "FINETUNE_MAX_HOURS" in final["message"], final
+    # about 1 s from the job's start: whichever stage or child it falls in, the job ends there, naming it
+    final = collect(make_job(_quickstart_args()), {**env, "FINETUNE_MAX_HOURS": "0.0003"})[-1]
+    assert final["code"] == errors.DEADLINE_EXCEEDED and "FINETUNE_MAX_HOURS" in final["message"], final
+
+
+@pytest.mark.training
+def test_the_run_size_cap_stops_the_training_at_a_checkpoint_that_is_kept(env):
+    """The run directory already holds 8 MiB (an earlier attempt's files, say); the cap leaves
+    room for less than one checkpoint more, so the training stops right after its first one."""
+    from finetune_worker.run.rundir import is_complete_checkpoint
+
+    job = make_job({**_quickstart_args(), "max_steps": 6, "save_steps": 2, "save_total_limit": 1})
+    run_dir = Path(env["BASE_VOLUME"]) / "runs" / job["user_id"] / job["run_id"]
+    run_dir.mkdir(parents=True)
+    (run_dir / "earlier.bin").write_bytes(b"\0" * (8 << 20))
+    out = collect(job, {**env, "FINETUNE_MAX_RUN_BYTES": str((8 << 20) + 100_000)})
+    final = out[-1]
+    assert final["code"] == errors.DISK_QUOTA and "FINETUNE_MAX_RUN_BYTES" in final["message"], final
+    assert "checkpoint of step 2" in final["message"] and "resubmit the same run_id" in final["message"]
+    assert is_complete_checkpoint(run_dir / "output" / "checkpoint-2")
+    assert not (run_dir / "output" / "checkpoint-4").exists() and not (run_dir / "trained.json").exists()
+    assert max(e["step"] for e in out if e["type"] == "progress") == 2
+
+
+def test_a_preflight_ends_at_its_deadline_with_the_named_code(env):
+    """The preflight child imports Axolotl for longer than a second: its 1-s limit stops it.
+    The job sent its rows inline: job.json keeps their count and digest, not the rows."""
+    import json
+
+    rows = [json.loads(line) for line in (REPO_ROOT / "examples" / "tiny_alpaca.jsonl").read_text().splitlines()[:20]]
+    args = {**_quickstart_args(), "datasets": [{"type": "alpaca", "rows": rows}]}
+    job = make_job(args, mode="preflight", evaluation={"dataset": {"rows": rows[:3], "format": "alpaca"}})
+    out = collect(job, {**env, "FINETUNE_PREFLIGHT_DEADLINE_S": "1"})
+    final = out[-1]
+    assert final["code"] == errors.DEADLINE_EXCEEDED, final
+    assert "the preflight was stopped at its deadline (FINETUNE_PREFLIGHT_DEADLINE_S=1 s" in final["message"]
+    run_dir = Path(env["BASE_VOLUME"]) / "runs" / job["user_id"] / job["run_id"]
+    assert (run_dir / "preflight.log").is_file() and not (run_dir / "preflight.json").exists()
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["args"]["datasets"][0]["rows"]["count"] == 20 and len(record["args"]["datasets"][0]["rows"]["sha256"]) == 64
+    assert record["evaluation"]["dataset"]["rows"]["count"] == 3
+    assert rows[0]["instruction"] not in (run_dir / "job.json").read_text()

@@ -9,15 +9,18 @@ import shutil
 import time
 from pathlib import Path
 
+import jwt
 import pytest
 import yaml
 
 from conftest import collect, collect_until, make_job, tiny_args
 from fake_hub import FakeHub, user
 from finetune_worker.publish.card import render_model_card
-from finetune_worker.publish.hub import token_problem, with_retries
+from finetune_worker.publish.hub import HubFailure, token_problem, with_retries
 
 WRITE_TOKEN = "hf_CANARYaliceWriteToken000001"
+OPERATOR_TOKEN = "hf_CANARYoperatorAdminToken0001"  # an endpoint's fallback HF_TOKEN: an admin of the organisation acme
+USER_TOKEN_SECRET = "operator-secret-0123456789-abcdefghijklmnop"
 READ_TOKEN = "hf_aliceReadOnlyToken00000001"
 WANDB_CANARY = "CANARYwandbPublishKey000000000000000000001"
 
@@ -77,6 +80,83 @@ def test_model_card_has_metadata_and_no_local_paths():
     assert meta["base_model"] == "NousResearch/Llama-3.2-1B" and meta["library_name"] == "transformers"
 
 
+HOSTILE = (
+    "a`b", "``", "x|y", "<script>alert(1)</script>", "[x](http://evil.example)", "![img](http://evil.example/i.png)",
+    "&lt;b&gt;&#60;", "<http://evil.example>", "www.evil.example", "line\nbreak", "\\|escaped", "*bold* _it_", "</td></tr>",
+)
+
+
+def _tokens(tokens):
+    for token in tokens:
+        yield token
+        yield from _tokens(token.children or [])
+
+
+def _cells(tokens) -> list[list[str]]:
+    """Each table row's cells, as the text they show."""
+    rows, row, cell = [], None, None
+    for token in tokens:
+        if token.type == "tr_open":
+            row = []
+        elif token.type in ("td_open", "th_open"):
+            cell = []
+        elif token.type == "inline" and cell is not None:
+            cell.append("".join(child.content for child in token.children if child.type in ("text", "code_inline")))
+        elif token.type in ("td_close", "th_close"):
+            row.append("".join(cell))
+            cell = None
+        elif token.type == "tr_close":
+            rows.append(row)
+    return rows
+
+
+def test_the_model_card_shows_hostile_values_as_written_and_adds_no_html_link_or_cell():
+    """Every string from the job (option values, dataset and model names, an earlier run's record,
+    metric names, evaluation samples) is shown literally: parsed back as CommonMark with GFM tables,
+    the card has no HTML, no link or image but its own, and every table row has its own cells."""
+    from markdown_it import MarkdownIt
+
+    from finetune_worker.plan.serving import run_recipe
+    from finetune_worker.publish.card import evaluation_sections
+
+    hostile = " ".join(HOSTILE)
+    local_base = f"/v/models/{hostile.replace('/', '%')}"
+    config = {
+        "base_model": local_base, "adapter": "lora", "lora_r": 8, "lora_target_modules": list(HOSTILE), "optimizer": hostile,
+        "lr_scheduler": "cosine` | <img src=x onerror=alert(1)>",
+        "datasets": [{"path": "org/data"}, {"path": f"/v/data/{hostile.replace('/', '%')}.jsonl"}],
+    }
+    lineage = {"base_model": local_base, "runs": [
+        {"run_id": "first`|<b>", "method": hostile, "datasets": list(HOSTILE)},
+        {"run_id": "second", "method": "SFT, LoRA", "datasets": [], "continue_from": {"run_id": hostile, "checkpoint": hostile}},
+    ]}
+    evaluation = {"examples": 1, "base": {hostile: 0.5}, "finetuned": {hostile: 0.75}, "delta": {hostile: 0.25},
+                  "samples": [{"prompt": "```\n<script>x</script>\n```", "reference": hostile, "base": "````", "finetuned": "~~~\n<b>"}]}
+    card = render_model_card(
+        repo_id="alice/x", config=config, metrics={hostile: 0.5, "final_loss": 0.1}, versions={"axolotl": "0.19.0"},
+        has_loss_curve=True, merged="alice/x:merged", lineage=lineage, extra_sections=evaluation_sections(evaluation),
+        deploy=run_recipe(config, "bot", "alice/x", adapter=True, lora_rank=8),
+    )
+    body = card.split("---\n", 2)[2]  # after the YAML front matter, which the Hub reads apart
+    tokens = MarkdownIt("commonmark").enable("table").parse(body)
+    every = list(_tokens(tokens))
+    assert [t.content for t in every if t.type.startswith("html")] == []
+    links = [t.attrs.get("href") for t in every if t.type == "link_open"]
+    assert links == ["https://github.com/axolotl-ai-cloud/axolotl", "https://huggingface.co/datasets/org/data"]
+    assert [t.attrs.get("src") for t in every if t.type == "image"] == ["loss.png"]
+    flat = hostile.replace("\n", " ")
+    rows = {row[0]: row[1:] for row in _cells(tokens)}
+    assert rows["lora_target_modules"] == [str(list(HOSTILE)).replace("\n", " ")]
+    assert rows["optimizer"] == [flat] and rows["lr_scheduler"] == [config["lr_scheduler"]]
+    assert rows[flat] in (["0.5"], ["0.5", "0.75", "+0.25"])  # the results and the evaluation tables
+    assert rows["final_loss"] == ["0.1"]
+    fences = [t.content for t in every if t.type == "fence"]
+    assert "```\n<script>x</script>\n```\n" in fences and "````\n" in fences and "~~~\n<b>\n" in fences
+    shown = " ".join(t.content for t in every if t.type in ("text", "code_inline"))
+    assert shown.count(flat) >= 6  # an option, the lineage's method, run and checkpoint, the metrics: shown as written
+    assert "/v/models" not in card and "/v/data" not in card
+
+
 # ------------------------------------------------------------------ end to end
 
 
@@ -85,6 +165,7 @@ def hub():
     fake = FakeHub().start()
     fake.tokens[WRITE_TOKEN] = user("alice", orgs=(("acme", "write"),))
     fake.tokens[READ_TOKEN] = user("alice", role="read")
+    fake.tokens[OPERATOR_TOKEN] = user("operator", orgs=(("acme", "admin"),))
     yield fake
     fake.close()
 
@@ -139,14 +220,23 @@ def test_a_job_with_hub_model_id_pushes_adapter_tokenizer_card_and_curve(tiny, h
 
 
 @pytest.mark.training
-def test_transient_hub_errors_are_retried(tiny, hub, hub_env):
-    repo = f"alice/retry-{time.time_ns()}"
+def test_transient_hub_errors_are_retried_and_a_tenant_publishes_in_its_namespace(tiny, hub, hub_env):
+    """On a shared endpoint (user tokens) whose operator named a Hub namespace, a tenant without
+    a token of its own publishes with the endpoint's (an organisation admin's) to its own repo
+    there: a bare hub_model_id goes to acme/<user_id>__<name>. The push survives two 503s."""
+    name = f"retry-{time.time_ns()}"
+    repo = f"acme/tester__{name}"
+    shared = {**hub_env, "FINETUNE_USER_TOKEN_SECRET": USER_TOKEN_SECRET, "HF_TOKEN": OPERATOR_TOKEN, "FINETUNE_HUB_NAMESPACE": "acme"}
+    token = jwt.encode({"sub": "tester", "exp": int(time.time()) + 3600}, USER_TOKEN_SECRET, "HS256")
     hub.fail["commit"] = [503, 503]
     before = hub.count("commit")
-    evs = collect(make_job(tiny_args(tiny, max_steps=3, hub_model_id=repo, hub_private_repo=False), credentials={"hf_token": WRITE_TOKEN}), hub_env)
+    evs = collect(make_job(tiny_args(tiny, max_steps=3, hub_model_id=name, hub_private_repo=False), credentials={"user_token": token}), shared)
     assert evs[-1]["type"] == "result", evs[-1]
     assert hub.count("commit") - before == 3
-    assert hub.repos[repo].private is False
+    assert evs[-1]["hub"]["repo_id"] == repo and hub.repos[repo].private is False
+    assert "adapter_model.safetensors" in hub.files(repo) and f"from_pretrained({json.dumps(repo)})" in hub.files(repo)["README.md"].decode()
+    assert any(f"so it goes to {repo}" in e.get("message", "") for e in evs)
+    assert OPERATOR_TOKEN not in json.dumps(evs)
 
 
 @pytest.mark.training
@@ -170,8 +260,11 @@ def test_a_repo_without_an_owner_goes_to_the_tokens_user(hub, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
-    assert check(HfApi(endpoint=hub.url, token=WRITE_TOKEN), "my-adapter") == {"user": "alice", "repo_id": "alice/my-adapter"}
-    assert check(HfApi(endpoint=hub.url, token=WRITE_TOKEN), "acme/x")["repo_id"] == "acme/x"
+    api = HfApi(endpoint=hub.url, token=WRITE_TOKEN)
+    assert check(api, "my-adapter") == {"user": "alice", "repo_ids": ["alice/my-adapter"]}
+    assert check(api, "acme/x", "my-adapter")["repo_ids"] == ["acme/x", "alice/my-adapter"]
+    with pytest.raises(HubFailure, match="cannot push to bob/x: the token belongs to 'alice'"):
+        check(api, "acme/x", "bob/x")  # every repo is checked, not only the first
 
 
 @pytest.mark.training

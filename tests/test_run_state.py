@@ -189,7 +189,7 @@ TINY = ModelFacts(weight_bytes=4_000_000, needs_download=False, config={"torch_d
 
 
 def test_full_fine_tune_estimate_counts_weights_and_adam_states():
-    estimate = estimate_disk({"save_total_limit": 3}, TINY)
+    estimate = estimate_disk({"save_total_limit": 3, "num_epochs": 5}, TINY)
     params = 1_000_000
     assert estimate.checkpoint == 4_000_000 + 8 * params
     assert estimate.kept == 3 and estimate.final == 4_000_000 and estimate.download == 0
@@ -205,10 +205,17 @@ def test_lora_estimate_counts_adapter_params():
 
 
 def test_kept_checkpoints_follow_the_config():
+    """Every save, at most save_total_limit of them; unset (or 0) Axolotl passes 4 to the Trainer, and below 0 it keeps all."""
     assert kept_checkpoints({"save_strategy": "no"}) == 0
     assert kept_checkpoints({"max_steps": 100, "save_steps": 30}) == 4
-    assert kept_checkpoints({"num_epochs": 3, "saves_per_epoch": 2}) == 6
-    assert kept_checkpoints({"num_epochs": 50}) == 10
+    assert kept_checkpoints({"max_steps": 100, "save_steps": 50}) == 2
+    assert kept_checkpoints({"num_epochs": 3, "saves_per_epoch": 2}) == 4
+    assert kept_checkpoints({"num_epochs": 3, "saves_per_epoch": 2, "save_total_limit": 10}) == 6
+    assert kept_checkpoints({"num_epochs": 50}) == 4
+    assert kept_checkpoints({"num_epochs": 2, "save_total_limit": 0}) == 2
+    assert kept_checkpoints({"max_steps": 1000, "save_steps": 1, "save_total_limit": -1}) == 1000  # refused at validation
+    assert kept_checkpoints({"save_steps": 0.1, "save_total_limit": 20}) == 10  # a fraction of the total steps
+    assert kept_checkpoints({"save_steps": 10, "save_total_limit": 3}) == 3  # the total steps depend on the data
 
 
 def test_unknown_hub_model_has_no_estimate_and_local_models_are_measured(tmp_path):

@@ -11,10 +11,12 @@ import shlex
 import pytest
 
 from finetune_worker.plan.serving import (
+    SERVE_API_KEY,
     Served,
     build_server_argv,
     run_recipe,
     serve_options,
+    server_env,
     vllm_lora_rank,
     with_overrides,
 )
@@ -26,16 +28,45 @@ CONFIG = {"base_model": "meta-llama/Llama-3.2-1B", "adapter": "lora", "lora_r": 
 def test_vllm_argv_for_an_adapter_enables_lora_with_the_runs_rank_and_length():
     options = serve_options(CONFIG, "support-bot", lora_rank=32, adapter=True)
     argv = build_server_argv("vllm", Served("meta-llama/Llama-3.2-1B", adapter="/v/runs/u/r/output"), options, "0.0.0.0", 8000)
-    assert argv == ["vllm", "serve", "meta-llama/Llama-3.2-1B", "--enable-lora", "--lora-modules", "support-bot=/v/runs/u/r/output",
-                    "--max-lora-rank", "32", "--max-model-len", "4096", "--host", "0.0.0.0", "--port", "8000"]
+    assert argv == ["vllm", "serve", "meta-llama/Llama-3.2-1B", "--enable-lora", "--lora-modules=support-bot=/v/runs/u/r/output",
+                    "--max-lora-rank=32", "--max-model-len=4096", "--host=0.0.0.0", "--port=8000"]
 
 
 def test_vllm_argv_for_merged_or_full_weights_names_the_served_model():
     options = serve_options({**CONFIG, "adapter": None}, "support-bot", lora_rank=None, adapter=False)
     argv = build_server_argv("vllm", Served("/v/runs/u/r/output/merged"), options, "127.0.0.1", 9000)
-    assert argv == ["vllm", "serve", "/v/runs/u/r/output/merged", "--served-model-name", "support-bot",
-                    "--max-model-len", "4096", "--host", "127.0.0.1", "--port", "9000"]
+    assert argv == ["vllm", "serve", "/v/runs/u/r/output/merged", "--served-model-name=support-bot",
+                    "--max-model-len=4096", "--host=127.0.0.1", "--port=9000"]
     assert "--enable-lora" not in argv
+
+
+def test_no_value_from_a_run_can_read_as_an_option():
+    """A served name or a directory starting with '-' stays a value: options are `--opt=value`,
+    and a model path that starts with '-' gets './'."""
+    options = serve_options({"sequence_len": 64}, "--api-key=x", lora_rank=8, adapter=True)
+    argv = build_server_argv("vllm", Served("-base", adapter="--enable-lora"), options, "127.0.0.1", 8000)
+    assert argv[:4] == ["vllm", "serve", "./-base", "--enable-lora"]
+    assert "--lora-modules=--api-key=x=--enable-lora" in argv and argv.count("--enable-lora") == 1
+    full = build_server_argv("vllm", Served("/m"), serve_options({}, "-x", None, False), "127.0.0.1", 8000)
+    assert "--served-model-name=-x" in full and "-x" not in full
+    assert build_server_argv("transformers", Served("-merged"), options, "h", 1)[2] == "./-merged"
+    recipe = run_recipe({"base_model": "/b"}, "-bot", "-weights", adapter=False, lora_rank=None)
+    assert shlex.split(recipe["transformers_serve"]) == ["transformers", "serve", "./-weights"]
+    assert "--served-model-name=-bot" in shlex.split(recipe["vllm_serve"])
+
+
+def test_the_api_key_goes_to_vllm_through_its_environment_only():
+    """FINETUNE_SERVE_API_KEY becomes vLLM's VLLM_API_KEY (vLLM then checks `Authorization: Bearer`);
+    never argv. transformers serve cannot check one, so a key with it is refused."""
+    key = "CANARYserveApiKey0001"
+    env = {"PATH": "/bin", SERVE_API_KEY: key, "VLLM_MAX_MODEL_LEN": "64"}
+    assert server_env("vllm", env) == {"PATH": "/bin", "VLLM_API_KEY": key}
+    assert server_env("vllm", {"PATH": "/bin", "VLLM_API_KEY": key}) == {"PATH": "/bin", "VLLM_API_KEY": key}
+    assert server_env("vllm", {"PATH": "/bin"}) == {"PATH": "/bin"} == server_env("transformers", {"PATH": "/bin"})
+    with pytest.raises(ValueError, match="transformers serve has no API key"):
+        server_env("transformers", env)
+    options, _ = with_overrides(serve_options(CONFIG, "bot", 32, True), env)
+    assert not any(key in word for word in build_server_argv("vllm", Served("b", adapter="/a"), options, "0.0.0.0", 8000))
 
 
 @pytest.mark.parametrize(("rank", "vllm_rank"), [(None, 16), (4, 8), (8, 8), (17, 32), (300, 320), (1024, 512)])
@@ -50,10 +81,10 @@ def test_vllm_overrides_come_from_the_environment_and_bad_ones_are_named():
     changed, problems = with_overrides(options, env)
     assert problems == []
     argv = build_server_argv("vllm", Served("base", adapter="/a"), changed, "h", 1)
-    assert argv[:6] == ["vllm", "serve", "base", "--enable-lora", "--lora-modules", "prod=/a"]
-    assert argv[argv.index("--max-lora-rank") + 1] == "64" and argv[argv.index("--max-model-len") + 1] == "8192"
-    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.85" and argv[argv.index("--config") + 1] == "/workspace/vllm.yaml"
-    assert argv[-7:] == ["--enforce-eager", "--max-num-seqs", "8", "--host", "h", "--port", "1"]
+    assert argv[:5] == ["vllm", "serve", "base", "--enable-lora", "--lora-modules=prod=/a"]
+    assert "--max-lora-rank=64" in argv and "--max-model-len=8192" in argv and "--gpu-memory-utilization=0.85" in argv
+    assert argv[argv.index("--config") + 1] == "/workspace/vllm.yaml"
+    assert argv[-5:] == ["--enforce-eager", "--max-num-seqs", "8", "--host=h", "--port=1"]
     _, problems = with_overrides(options, {"VLLM_MAX_MODEL_LEN": "lots", "VLLM_GPU_MEMORY_UTILIZATION": "1.5", "VLLM_MAX_LORA_RANK": "12"})
     assert len(problems) == 3
     assert any(p.startswith("VLLM_MAX_MODEL_LEN='lots'") for p in problems)
@@ -64,7 +95,7 @@ def test_vllm_overrides_come_from_the_environment_and_bad_ones_are_named():
 def test_transformers_serve_takes_full_weights_only():
     options = serve_options(CONFIG, "bot", 32, True)
     assert build_server_argv("transformers", Served("/merged"), options, "127.0.0.1", 8001) == [
-        "transformers", "serve", "/merged", "--host", "127.0.0.1", "--port", "8001"]
+        "transformers", "serve", "/merged", "--host=127.0.0.1", "--port=8001"]
     with pytest.raises(ValueError, match="merge the LoRA first"):
         build_server_argv("transformers", Served("base", adapter="/a"), options, "127.0.0.1", 8001)
 
@@ -74,8 +105,8 @@ def test_the_recipe_of_a_pushed_adapter_sets_runpods_vllm_worker():
     env = recipe["runpod_vllm_worker"]["env"]
     assert env == {"MODEL_NAME": "meta-llama/Llama-3.2-1B", "ENABLE_LORA": "true", "MAX_LORA_RANK": "32", "MAX_MODEL_LEN": "4096",
                    "LORA_MODULES": json.dumps([{"name": "support-bot", "path": "me/support-bot-lora"}])}
-    assert shlex.split(recipe["vllm_serve"]) == ["vllm", "serve", "meta-llama/Llama-3.2-1B", "--enable-lora", "--lora-modules",
-                                                 "support-bot=me/support-bot-lora", "--max-lora-rank", "32", "--max-model-len", "4096"]
+    assert shlex.split(recipe["vllm_serve"]) == ["vllm", "serve", "meta-llama/Llama-3.2-1B", "--enable-lora",
+                                                 "--lora-modules=support-bot=me/support-bot-lora", "--max-lora-rank=32", "--max-model-len=4096"]
     assert recipe["transformers_serve"] is None and "merge" in recipe["note"]
 
 

@@ -285,6 +285,25 @@ def test_audience_and_issuer_when_the_operator_sets_them(hs_env, volume, user, c
         assert_refused(collect(job, checked), token, calls, volume, user, job, needle)
 
 
+def test_the_operator_caps_a_tokens_lifetime(hs_env, volume, user, calls):
+    """FINETUNE_USER_TOKEN_MAX_LIFETIME_S: a token minted for a year (or without iat) is refused."""
+    capped = {**hs_env, "FINETUNE_USER_TOKEN_MAX_LIFETIME_S": "3600"}
+    now = int(time.time())
+    good = mint(user, exp_in=600, iat=now)
+    assert_accepted(collect(make_job(NOT_PAST_PARSING, user_id=user, credentials={"user_token": good}), capped), good, calls)
+    for token, needle in [
+        (mint(user, exp_in=365 * 86400, iat=now), "valid for longer than this endpoint allows (3600 s"),
+        (mint(user, exp_in=600, iat=now - 7200), "valid for longer than this endpoint allows"),
+        (mint(user, exp_in=600), "has no 'iat' claim"),
+    ]:
+        calls.clear()
+        job = make_job({"base_model": "x/y"}, user_id=user, credentials={"user_token": token})
+        assert_refused(collect(job, capped), token, calls, volume, user, job, needle)
+    calls.clear()  # without the setting, a long-lived token is still accepted (as before)
+    long_lived = mint(user, exp_in=365 * 86400, iat=now)
+    assert_accepted(collect(make_job(NOT_PAST_PARSING, user_id=user, credentials={"user_token": long_lived}), hs_env), long_lived, calls)
+
+
 # -- the token is a secret: redacted, never stored ----------------------------------------
 
 

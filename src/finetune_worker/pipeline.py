@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import hashlib
+import json
 import logging
 import os
 import time
@@ -24,15 +26,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from finetune_worker.checks import axolotl_schema, capacity
+from finetune_worker.checks import axolotl_schema, capacity, tenancy
 from finetune_worker.checks.model_config import base_model_facts
 from finetune_worker.checks.native import remote_code_decision
+from finetune_worker.checks.options import INLINE_DATASET_KEYS
 from finetune_worker.checks.resources import ModelFacts, link_prebaked_model
 from finetune_worker.checks.usertoken import check_user_token
 from finetune_worker.checks.validation import ValidJob, config_problems_error, validate_job
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
-from finetune_worker.contract.job import GENERATE_MODE, HISTORY_MODES, parse_job_input
+from finetune_worker.contract.job import GENERATE_MODE, HISTORY_MODES, READING_MODES, parse_job_input
 from finetune_worker.contract.settings import SettingsInvalid, WorkerSettings
 from finetune_worker.data.download import without_url_queries
 from finetune_worker.data.files import DatasetCheck
@@ -41,6 +44,7 @@ from finetune_worker.plan.children import build_child_env
 from finetune_worker.plan.config import (
     Tracking,
     build_axolotl_config,
+    with_checkpoint_cap,
     with_config,
     with_continue_from,
     with_prepared_data,
@@ -67,6 +71,7 @@ from finetune_worker.run.rundir import (
     prepare_run_dir,
     read_json,
     run_paths,
+    through_link,
     write_config,
     write_json,
 )
@@ -93,6 +98,8 @@ class JobRun:
     paths: RunPaths | None = None
     child_env: dict[str, str] = field(default_factory=dict)
     wandb_key: str | None = None
+    hub_writes: tenancy.HubWrites = field(default_factory=lambda: tenancy.HubWrites({}))
+    wandb: tenancy.WandbTarget = field(default_factory=tenancy.WandbTarget)
     ctx: JobContext | None = None
     base: ModelFacts | None = None
     previous: PreviousRun | None = None
@@ -134,6 +141,7 @@ async def _pipeline(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     yield events.status("validating", "checking the job input and the Axolotl config")
     try:
         for stage in STAGES:
+            state.check_deadline()  # FINETUNE_MAX_HOURS bounds the whole job, not only its children
             async for event in stage(run, state):
                 yield event
             if run.done:
@@ -156,12 +164,14 @@ async def _pipeline(run: JobRun, state: JobState) -> AsyncIterator[dict]:
 
 
 async def _validate(run: JobRun, state: JobState) -> AsyncIterator[dict]:
-    """The worker's settings, the user's identity, then the job and its Axolotl config;
-    the standby training child starts as soon as a training job parses."""
+    """The worker's settings, the user's identity, then the job and its Axolotl config, and
+    where it may write (on a shared endpoint: checks/tenancy.py); the standby training child
+    starts as soon as a training job parses."""
     try:
         settings = run.settings = WorkerSettings.from_env(run.env)
     except SettingsInvalid as exc:
         raise JobError(errors.INVALID_CONFIG, f"this worker is misconfigured (the operator must fix its environment): {exc}") from None
+    state.start_clock(settings, run.started)
     # Who the user is comes first: nothing is parsed, locked or started for a job
     # whose user_id the operator's service has not signed (when it signs them).
     ignored_token = check_user_token(run.raw_input, settings)
@@ -176,9 +186,15 @@ async def _validate(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         run.child_env = build_child_env(
             run.env, paths=run.paths, cache_dir=settings.cache_dir, package_root=PACKAGE_ROOT, hf_token=hf_token,
             wandb_api_key=run.wandb_key, other_secrets=tracker_secrets(job), step_limit=settings.max_steps,
+            run_bytes_limit=settings.max_run_bytes,
         )
         await start_standby(job, run.paths, run.child_env, hardware, state)
     run.valid = validate_job(run.raw_input, settings, hardware, parsed=(job, problems))
+    if run.valid.job.mode not in READING_MODES:
+        run.hub_writes = tenancy.hub_writes(run.valid.job, run.valid.args, settings)
+        run.wandb = tenancy.wandb_target(run.valid.job, run.valid.args, settings)
+        for note in (*run.hub_writes.notes, *run.wandb.notes):
+            yield events.status("validating", note)
 
 
 async def _history(run: JobRun, state: JobState) -> AsyncIterator[dict]:
@@ -206,7 +222,8 @@ async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     """The Axolotl config: the job's args, the worker's paths and plugin, CPU adaptation,
     then the fast defaults this GPU can use, checked again by Axolotl's own schema."""
     valid, settings, hardware = run.valid, run.settings, run.hardware
-    tracking = Tracking(wandb_key=bool(run.wandb_key), model_id=valid.job.model_id, run_id=valid.job.run_id)
+    tracking = Tracking(wandb_key=bool(run.wandb_key), model_id=valid.job.model_id, run_id=valid.job.run_id,
+                        wandb_entity=run.wandb.entity, wandb_project=run.wandb.project, wandb_off_reason=run.wandb.off_reason)
     plan = build_axolotl_config(valid.args, run.paths, settings.cache_dir / "prepared", hardware, tracking)
     plan = with_continue_from(plan, valid.origin)
     processes = process_count(valid.job.num_processes, hardware.gpu_count)
@@ -222,6 +239,7 @@ async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     speedups = capacity.speedups(plan.config, run.base.config, hardware, processes)
     validate = functools.partial(_planned_config_problems, hardware=hardware, processes=processes)
     plan, fast = with_fast_defaults(plan, hardware, speedups, validate=validate)
+    plan = with_checkpoint_cap(plan, settings.max_checkpoints)
     final_problems = validate(plan.config)
     if final_problems:
         raise config_problems_error(final_problems)
@@ -242,6 +260,9 @@ async def _plan(run: JobRun, state: JobState) -> AsyncIterator[dict]:
 
 async def _take_the_run(run: JobRun, state: JobState) -> AsyncIterator[dict]:
     """Lock the run, look at earlier attempts; a completed run answers with its stored result."""
+    if through_link(run.paths.run_dir):
+        raise JobError(errors.INVALID_INPUT, f"run {run.valid.job.run_id!r}: its directory on the volume is a symbolic link, "
+                                             "which the worker never follows; use another run_id (the operator can remove the link)")
     for event in _take_run(run.valid, run.paths, state):
         yield event
     state.paths = run.paths
@@ -266,7 +287,7 @@ async def _check_capacity(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         yield events.status("preparing", f"resuming from step {step} ({checkpoint.name})", resumed_from_step=int(step))
     for event in capacity.check_memory(ctx.plan.config, run.base.config, run.hardware, ctx.num_processes):
         yield event
-    capacity.check_disk(ctx.plan.config, run.base, run.settings)
+    capacity.check_disk(ctx.plan.config, run.base, run.settings, merge=ctx.valid.job.publish.merge_lora)
 
 
 async def _prepare_data(run: JobRun, state: JobState) -> AsyncIterator[dict]:
@@ -295,16 +316,19 @@ async def _preflight(run: JobRun, state: JobState) -> AsyncIterator[dict]:
 
 
 async def _check_hub_token(run: JobRun, state: JobState) -> AsyncIterator[dict]:
-    """Before training: the token may write to hub_model_id (which gets an owner if it has none)."""
-    ctx = run.ctx
-    if not ctx.repo_id:
+    """Before training: the token the job writes with may write to every Hub repo the job
+    names (a hub_model_id without an owner gets the token's user, unless `_validate` placed it)."""
+    ctx, writes = run.ctx, run.hub_writes.repos
+    if not writes:
         return
-    yield events.status("publishing", f"checking that the Hugging Face token may write to {ctx.repo_id}")
-    user, repo_id = await publishing.check_token(ctx, state)
-    if repo_id != ctx.repo_id:
+    yield events.status("publishing", f"checking that the Hugging Face token may write to {', '.join(writes.values())}")
+    user, checked = await publishing.check_token(ctx, state, list(writes.values()))
+    repo_id = dict(zip(writes, checked, strict=True)).get(tenancy.HUB_MODEL_ID)
+    if repo_id and repo_id != writes[tenancy.HUB_MODEL_ID]:
         yield events.status("preparing", f"hub_model_id {ctx.repo_id!r} has no owner, so it goes to the token's user: {repo_id}")
+    if repo_id and repo_id != ctx.repo_id:
         run.ctx = ctx = replace(ctx, plan=with_repo_id(ctx.plan, repo_id))
-    yield events.status("preparing", f"the token of '{user}' may push to {ctx.repo_id}")
+    yield events.status("preparing", f"the token of '{user}' may push to {', '.join(checked)}")
 
 
 async def _train_or_reuse(run: JobRun, state: JobState) -> AsyncIterator[dict]:
@@ -425,14 +449,26 @@ def _planned_config_problems(config: dict, hardware: Hardware | None = None, pro
 
 
 def _job_record(valid: ValidJob) -> dict:
-    """What job.json keeps: no credential, and URLs without their query (a signed URL's query is one)."""
+    """What job.json keeps: no credential, URLs without their query (a signed URL's query
+    is one), and rows sent inline as their count and digest (training rows are in the run's data/)."""
     creds = valid.job.credentials
-    return without_url_queries({
+    record = without_url_queries({
         **valid.job.model_dump(exclude={"credentials", "args"}),
         "credentials_given": {name: getattr(creds, name) is not None for name in type(creds).model_fields},
         "args_sha256": args_digest(valid.args),
         "args": valid.job.args,
         "lineage": valid.lineage,
     })
+    for key in INLINE_DATASET_KEYS:
+        for entry in (record.get("args") or {}).get(key) or []:
+            _rows_as_digest(entry)
+    if isinstance(record.get("evaluation"), dict):
+        _rows_as_digest(record["evaluation"].get("dataset"))
+    return record
 
 
+def _rows_as_digest(entry: Any) -> None:
+    """`rows: [...]` -> `rows: {"count": N, "sha256": ...}`, in place."""
+    if isinstance(entry, dict) and isinstance(entry.get("rows"), list):
+        rows = entry["rows"]
+        entry["rows"] = {"count": len(rows), "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()}

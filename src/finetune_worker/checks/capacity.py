@@ -62,8 +62,10 @@ def check_memory(config: dict, model_config: dict | None, hardware: Hardware, pr
     )]
 
 
-def check_disk(config: dict, base: ModelFacts, settings: WorkerSettings) -> None:
-    estimate = estimate_disk(config, base)
+def check_disk(config: dict, base: ModelFacts, settings: WorkerSettings, merge: bool = False) -> None:
+    """The run's estimated writes against the volume's free space, and what it keeps in its
+    run directory against the operator's FINETUNE_MAX_RUN_BYTES (also checked at each checkpoint)."""
+    estimate = estimate_disk(config, base, merge)
     if estimate is None:
         return
     free = shutil.disk_usage(settings.base_volume).free
@@ -72,4 +74,11 @@ def check_disk(config: dict, base: ModelFacts, settings: WorkerSettings) -> None
             errors.DISK_FULL,
             f"this run will write {estimate.describe()}, but the volume has {gib(free)} free; "
             "free space, lower save_total_limit, or use a larger volume",
+        )
+    if settings.max_run_bytes is not None and estimate.in_run_dir > settings.max_run_bytes:
+        raise JobError(
+            errors.DISK_QUOTA,
+            f"this run will keep about {gib(estimate.in_run_dir)} in its run directory ({estimate.describe()}), over this worker's "
+            f"limit of {gib(settings.max_run_bytes)} per run (FINETUNE_MAX_RUN_BYTES); keep fewer checkpoints (save_total_limit)"
+            + (", or merge the LoRA elsewhere" if merge else ""),
         )

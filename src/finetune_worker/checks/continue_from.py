@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from finetune_worker.checks.paths import PathRoots, config_path_problem
 from finetune_worker.contract.errors import Problem
 from finetune_worker.contract.job import JobInput
 from finetune_worker.run.rundir import (
@@ -21,6 +22,7 @@ from finetune_worker.run.rundir import (
     read_config,
     read_json,
     run_paths,
+    through_link,
     weights_problem,
 )
 
@@ -46,9 +48,11 @@ def no_such_run(run_id: str) -> Problem:
     return Problem("continue_from.run_id", f"no such run: {run_id!r} (continue_from names an earlier run of this user_id)")
 
 
-def resolve_continue_from(job: JobInput, args: dict[str, Any], runs_dir: Path) -> tuple[Origin | None, list[Problem]]:
+def resolve_continue_from(job: JobInput, args: dict[str, Any], runs_dir: Path, roots: PathRoots) -> tuple[Origin | None, list[Problem]]:
     """The earlier run's output this job starts from, or the problems that refuse it.
-    `args`: the checked args (local paths absolute); empty when they failed their checks."""
+    `args`: the checked args (local paths absolute); empty when they failed their checks.
+    A run directory that is a link is not followed, and the paths the earlier run's
+    config.yaml names are confined to what this job's user may read (`roots`)."""
     wanted = job.continue_from
     if wanted is None:
         return None, []
@@ -56,10 +60,14 @@ def resolve_continue_from(job: JobInput, args: dict[str, Any], runs_dir: Path) -
         return None, [Problem("continue_from.run_id", "names this run itself; to resume it after a stop, send the same job "
                                                       "without continue_from (it resumes from its last checkpoint)")]
     paths = run_paths(runs_dir, job.user_id, wanted.run_id)
-    record = read_json(paths.job_file) if paths.run_dir.is_dir() else None
+    if through_link(paths.run_dir) or not paths.run_dir.is_dir():
+        return None, [no_such_run(wanted.run_id)]
+    record = read_json(paths.job_file)
     earlier_config = read_config(paths.config_file)
     if not isinstance(record, dict) or not isinstance(earlier_config, dict):
         return None, [no_such_run(wanted.run_id)]
+    if problem := config_path_problem(earlier_config, roots):
+        return None, [Problem("continue_from.run_id", f"run {wanted.run_id!r} cannot be continued: its config.yaml's {problem}")]
     adapter_run = earlier_config.get("adapter") in LORA_ADAPTERS
     wants_adapter = args.get("adapter") in LORA_ADAPTERS if args else None  # None: the args failed their own checks
     where, problem = _earlier_output(paths, wanted.checkpoint, adapter_run, wants_adapter)

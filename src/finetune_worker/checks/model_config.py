@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from finetune_worker.checks.resources import ModelFacts, directory_facts, gib, model_facts
@@ -24,8 +23,6 @@ from finetune_worker.plan.children import build_model_config_argv
 from finetune_worker.run.rundir import read_json
 from finetune_worker.run.state import JobState
 from finetune_worker.run.tools import run_child
-
-MODEL_CONFIG_TIMEOUT_S = 120.0  # the base model's config.json from the Hub: seconds, unless the Hub is unwell
 
 
 async def base_model_facts(config: dict, env: dict[str, str], child_env: dict[str, str], state: JobState) -> tuple[ModelFacts, list[dict]]:
@@ -46,18 +43,21 @@ async def base_model_facts(config: dict, env: dict[str, str], child_env: dict[st
     with tempfile.TemporaryDirectory(prefix="model-config-") as scratch:  # the run directory is not ours yet
         out = Path(scratch) / "result.json"
         argv = build_model_config_argv(sys.executable, base_model, str(revision) if revision else None, out=out)
+        tool = None
         try:
-            tool = await run_child(argv, child_env, Path(scratch), "hub-model-config", state, time.monotonic() + MODEL_CONFIG_TIMEOUT_S)
+            tool = await run_child(argv, child_env, Path(scratch), "hub-model-config", state)
             outcome = read_json(out) or {"ok": False, "code": "network", "message": f"the Hub step exited with code {tool.returncode}"}
+        except JobError as exc:
+            if exc.code != errors.DEADLINE_EXCEEDED or (state.job_deadline is not None and state.job_deadline.passed):
+                raise
+            outcome = {"ok": False, "code": "network", "message": "the Hub did not answer in time (FINETUNE_HUB_CHECK_DEADLINE_S)"}
         finally:
             state.training = None
-        if tool.timed_out:
-            outcome = {"ok": False, "code": "network", "message": f"the Hub did not answer in {MODEL_CONFIG_TIMEOUT_S:.0f} s"}
     if outcome.get("ok"):
         snapshot = outcome.get("snapshot")
         facts = directory_facts(Path(snapshot)) if snapshot and Path(snapshot).is_dir() else model_facts(base_model, Path(child_env["HF_HOME"]), hub_cache)
         size = f"{gib(facts.weight_bytes)} of weights to download" if facts.weight_bytes else "weights of unknown size to download"
         return facts, [events.status("validating", f"read {base_model}'s config.json from the Hugging Face Hub ({size})")]
     if outcome.get("code") in (errors.AUTH_ERROR, errors.MODEL_LOAD_ERROR):
-        raise JobError(outcome["code"], outcome["message"], log_tail=tool.log_tail())
+        raise JobError(outcome["code"], outcome["message"], log_tail=tool.log_tail() if tool else [])
     return facts, [events.warning(f"no memory estimate: could not read {base_model}'s config.json from the Hub ({outcome.get('message')}); going on")]

@@ -161,3 +161,23 @@ def resolve_inside(value: str, roots: PathRoots) -> str:
     if not Path(resolved).is_absolute():
         raise PathRejected(f"not found under {roots.describe()}")
     return resolved
+
+
+# The paths a run's config.yaml names that a child loads again later (generate,
+# continue_from): confined again, as if the job had sent them. Its output_dir is never
+# read back: the worker knows where a run's output is.
+CONFIG_PATH_KEYS = ("base_model", "base_model_config", "tokenizer_config", "lora_model_dir")
+
+
+def config_path_problem(config: dict, roots: PathRoots) -> str | None:
+    """Why a stored run config may not be loaded for this job's user (a path outside
+    what the user may read), or None."""
+    for key in CONFIG_PATH_KEYS:
+        value = config.get(key)
+        if value is None:
+            continue
+        try:
+            resolve_local_or_hub(value if isinstance(value, str) else "", roots)
+        except PathRejected as exc:
+            return f"{key}: {exc}"
+    return None

@@ -7,7 +7,7 @@ The estimate (documented in the README):
   checkpoint = full fine-tune: weights + Adam's two fp32 states (8 bytes/param)
                LoRA: adapter params x 4 bytes x 3 (weights + two Adam states)
   final      = weights (full) or adapter (LoRA)
-  kept       = save_total_limit, else the number of saves the config asks for (max 10)
+  kept       = the saves the config asks for, at most save_total_limit (unset: Axolotl's 4)
 """
 
 from __future__ import annotations
@@ -125,15 +125,31 @@ def lora_params(cfg: dict[str, Any], model_config: dict | None, params: int) -> 
     return per_layer * model_config.get("num_hidden_layers", 1)
 
 
-def kept_checkpoints(cfg: dict[str, Any]) -> int:
+AXOLOTL_KEPT_CHECKPOINTS = 4  # Axolotl's save_total_limit when a config leaves it unset (or 0)
+
+
+def planned_saves(cfg: dict[str, Any]) -> int | None:
+    """How many checkpoints the run saves, when its config tells (None: it depends on the data)."""
     if cfg.get("save_strategy") == "no":
         return 0
-    if cfg.get("save_total_limit"):
-        return int(cfg["save_total_limit"])
-    if cfg.get("max_steps") and cfg.get("save_steps"):
-        return min(10, math.ceil(cfg["max_steps"] / cfg["save_steps"]))
     epochs = math.ceil(float(cfg.get("num_epochs") or 1))
-    return min(10, epochs * int(cfg.get("saves_per_epoch") or 1))
+    save_steps, max_steps = cfg.get("save_steps"), cfg.get("max_steps")
+    first = 1 if cfg.get("save_first_step") else 0
+    if isinstance(save_steps, float) and 0 < save_steps < 1:  # a fraction of the total steps
+        return math.ceil(1 / save_steps) + first
+    if isinstance(save_steps, (int, float)) and save_steps >= 1:
+        return math.ceil(max_steps / save_steps) + first if max_steps else None
+    return epochs * int(cfg.get("saves_per_epoch") or 1) + first  # Axolotl saves each epoch by default
+
+
+def kept_checkpoints(cfg: dict[str, Any]) -> int:
+    """The checkpoints on disk at the end: every save, at most save_total_limit of them (the
+    Trainer deletes older ones; unset or 0, Axolotl keeps 4; below 0, all of them)."""
+    saves = planned_saves(cfg)
+    limit = cfg.get("save_total_limit") or AXOLOTL_KEPT_CHECKPOINTS
+    if limit < 0:
+        return saves if saves is not None else AXOLOTL_KEPT_CHECKPOINTS
+    return limit if saves is None else min(limit, saves)
 
 
 @dataclass(frozen=True)
@@ -147,6 +163,11 @@ class DiskEstimate:
     @property
     def total(self) -> int:
         return int((self.download + self.kept * self.checkpoint + self.final + self.merged) * MARGIN)
+
+    @property
+    def in_run_dir(self) -> int:
+        """What lands in the run directory (the download goes to the shared cache)."""
+        return int((self.kept * self.checkpoint + self.final + self.merged) * MARGIN)
 
     def describe(self) -> str:
         parts = [f"{gib(self.download)} model download"] if self.download else []

@@ -7,7 +7,8 @@ sets FINETUNE_USER_TOKEN_SECRET (HMAC: HS256, and HS384/HS512 for a secret of
 48/64 bytes or more) and/or
 FINETUNE_USER_TOKEN_PUBLIC_KEY (PEM: RS*/PS* for an RSA key, ES* for its EC curve,
 EdDSA for Ed25519/Ed448). Every job must then carry `credentials.user_token`, a JWT
-signed by that service whose `sub` is the job's user_id and which has an `exp`.
+signed by that service whose `sub` is the job's user_id and which has an `exp`
+(with FINETUNE_USER_TOKEN_MAX_LIFETIME_S, also an `iat`, at most that long before `exp`).
 
 The check reads the raw request and runs first, before the input is validated,
 before the run lock and before any child process. Each key only ever verifies its
@@ -127,8 +128,10 @@ def _verify(token: str, keys: list[tuple[Any, tuple[str, ...]]], settings: Worke
     audience, issuer = settings.user_token_audience, settings.user_token_issuer
     require += ["aud"] if audience else []
     require += ["iss"] if issuer else []
+    max_lifetime = settings.user_token_max_lifetime_s
+    require += ["iat"] if max_lifetime else []
     try:
-        return jwt.decode(
+        claims = jwt.decode(
             token, key, algorithms=list(algorithms), options={"require": require},
             audience=audience, issuer=issuer, leeway=LEEWAY_SECONDS,
         )
@@ -148,6 +151,10 @@ def _verify(token: str, keys: list[tuple[Any, tuple[str, ...]]], settings: Worke
         raise _refused("credentials.user_token's subject must be a string: the job's user_id") from None
     except jwt.exceptions.PyJWTError:
         raise _refused("credentials.user_token is not a valid token from the operator's service") from None
+    if max_lifetime and int(claims["exp"]) - int(claims["iat"]) > max_lifetime:  # both read as PyJWT read them
+        raise _refused(f"credentials.user_token is valid for longer than this endpoint allows ({max_lifetime:g} s from iat to exp, "
+                       "FINETUNE_USER_TOKEN_MAX_LIFETIME_S); ask the operator's service for a shorter-lived token")
+    return claims
 
 
 def _raw_token(raw: Any) -> Any:

@@ -10,6 +10,8 @@ from typing import Any
 from finetune_worker.checks.args import ArgsContext, check_args
 from finetune_worker.checks.continue_from import Origin, lineage, resolve_continue_from
 from finetune_worker.checks.paths import make_roots
+from finetune_worker.checks.resources import AXOLOTL_KEPT_CHECKPOINTS
+from finetune_worker.checks.tenancy import TRAINING_HUB_WRITES
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError, Problem, problems_error
 from finetune_worker.contract.job import DEFAULT_NEW_TOKENS, GENERATE_MODE, JobInput, blocks_args_check, parse_job_input
@@ -58,7 +60,7 @@ def validate_job(
         arg_problems.append(Problem("num_processes", f"this worker has {hardware.gpu_count} GPU(s); use at most {hardware.gpu_count} processes, one per GPU"))
     if args:
         args = with_numbers_as_axolotl_reads(args)
-        arg_problems += limit_problems(args, settings)
+        arg_problems += limit_problems(args, settings) + checkpoint_problems(args, settings)
     if job is not None and job.mode == GENERATE_MODE:
         problems = problems + generation_limit_problems(job, settings)
     if job is not None and job.publish.merge_lora and args.get("adapter") not in ("lora", "qlora"):
@@ -67,17 +69,14 @@ def validate_job(
     if job is not None and job.continue_from is not None:
         if "lora_model_dir" in args:
             arg_problems.append(Problem("args.lora_model_dir", "continue_from sets the starting adapter; remove lora_model_dir"))
-        origin, continue_problems = resolve_continue_from(job, {} if arg_problems else args, settings.runs_dir)
+        roots = make_roots(settings.base_volume, settings.examples_dir, job.user_id)
+        origin, continue_problems = resolve_continue_from(job, {} if arg_problems else args, settings.runs_dir, roots)
         problems = problems + continue_problems
     if problems or arg_problems:
         code = errors.INVALID_INPUT if problems else errors.INVALID_CONFIG
         raise problems_error(code, problems + arg_problems)
     assert job is not None
     return ValidJob(job=job, args=args, defaults_used=used, notes=notes, origin=origin)
-
-
-# Options with which the training itself writes to the Hub, with HF_TOKEN in its environment.
-HUB_WRITE_OPTIONS = ("push_dataset_to_hub", "trackio_space_id")
 
 
 def hub_write_problems(args: dict[str, Any], job: JobInput) -> list[Problem]:
@@ -89,7 +88,7 @@ def hub_write_problems(args: dict[str, Any], job: JobInput) -> list[Problem]:
     return [
         Problem(f"args.{key}", "writes to the Hugging Face Hub during training; send credentials.hf_token with write access "
                 "to that repo (the endpoint's own token is not used for this)")
-        for key in HUB_WRITE_OPTIONS
+        for key in TRAINING_HUB_WRITES
         if args.get(key)
     ]
 
@@ -118,6 +117,21 @@ def limit_problems(args: dict[str, Any], settings: WorkerSettings) -> list[Probl
                 "args.datasets", f"the local datasets hold {total} bytes, over this worker's limit of {settings.max_dataset_bytes} (FINETUNE_MAX_DATASET_BYTES)"
             ))
     return problems
+
+
+def checkpoint_problems(args: dict[str, Any], settings: WorkerSettings) -> list[Problem]:
+    """save_total_limit: at or below 0 the Trainer keeps every checkpoint (a run that saves
+    every step fills the volume), and over FINETUNE_MAX_CHECKPOINTS it keeps more than the operator allows."""
+    kept = args.get("save_total_limit")
+    if not isinstance(kept, int) or isinstance(kept, bool):
+        return []  # unset (Axolotl keeps 4, capped by the plan), or not a number (Axolotl's schema says so)
+    if kept <= 0:
+        return [Problem("args.save_total_limit", f"{kept} would keep every checkpoint the run saves; give how many to keep "
+                                                 f"(1 or more; unset, Axolotl keeps {AXOLOTL_KEPT_CHECKPOINTS}), or save none with save_strategy: no")]
+    if settings.max_checkpoints is not None and kept > settings.max_checkpoints:
+        return [Problem("args.save_total_limit", f"{kept} is over this worker's limit of {settings.max_checkpoints} "
+                                                 "checkpoints kept per run (FINETUNE_MAX_CHECKPOINTS)")]
+    return []
 
 
 def generation_limit_problems(job: JobInput, settings: WorkerSettings) -> list[Problem]:

@@ -12,11 +12,13 @@ AUTH_ERROR = "auth_error"
 OUT_OF_MEMORY = "out_of_memory"
 NAN_LOSS = "nan_loss"
 DISK_FULL = "disk_full"
+DISK_QUOTA = "disk_quota"  # the run directory reached the operator's FINETUNE_MAX_RUN_BYTES
 TRAINING_FAILED = "training_failed"
 CANCELLED = "cancelled"
 RUN_IN_PROGRESS = "run_in_progress"
 RUN_NOT_FOUND = "run_not_found"
 PUSH_FAILED = "push_failed"
+DEADLINE_EXCEEDED = "deadline_exceeded"  # a child (or the whole job) ran past its wall-clock limit
 INTERNAL_ERROR = "internal_error"
 
 

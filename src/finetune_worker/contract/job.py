@@ -31,10 +31,11 @@ def _not_dot_names(value: str) -> str:
 
 SafeId = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Za-z0-9._-]+$", min_length=1, max_length=64),
+    # Not starting with '-': an id may become a program argument (a served model's name, a run given to `serve`).
+    StringConstraints(pattern=r"^[A-Za-z0-9._][A-Za-z0-9._-]*$", min_length=1, max_length=64),
     AfterValidator(_not_dot_names),
 ]
-SAFE_ID_HINT = "use 1-64 letters, digits, '.', '_' or '-' (it names a directory)"
+SAFE_ID_HINT = "use 1-64 letters, digits, '.', '_' or '-', not starting with '-' (it names a directory)"
 
 
 class Credentials(BaseModel):
@@ -244,9 +245,6 @@ def mode_problems(raw: dict) -> list[Problem]:
         used = MODE_CREDENTIALS[mode]
         problems += [Problem(f"credentials.{name}", f"not used by mode '{mode}' (only {' and '.join(sorted(used))})")
                      for name in credentials if name not in used and name in Credentials.model_fields]
-    limit, top = raw.get("limit"), RUNS_PAGE_MAX if mode == "runs" else EVENTS_PAGE_MAX
-    if isinstance(limit, int) and not isinstance(limit, bool) and limit > top:
-        problems.append(Problem("limit", f"at most {top} for mode '{mode}'"))
     return problems + _conversation_problems(raw.get("messages") if mode == GENERATE_MODE else None)
 
 
@@ -398,4 +396,13 @@ def parse_job_input(raw: Any, max_bytes: int) -> tuple[JobInput | None, list[Pro
     except ValidationError as exc:
         found = {p.path for p in problems}
         return None, problems + [p for p in map(_problem_from_pydantic, exc.errors()) if p.path not in found]
+    problems += page_problems(job)
     return (None, problems) if problems else (job, [])
+
+
+def page_problems(job: JobInput) -> list[Problem]:
+    """A page's size, checked on the parsed value: "1000" and 1000 meet the same cap."""
+    top = RUNS_PAGE_MAX if job.mode == "runs" else EVENTS_PAGE_MAX
+    if job.limit is not None and job.limit > top:
+        return [Problem("limit", f"at most {top} for mode '{job.mode}'")]
+    return []

@@ -26,24 +26,46 @@ LIMIT_SETTINGS = {
     "max_dataset_bytes": "FINETUNE_MAX_DATASET_BYTES",
     "max_generate_prompts": "FINETUNE_MAX_GENERATE_PROMPTS",  # mode generate: prompts or conversations per job
     "max_new_tokens": "FINETUNE_MAX_NEW_TOKENS",  # mode generate: tokens per answer
+    "max_prompt_tokens": "FINETUNE_MAX_PROMPT_TOKENS",  # mode generate: tokens per prompt (else the run's sequence_len)
+    "max_checkpoints": "FINETUNE_MAX_CHECKPOINTS",  # checkpoints a run keeps (save_total_limit)
+    "max_run_bytes": "FINETUNE_MAX_RUN_BYTES",  # one run directory's size, checked at each checkpoint
+}
+# How long each helper child may run, in seconds: field -> (environment variable, default).
+# Every child also ends by the job's own deadline (FINETUNE_MAX_HOURS, from the job's start).
+DEADLINE_SETTINGS = {
+    "preflight_deadline_s": ("FINETUNE_PREFLIGHT_DEADLINE_S", 1800.0),
+    "evaluation_deadline_s": ("FINETUNE_EVALUATION_DEADLINE_S", 3600.0),
+    "generate_deadline_s": ("FINETUNE_GENERATE_DEADLINE_S", 1800.0),
+    "merge_deadline_s": ("FINETUNE_MERGE_DEADLINE_S", 3600.0),
+    "push_deadline_s": ("FINETUNE_PUSH_DEADLINE_S", 7200.0),
+    "hub_check_deadline_s": ("FINETUNE_HUB_CHECK_DEADLINE_S", 120.0),
+}
+# Each helper child (by the name of its log) -> its deadline's field; training has none of its own.
+CHILD_DEADLINES = {
+    "preflight": "preflight_deadline_s", "evaluation": "evaluation_deadline_s", "generate": "generate_deadline_s",
+    "merge": "merge_deadline_s", "hub-push": "push_deadline_s", "hub-check": "hub_check_deadline_s",
+    "hub-model-config": "hub_check_deadline_s",
 }
 USER_TOKEN_SETTINGS = {
     "user_token_secret": "FINETUNE_USER_TOKEN_SECRET", "user_token_public_key": "FINETUNE_USER_TOKEN_PUBLIC_KEY",
     "user_token_audience": "FINETUNE_USER_TOKEN_AUDIENCE", "user_token_issuer": "FINETUNE_USER_TOKEN_ISSUER",
+    "user_token_max_lifetime_s": "FINETUNE_USER_TOKEN_MAX_LIFETIME_S",
 }
 # Every setting but BASE_VOLUME: field -> environment variable.
 ENV_NAMES = {
     "examples_dir": "FINETUNE_EXAMPLES_DIR", "hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY",
     "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE", "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES",
     "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES", "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S",
-    "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
+    "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", "hub_namespace": "FINETUNE_HUB_NAMESPACE",
+    "wandb_entity": "FINETUNE_WANDB_ENTITY", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
+    **{field: name for field, (name, _) in DEADLINE_SETTINGS.items()},
 }
 # Environment variables whose values are secrets: the worker's own credentials. No
 # child inherits them (a child gets the job's own: plan.build_child_env), and their
 # values are masked wherever the worker writes (redact.py).
 SECRET_ENV_VARS = (
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "COMET_API_KEY", "SWANLAB_API_KEY",
-    "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "FINETUNE_USER_TOKEN_SECRET",
+    "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "FINETUNE_USER_TOKEN_SECRET", "FINETUNE_SERVE_API_KEY", "VLLM_API_KEY",
 )
 # RunPod's job-queue addresses (they carry its key): the worker's, never a child's.
 WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
@@ -69,6 +91,11 @@ class WorkerSettings(BaseModel):
     examples_dir: Path = REPO_ROOT / "examples"
     hf_token: SecretStr | None = None
     wandb_api_key: SecretStr | None = None
+    # With user tokens (several tenants), where the endpoint's own credentials may write
+    # for a job (checks/tenancy.py): the Hub namespace of `<namespace>/<user_id>__<name>`
+    # repos, and the W&B entity of `<user_id>__<project>` projects. Unset: nowhere.
+    hub_namespace: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+    wandb_entity: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     allow_trust_remote_code: bool = False
     max_request_bytes: int = MAX_REQUEST_BYTES
     max_download_bytes: int = MAX_DOWNLOAD_BYTES
@@ -78,6 +105,8 @@ class WorkerSettings(BaseModel):
     user_token_public_key: str | None = None  # PEM: RS*/PS*, ES*, EdDSA
     user_token_audience: str | None = None
     user_token_issuer: str | None = None
+    # Set: a token must carry `iat` and `exp`, at most this many seconds apart.
+    user_token_max_lifetime_s: float | None = Field(None, gt=0, allow_inf_nan=False)
     download_deadline_s: float = Field(DOWNLOAD_DEADLINE_S, gt=0)
     # Private hosts dataset URLs may reach anyway: `host` or `host:port`, lower case.
     allowed_private_hosts: frozenset[str] = frozenset()
@@ -89,6 +118,16 @@ class WorkerSettings(BaseModel):
     max_dataset_bytes: int | None = Field(None, gt=0)
     max_generate_prompts: int | None = Field(None, gt=0)
     max_new_tokens: int | None = Field(None, gt=0)
+    max_prompt_tokens: int | None = Field(None, gt=0)
+    max_checkpoints: int | None = Field(None, gt=0)
+    max_run_bytes: int | None = Field(None, gt=0)
+    # Wall-clock limits of the helper children (DEADLINE_SETTINGS), seconds.
+    preflight_deadline_s: float = Field(DEADLINE_SETTINGS["preflight_deadline_s"][1], gt=0, allow_inf_nan=False)
+    evaluation_deadline_s: float = Field(DEADLINE_SETTINGS["evaluation_deadline_s"][1], gt=0, allow_inf_nan=False)
+    generate_deadline_s: float = Field(DEADLINE_SETTINGS["generate_deadline_s"][1], gt=0, allow_inf_nan=False)
+    merge_deadline_s: float = Field(DEADLINE_SETTINGS["merge_deadline_s"][1], gt=0, allow_inf_nan=False)
+    push_deadline_s: float = Field(DEADLINE_SETTINGS["push_deadline_s"][1], gt=0, allow_inf_nan=False)
+    hub_check_deadline_s: float = Field(DEADLINE_SETTINGS["hub_check_deadline_s"][1], gt=0, allow_inf_nan=False)
     # AXOLOTL_* variables on the endpoint: defaults under every job's args.
     default_args: dict = {}
     default_arg_problems: list[str] = []
@@ -117,6 +156,11 @@ class WorkerSettings(BaseModel):
     def limits(self) -> dict[str, float | int]:
         """The operator limits that are set, by environment variable."""
         return {name: getattr(self, field) for field, name in LIMIT_SETTINGS.items() if getattr(self, field) is not None}
+
+    def child_deadline(self, name: str) -> tuple[float, str] | None:
+        """(seconds, environment variable) of the helper child `name`'s own limit; None for training."""
+        field = CHILD_DEADLINES.get(name)
+        return None if field is None else (getattr(self, field), DEADLINE_SETTINGS[field][0])
 
     @property
     def user_tokens_required(self) -> bool:

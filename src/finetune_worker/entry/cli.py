@@ -210,6 +210,9 @@ def _follow(endpoint, job_id: str, args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from finetune_worker.entry import client
 
+    if args.webhook and (problem := client.webhook_problem(args.webhook)):
+        print(f"finetune-worker submit: {problem}", file=sys.stderr)
+        return 2
     job = client.job_from_config(
         Path(args.config),
         user_id=args.user_id,
@@ -337,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--credentials-from-env", action="store_true", help="send HF_TOKEN and WANDB_API_KEY from this shell as the job's credentials")
     submit.add_argument("--execution-timeout", type=int, metavar="SECONDS", help="RunPod executionTimeout for this job")
     submit.add_argument("--cancel", action="store_true", help="cancel the job on Ctrl-C (default: detach and let it run)")
-    submit.add_argument("--webhook", metavar="URL", help="RunPod POSTs the job's final status to this URL when it ends (RunPod's `webhook` field)")
+    submit.add_argument("--webhook", metavar="URL", help="an https:// URL: RunPod POSTs the job's final status to it when the job ends (RunPod's `webhook` field)")
     submit.set_defaults(func=cmd_submit)
 
     status = commands.add_parser("status", help="re-attach to a job on an endpoint and follow it to the end")
@@ -367,7 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     pod = commands.add_parser("pod", help="Pod start-up: configure from AXOLOTL_*, log in to the Hub, print what to do next")
     pod.set_defaults(func=cmd_pod)
 
-    serve = commands.add_parser("serve", help="serve a finished run with an OpenAI-compatible server (vLLM, else transformers serve)")
+    serve = commands.add_parser(
+        "serve", help="serve a finished run with an OpenAI-compatible server (vLLM, else transformers serve)",
+        epilog="An API key: set FINETUNE_SERVE_API_KEY in the environment (never on the command line); vLLM then answers "
+        "/v1/* only with 'Authorization: Bearer <key>'. transformers serve cannot check a key, so with one set it is refused.",
+    )
     serve.add_argument("run", help="a run directory (with config.yaml: a worker run or a Pod's directory), or USER/RUN_ID on the volume")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (0.0.0.0 to expose it through the Pod's HTTP port)")

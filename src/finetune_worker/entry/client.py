@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -48,10 +49,21 @@ def connect(endpoint_id: str, env: Mapping[str, str]):
     return runpod.Endpoint(endpoint_id, api_key=api_key)
 
 
+def webhook_problem(url: str) -> str | None:
+    """Why RunPod must not be given this webhook, or None: the job's final /status body
+    (its result, events and run directory) travels to it, so only over https."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "https" or not parts.hostname:
+        return f"the webhook must be an https:// URL (RunPod sends the job's final status, its output included, to it), not {url!r}"
+    return None
+
+
 def submit(endpoint, job_input: dict, execution_timeout_s: int | None = None, webhook: str | None = None) -> str:
     """POST /run. `webhook` is RunPod's own field beside `input`: RunPod POSTs the
     job's final /status body to that URL when the job ends (as `Endpoint.run` sends
-    it when given the whole request, `{"input": ..., "webhook": ...}`)."""
+    it when given the whole request, `{"input": ..., "webhook": ...}`); https only."""
+    if webhook and (problem := webhook_problem(webhook)):
+        raise ValueError(problem)
     body: dict[str, Any] = {"input": job_input}
     if execution_timeout_s:
         body["policy"] = {"executionTimeout": execution_timeout_s * 1000}

@@ -120,7 +120,8 @@ def _truthy(value: str | None) -> bool:
 
 def serve_pod(pod_dir: Path, env: Mapping[str, str]) -> int:
     """AXOLOTL_SERVE: serve the Pod's run on 0.0.0.0:AXOLOTL_SERVE_PORT (8000), as the
-    original Pod workflow's vLLM start script did."""
+    original Pod workflow's vLLM start script did; with FINETUNE_SERVE_API_KEY set on the
+    Pod, vLLM requires it (serve reads it from `env`)."""
     from finetune_worker.contract.settings import WorkerSettings
     from finetune_worker.serve.server import serve
 

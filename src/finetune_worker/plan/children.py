@@ -13,6 +13,7 @@ from finetune_worker.run.rundir import RunPaths
 
 PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
 STEP_LIMIT_ENV = LIMIT_SETTINGS["max_steps"]  # the progress plugin enforces it in the child
+RUN_BYTES_LIMIT_ENV = LIMIT_SETTINGS["max_run_bytes"]  # the progress plugin checks it at each checkpoint
 
 
 # The child processes a job runs, each `python -m <module>`; every argv is built here.
@@ -80,9 +81,11 @@ def build_child_env(
     wandb_api_key: str | None,
     other_secrets: Mapping[str, str] | None = None,
     step_limit: int | None = None,
+    run_bytes_limit: int | None = None,
 ) -> dict[str, str]:
     """The child's environment: the worker's, minus its own secrets, plus this job's
-    (and the operator's step limit, which the progress plugin enforces before step 1)."""
+    (and the operator's step and run-size limits, which the progress plugin enforces:
+    the steps before step 1, the size at each checkpoint)."""
     env = {
         key: value
         for key, value in base_env.items()
@@ -103,9 +106,10 @@ def build_child_env(
         env["WANDB_API_KEY"] = wandb_api_key
     else:
         env["WANDB_MODE"] = "disabled"
-    env.pop(STEP_LIMIT_ENV, None)
-    if step_limit:
-        env[STEP_LIMIT_ENV] = str(step_limit)
+    for name, limit in ((STEP_LIMIT_ENV, step_limit), (RUN_BYTES_LIMIT_ENV, run_bytes_limit)):
+        env.pop(name, None)
+        if limit:
+            env[name] = str(limit)
     env.update(other_secrets or {})
     return env
 

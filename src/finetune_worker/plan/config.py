@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from finetune_worker.checks.continue_from import Origin
 from finetune_worker.checks.options import INLINE_DATASET_KEYS
+from finetune_worker.checks.resources import AXOLOTL_KEPT_CHECKPOINTS
 from finetune_worker.run.hardware import Hardware
 from finetune_worker.run.rundir import RunPaths
 
@@ -79,11 +80,15 @@ class AxolotlPlan:
 
 @dataclass(frozen=True)
 class Tracking:
-    """W&B is on when the job or the worker has a key; TensorBoard always."""
+    """W&B is on when the job or the worker has a key (and may use it: checks/tenancy.py);
+    TensorBoard always. A shared endpoint's key forces its entity and the user's project."""
 
     wandb_key: bool = False
     model_id: str = ""
     run_id: str = ""
+    wandb_entity: str | None = None
+    wandb_project: str | None = None
+    wandb_off_reason: str = "no wandb_api_key in the job or the worker's environment"
 
 
 def build_axolotl_config(
@@ -137,12 +142,13 @@ def apply_tracking(config: dict[str, Any], tracking: Tracking) -> list[str]:
     """TensorBoard logs by default; W&B only with a key (project defaults to the model id)."""
     config.setdefault("use_tensorboard", True)
     if tracking.wandb_key:
+        config.update({key: value for key, value in (("wandb_entity", tracking.wandb_entity), ("wandb_project", tracking.wandb_project)) if value})
         config.setdefault("wandb_project", tracking.model_id)
         config.setdefault("wandb_name", tracking.run_id)
         return []
     dropped = [key for key in WANDB_KEYS if config.pop(key, None) is not None]
     if dropped:
-        return [f"W&B is off: no wandb_api_key in the job or the worker's environment, so {', '.join(dropped)} was ignored"]
+        return [f"W&B is off: {tracking.wandb_off_reason}, so {', '.join(dropped)} was ignored"]
     return []
 
 
@@ -233,6 +239,17 @@ def with_continue_from(plan: AxolotlPlan, origin: Origin | None) -> AxolotlPlan:
     if origin.starts_as == "adapter":
         return with_config(plan, lora_model_dir=str(origin.path))
     return with_config(plan, base_model=str(origin.path), tokenizer_config=origin.tokenizer or plan.config.get("tokenizer_config"))
+
+
+def with_checkpoint_cap(plan: AxolotlPlan, cap: int | None) -> AxolotlPlan:
+    """At most `cap` checkpoints kept (the operator's FINETUNE_MAX_CHECKPOINTS): a
+    save_total_limit the job left unset (Axolotl keeps 4) or a fast default above it is lowered."""
+    kept = plan.config.get("save_total_limit") or AXOLOTL_KEPT_CHECKPOINTS
+    if cap is None or not isinstance(kept, int) or kept <= cap:
+        return plan
+    capped = with_config(plan, save_total_limit=cap)
+    return replace(capped, warnings=[*plan.warnings, f"save_total_limit: {cap} (this worker keeps at most {cap} checkpoints per run, "
+                                                     "FINETUNE_MAX_CHECKPOINTS; the oldest ones are deleted as new ones are saved)"])
 
 
 def with_repo_id(plan: AxolotlPlan, repo_id: str) -> AxolotlPlan:

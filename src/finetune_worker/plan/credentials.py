@@ -4,13 +4,16 @@ child processes' environments (see plan.build_child_env)."""
 from __future__ import annotations
 
 from finetune_worker.checks.options import CREDENTIAL_ENV
+from finetune_worker.checks.tenancy import endpoint_wandb_key
 from finetune_worker.contract.job import JobInput
 from finetune_worker.contract.settings import WorkerSettings
 
 
 def hub_and_wandb_secrets(job: JobInput, settings: WorkerSettings) -> tuple[str | None, str | None]:
+    """The Hub token (the endpoint's reads for any job; where it may write is checks/tenancy.hub_writes)
+    and the W&B key (the endpoint's only where it may log for this job: checks/tenancy.py)."""
     creds = job.credentials
-    return _secret(creds.hf_token, settings.hf_token), _secret(creds.wandb_api_key, settings.wandb_api_key)
+    return _secret(creds.hf_token, settings.hf_token), _secret(creds.wandb_api_key, endpoint_wandb_key(settings))
 
 
 def tracker_secrets(job: JobInput) -> dict[str, str]:

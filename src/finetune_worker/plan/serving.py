@@ -29,6 +29,19 @@ SERVE_OVERRIDES = {
 }
 
 
+# The server's API key, from the environment only (never argv, where `ps` shows it):
+# FINETUNE_SERVE_API_KEY (or vLLM's own VLLM_API_KEY). vLLM reads VLLM_API_KEY
+# (vllm/entrypoints/openai/api_server.py: `--api-key` or VLLM_API_KEY) and then
+# answers /v1/* only with `Authorization: Bearer <key>`.
+SERVE_API_KEY = "FINETUNE_SERVE_API_KEY"
+VLLM_API_KEY = "VLLM_API_KEY"
+NO_API_KEY_IN_TRANSFORMERS = (
+    f"{SERVE_API_KEY} is set, but transformers serve has no API key (its `serve` command takes none and checks no "
+    "Authorization header), so it would answer anyone: install vLLM to serve with a key, or unset the key to serve "
+    "without one (on 127.0.0.1, or behind a proxy that checks callers)"
+)
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     served_model_name: str
@@ -102,30 +115,56 @@ def _fraction(value: float) -> float:
 
 def build_server_argv(server: str, served: Served, options: ServeOptions, host: str, port: int) -> list[str]:
     """The one place a server's command line is built: `vllm serve` (an adapter with
-    --enable-lora, or full weights), or `transformers serve` (full weights only)."""
+    --enable-lora, or full weights), or `transformers serve` (full weights only).
+    Every value goes as `--option=value`, and the model (a positional) never starts
+    with '-', so no name from a run can read as an option. No API key here: the
+    server reads it from its environment (serve_api_key_env)."""
+    where = [f"--host={host}", f"--port={port}"]
     if server == VLLM:
-        return [*vllm_serve_argv(served, options), "--host", host, "--port", str(port)]
+        return [*vllm_serve_argv(served, options), *where]
     if server == TRANSFORMERS:
         if served.adapter:
             raise ValueError("transformers serve loads full weights only: merge the LoRA first")
-        return ["transformers", "serve", served.model, "--host", host, "--port", str(port)]
+        return ["transformers", "serve", positional(served.model), *where]
     raise ValueError(f"unknown server {server!r}; use {VLLM} or {TRANSFORMERS}")
 
 
+def positional(value: str) -> str:
+    """A model (Hub id or directory) as a positional argument: a relative path that
+    starts with '-' gets './' (a Hub id never does), so it cannot read as an option.
+    (Not `-- MODEL`: vLLM's --config handling wants the model right after `serve`.)"""
+    return f"./{value}" if value.startswith("-") else value
+
+
 def vllm_serve_argv(served: Served, options: ServeOptions) -> list[str]:
-    argv = ["vllm", "serve", served.model]
+    argv = ["vllm", "serve", positional(served.model)]
     if served.adapter:
-        argv += ["--enable-lora", "--lora-modules", f"{options.served_model_name}={served.adapter}",
-                 "--max-lora-rank", str(options.max_lora_rank or VLLM_DEFAULT_LORA_RANK)]
+        argv += ["--enable-lora", f"--lora-modules={options.served_model_name}={served.adapter}",
+                 f"--max-lora-rank={options.max_lora_rank or VLLM_DEFAULT_LORA_RANK}"]
     else:
-        argv += ["--served-model-name", options.served_model_name]
+        argv += [f"--served-model-name={options.served_model_name}"]
     if options.max_model_len:
-        argv += ["--max-model-len", str(options.max_model_len)]
+        argv += [f"--max-model-len={options.max_model_len}"]
     if options.gpu_memory_utilization:
-        argv += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
-    if options.config_file:
-        argv += ["--config", options.config_file]
+        argv += [f"--gpu-memory-utilization={options.gpu_memory_utilization}"]
+    if options.config_file:  # two words: vLLM looks for the word `--config` to read the file
+        argv += ["--config", positional(options.config_file)]
     return [*argv, *options.extra_args]
+
+
+def serve_api_key(env: Mapping[str, str]) -> str | None:
+    return (env.get(SERVE_API_KEY) or env.get(VLLM_API_KEY) or "").strip() or None
+
+
+def server_env(server: str, env: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment: ours without the variables read here (vLLM warns of
+    VLLM_* it does not know), and the API key where vLLM reads it. A key with a server
+    that cannot check it is a ValueError: serving it open would ignore the key."""
+    key = serve_api_key(env)
+    kept = {name: value for name, value in env.items() if name not in (*SERVE_OVERRIDES.values(), SERVE_API_KEY, VLLM_API_KEY)}
+    if key and server != VLLM:
+        raise ValueError(NO_API_KEY_IN_TRANSFORMERS)
+    return {**kept, VLLM_API_KEY: key} if key else kept
 
 
 # -- the deploy recipe --------------------------------------------------------------
@@ -141,7 +180,7 @@ def deploy_recipe(served: Served, options: ServeOptions, merged: Served | None =
     }
     full = served if not served.adapter else merged
     if full is not None:
-        recipe["transformers_serve"] = shlex.join(["transformers", "serve", full.model])
+        recipe["transformers_serve"] = shlex.join(["transformers", "serve", positional(full.model)])
     else:
         recipe["transformers_serve"] = None
         recipe["note"] = ("transformers serve loads full weights: merge the adapter first "

@@ -72,6 +72,59 @@ def framework_versions() -> dict[str, str]:
     return versions
 
 
+# -- Markdown from the job's strings --------------------------------------------------
+# Every value that comes from the job (ids, dataset names, option values, metric names,
+# evaluation samples, an earlier run's record) goes into the card through one of these,
+# so that it shows as written and cannot close a code span, split a table cell, start
+# a new line, or add HTML, a link or an image.
+
+LINE_BREAKS = re.compile(r"\r\n|[\r\n\v\f\x85\u2028\u2029]")
+MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character may be backslash-escaped
+HUB_LINKABLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def one_line(value: Any) -> str:
+    return LINE_BREAKS.sub(" ", str(value))
+
+
+def text(value: Any) -> str:
+    """Plain text: every punctuation character escaped (no link, image, HTML, entity, code
+    span or emphasis can start; `|` cannot split a cell; `www.` cannot autolink)."""
+    return MARKDOWN_PUNCTUATION.sub(r"\\\1", one_line(value))
+
+
+def code(value: Any, cell: bool = False) -> str:
+    """An inline code span (shown literally), fenced by more backticks than the value holds.
+    In a table `cell`, `|` is written `\\|`: GFM splits cells at a bare `|` even inside a code span."""
+    content = one_line(value)
+    if cell:
+        content = content.replace("|", "\\|")
+    if not content.strip():
+        return text(content)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", content)), default=0) + 1)
+    pad = " " if content[0] in "` " or content[-1] in "` " else ""
+    return f"{fence}{pad}{content}{pad}{fence}"
+
+
+def number(value: Any, sign: str = "") -> str:
+    """A metric's value: a number as Python writes it (digits, '.', 'e', '-', 'inf', 'nan'), anything else as text."""
+    return format(value, sign) if isinstance(value, (int, float)) else text(value)
+
+
+def fenced(body: str, info: str = "text") -> list[str]:
+    """A fenced code block longer than any run of backticks in `body`, so no line of it closes the block."""
+    longest = max((len(run) for run in re.findall(r"`+", body)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + info, body, fence]
+
+
+def hub_link(repo_id: str, kind: str = "") -> str:
+    """A link to a Hub repo, only for a well-formed repo id; anything else is shown as code."""
+    if HUB_LINKABLE.match(repo_id):
+        return f"[{text(repo_id)}](https://huggingface.co/{kind}{repo_id})"
+    return code(repo_id)
+
+
 def _is_local(value: str) -> bool:
     return value.startswith("/") or value.startswith(".")
 
@@ -86,6 +139,10 @@ def _dataset_names(config: dict) -> tuple[list[str], list[str]]:
         elif "://" not in path:
             hub.append(path)
     return hub, local
+
+
+def _model_name(name: str) -> str:
+    return f"a local model ({code(Path(name).name)})" if _is_local(name) else hub_link(name)
 
 
 def render_model_card(
@@ -109,61 +166,56 @@ def render_model_card(
     data = ModelCardData(
         base_model=None if _is_local(base) else base,
         library_name="peft" if adapter else "transformers",
-        tags=["axolotl", "finetune-worker", "generated_from_trainer", config.get("adapter") or "full-fine-tune"],
+        tags=["axolotl", "finetune-worker", "generated_from_trainer", str(config.get("adapter") or "full-fine-tune")],
         datasets=hub_datasets or None,
         pipeline_tag="text-generation",
     )
-    base_text = f"a local model (`{Path(base).name}`)" if _is_local(base) else f"[{base}](https://huggingface.co/{base})"
     kind = "A LoRA adapter" if adapter else "A fine-tune"
     lines = [
         "---", data.to_yaml(), "---", "",
-        f"# {repo_id.split('/')[-1]}", "",
-        f"{kind} of {base_text}, trained with [Axolotl](https://github.com/axolotl-ai-cloud/axolotl) "
+        f"# {text(repo_id.split('/')[-1])}", "",
+        f"{kind} of {_model_name(base)}, trained with [Axolotl](https://github.com/axolotl-ai-cloud/axolotl) "
         "by finetune-worker on RunPod.", "",
     ]
     if hub_datasets or local_datasets:
-        names = [f"[{d}](https://huggingface.co/datasets/{d})" for d in hub_datasets] + [f"`{d}` (local)" for d in local_datasets]
+        names = [hub_link(d, "datasets/") for d in hub_datasets] + [f"{code(d)} (local)" for d in local_datasets]
         lines += ["Trained on: " + ", ".join(names) + ".", ""]
-    lines += ["## How to use it", "", "```python"]
-    if adapter:
-        lines += [
-            "from peft import AutoPeftModelForCausalLM",
-            "from transformers import AutoTokenizer",
-            "",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
-        ]
-    else:
-        lines += [
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
-        ]
-    lines += ["```", ""]
+    loader = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
+    imports = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer"] if adapter else \
+        ["from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    usage = [*imports, "", f"model = {loader}.from_pretrained({json.dumps(repo_id)})",
+             f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(repo_id)})"]
+    lines += ["## How to use it", "", *fenced("\n".join(usage), "python"), ""]
     if merged:
         repo, _, folder = merged.partition(":")
-        args = f'"{repo}", subfolder="{folder}"' if folder else f'"{repo}"'
-        lines += ["The adapter merged into the base model, as plain weights:", "", "```python",
-                  f"model = AutoModelForCausalLM.from_pretrained({args})", "```", ""]
+        args = f"{json.dumps(repo)}, subfolder={json.dumps(folder)}" if folder else json.dumps(repo)
+        lines += ["The adapter merged into the base model, as plain weights:", "",
+                  *fenced(f"model = AutoModelForCausalLM.from_pretrained({args})", "python"), ""]
     lines += deploy_section(deploy, local_base=Path(base).name if _is_local(base) else None)
     lines += lineage_section(lineage)
     lines += ["## Training", "", "| hyperparameter | value |", "|---|---|"]
-    lines += [f"| `{key}` | `{config[key]}` |" for key in CARD_HYPERPARAMETERS if config.get(key) is not None]
+    lines += [f"| {code(key, cell=True)} | {code(config[key], cell=True)} |" for key in CARD_HYPERPARAMETERS if config.get(key) is not None]
     lines += [""]
     if metrics:
         lines += ["## Results", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value} |" for key, value in metrics.items() if isinstance(value, (int, float))]
+        lines += [f"| {code(key, cell=True)} | {value} |" for key, value in metrics.items() if isinstance(value, (int, float))]
         lines += [""]
     if has_loss_curve:
         lines += ["![Training loss](loss.png)", ""]
     lines += list(extra_sections)
-    lines += ["## Framework versions", ""] + [f"- {name} {version}" for name, version in versions.items()] + [""]
+    lines += ["## Framework versions", ""] + [f"- {name} {version}" for name, version in versions.items()] + [""]  # installed packages
     return "\n".join(lines)
 
 
-def _model_name(name: str) -> str:
-    return f"a local model (`{Path(name).name}`)" if _is_local(name) else f"[{name}](https://huggingface.co/{name})"
+def _without_path(value: Any, path: str, placeholder: str) -> Any:
+    """`value` (a recipe) with `path` replaced by `placeholder` in every string, shell-quoted forms too."""
+    if isinstance(value, dict):
+        return {key: _without_path(item, path, placeholder) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_path(item, path, placeholder) for item in value]
+    if isinstance(value, str) and path:
+        return value.replace(shlex.quote(path), placeholder).replace(path, placeholder)
+    return value
 
 
 def deploy_section(recipe: dict | None, local_base: str | None = None) -> list[str]:
@@ -171,21 +223,23 @@ def deploy_section(recipe: dict | None, local_base: str | None = None) -> list[s
     A base model that was a local directory appears as <its name>, never as its path."""
     if not recipe:
         return []
+    placeholder = f"<{local_base}>"
     if local_base:
-        model = recipe["runpod_vllm_worker"]["env"].get("MODEL_NAME", "")
-        recipe = json.loads(json.dumps(recipe).replace(json.dumps(model)[1:-1], f"<{local_base}>"))
+        recipe = _without_path(recipe, recipe["runpod_vllm_worker"]["env"].get("MODEL_NAME", ""), placeholder)
     env = recipe["runpod_vllm_worker"]["env"]
-    lines = ["## Deploy it", "", f"As a RunPod serverless endpoint with RunPod's vLLM worker (`{recipe['runpod_vllm_worker']['image']}`), "
-             "set these environment variables (add `HF_TOKEN` for a private repo):", "", "```bash"]
-    lines += [f"{key}={shlex.quote(value)}" for key, value in env.items()]
-    lines += ["```", "", "With vLLM on your own GPU (an OpenAI-compatible server on port 8000):", "", "```bash", recipe["vllm_serve"], "```", ""]
+    lines = ["## Deploy it", "", f"As a RunPod serverless endpoint with RunPod's vLLM worker ({code(recipe['runpod_vllm_worker']['image'])}), "
+             "set these environment variables (add `HF_TOKEN` for a private repo):", ""]
+    lines += fenced("\n".join(f"{key}={shlex.quote(one_line(value))}" for key, value in env.items()), "bash")
+    lines += ["", "With vLLM on your own GPU (an OpenAI-compatible server on port 8000):", ""]
+    lines += [*fenced(one_line(recipe["vllm_serve"]), "bash"), ""]
     if recipe.get("transformers_serve"):
-        lines += ["Without vLLM (CPU or any GPU; slower), with transformers' own server:", "", "```bash", recipe["transformers_serve"], "```", ""]
+        lines += ["Without vLLM (CPU or any GPU; slower), with transformers' own server:", "",
+                  *fenced(one_line(recipe["transformers_serve"]), "bash"), ""]
     elif recipe.get("note"):
-        lines += [f"`transformers serve`: {recipe['note']}.", ""]
-    lines += [f"Then call it as the model `{recipe['model']}` at `/v1/chat/completions`.", ""]
+        lines += [f"`transformers serve`: {recipe['note']}.", ""]  # the worker's own words (plan/serving.py)
+    lines += [f"Then call it as the model {code(recipe['model'])} at `/v1/chat/completions`.", ""]
     if local_base:
-        lines += [f"It was trained from a local copy of its base model: replace `<{local_base}>` with that model's Hub id or path.", ""]
+        lines += [f"It was trained from a local copy of its base model: replace {code(placeholder)} with that model's Hub id or path.", ""]
     return lines
 
 
@@ -196,35 +250,32 @@ def lineage_section(lineage: dict | None) -> list[str]:
         return []
     lines = ["## How it was made", "", f"1. Base model: {_model_name(str(lineage.get('base_model', '')))}"]
     for number, run in enumerate(runs, start=1):
-        datasets = ", ".join(f"`{d}`" for d in run.get("datasets") or []) or "no dataset recorded"
+        datasets = ", ".join(code(d) for d in run.get("datasets") or []) or "no dataset recorded"
         start = run.get("continue_from")
-        came = f", from run `{start['run_id']}` ({'its final output' if start.get('checkpoint') == 'final' else 'step ' + str(start.get('checkpoint'))})" if start else ""
+        came = ""
+        if start:
+            point = "its final output" if start.get("checkpoint") == "final" else f"step {text(start.get('checkpoint'))}"
+            came = f", from run {code(start.get('run_id'))} ({point})"
         this = " (this model)" if number == len(runs) else ""
-        lines.append(f"{number + 1}. Run `{run.get('run_id')}`{this}: {run.get('method')} on {datasets}{came}")
+        lines.append(f"{number + 1}. Run {code(run.get('run_id'))}{this}: {text(run.get('method'))} on {datasets}{came}")
     return lines + [""]
-
-
-def _fenced(text: str) -> list[str]:
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return [fence + "text", text, fence]
 
 
 def evaluation_sections(evaluation: dict) -> list[str]:
     """The base-vs-fine-tuned table and the samples, for the model card."""
     lines = [
         "## Evaluation", "",
-        f"The fine-tuned model and its base model on the same {evaluation['examples']} held-out examples "
+        f"The fine-tuned model and its base model on the same {number(evaluation['examples'])} held-out examples "
         "(generation metrics against the reference answers; loss and perplexity of the references).", "",
         "| metric | base model | fine-tuned | change |", "|---|---|---|---|",
     ]
     for key, delta in evaluation["delta"].items():
-        lines.append(f"| {key} | {evaluation['base'][key]} | {evaluation['finetuned'][key]} | {delta:+} |")
+        lines.append(f"| {text(key)} | {number(evaluation['base'][key])} | {number(evaluation['finetuned'][key])} | {number(delta, '+')} |")
     lines.append("")
     if evaluation.get("samples"):
         lines += ["### Samples", ""]
-        for number, sample in enumerate(evaluation["samples"], start=1):
-            lines += [f"**Example {number}: prompt**", ""] + _fenced(sample["prompt"]) + [""]
+        for index, sample in enumerate(evaluation["samples"], start=1):
+            lines += [f"**Example {index}: prompt**", ""] + fenced(str(sample["prompt"])) + [""]
             for key, title in (("reference", "reference"), ("base", "base model"), ("finetuned", "fine-tuned model")):
-                lines += [f"*{title}:*", ""] + _fenced(sample[key]) + [""]
+                lines += [f"*{title}:*", ""] + fenced(str(sample[key])) + [""]
     return lines

@@ -1,6 +1,6 @@
 """Hugging Face Hub steps, run as a child process so the token lives only in its env.
 
-    python -m finetune_worker.publish.hub check --repo-id alice/x --out result.json
+    python -m finetune_worker.publish.hub check --repo-id=alice/x [--repo-id=acme/y ...] --out result.json
     python -m finetune_worker.publish.hub push --spec publish.json --out result.json
     python -m finetune_worker.publish.hub model-config --model org/name [--revision REV] --out result.json
 
@@ -84,7 +84,8 @@ def with_retries(action: Callable[[], Any], attempts: int, backoff: float, sleep
             sleep(wait)
 
 
-def check(api, repo_id: str) -> dict:
+def check(api, *repo_ids: str) -> dict:
+    """Whether the token may write to every repo (one `whoami`); each repo with its owner."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
@@ -93,12 +94,12 @@ def check(api, repo_id: str) -> dict:
         if _status(exc) in (401, 403):
             raise HubFailure("auth_error", "the Hugging Face token was refused (invalid or expired); check hf_token") from None
         raise
-    if "/" not in repo_id:  # like the Hub itself: a repo without an owner goes to the token's user
-        repo_id = f"{whoami.get('name')}/{repo_id}"
-    problem = token_problem(whoami, repo_id)
-    if problem:
-        raise HubFailure("auth_error", f"cannot push to {repo_id}: {problem}")
-    return {"user": whoami.get("name"), "repo_id": repo_id}
+    # like the Hub itself: a repo without an owner goes to the token's user
+    owned = [repo_id if "/" in repo_id else f"{whoami.get('name')}/{repo_id}" for repo_id in repo_ids]
+    problems = [f"cannot push to {repo_id}: {problem}" for repo_id in owned if (problem := token_problem(whoami, repo_id))]
+    if problems:
+        raise HubFailure("auth_error", "; ".join(problems))
+    return {"user": whoami.get("name"), "repo_ids": owned}
 
 
 def folder_files(folder: Path, ignored: tuple[str, ...] = IGNORED) -> list[str]:
@@ -224,7 +225,7 @@ def model_config(model: str, revision: str | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune_worker.publish.hub")
     parser.add_argument("command", choices=("check", "push", "model-config"))
-    parser.add_argument("--repo-id")
+    parser.add_argument("--repo-id", action="append", default=[], help="check: each repo the job writes to")
     parser.add_argument("--model")
     parser.add_argument("--revision")
     parser.add_argument("--spec", type=Path)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     api = HfApi()  # HF_TOKEN and HF_ENDPOINT come from this process's environment
     try:
         if args.command == "check":
-            outcome = {"ok": True, **check(api, args.repo_id)}
+            outcome = {"ok": True, **check(api, *args.repo_id)}
         elif args.command == "model-config":
             outcome = {"ok": True, **model_config(args.model, args.revision)}
         else:

@@ -6,7 +6,9 @@ lives only in those children's environment.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from finetune_worker.checks.continue_from import LORA_ADAPTERS
@@ -21,6 +23,18 @@ from finetune_worker.run.state import JobContext, JobState
 from finetune_worker.run.tools import json_tool, run_tool, tool_output
 
 
+@contextlib.contextmanager
+def trained_model_kept(ctx: JobContext) -> Iterator[None]:
+    """A step after training that ran past its deadline: the error says the trained model is kept."""
+    try:
+        yield
+    except JobError as exc:
+        if exc.code != errors.DEADLINE_EXCEEDED:
+            raise
+        raise JobError(exc.code, f"training succeeded, but {exc.message}. The artifacts are on the volume in {ctx.paths.output_dir}; "
+                                 "resubmit the same run_id to go on without training", log_tail=exc.log_tail) from None
+
+
 async def hub_tool(ctx: JobContext, state: JobState, name: str, command: str, *args: str) -> dict:
     out = tool_output(ctx, name)
     tool, outcome = await json_tool(ctx, state, name, build_hub_argv(sys.executable, command, *args, out=out), out)
@@ -30,18 +44,19 @@ async def hub_tool(ctx: JobContext, state: JobState, name: str, command: str, *a
     return outcome
 
 
-async def check_token(ctx: JobContext, state: JobState) -> tuple[str, str]:
-    """The token's user, and the repo the push goes to (with its owner)."""
-    outcome = await hub_tool(ctx, state, "hub-check", "check", "--repo-id", ctx.repo_id)
+async def check_token(ctx: JobContext, state: JobState, repo_ids: list[str]) -> tuple[str, list[str]]:
+    """The token's user, and each repo with its owner (a bare name: the token's user's)."""
+    outcome = await hub_tool(ctx, state, "hub-check", "check", *(f"--repo-id={repo}" for repo in repo_ids))
     if not outcome["ok"]:
         raise JobError(errors.AUTH_ERROR, outcome["message"], log_tail=outcome.get("log_tail", []))
-    return outcome.get("user", "?"), outcome.get("repo_id", ctx.repo_id)
+    return outcome.get("user", "?"), outcome.get("repo_ids", repo_ids)
 
 
 async def merge(ctx: JobContext, state: JobState) -> tuple[Path | None, str | None]:
     """Axolotl's merge-lora into <output_dir>/merged; (merged dir, None) or (None, why not)."""
     argv = build_merge_argv(sys.executable, ctx.paths.config_file, ctx.paths.output_dir)
-    tool = await run_tool(ctx, state, argv, "merge")
+    with trained_model_kept(ctx):
+        tool = await run_tool(ctx, state, argv, "merge")
     merged = ctx.paths.output_dir / "merged"
     if tool.returncode == 0 and merged.is_dir() and any(merged.glob("*.safetensors")):
         copy_run_tokenizer(ctx.paths.output_dir, merged)
@@ -56,7 +71,8 @@ async def evaluate(ctx: JobContext, state: JobState) -> dict:
     spec_file = paths.run_dir / "evaluation-spec.json"
     write_json(spec_file, {"config": str(paths.config_file), "evaluation": ctx.valid.job.evaluation.model_dump()})
     out = tool_output(ctx, "evaluation")
-    tool, evaluation = await json_tool(ctx, state, "evaluation", build_evaluation_argv(sys.executable, spec_file, out), out)
+    with trained_model_kept(ctx):
+        tool, evaluation = await json_tool(ctx, state, "evaluation", build_evaluation_argv(sys.executable, spec_file, out), out)
     if tool.returncode != 0 or evaluation is None:
         diagnosis = diagnose(tool.returncode, tool.log_tail(), "evaluating", None, ctx.plan.config.get("base_model"))
         raise JobError(
@@ -110,7 +126,8 @@ async def push(
         },
     }
     write_json(paths.hub_dir / "publish.json", spec)
-    outcome = await hub_tool(ctx, state, "hub-push", "push", "--spec", str(paths.hub_dir / "publish.json"))
+    with trained_model_kept(ctx):
+        outcome = await hub_tool(ctx, state, "hub-push", "push", "--spec", str(paths.hub_dir / "publish.json"))
     if not outcome["ok"]:
         code = outcome.get("code") if outcome.get("code") == errors.AUTH_ERROR else errors.PUSH_FAILED
         raise JobError(

@@ -17,8 +17,11 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_worker.contract import errors
+from finetune_worker.contract.errors import JobError
 from finetune_worker.run.redact import Redactor
 
 POLL_SECONDS = 0.25
@@ -84,6 +87,32 @@ def shutdown_requested() -> bool:
     return _SHUTDOWN.is_set()
 
 
+@dataclass(frozen=True)
+class Deadline:
+    """When a child must have ended (time.monotonic()), and the limit that set it, as the error names it."""
+
+    at: float
+    limit: str  # "FINETUNE_PREFLIGHT_DEADLINE_S=1800 s", "FINETUNE_MAX_HOURS=2 h for the whole job"
+
+    @classmethod
+    def after(cls, seconds: float, limit: str) -> Deadline:
+        return cls(time.monotonic() + seconds, limit)
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def error(self, what: str, log_tail: list[str] | None = None) -> JobError:
+        return JobError(errors.DEADLINE_EXCEEDED, f"{what} was stopped at its deadline ({self.limit}, this worker's limit)",
+                        log_tail=log_tail or [])
+
+
+def sooner(*deadlines: Deadline | None) -> Deadline | None:
+    """The first of these deadlines (None: none at all)."""
+    found = [deadline for deadline in deadlines if deadline is not None]
+    return min(found, key=lambda deadline: deadline.at) if found else None
+
+
 class JsonLinesTail:
     """Reads the complete lines appended to a file since the last read."""
 
@@ -113,9 +142,14 @@ class JsonLinesTail:
 
 class ChildProcess:
     """One child process of a job (training, or a helper: Hub steps, merge, preflight,
-    evaluation): started in its own process group, its output redacted into its log."""
+    evaluation, generate): started in its own process group, its output redacted into
+    its log, and stopped at its deadline: `records()` then ends with deadline_exceeded."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_file: Path, progress_file: Path, redactor: Redactor):
+    def __init__(self, argv: list[str], env: dict[str, str], log_file: Path, progress_file: Path, redactor: Redactor,
+                 deadline: Deadline | None = None, what: str = "the child process"):
+        self.deadline = deadline
+        self.what = what  # in the deadline's error: "the preflight", "the training"
+        self._standby_expiry: asyncio.TimerHandle | None = None
         self.argv = argv
         self.env = env
         self.log_file = log_file
@@ -125,7 +159,7 @@ class ChildProcess:
         self.process: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task | None = None
         self.log_failed = False
-        self.timed_out = False  # stopped at the deadline given to records()
+        self.timed_out = False  # stopped at its deadline
 
     @property
     def pid(self) -> int | None:
@@ -133,7 +167,11 @@ class ChildProcess:
 
     async def start(self, standby: bool = False) -> None:
         """Start the process. A standby child (finetune_worker.run.standby) only imports
-        until `go`; its output waits in the pipe, and the run directory need not exist yet."""
+        until `go`; its output waits in the pipe, and the run directory need not exist yet.
+        A deadline already past starts nothing; a standby not told to go by its deadline is killed."""
+        if self.deadline is not None and self.deadline.passed:
+            self.timed_out = True
+            raise self.deadline.error(self.what)
         self.process = await asyncio.create_subprocess_exec(
             *self.argv,
             stdin=asyncio.subprocess.PIPE if standby else asyncio.subprocess.DEVNULL,
@@ -148,6 +186,17 @@ class ChildProcess:
         LIVE_PROCESS_GROUPS.add(self.process.pid)
         if not standby:
             self._follow()
+        elif self.deadline is not None:
+            self._standby_expiry = asyncio.get_running_loop().call_later(max(0.0, self.deadline.at - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        """A standby still waiting for its go at its deadline: it only imported, so it is killed at once."""
+        if self.on_standby:
+            self.timed_out = True
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     async def go(self) -> None:
         """Let a standby child train (its config is written by now)."""
@@ -166,6 +215,8 @@ class ChildProcess:
         return self.process is not None and self.process.returncode is None and self._pump is None
 
     def _follow(self, note: str = "") -> None:
+        if self._standby_expiry is not None:
+            self._standby_expiry.cancel()
         self.progress.offset = self.progress.path.stat().st_size if self.progress.path.exists() else 0
         self._pump = asyncio.create_task(self._pump_output(note))
 
@@ -194,12 +245,13 @@ class ChildProcess:
                 except OSError:  # a full volume: keep the tail in memory, keep draining the pipe
                     self.log_failed = True
 
-    async def records(self, deadline: float | None = None) -> AsyncIterator[list[dict]]:
+    async def records(self) -> AsyncIterator[list[dict]]:
         """Batches of progress records, until the process exits and its output is drained.
-        Past `deadline` (time.monotonic()), the process tree is stopped and `timed_out` set."""
+        Past its deadline the process tree is stopped, `timed_out` set, and the records
+        end with the deadline's JobError (deadline_exceeded, naming the limit)."""
         assert self.process
         while self.process.returncode is None:
-            if deadline is not None and time.monotonic() > deadline and not self.timed_out:
+            if self.deadline is not None and self.deadline.passed and not self.timed_out:
                 self.timed_out = True
                 await asyncio.to_thread(stop_process_group, self.process.pid)
             try:
@@ -218,6 +270,8 @@ class ChildProcess:
         batch = self.progress.read_new()
         if batch:
             yield batch
+        if self.timed_out and self.deadline is not None:
+            raise self.deadline.error(self.what, self.log_tail())
 
     @property
     def returncode(self) -> int | None:
@@ -228,6 +282,8 @@ class ChildProcess:
 
     def stop(self) -> None:
         """End the whole process tree now (used on cancel and shutdown)."""
+        if self._standby_expiry is not None:
+            self._standby_expiry.cancel()
         if self.process and self.process.pid in LIVE_PROCESS_GROUPS:
             stop_process_group(self.process.pid)
         if self.process and self.process.stdin and not self.process.stdin.is_closing():

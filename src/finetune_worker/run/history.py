@@ -11,13 +11,17 @@ A run's state:
   failed       the last recorded event is an `error` (not `cancelled`)
   interrupted  cancelled, or stopped without a last event (the worker was killed)
 Attempts set aside by `restart` (`<run_id>.previous-<time>`) are not listed; a run
-counts them in `earlier_attempts`.
+counts them in `earlier_attempts`. A run directory (or user directory) that is a
+symbolic link is never followed: it is not listed, and its events answer `run_not_found`.
+`mode: runs` orders the runs by the `created` time at the head of each job.json (a
+small read, not a parse of the whole file), and reads in full only the page's runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,11 +29,13 @@ from typing import Any
 from finetune_worker.contract import errors
 from finetune_worker.contract.job import EVENTS_PAGE_DEFAULT, RUNS_PAGE_DEFAULT
 from finetune_worker.run.lock import holder
-from finetune_worker.run.rundir import RunPaths, read_json, run_paths
+from finetune_worker.run.rundir import RunPaths, read_json, run_paths, through_link
 
 EVENTS_PAGE_BYTES = 1024 * 1024  # one page of events at most (RunPod streams up to 4 MiB of them)
 TAIL_BYTES = 64 * 1024  # where a run's last event and last progress are looked for
 ASIDE = ".previous-"
+HEAD_BYTES = 256  # where job.json keeps `created` (the first key the worker writes)
+CREATED_AT_HEAD = re.compile(rb'^\{\s*"created"\s*:\s*(-?[0-9][0-9.eE+-]*)\s*[,}]')
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -47,6 +53,8 @@ def _mtime(path: Path) -> float | None:
 
 def _run_names(user_dir: Path) -> list[str]:
     """The user's run ids: run directories, and locks held before a directory exists."""
+    if user_dir.is_symlink():
+        return []
     try:
         entries = list(os.scandir(user_dir))
     except (FileNotFoundError, NotADirectoryError):
@@ -71,6 +79,21 @@ def _created(paths: RunPaths, job: dict) -> float | None:
         return float(job["created"])
     times = [t for t in (_mtime(paths.job_file), _mtime(paths.output_dir), _mtime(paths.events_file)) if t is not None]
     return min(times) if times else _mtime(paths.lock_file)
+
+
+def _created_cheaply(paths: RunPaths) -> float | None:
+    """`created` from the head of job.json, without parsing the rest; else from the run's files."""
+    try:
+        with open(paths.job_file, "rb") as handle:
+            head = handle.read(HEAD_BYTES)
+    except OSError:
+        head = b""
+    if found := CREATED_AT_HEAD.match(head):
+        try:
+            return float(found.group(1))
+        except ValueError:
+            pass
+    return _created(paths, {})
 
 
 def _tail_events(path: Path) -> list[dict]:
@@ -169,8 +192,7 @@ def list_runs(runs_dir: Path, user_id: str, limit: int | None, offset: int | Non
     dated = []
     for run_id in _run_names(user_dir):
         paths = run_paths(runs_dir, user_id, run_id)
-        job = read_json(paths.job_file)
-        dated.append((_created(paths, job if isinstance(job, dict) else {}) or 0.0, run_id, paths))
+        dated.append((_created_cheaply(paths) or 0.0, run_id, paths))
     dated.sort(key=lambda item: (item[0], item[1]), reverse=True)
     page = dated[offset:offset + limit]
     following = offset + len(page)
@@ -192,7 +214,7 @@ def read_events(runs_dir: Path, user_id: str, run_id: str, limit: int | None, of
     An event still being written (no newline yet) waits for the next page."""
     limit, offset = limit or EVENTS_PAGE_DEFAULT, offset or 0
     paths = run_paths(runs_dir, user_id, run_id)
-    if not paths.run_dir.is_dir() and holder(paths.lock_file) is None:
+    if through_link(paths.run_dir) or (not paths.run_dir.is_dir() and holder(paths.lock_file) is None):
         raise errors.run_not_found(user_id, run_id)
     page: list[dict] = []
     size, index, more = 0, 0, False

@@ -59,6 +59,7 @@ class ProgressTracker:
     nan_step: int | None = None
     saw_train_end: bool = False
     saw_saved: bool = False
+    disk_quota: dict | None = None  # the plugin stopped at a checkpoint: the run directory passed FINETUNE_MAX_RUN_BYTES
     wandb: dict | None = None
     metrics: dict = field(default_factory=dict)
     eta_warning_seconds: float | None = None  # warn once when the ETA is beyond this
@@ -94,6 +95,8 @@ class ProgressTracker:
             return [evaluation(record.get("step"), metrics)]
         elif kind == "nan_loss":
             self.nan_step = record.get("step")
+        elif kind == "disk_quota":
+            self.disk_quota = record
         elif kind == "wandb":
             self.wandb = {k: record.get(k) for k in ("url", "project", "name", "run_id", "dir")}
             where = record.get("url") or f"offline, in {record.get('dir')}"

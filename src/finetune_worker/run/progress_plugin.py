@@ -8,7 +8,7 @@ Records: {"kind": "stage", "stage": ...}, {"kind": "train_begin", "max_steps": .
 {"kind": "step", ...}, {"kind": "log", "logs": {...}}, {"kind": "checkpoint", ...},
 {"kind": "eval", "metrics": {...}}, {"kind": "train_end", ...} (with "peak_memory_reserved",
 bytes, on a GPU), {"kind": "saved"},
-{"kind": "nan_loss", ...}. Every record has "step" (when known) and "time".
+{"kind": "nan_loss", ...}, {"kind": "disk_quota", "bytes": ..., "limit": ...}. Every record has "step" (when known) and "time".
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
-from finetune_worker.plan.children import PROGRESS_FILE_ENV, STEP_LIMIT_ENV
+from finetune_worker.plan.children import PROGRESS_FILE_ENV, RUN_BYTES_LIMIT_ENV, STEP_LIMIT_ENV
 
 
 def _is_main_process() -> bool:
@@ -85,6 +85,33 @@ def _stop_if_over_step_limit(max_steps: int) -> None:
         os._exit(3)  # every rank sees the same max_steps and exits; nothing has been trained or saved
 
 
+def tree_bytes(directory: Path) -> int:
+    """Bytes in the files under `directory` (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def _stop_if_over_run_size(args, state) -> None:
+    """The operator's FINETUNE_MAX_RUN_BYTES, checked after each checkpoint is complete (the
+    Trainer calls on_save once it is written and older ones are rotated away): past it, the
+    training ends here, this checkpoint kept for a resume. The run directory is output_dir's parent."""
+    limit = os.environ.get(RUN_BYTES_LIMIT_ENV, "").strip()
+    if not (limit.isdigit() and int(limit) > 0):
+        return
+    size = tree_bytes(Path(args.output_dir).parent)
+    if size > int(limit):
+        write_record("disk_quota", step=state.global_step, bytes=size, limit=int(limit))
+        print(f"\n[finetune-worker] the run directory holds {size} bytes, over this worker's limit of {limit} ({RUN_BYTES_LIMIT_ENV}); "
+              f"stopping at the checkpoint of step {state.global_step}", flush=True)
+        os._exit(4)  # every rank sees the same directory and exits; the checkpoint is complete
+
+
 class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         _rank_line(args, "training started", state)
@@ -117,6 +144,7 @@ class ProgressCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         write_record("checkpoint", step=state.global_step, path=str(path))
+        _stop_if_over_run_size(args, state)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         write_record("eval", step=state.global_step, metrics=_numbers(metrics or {}))

@@ -86,6 +86,12 @@ def run_paths(runs_dir: Path, user_id: str, run_id: str) -> RunPaths:
     return RunPaths(runs_dir / user_id / run_id)
 
 
+def through_link(run_dir: Path) -> bool:
+    """A run directory that is a symbolic link, or lies in a user directory that is one:
+    the worker never follows it (it could lead into another user's runs)."""
+    return run_dir.is_symlink() or run_dir.parent.is_symlink()
+
+
 def prepare_run_dir(paths: RunPaths) -> None:
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     paths.output_dir.mkdir(exist_ok=True)

@@ -1,5 +1,7 @@
-"""Helper child processes of a job (Hub check and push, merge, preflight, evaluation):
-each runs to its end with its own log in the run directory; a cancel stops it like a training."""
+"""The child processes of a job, made in one place (`job_child`) so that each gets its
+deadline: its own limit (FINETUNE_*_DEADLINE_S) or the job's (FINETUNE_MAX_HOURS), the
+sooner. Helpers (Hub check and push, merge, preflight, evaluation) run to their end with
+their own log in the run directory; a cancel stops them like a training."""
 
 from __future__ import annotations
 
@@ -11,15 +13,27 @@ from finetune_worker.run.children import ChildProcess
 from finetune_worker.run.rundir import read_json
 from finetune_worker.run.state import JobContext, JobState
 
+# What each child is, as a deadline's error says it.
+CHILD_WHAT = {
+    "training": "the training", "preflight": "the preflight", "evaluation": "the evaluation", "merge": "the LoRA merge",
+    "generate": "the generate step", "hub-check": "the Hub token check", "hub-push": "the push to the Hub",
+    "hub-model-config": "reading the base model's config.json from the Hub",
+}
 
-async def run_child(
-    argv: list[str], env: dict[str, str], log_dir: Path, name: str, state: JobState, deadline: float | None = None
-) -> ChildProcess:
-    """Run a helper child to its end (or its deadline), its log in log_dir; a cancel stops it."""
-    tool = ChildProcess(argv, env, log_dir / f"{name}.log", log_dir / f".{name}.records", state.redactor)
+
+def job_child(argv: list[str], env: dict[str, str], log_file: Path, progress_file: Path, name: str, state: JobState) -> ChildProcess:
+    """A child of this job, with its deadline (state.deadline)."""
+    return ChildProcess(argv, env, log_file, progress_file, state.redactor, deadline=state.deadline(name),
+                        what=CHILD_WHAT.get(name, f"the {name} step"))
+
+
+async def run_child(argv: list[str], env: dict[str, str], log_dir: Path, name: str, state: JobState) -> ChildProcess:
+    """Run a helper child to its end, its log in log_dir; a cancel stops it, and its
+    deadline too (JobError deadline_exceeded)."""
+    tool = job_child(argv, env, log_dir / f"{name}.log", log_dir / f".{name}.records", name, state)
     state.training = tool
     await tool.start()
-    async for _ in tool.records(deadline=deadline):
+    async for _ in tool.records():
         pass
     return tool
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from collections.abc import AsyncIterator
 
+from finetune_worker.checks.resources import gib
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.job import JobInput
@@ -22,7 +22,7 @@ from finetune_worker.run.hardware import Hardware
 from finetune_worker.run.progress import ProgressTracker
 from finetune_worker.run.rundir import RunPaths, set_aside_diverged
 from finetune_worker.run.state import JobContext, JobState
-from finetune_worker.run.tools import free_port
+from finetune_worker.run.tools import free_port, job_child
 
 ETA_WARNING_SECONDS = 24 * 3600  # a training whose ETA is beyond this (or FINETUNE_MAX_HOURS) is warned about once
 
@@ -38,8 +38,8 @@ async def start_standby(job: JobInput, paths: RunPaths, child_env: dict[str, str
         return
     if not job.restart and (paths.result_file.exists() or paths.trained_file.exists()):
         return  # nothing left to train
-    standby = ChildProcess(build_standby_argv(sys.executable, paths.config_file), child_env, paths.log_file, paths.progress_file, state.redactor)
-    await standby.start(standby=True)
+    standby = job_child(build_standby_argv(sys.executable, paths.config_file), child_env, paths.log_file, paths.progress_file, "training", state)
+    await standby.start(standby=True)  # killed at the job's deadline if it never gets its go
     state.standby = standby
 
 
@@ -58,7 +58,7 @@ async def _training_child(ctx: JobContext, state: JobState) -> AsyncIterator[dic
         yield events.status("training", f"launching {ctx.num_processes} training processes with accelerate (events come from rank 0)", num_processes=ctx.num_processes)
     else:
         argv = build_train_argv(sys.executable, paths.config_file)
-    state.training = ChildProcess(argv, ctx.child_env, paths.log_file, paths.progress_file, state.redactor)
+    state.training = job_child(argv, ctx.child_env, paths.log_file, paths.progress_file, "training", state)
     await state.training.start()
 
 
@@ -67,20 +67,28 @@ async def train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> A
     async for event in _training_child(ctx, state):
         yield event
     training, settings = state.training, ctx.settings
-    deadline = time.monotonic() + 3600 * settings.max_hours if settings.max_hours else None
     over_steps = None
-    async for batch in training.records(deadline=deadline):
-        for record in batch:
-            for event in tracker.feed(record):
-                yield event
-        if settings.max_steps and tracker.max_steps and tracker.max_steps > settings.max_steps and over_steps is None:
-            over_steps = tracker.max_steps
-            # the child stops itself at train_begin (progress plugin); this is the fallback
-            await asyncio.to_thread(stop_process_group, training.pid)
-        if progress := tracker.progress_due():
-            yield progress
-        if slow := tracker.eta_warning():
-            yield slow
+    try:
+        async for batch in training.records():
+            for record in batch:
+                for event in tracker.feed(record):
+                    yield event
+            if settings.max_steps and tracker.max_steps and tracker.max_steps > settings.max_steps and over_steps is None:
+                over_steps = tracker.max_steps
+                # the child stops itself at train_begin (progress plugin); this is the fallback
+                await asyncio.to_thread(stop_process_group, training.pid)
+            if tracker.disk_quota is not None and training.returncode is None:
+                await asyncio.to_thread(stop_process_group, training.pid)  # the plugin exits by itself; the fallback
+            if progress := tracker.progress_due():
+                yield progress
+            if slow := tracker.eta_warning():
+                yield slow
+    except JobError as exc:
+        if exc.code != errors.DEADLINE_EXCEEDED:
+            raise
+        where = f", at step {tracker.step} of {tracker.max_steps}" if tracker.max_steps else " before its first step"
+        raise JobError(exc.code, f"{exc.message}{where}; its checkpoints are kept: resubmit the same run_id to go on, "
+                                 "or train fewer steps", log_tail=exc.log_tail) from None
     if progress := tracker.progress_due(force=True):
         yield progress
     if over_steps is not None:
@@ -89,16 +97,23 @@ async def train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> A
             f"this run would train {over_steps} steps, over this worker's limit of {settings.max_steps} (FINETUNE_MAX_STEPS); "
             "lower num_epochs, or set max_steps",
         )
-    if training.timed_out:
-        raise JobError(
-            errors.TRAINING_FAILED,
-            f"the training was stopped after {settings.max_hours} h, this worker's limit (FINETUNE_MAX_HOURS), at step {tracker.step}"
-            f" of {tracker.max_steps}; its checkpoints are kept: resubmit the same run_id to go on, or train fewer steps",
-            log_tail=training.log_tail(),
-        )
+    if tracker.disk_quota is not None:
+        raise disk_quota_error(tracker.disk_quota, ctx.paths)
     if tracker.nan_step is not None:
         set_aside_diverged(ctx.paths.output_dir, tracker.nan_step)
     raise_unless_trained(training, tracker, ctx.plan.config.get("base_model"))
+
+
+def disk_quota_error(record: dict, paths: RunPaths) -> JobError:
+    """The progress plugin stopped the training at a checkpoint: the run directory passed FINETUNE_MAX_RUN_BYTES."""
+    step = record.get("step")
+    return JobError(
+        errors.DISK_QUOTA,
+        f"the run directory holds {gib(int(record.get('bytes') or 0))} after the checkpoint of step {step}, over this worker's limit "
+        f"of {gib(int(record.get('limit') or 0))} per run (FINETUNE_MAX_RUN_BYTES), so the training stopped there; "
+        f"checkpoint-{step} is kept in {paths.output_dir} (resubmit the same run_id to go on from it once there is room), "
+        "or train a new run_id that keeps fewer checkpoints (save_total_limit) or saves less often",
+    )
 
 
 def raise_unless_trained(training: ChildProcess, tracker: ProgressTracker, model: str | None = None) -> None:

@@ -3,9 +3,11 @@
     python -m finetune_worker.serve.generate SPEC --out FILE
 
 SPEC (JSON): the run's `config` (config.yaml's path), `model_dir` (its adapter or full
-weights), `prompts` or `messages`, `max_new_tokens`, `temperature`, `top_p`, and
-`records`: a JSON Lines file that gets one line per answer as each batch finishes (the
-worker turns them into `generation` events). FILE gets every answer at the end.
+weights), `output_dir` (the run's output, where its tokenizer is), `prompts` or `messages`, `max_prompt_tokens`, `max_new_tokens`, `temperature`,
+`top_p`, and `records`: a JSON Lines file that gets one line per answer as each batch
+finishes (the worker turns them into `generation` events). FILE gets every answer at the
+end, or, when a formatted prompt has more than `max_prompt_tokens` tokens, `too_long`
+(their indexes and token counts) before any weights load.
 Loading and generation are the evaluation child's (serve/inference.py).
 """
 
@@ -32,13 +34,23 @@ def formatted_prompts(spec: dict, config: dict, tokenizer) -> list[str]:
     return [format_prompt(style, prompt, tokenizer) for prompt in spec["prompts"]]
 
 
+def prompts_over(tokenizer, prompts: list[str], limit: int | None) -> list[dict]:
+    """The prompts longer than `limit` tokens, as generation tokenizes them."""
+    if not limit:
+        return []
+    counts = [len(tokenizer(prompt).input_ids) for prompt in prompts]
+    return [{"index": index, "tokens": count} for index, count in enumerate(counts) if count > limit]
+
+
 def generate(spec: dict) -> dict:
     import yaml
 
     config = yaml.safe_load(Path(spec["config"]).read_text(encoding="utf-8"))
     model_dir = Path(spec["model_dir"])
-    tokenizer = load_tokenizer(config, model_dir, Path(str(config.get("output_dir", model_dir))))
+    tokenizer = load_tokenizer(config, model_dir, Path(spec.get("output_dir") or model_dir))
     prompts = formatted_prompts(spec, config, tokenizer)
+    if too_long := prompts_over(tokenizer, prompts, spec.get("max_prompt_tokens")):
+        return {"too_long": too_long}
     model = load_finetuned(config, model_dir)
     records = Path(spec["records"])
 

@@ -26,12 +26,15 @@ from typing import TextIO
 from finetune_worker.contract.errors import JobError
 from finetune_worker.plan.children import build_merge_argv
 from finetune_worker.plan.serving import (
-    SERVE_OVERRIDES,
+    SERVE_API_KEY,
     TRANSFORMERS,
     VLLM,
+    VLLM_API_KEY,
     Served,
     build_server_argv,
+    serve_api_key,
     serve_options,
+    server_env,
     with_overrides,
 )
 from finetune_worker.run.children import die_with_parent, group_members, stop_process_group
@@ -40,6 +43,7 @@ from finetune_worker.serve.target import RunOutput, finished_run, run_in_directo
 
 STARTUP_TIMEOUT_S = {VLLM: 1200.0, TRANSFORMERS: 600.0}  # vLLM downloads and compiles first
 HEALTH_POLL_S = 0.5
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class ServeFailed(RuntimeError):
@@ -82,18 +86,14 @@ def merge_adapter(target: RunOutput, env: Mapping[str, str], out: TextIO) -> Run
     log = target.run_dir / "merge.log"
     print(f"merging the LoRA adapter into its base model for transformers serve (log: {log})", file=out, flush=True)
     with open(log, "ab") as handle:
-        code = subprocess.call(build_merge_argv(sys.executable, target.config_file, target.model_dir), env=dict(env),
+        without_key = {name: value for name, value in env.items() if name not in (SERVE_API_KEY, VLLM_API_KEY)}
+        code = subprocess.call(build_merge_argv(sys.executable, target.config_file, target.model_dir), env=without_key,
                                stdout=handle, stderr=subprocess.STDOUT, cwd=target.run_dir)
     merged = target.model_dir / "merged"
     if code != 0 or not has_weights(merged):
         raise ServeFailed(f"merge-lora failed (exit {code}); see {log}")
     copy_run_tokenizer(target.model_dir, merged)
     return replace(target, merged_dir=merged)
-
-
-def server_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The server's environment: ours without the VLLM_* overrides read here (vLLM warns of VLLM_* it does not know)."""
-    return {key: value for key, value in env.items() if key not in SERVE_OVERRIDES.values()}
 
 
 def wait_until_healthy(process: subprocess.Popen, url: str, timeout: float) -> bool:
@@ -110,11 +110,13 @@ def wait_until_healthy(process: subprocess.Popen, url: str, timeout: float) -> b
 
 
 def serve(where: str, *, runs_dir: Path, env: Mapping[str, str], host: str = "127.0.0.1", port: int = 8000,
-          checkpoint: str | int = "final", server: str = "auto", out: TextIO = sys.stdout) -> int:
-    """Serve a run until SIGTERM/SIGINT (or the server exits); the exit code."""
+          checkpoint: str | int = "final", server: str = "auto", out: TextIO | None = None) -> int:
+    """Serve a run until SIGTERM/SIGINT (or the server exits); the exit code. Lines go to `out` (sys.stdout at the call)."""
+    out = out or sys.stdout
     try:
         target = find_run(where, runs_dir, checkpoint)
         server = choose_server(server, env)
+        environment = server_env(server, env)  # before any merge: a key transformers cannot check stops here
         if server == TRANSFORMERS:
             target = merge_adapter(target, env, out)
         options, problems = with_overrides(serve_options(target.config, target.served_name, target.lora_rank, target.adapter), env)
@@ -125,9 +127,17 @@ def serve(where: str, *, runs_dir: Path, env: Mapping[str, str], host: str = "12
     except (JobError, ServeFailed, ValueError) as exc:
         print(f"finetune-worker serve: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
-    argv[0] = _program(argv[0], env) or argv[0]
-    print(f"starting {server}: {' '.join(argv)}", file=out, flush=True)
-    process = subprocess.Popen(argv, env=server_env(env), start_new_session=True, preexec_fn=die_with_parent)
+    program = _program(argv[0], env)
+    if program is None:
+        print(f"finetune-worker serve: {argv[0]} is not installed here (not in {Path(sys.executable).parent} or on PATH)", file=sys.stderr)
+        return 2
+    argv[0] = program
+    keyed = serve_api_key(env) is not None
+    print(f"starting {server}: {' '.join(argv)}" + (" (with an API key)" if keyed else ""), file=out, flush=True)
+    if not keyed and host not in LOOPBACK_HOSTS:
+        print(f"finetune-worker serve: no API key: anyone who reaches {host}:{port} can use the model; set {SERVE_API_KEY} "
+              "(vLLM) to require one", file=sys.stderr, flush=True)
+    process = subprocess.Popen(argv, env=environment, start_new_session=True, preexec_fn=die_with_parent)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -137,7 +147,7 @@ def serve(where: str, *, runs_dir: Path, env: Mapping[str, str], host: str = "12
             return 1
         name = options.served_model_name if server == VLLM else served.model
         print(json.dumps({"ready": f"{base}/v1", "model": name, "server": server, "pid": process.pid, "run": target.name,
-                          "checkpoint": target.checkpoint}), file=out, flush=True)
+                          "checkpoint": target.checkpoint, "api_key": keyed}), file=out, flush=True)
         while not stop.is_set() and process.poll() is None:
             stop.wait(0.5)
         return 0 if stop.is_set() else (process.returncode or 1)

@@ -3,7 +3,9 @@
 Nothing trains and no lock is taken. The run is looked up only under the job's own
 user; its weights load in the child, whose answers arrive as `generation` events while
 it runs and all together in the `result`. The child's files (spec, answers, log) go to
-`<run>/generations/<time>/`; only the log is kept once the job succeeds.
+`<run>/generations/<time>/`; only the log is kept, however the job ends. Prompts are
+capped in tokens (the run's sequence_len, or FINETUNE_MAX_PROMPT_TOKENS): the child
+counts them with the run's tokenizer before any weights load.
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from finetune_worker.checks.paths import make_roots
+from finetune_worker.checks.validation import AXOLOTL_DEFAULT_SEQUENCE_LEN
 from finetune_worker.contract import errors, events
-from finetune_worker.contract.errors import JobError
+from finetune_worker.contract.errors import JobError, Problem, problems_error
 from finetune_worker.contract.job import DEFAULT_NEW_TOKENS, JobInput
 from finetune_worker.contract.settings import WorkerSettings
 from finetune_worker.plan.children import build_generate_argv
 from finetune_worker.plan.serving import run_recipe
-from finetune_worker.run.children import ChildProcess
 from finetune_worker.run.failures import diagnose
 from finetune_worker.run.rundir import RunPaths, read_json, write_json
 from finetune_worker.run.state import JobState
+from finetune_worker.run.tools import job_child
 from finetune_worker.serve.target import RunOutput, finished_run
 
 
@@ -32,38 +36,57 @@ def generation_options(job: JobInput) -> dict:
 
 
 async def generate(job: JobInput, settings: WorkerSettings, child_env: dict[str, str], state: JobState) -> AsyncIterator[dict]:
-    target = finished_run(settings.runs_dir, job.user_id, job.run_id, job.checkpoint or "final")
+    roots = make_roots(settings.base_volume, settings.examples_dir, job.user_id)
+    target = finished_run(settings.runs_dir, job.user_id, job.run_id, job.checkpoint or "final", roots=roots)
     items = job.prompts if job.prompts is not None else [[m.model_dump() for m in c] for c in job.messages]
     what = "adapter" if target.adapter else "weights"
     yield events.status("generating", f"loading run {job.run_id} ({_which(target)}: its {what}) to answer {len(items)} "
                                       f"{'prompt' if job.prompts is not None else 'conversation'}{'s' if len(items) != 1 else ''}")
     work = _fresh(target.run_dir / "generations" / time.strftime("%Y%m%d-%H%M%S"))
     options = generation_options(job)
-    spec = {"config": str(target.config_file), "model_dir": str(target.model_dir), "records": str(work / "answers.jsonl"),
-            "prompts": job.prompts, "messages": None if job.prompts is not None else items, **options}
-    write_json(work / "spec.json", spec)
-    out = work / "result.json"
-    argv = build_generate_argv(sys.executable, work / "spec.json", out)
-    child = ChildProcess(argv, child_env, work / "generate.log", work / "answers.jsonl", state.redactor)
-    state.training = child  # a cancel stops it like a training
-    await child.start()
-    async for batch in child.records():
-        for record in batch:
-            if isinstance(record.get("index"), int) and 0 <= record["index"] < len(items):
-                yield events.generation(record["index"], items[record["index"]], str(record.get("completion", "")),
-                                        int(record.get("tokens", 0)), str(record.get("finish_reason", "")))
-    result = read_json(out)
+    cap, cap_source = prompt_token_cap(target.config, settings)
+    spec_file, answers, out = work / "spec.json", work / "answers.jsonl", work / "result.json"
+    output_dir = target.model_dir if target.checkpoint == "final" else target.model_dir.parent
+    spec = {"config": str(target.config_file), "model_dir": str(target.model_dir), "output_dir": str(output_dir), "records": str(answers),
+            "prompts": job.prompts, "messages": None if job.prompts is not None else items, "max_prompt_tokens": cap, **options}
+    state.scratch += [spec_file, answers, out]  # the prompts and answers live in the job's result only, however it ends
+    try:
+        write_json(spec_file, spec)
+        child = job_child(build_generate_argv(sys.executable, spec_file, out), child_env, work / "generate.log", answers, "generate", state)
+        state.training = child  # a cancel stops it like a training
+        await child.start()
+        async for batch in child.records():
+            for record in batch:
+                if isinstance(record.get("index"), int) and 0 <= record["index"] < len(items):
+                    yield events.generation(record["index"], items[record["index"]], str(record.get("completion", "")),
+                                            int(record.get("tokens", 0)), str(record.get("finish_reason", "")))
+        result = read_json(out)
+    finally:
+        state.remove_scratch()
+    if isinstance(result, dict) and isinstance(result.get("too_long"), list):
+        field = "prompts" if job.prompts is not None else "messages"
+        raise problems_error(errors.INVALID_INPUT, [
+            Problem(f"{field}[{long['index']}]", f"{long['tokens']} tokens once formatted, over the limit of {cap} ({cap_source}); shorten it")
+            for long in result["too_long"]])
     if child.returncode != 0 or not isinstance(result, dict):
         diagnosis = diagnose(child.returncode, child.log_tail(), "generating", None, target.base_model)
         raise JobError(diagnosis.code, f"generating with run {job.run_id!r} failed: {diagnosis.message}", log_tail=child.log_tail())
-    for name in ("spec.json", "answers.jsonl", "result.json"):  # the prompts and answers live in the job's result only
-        (work / name).unlink(missing_ok=True)
     completions = [{"index": i, "prompt": item, **answer} for i, (item, answer) in enumerate(zip(items, result["completions"], strict=True))]
     yield {
         "type": "result", "status": "completed", "mode": "generate", "run_id": job.run_id, "checkpoint": target.checkpoint,
         "prompt_format": result.get("style"), "generation": options, "completions": completions,
         "deploy": _recipe(target),
     }
+
+
+def prompt_token_cap(config: dict, settings: WorkerSettings) -> tuple[int, str]:
+    """The most tokens one formatted prompt may have: the run's sequence_len, or the
+    operator's FINETUNE_MAX_PROMPT_TOKENS when lower; (the cap, where it comes from)."""
+    length = config.get("sequence_len")
+    length = length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else AXOLOTL_DEFAULT_SEQUENCE_LEN
+    if settings.max_prompt_tokens is not None and settings.max_prompt_tokens < length:
+        return settings.max_prompt_tokens, "this worker's FINETUNE_MAX_PROMPT_TOKENS"
+    return length, "the run's sequence_len"
 
 
 def _fresh(work: Path) -> Path:

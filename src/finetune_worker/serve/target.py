@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.checks.continue_from import LORA_ADAPTERS
+from finetune_worker.checks.paths import PathRoots, config_path_problem
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
 from finetune_worker.run.rundir import (
@@ -21,6 +22,7 @@ from finetune_worker.run.rundir import (
     read_config,
     read_json,
     run_paths,
+    through_link,
     weights_problem,
 )
 
@@ -63,12 +65,17 @@ class RunOutput:
         return rank if isinstance(rank, int) else None
 
 
-def finished_run(runs_dir: Path, user_id: str, run_id: str, checkpoint: str | int = "final") -> RunOutput:
-    """A job's run to answer with: it must be this user's, and finished (or have that checkpoint)."""
+def finished_run(runs_dir: Path, user_id: str, run_id: str, checkpoint: str | int = "final", roots: PathRoots | None = None) -> RunOutput:
+    """A job's run to answer with: it must be this user's, and finished (or have that checkpoint).
+    A run directory that is a link is not followed; with `roots` (a job's), the paths its
+    config.yaml names must be ones that job's user may read."""
     paths = run_paths(runs_dir, user_id, run_id)
-    config = read_config(paths.config_file) if paths.run_dir.is_dir() and paths.job_file.is_file() else None
+    found = paths.run_dir.is_dir() and paths.job_file.is_file() and not through_link(paths.run_dir)
+    config = read_config(paths.config_file) if found else None
     if config is None:
         raise errors.run_not_found(user_id, run_id)
+    if roots is not None and (problem := config_path_problem(config, roots)):
+        raise JobError(errors.INVALID_INPUT, f"run {run_id!r} cannot be loaded: its config.yaml's {problem}")
     if checkpoint == "final" and read_json(paths.trained_file) is None:
         raise JobError(errors.INVALID_INPUT, f"run {run_id!r} has not finished training; wait for it, or answer with one of "
                                              f"its checkpoints (checkpoint: <step>){checkpoints_named(paths.output_dir)}")
