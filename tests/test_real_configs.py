@@ -3,7 +3,7 @@ colleagues' YAML), each written here, run through the worker's validation and it
 whole plan (fast defaults included) on a simulated one-GPU H100 worker and on a CPU
 worker.
 
-For each config: Axolotl 0.19 itself accepts it (so the corpus is honest); the worker
+For each config: Axolotl 0.21 itself accepts it (so the corpus is honest); the worker
 accepts it too, unless a documented rule refuses it with a message the user can act
 on; and Axolotl's own validation, plugins registered, accepts the final planned config.
 """

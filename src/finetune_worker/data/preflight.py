@@ -151,7 +151,7 @@ def preflight(config_path: Path) -> dict:
 
 # -- preference datasets (rl) ---------------------------------------------------------
 #
-# Axolotl 0.19 (axolotl/utils/data/rl.py `_load_split`) loads each dataset, maps it with
+# Axolotl 0.21 (axolotl/utils/data/rl.py `_load_split`) loads each dataset, maps it with
 # its type's transform into prompt/chosen/rejected (KTO: prompt/completion) text, and
 # measures each part with the tokenizer (no special tokens): a pair whose prompt plus
 # chosen, or prompt plus rejected, is longer than sequence_len is dropped (the default),

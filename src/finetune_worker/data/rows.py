@@ -110,7 +110,7 @@ def _messages_problem(messages: Any, shape: RowShape) -> str | None:
 
 # -- preference datasets (rl: dpo, ipo, orpo, kto, simpo) --------------------------
 #
-# The fields are those the transform of Axolotl 0.19's strategy reads
+# The fields are those the transform of Axolotl 0.21's strategy reads
 # (axolotl/prompt_strategies/{dpo,kto,orpo}/), for `type` loaded as
 # axolotl/utils/data/rl.py loads it; after the transform, rl.py's length filter needs
 # prompt, chosen and rejected (KTO: prompt and completion) as strings, and TRL's KTO

@@ -27,7 +27,8 @@ FSDP_PRESETS: dict[str, dict[str, Any]] = {
     "full_shard": _FSDP_BASE,
     "full_shard_offload": {**_FSDP_BASE, "offload_params": True},
     # FSDP + QLoRA (Answer.AI): 4-bit base weights sharded across GPUs, LoRA trained.
-    # Axolotl 0.19 refuses cpu_ram_efficient_loading with 4-bit under FSDP2 (it deadlocks).
+    # Axolotl 0.19 refused cpu_ram_efficient_loading with 4-bit under FSDP2 (it deadlocked); 0.21 loads
+    # 4-bit shards instead (qlora_sharded_model_loading). The preset keeps the proven setting.
     "qlora": {**_FSDP_BASE, "cpu_ram_efficient_loading": False},
 }
 

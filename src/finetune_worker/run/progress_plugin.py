@@ -160,7 +160,7 @@ class ProgressPlugin(BasePlugin):
     def load_datasets(self, cfg, preprocess: bool = False):
         write_record("stage", stage="preprocessing")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda():
-            # Axolotl 0.19 maps every rank to device index LOCAL_RANK, which means a
+            # Axolotl (0.19 to 0.21) maps every rank to device index LOCAL_RANK, which means a
             # GPU; a multi-process run without one (gloo: the tests' proof of the
             # launch path) loads on the CPU. This is the last hook before the model
             # loader reads cfg.device_map.
