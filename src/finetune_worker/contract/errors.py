@@ -17,6 +17,7 @@ CANCELLED = "cancelled"
 RUN_IN_PROGRESS = "run_in_progress"
 RUN_NOT_FOUND = "run_not_found"
 PUSH_FAILED = "push_failed"
+EXPORT_FAILED = "export_failed"
 INTERNAL_ERROR = "internal_error"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,6 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # RunPod's /run payload limit
 MAX_DOWNLOAD_BYTES = 5 * 1024**3  # a dataset given by https URL
 DOWNLOAD_DEADLINE_S = 1800.0  # the whole download of one such dataset
+# Where make install puts llama.cpp's GGUF converter (builder/install_llama_cpp.py); the image sets FINETUNE_LLAMA_CPP_DIR.
+VENV_LLAMA_CPP_DIR = Path(sys.prefix) / "share" / "llama.cpp"
 
 
 # The operator limits: field -> environment variable.
@@ -36,7 +39,8 @@ ENV_NAMES = {
     "examples_dir": "FINETUNE_EXAMPLES_DIR", "hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY",
     "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE", "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES",
     "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES", "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S",
-    "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
+    "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", "llama_cpp_dir": "FINETUNE_LLAMA_CPP_DIR",
+    **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
 }
 # Environment variables whose values are secrets: the worker's own credentials. No
 # child inherits them (a child gets the job's own: plan.build_child_env), and their
@@ -81,6 +85,8 @@ class WorkerSettings(BaseModel):
     download_deadline_s: float = Field(DOWNLOAD_DEADLINE_S, gt=0)
     # Private hosts dataset URLs may reach anyway: `host` or `host:port`, lower case.
     allowed_private_hosts: frozenset[str] = frozenset()
+    # llama.cpp's converter (and llama-quantize, where built) for `export:` (GGUF).
+    llama_cpp_dir: Path = VENV_LLAMA_CPP_DIR
     # Operator limits (unset: none). Checked at validation, hours and steps during training too.
     max_steps: int | None = Field(None, gt=0)
     max_hours: float | None = Field(None, gt=0, allow_inf_nan=False)
