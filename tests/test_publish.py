@@ -266,7 +266,7 @@ def test_a_gguf_export_and_merged_weights_are_pushed_and_a_failed_export_resumes
 
 @pytest.mark.training
 def test_a_failed_merge_still_pushes_the_adapter(tiny, hub, hub_env, volume):
-    # a base model that breaks after training: the merge fails, the adapter is pushed anyway
+    """A base model that breaks after training: the merge (publish.merge_lora) fails, the adapter is pushed anyway."""
     base = volume / f"fragile-base-{time.time_ns()}"
     shutil.copytree(tiny / "tiny-llama", base)
     other = f"alice/unmerged-{time.time_ns()}"
