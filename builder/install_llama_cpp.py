@@ -45,7 +45,7 @@ def download(into: Path) -> Path:
     """The pinned sdist, its hash checked by pip."""
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-         "--no-binary", ":all:", "--require-hashes", "-r", str(REQUIREMENTS), "-d", str(into)],
+         "--no-binary", "llama-cpp-python", "--require-hashes", "-r", str(REQUIREMENTS), "-d", str(into)],
         check=True,
     )
     return next(into.glob("llama_cpp_python-*.tar.gz"))
