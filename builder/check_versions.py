@@ -5,7 +5,8 @@
   run (builder/constraints.txt, builder/setup_venv.sh), and matches docker-bake.hcl.
 - Axolotl pins transformers, peft, trl, accelerate (and more) exactly; the constraints
   must hold those very versions, so the image (Axolotl's own install) and the tests agree.
-- builder/requirements.txt (what the image installs on top) pins what the constraints pin.
+- builder/requirements.txt (what the image installs on top) pins what the constraints pin,
+  and so does builder/requirements-llama-cpp.txt (the GGUF converter's source).
 
     python builder/check_versions.py
 """
@@ -85,6 +86,9 @@ def problems() -> list[str]:
     axolotl_pin = pins(ROOT / "builder" / "requirements-axolotl.txt").get("axolotl")
     if axolotl_pin != constraints.get("axolotl"):
         found.append(f"requirements-axolotl.txt pins axolotl {axolotl_pin}, constraints.txt {constraints.get('axolotl')}")
+    llama_cpp_pin = pins(ROOT / "builder" / "requirements-llama-cpp.txt").get("llama-cpp-python")
+    if llama_cpp_pin != constraints.get("llama-cpp-python"):
+        found.append(f"requirements-llama-cpp.txt pins llama-cpp-python {llama_cpp_pin}, constraints.txt {constraints.get('llama-cpp-python')}")
     for package, version in pins(ROOT / "builder" / "requirements.txt").items():
         if constraints.get(package) != version:
             found.append(f"requirements.txt pins {package}=={version}, the tests run {constraints.get(package)}")

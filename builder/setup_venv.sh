@@ -45,3 +45,5 @@ pip install -q -c builder/constraints.txt \
     -r builder/requirements.txt \
     -r builder/requirements-dev.txt \
     -e .
+# llama.cpp's GGUF converter for `export:` (pinned, hash-checked; kept when already there)
+.venv/bin/python builder/install_llama_cpp.py .venv/share/llama.cpp

@@ -37,6 +37,18 @@ def tiny(volume) -> Path:
     return assets
 
 
+@pytest.fixture(scope="session")
+def tiny_sentencepiece(volume) -> Path:
+    """The tiny Llama with a SentencePiece tokenizer, which llama.cpp's GGUF converter reads
+    (the byte-level BPE one of `tiny` it does not know). Not pretrained: a GGUF export test
+    only converts it."""
+    from finetune_worker.entry.tiny import make_tiny
+
+    assets = volume / "assets-sentencepiece"
+    make_tiny(assets, pretrain_steps=0, tokenizer_kind="sentencepiece")
+    return assets
+
+
 @pytest.fixture
 def full_volume(tmp_path):
     """A real 64 KiB tmpfs, filled up but for `free` bytes; needs root, skipped elsewhere."""

@@ -6,7 +6,8 @@ log and tracebacks, and the command line of every process while training runs.
 The endpoint checks user tokens here (FINETUNE_USER_TOKEN_SECRET is a canary too),
 so every job carries a valid credentials.user_token, itself a canary.
 The RunPod side (aggregated output, /status, /stream) is searched in
-test_runpod_loop.py, and the Hub side (model card, pushed files) in test_publish.py.
+test_runpod_loop.py, and the Hub side (model card, pushed files) in test_publish.py, where
+the GGUF export child's files (its log, spec and GGUF files) are searched too.
 The child that fetches a Hub model's config.json on the first job is searched too: the
 token reaches the Hub from it, never from the worker's process.
 """

@@ -270,3 +270,27 @@ def test_throughput_bench_prints_figures_with_the_fast_defaults(hardware, argv):
                 assert 0 < figures[side]["mfu"] < 1, (mode, side, figures[side])
         assert figures["speedup"] > 0
         assert f"  {mode}: worker " in done.stdout
+
+
+# 6. GGUF export with llama-quantize ---------------------------------------------------------
+
+
+def test_a_lora_run_exports_quantised_gguf_files_where_llama_quantize_is(tiny_sentencepiece, env, hardware):
+    """`export:` with `quantize` on the GPU image, which builds llama-quantize (/opt/llama.cpp):
+    the LoRA merged into its base model, converted to f16, then quantised to Q4_K_M."""
+    from axolotl.utils.gguf import resolve_quantize_bin
+
+    from finetune_worker.contract.settings import WorkerSettings
+
+    try:
+        resolve_quantize_bin(WorkerSettings.from_env(env).llama_cpp_dir)
+    except ValueError:
+        pytest.skip("no llama-quantize here: the image has it in /opt/llama.cpp (FINETUNE_LLAMA_CPP_DIR)")
+    job = make_job(tiny_args(tiny_sentencepiece, max_steps=10, export={"quantize": ["Q4_K_M"]}))
+    evs, result, run_dir = train(job, env, hardware)
+    output = Path(result["output_dir"])
+    assert result["gguf"] == [str(output / "gguf" / "tiny-f16.gguf"), str(output / "gguf" / "tiny-Q4_K_M.gguf")]
+    sizes = [Path(file).stat().st_size for file in result["gguf"]]
+    print(f"[gpu]   GGUF files: {dict(zip(result['gguf'], sizes, strict=True))}")
+    assert 0 < sizes[1] < sizes[0]
+

@@ -298,19 +298,68 @@ def test_push_failed_keeps_artifacts_and_a_resubmission_pushes_without_training(
     assert third[-1]["reused"] is True and third[-1]["hub"]["revision"] == again[-1]["hub"]["revision"]
 
 
-@pytest.mark.training
-def test_merged_weights_go_to_a_merged_folder_and_a_failed_merge_still_pushes_the_adapter(tiny, hub, hub_env, volume):
-    repo = f"alice/merged-{time.time_ns()}"
-    job = make_job(tiny_args(tiny, max_steps=4, hub_model_id=repo), credentials={"hf_token": WRITE_TOKEN},
-                   publish={"merge_lora": True})
-    evs = collect(job, hub_env)
-    assert evs[-1]["type"] == "result", evs[-1]
-    files = hub.files(repo)
-    assert "merged/model.safetensors" in files and "merged/config.json" in files
-    assert 'subfolder="merged"' in files["README.md"].decode()
-    assert evs[-1]["merged_dir"] == str(run_dir(volume, job) / "output" / "merged")
+def read_gguf(path: Path):
+    """The file read back with the gguf package of the worker's llama.cpp (gguf-py)."""
+    import os
+    import sys
 
-    # a base model that breaks after training: the merge fails, the adapter is pushed anyway
+    from finetune_worker.contract.settings import WorkerSettings
+
+    sys.path.insert(0, str(WorkerSettings.from_env(os.environ).llama_cpp_dir / "gguf-py"))
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+@pytest.mark.training
+def test_a_gguf_export_and_merged_weights_are_pushed_and_a_failed_export_resumes_without_training(tiny_sentencepiece, hub, hub_env, volume):
+    """`export:` after a LoRA training: the LoRA is merged, converted to GGUF (q8_0) in output/gguf,
+    pushed with the adapter and the merged weights. The first attempt stops once training is done;
+    the second finds the base model broken, so the export fails (export_failed); the third, with
+    the base model whole again, exports and pushes without training again."""
+    base = volume / f"fragile-sentencepiece-base-{time.time_ns()}"
+    shutil.copytree(tiny_sentencepiece / "tiny-llama", base)
+    repo = f"alice/gguf-{time.time_ns()}"
+    args = tiny_args(tiny_sentencepiece, base_model=str(base), max_steps=4, hub_model_id=repo, export={"outtype": "q8_0"})
+    job = make_job(args, credentials={"hf_token": WRITE_TOKEN}, publish={"merge_lora": True})
+    trained = collect_until(job, hub_env, lambda event: event.get("stage") == "exporting")
+    assert trained[-1]["message"] == "merging the LoRA into the base model for the GGUF export", trained[-1]
+    weights = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(b"broken")
+    failed = collect(job, hub_env)
+    error, output = failed[-1], run_dir(volume, job) / "output"
+    assert error["code"] == "export_failed" and "merging the LoRA into its base model failed" in error["message"], error
+    assert str(output) in error["message"] and "resubmit the same run_id to export again without training" in error["message"]
+    assert repo not in hub.repos
+
+    (base / "model.safetensors").write_bytes(weights)
+    evs = collect(job, hub_env)
+    result = evs[-1]
+    assert result["type"] == "result", result
+    assert "progress" not in [e["type"] for e in failed + evs]
+    assert (run_dir(volume, job) / "train.log").read_text().count("===== training process") == 1
+    gguf = output / "gguf" / "tiny-q8_0.gguf"
+    assert result["gguf"] == [str(gguf)] and result["merged_dir"] == str(output / "merged")
+    exported = [e for e in evs if e.get("stage") == "exporting"]
+    assert exported[-1]["gguf"] == [str(gguf)] and "tiny-q8_0.gguf" in exported[-1]["message"]
+    reader = read_gguf(gguf)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert len(reader.tensors) == 2 * 9 + 3  # per layer: 2 norms, 4 attention, 3 MLP; plus embeddings, final norm, head
+    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith("attn_q.weight")} == {"Q8_0"}
+    files = hub.files(repo)
+    assert files["gguf/tiny-q8_0.gguf"] == gguf.read_bytes()
+    assert "adapter_model.safetensors" in files and "merged/model.safetensors" in files and "merged/config.json" in files
+    card = files["README.md"].decode()
+    assert 'subfolder="merged"' in card and "## GGUF" in card and f"hf download {repo} gguf/tiny-q8_0.gguf" in card
+    assert_no_secret(*files.values(), *(p.read_bytes() for p in run_dir(volume, job).rglob("*") if p.is_file()))
+    # a resubmission of the completed run answers with its stored result, which names the files
+    again = collect(job, hub_env)
+    assert again[-1]["reused"] is True and again[-1]["gguf"] == [str(gguf)]
+
+
+@pytest.mark.training
+def test_a_failed_merge_still_pushes_the_adapter(tiny, hub, hub_env, volume):
+    """A base model that breaks after training: the merge (publish.merge_lora) fails, the adapter is pushed anyway."""
     base = volume / f"fragile-base-{time.time_ns()}"
     shutil.copytree(tiny / "tiny-llama", base)
     other = f"alice/unmerged-{time.time_ns()}"

@@ -2,7 +2,7 @@
 
     validate -> [runs / events: read the volume, answer] -> [generate: a finished run answers] -> plan -> take the run
     -> check capacity -> prepare data -> [preflight: stop]
-    -> check the Hub token -> train (or reuse) -> evaluate -> publish (merge, push) -> result
+    -> check the Hub token -> train (or reuse) -> evaluate -> export (GGUF) -> publish (merge, push) -> result
 
 `run_job` is the async generator every entry point drives (RunPod's handler, the
 local CLI, the tests). Every event it yields has passed the job's one redactor and
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.checks import axolotl_schema, capacity, tenancy
+from finetune_worker.checks.continue_from import LORA_ADAPTERS
+from finetune_worker.checks.export import wants_export
 from finetune_worker.checks.model_config import base_model_facts
 from finetune_worker.checks.native import remote_code_decision
 from finetune_worker.checks.options import INLINE_DATASET_KEYS
@@ -57,6 +59,7 @@ from finetune_worker.plan.fast_defaults import with_fast_defaults
 from finetune_worker.publish import stage as publishing
 from finetune_worker.publish.card import write_loss_curve
 from finetune_worker.publish.evaluation import gate
+from finetune_worker.publish.export import export_types
 from finetune_worker.run import history
 from finetune_worker.run.hardware import Hardware, detect_hardware
 from finetune_worker.run.lock import RunLock, RunLocked
@@ -109,6 +112,7 @@ class JobRun:
     evaluation: dict | None = None
     publish_blocked: str | None = None
     merged: Path | None = None
+    gguf: list[str] | None = None
     hub: dict | None = None
 
 
@@ -371,17 +375,35 @@ async def _evaluate(run: JobRun, state: JobState) -> AsyncIterator[dict]:
             yield events.warning(run.publish_blocked)
 
 
-async def _publish(run: JobRun, state: JobState) -> AsyncIterator[dict]:
-    """Merge the LoRA (when asked), then push to the Hub (unless the gate said no)."""
+async def _export(run: JobRun, state: JobState) -> AsyncIterator[dict]:
+    """GGUF files (args.export) into output/gguf, a LoRA merged into its base model first."""
     ctx = run.ctx
-    if ctx.valid.job.publish.merge_lora:
+    if not wants_export(ctx.plan.config):
+        return
+    run.gguf = read_json(ctx.paths.export_file)  # from an earlier attempt of this run
+    if run.gguf is None:
+        model_dir = ctx.paths.output_dir
+        if ctx.plan.config.get("adapter") in LORA_ADAPTERS:
+            yield events.status("exporting", "merging the LoRA into the base model for the GGUF export")
+            run.merged = model_dir = await publishing.merge_for_export(ctx, state)
+        yield events.status("exporting", f"converting the model to GGUF with llama.cpp ({export_types(ctx.plan.config['export'])})")
+        run.gguf = await publishing.export_gguf(ctx, state, model_dir)
+    names = ", ".join(Path(file).name for file in run.gguf)
+    yield events.status("exporting", f"GGUF files in {ctx.paths.gguf_dir}: {names}", gguf=run.gguf)
+
+
+async def _publish(run: JobRun, state: JobState) -> AsyncIterator[dict]:
+    """Merge the LoRA (when asked, unless the export did), then push to the Hub (unless the gate said no)."""
+    ctx = run.ctx
+    merge_lora = ctx.valid.job.publish.merge_lora
+    if merge_lora and run.merged is None:
         yield events.status("publishing", "merging the LoRA into the base model")
         run.merged, problem = await publishing.merge(ctx, state)
         if problem:
             yield events.warning(f"merging the LoRA failed, so only the adapter is kept{' and pushed' if ctx.repo_id else ''}: {problem}")
     if ctx.repo_id and not run.publish_blocked:
         yield events.status("publishing", f"pushing to {ctx.repo_id}")
-        run.hub = await publishing.push(ctx, state, run.trained, run.has_curve, run.merged, run.evaluation)
+        run.hub = await publishing.push(ctx, state, run.trained, run.has_curve, run.merged if merge_lora else None, run.evaluation, run.gguf)
 
 
 async def _result(run: JobRun, state: JobState) -> AsyncIterator[dict]:
@@ -392,7 +414,7 @@ async def _result(run: JobRun, state: JobState) -> AsyncIterator[dict]:
         extra["not_published_reason"] = run.publish_blocked
     result = events.result(
         ctx.valid.job.run_id, str(ctx.paths.output_dir), run.trained["metrics"], time.monotonic() - run.started,
-        hub=run.hub, wandb=run.trained.get("wandb"), merged_dir=str(run.merged) if run.merged else None,
+        hub=run.hub, wandb=run.trained.get("wandb"), merged_dir=str(run.merged) if run.merged else None, gguf=run.gguf,
         continue_from=ctx.valid.job.continue_from and ctx.valid.job.continue_from.model_dump(), lineage=ctx.valid.lineage,
         deploy=publishing.deploy_recipe(ctx, run.merged, run.hub and run.hub.get("repo_id")), **extra,
     )
@@ -402,7 +424,7 @@ async def _result(run: JobRun, state: JobState) -> AsyncIterator[dict]:
 
 STAGES = (
     _validate, _history, _generate, _plan, _take_the_run, _check_capacity, _prepare_data, _preflight,
-    _check_hub_token, _train_or_reuse, _evaluate, _publish, _result,
+    _check_hub_token, _train_or_reuse, _evaluate, _export, _publish, _result,
 )
 
 

@@ -423,6 +423,14 @@ def _option_problems(args: dict, ctx: ArgsContext) -> list[Problem]:
     return problems
 
 
+# Refusals that say more than their option kind's message.
+OWN_MESSAGES = {
+    "llama_cpp_dir": "names a llama.cpp directory whose code would run; not allowed on a shared worker "
+                     "(remove it: the worker exports with its own llama.cpp)",
+    "outfile": "must be a plain file name such as model-{ftype}.gguf: the GGUF files are written to the run's output/gguf folder",
+}
+
+
 def _kind_problem(kind: Kind, key: str, value: Any, ctx: ArgsContext) -> str | None:
     if kind is Kind.REMOTE_CODE and not ctx.allow_trust_remote_code:
         return REMOTE_CODE_MESSAGE
@@ -437,13 +445,13 @@ def _kind_problem(kind: Kind, key: str, value: Any, ctx: ArgsContext) -> str | N
     if kind is Kind.NETWORK:
         return "makes the training contact a service at an address the config names; not allowed on this worker (remove it)"
     if kind is Kind.UNSUPPORTED_CODE:
-        return "imports code the config names; not allowed on a shared worker (remove it)"
+        return OWN_MESSAGES.get(key, "imports code the config names; not allowed on a shared worker (remove it)")
     if kind is Kind.UNCLASSIFIED:
         return "this Axolotl option is not yet classified by the worker's security rules, so it is refused; remove it or ask the operator to update the worker"
     if kind is Kind.HUB and not (isinstance(value, str) and HUB_ID.match(value)):
         return "must be a Hugging Face Hub repo id like 'owner/name'"
-    if kind is Kind.FILE_NAME and not (isinstance(value, str) and value not in (".", "..") and re.fullmatch(r"[A-Za-z0-9._-]+", value)):
-        return "must be a plain file name (it is created and deleted inside the run's output directory)"
+    if kind is Kind.FILE_NAME and not (isinstance(value, str) and value not in (".", "..") and re.fullmatch(r"[A-Za-z0-9._{}-]+", value)):
+        return OWN_MESSAGES.get(key, "must be a plain file name (it is created and deleted inside the run's output directory)")
     if kind is Kind.CODE and key == "input_transform" and not _messages_transform_exists(value):
         return "unknown input_transform; use one of Axolotl's messages transforms (e.g. chat)"
     return None

@@ -113,7 +113,11 @@ _BY_HAND: dict[Kind, str] = {
     Kind.UNSUPPORTED_CODE: "trainer_cls torchdistx_path trl.reward_funcs trl.rollout_func vllm.serve_module vllm.worker_extension_cls hatchery.reward_funcs",
 }
 
-CLASSIFIED: dict[str, Kind] = {name: kind for kind, names in _BY_HAND.items() for name in names.split()}
+# GGUF export (`export:`, run by the worker after training, checks/export.py): llama.cpp is
+# the worker's own (the directory's converter runs), the files go to the run's output/gguf.
+_EXPORT = {"export.quantize": Kind.VALUE, "export.outfile": Kind.FILE_NAME, "export.llama_cpp_dir": Kind.UNSUPPORTED_CODE}
+
+CLASSIFIED: dict[str, Kind] = {name: kind for kind, names in _BY_HAND.items() for name in names.split()} | _EXPORT
 
 # Credentials a config may carry, and the environment variable the library reads instead.
 CREDENTIAL_ENV = {"comet_api_key": "COMET_API_KEY", "swanlab_api_key": "SWANLAB_API_KEY"}

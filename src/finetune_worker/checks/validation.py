@@ -9,6 +9,7 @@ from typing import Any
 
 from finetune_worker.checks.args import ArgsContext, check_args
 from finetune_worker.checks.continue_from import Origin, lineage, resolve_continue_from
+from finetune_worker.checks.export import export_problems
 from finetune_worker.checks.paths import make_roots
 from finetune_worker.checks.resources import AXOLOTL_KEPT_CHECKPOINTS
 from finetune_worker.checks.tenancy import TRAINING_HUB_WRITES
@@ -54,6 +55,7 @@ def validate_job(
         notes = (*notes, *context.notes)
     if job is not None and args:
         arg_problems += hub_write_problems(args, job)
+        arg_problems += export_problems(args, settings.llama_cpp_dir)
     if job is not None and job.evaluation is not None:
         arg_problems += _evaluation_problems(job, make_roots(settings.base_volume, settings.examples_dir, job.user_id))
     if job is not None and job.num_processes and hardware.has_gpu and job.num_processes > hardware.gpu_count:

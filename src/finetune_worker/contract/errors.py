@@ -19,6 +19,7 @@ RUN_IN_PROGRESS = "run_in_progress"
 RUN_NOT_FOUND = "run_not_found"
 PUSH_FAILED = "push_failed"
 DEADLINE_EXCEEDED = "deadline_exceeded"  # a child (or the whole job) ran past its wall-clock limit
+EXPORT_FAILED = "export_failed"
 INTERNAL_ERROR = "internal_error"
 
 

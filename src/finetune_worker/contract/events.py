@@ -7,7 +7,7 @@ from typing import Any
 
 from finetune_worker.contract.errors import JobError
 
-STAGES = ("validating", "preparing", "downloading", "preprocessing", "training", "evaluating", "publishing", "generating")
+STAGES = ("validating", "preparing", "downloading", "preprocessing", "training", "evaluating", "exporting", "publishing", "generating")
 
 
 def status(stage: str, message: str, **fields: Any) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,6 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # RunPod's /run payload limit
 MAX_DOWNLOAD_BYTES = 5 * 1024**3  # a dataset given by https URL
 DOWNLOAD_DEADLINE_S = 1800.0  # the whole download of one such dataset
+# Where make install puts llama.cpp's GGUF converter (builder/install_llama_cpp.py); the image sets FINETUNE_LLAMA_CPP_DIR.
+VENV_LLAMA_CPP_DIR = Path(sys.prefix) / "share" / "llama.cpp"
 
 
 # The operator limits: field -> environment variable.
@@ -37,13 +40,14 @@ DEADLINE_SETTINGS = {
     "evaluation_deadline_s": ("FINETUNE_EVALUATION_DEADLINE_S", 3600.0),
     "generate_deadline_s": ("FINETUNE_GENERATE_DEADLINE_S", 1800.0),
     "merge_deadline_s": ("FINETUNE_MERGE_DEADLINE_S", 3600.0),
+    "export_deadline_s": ("FINETUNE_EXPORT_DEADLINE_S", 3600.0),
     "push_deadline_s": ("FINETUNE_PUSH_DEADLINE_S", 7200.0),
     "hub_check_deadline_s": ("FINETUNE_HUB_CHECK_DEADLINE_S", 120.0),
 }
 # Each helper child (by the name of its log) -> its deadline's field; training has none of its own.
 CHILD_DEADLINES = {
     "preflight": "preflight_deadline_s", "evaluation": "evaluation_deadline_s", "generate": "generate_deadline_s",
-    "merge": "merge_deadline_s", "hub-push": "push_deadline_s", "hub-check": "hub_check_deadline_s",
+    "merge": "merge_deadline_s", "export": "export_deadline_s", "hub-push": "push_deadline_s", "hub-check": "hub_check_deadline_s",
     "hub-model-config": "hub_check_deadline_s",
 }
 USER_TOKEN_SETTINGS = {
@@ -57,7 +61,7 @@ ENV_NAMES = {
     "allow_trust_remote_code": "FINETUNE_ALLOW_TRUST_REMOTE_CODE", "max_request_bytes": "FINETUNE_MAX_REQUEST_BYTES",
     "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES", "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S",
     "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", "hub_namespace": "FINETUNE_HUB_NAMESPACE",
-    "wandb_entity": "FINETUNE_WANDB_ENTITY", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
+    "wandb_entity": "FINETUNE_WANDB_ENTITY", "llama_cpp_dir": "FINETUNE_LLAMA_CPP_DIR", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
     **{field: name for field, (name, _) in DEADLINE_SETTINGS.items()},
 }
 # Environment variables whose values are secrets: the worker's own credentials. No
@@ -110,6 +114,8 @@ class WorkerSettings(BaseModel):
     download_deadline_s: float = Field(DOWNLOAD_DEADLINE_S, gt=0)
     # Private hosts dataset URLs may reach anyway: `host` or `host:port`, lower case.
     allowed_private_hosts: frozenset[str] = frozenset()
+    # llama.cpp's converter (and llama-quantize, where built) for `export:` (GGUF).
+    llama_cpp_dir: Path = VENV_LLAMA_CPP_DIR
     # Operator limits (unset: none). Checked at validation, hours and steps during training too.
     max_steps: int | None = Field(None, gt=0)
     max_hours: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -126,6 +132,7 @@ class WorkerSettings(BaseModel):
     evaluation_deadline_s: float = Field(DEADLINE_SETTINGS["evaluation_deadline_s"][1], gt=0, allow_inf_nan=False)
     generate_deadline_s: float = Field(DEADLINE_SETTINGS["generate_deadline_s"][1], gt=0, allow_inf_nan=False)
     merge_deadline_s: float = Field(DEADLINE_SETTINGS["merge_deadline_s"][1], gt=0, allow_inf_nan=False)
+    export_deadline_s: float = Field(DEADLINE_SETTINGS["export_deadline_s"][1], gt=0, allow_inf_nan=False)
     push_deadline_s: float = Field(DEADLINE_SETTINGS["push_deadline_s"][1], gt=0, allow_inf_nan=False)
     hub_check_deadline_s: float = Field(DEADLINE_SETTINGS["hub_check_deadline_s"][1], gt=0, allow_inf_nan=False)
     # AXOLOTL_* variables on the endpoint: defaults under every job's args.

@@ -6,7 +6,11 @@ a byte-level BPE tokenizer trained on the dataset text, a randomly initialised
 Llama-architecture model of a few hundred thousand parameters, and small alpaca,
 chat and completion datasets.
 
-    python -m finetune_worker.entry.tiny examples/
+llama.cpp's GGUF converter (`export:`) knows a byte-level BPE tokenizer only when it is
+one of a known model family's, so a model to export gets a SentencePiece tokenizer
+instead (`--tokenizer sentencepiece`: byte fallback, as Llama 2 and Mistral have).
+
+    python -m finetune_worker.entry.tiny examples/ [--tokenizer sentencepiece]
 """
 
 from __future__ import annotations
@@ -120,6 +124,27 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024):
     )
 
 
+def build_sentencepiece_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A SentencePiece BPE tokenizer with byte fallback (any text encodes), as Llama 2 has."""
+    import io
+    import tempfile
+
+    import sentencepiece
+    from transformers import LlamaTokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, user_defined_symbols=SPECIAL_TOKENS[3:], character_coverage=1.0, minloglevel=2,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "tokenizer.model").write_bytes(model.getvalue())
+        return LlamaTokenizer.from_pretrained(folder, pad_token="<pad>", legacy=False, model_max_length=2048)
+
+
+TOKENIZERS = {"bpe": build_tokenizer, "sentencepiece": build_sentencepiece_tokenizer}
+
+
 def build_model(tokenizer, seed: int = 0, hidden_size: int = 128, layers: int = 2):
     """A randomly initialised Llama with a few hundred thousand parameters."""
     import torch
@@ -168,12 +193,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
-def make_tiny(out_dir: Path, seed: int = 0, pretrain_steps: int = 600) -> Path:
+def make_tiny(out_dir: Path, seed: int = 0, pretrain_steps: int = 600, tokenizer_kind: str = "bpe") -> Path:
     """Write the model, tokenizer and datasets under `out_dir`; return the model dir."""
     random.seed(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = out_dir / MODEL_DIR
-    tokenizer = build_tokenizer(render_all_formats(facts()))
+    tokenizer = TOKENIZERS[tokenizer_kind](render_all_formats(facts()))
     model = build_model(tokenizer, seed=seed)
     pretrain(model, tokenizer, pretraining_corpus(seed), steps=pretrain_steps, seed=seed)
     model.save_pretrained(model_dir, safe_serialization=True)
@@ -188,8 +213,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", choices=sorted(TOKENIZERS), default="bpe")
     args = parser.parse_args()
-    model_dir = make_tiny(args.out_dir, seed=args.seed)
+    model_dir = make_tiny(args.out_dir, seed=args.seed, tokenizer_kind=args.tokenizer)
     print(f"wrote {model_dir}")
 
 

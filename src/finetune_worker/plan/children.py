@@ -23,6 +23,7 @@ STANDBY_MODULE = "finetune_worker.run.standby"
 HUB_MODULE = "finetune_worker.publish.hub"
 PREFLIGHT_MODULE = "finetune_worker.data.preflight"
 EVALUATION_MODULE = "finetune_worker.publish.evaluation"
+EXPORT_MODULE = "finetune_worker.publish.export"
 
 
 def build_train_argv(python: str, config_file: Path, num_processes: int = 1, port: int = 29500) -> list[str]:
@@ -69,6 +70,11 @@ def build_preflight_argv(python: str, config_file: Path, out: Path) -> list[str]
 
 def build_evaluation_argv(python: str, spec_file: Path, out: Path) -> list[str]:
     return build_tool_argv(python, EVALUATION_MODULE, str(spec_file), out=out)
+
+
+def build_export_argv(python: str, spec_file: Path, out: Path) -> list[str]:
+    """Axolotl's GGUF export (`axolotl export`) of the spec's model, with the worker's llama.cpp."""
+    return build_tool_argv(python, EXPORT_MODULE, str(spec_file), out=out)
 
 
 def build_child_env(

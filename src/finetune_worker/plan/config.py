@@ -102,6 +102,7 @@ def build_axolotl_config(
         if key in config and config[key] != value:
             warnings.append(f"args.{key} is set by the worker: {config[key]!r} was replaced with {value!r}")
         config[key] = value
+    place_export(config, paths, tracking.model_id)
     if PROGRESS_PLUGIN in (config.get("plugins") or []):
         warnings.append(f"args.plugins: {PROGRESS_PLUGIN} is added by the worker; remove it from your config")
     config["plugins"] = [p for p in config.get("plugins") or [] if p != PROGRESS_PLUGIN] + [PROGRESS_PLUGIN]
@@ -112,6 +113,15 @@ def build_axolotl_config(
         if changed:
             warnings.append("no CUDA GPU on this worker, so the config was adapted to run on CPU: " + "; ".join(changed))
     return AxolotlPlan(config=config, warnings=warnings, publish=publish, adapted_for_cpu=changed, data_sources=sources)
+
+
+def place_export(config: dict[str, Any], paths: RunPaths, model_id: str) -> None:
+    """`export.outfile` (a plain file name, checked before; else `<model_id>-{ftype}.gguf`)
+    put in the run's gguf folder, in place."""
+    export = config.get("export")
+    if isinstance(export, dict):
+        name = Path(str(export.get("outfile") or f"{model_id or 'model'}-{{ftype}}.gguf")).name
+        config["export"] = {**export, "outfile": str(paths.gguf_dir / name)}
 
 
 KNOWN_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")

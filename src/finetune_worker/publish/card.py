@@ -243,6 +243,15 @@ def deploy_section(recipe: dict | None, local_base: str | None = None) -> list[s
     return lines
 
 
+def gguf_section(repo_id: str, files: list[str]) -> list[str]:
+    """The GGUF files of `export:` (paths in the repo), for llama.cpp and the runtimes built on it."""
+    if not files:
+        return []
+    lines = ["## GGUF", "", "Converted with llama.cpp, for llama.cpp, Ollama, LM Studio and other GGUF runtimes:", ""]
+    lines += [f"- `{name}`" for name in files]
+    return lines + ["", "```bash", f"hf download {repo_id} {files[-1]} --local-dir .", f"llama-cli -m {files[-1]}", "```", ""]
+
+
 def lineage_section(lineage: dict | None) -> list[str]:
     """How the model was made: the base model, then each run that built on the one before."""
     runs = (lineage or {}).get("runs") or []

@@ -1,4 +1,4 @@
-"""After training: evaluate against the base model, merge the LoRA, push to the Hub.
+"""After training: evaluate against the base model, merge the LoRA, export GGUF files, push to the Hub.
 
 Each step is a helper child (tools.py) whose argv comes from plan.py; the Hub token
 lives only in those children's environment.
@@ -14,9 +14,10 @@ from pathlib import Path
 from finetune_worker.checks.continue_from import LORA_ADAPTERS
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
-from finetune_worker.plan.children import build_evaluation_argv, build_hub_argv, build_merge_argv
+from finetune_worker.plan.children import build_evaluation_argv, build_export_argv, build_hub_argv, build_merge_argv
 from finetune_worker.plan.serving import run_recipe
-from finetune_worker.publish.card import evaluation_sections, framework_versions, render_model_card
+from finetune_worker.publish.card import evaluation_sections, framework_versions, gguf_section, render_model_card
+from finetune_worker.publish.export import failure_reason
 from finetune_worker.run.failures import diagnose
 from finetune_worker.run.rundir import copy_run_tokenizer, write_json
 from finetune_worker.run.state import JobContext, JobState
@@ -85,6 +86,37 @@ async def evaluate(ctx: JobContext, state: JobState) -> dict:
     return evaluation
 
 
+async def export_gguf(ctx: JobContext, state: JobState, model_dir: Path) -> list[str]:
+    """Axolotl's GGUF export of model_dir into output/gguf, kept in export.json (a resubmission reuses it)."""
+    paths = ctx.paths
+    spec_file = paths.run_dir / "export-spec.json"
+    write_json(spec_file, {"config": str(paths.config_file), "model_dir": str(model_dir), "llama_cpp_dir": str(ctx.settings.llama_cpp_dir)})
+    out = tool_output(ctx, "export")
+    tool, outcome = await json_tool(ctx, state, "export", build_export_argv(sys.executable, spec_file, out), out)
+    if tool.returncode != 0 or not outcome or not outcome.get("ok"):
+        message = (outcome or {}).get("message") or f"the export exited with code {tool.returncode}"
+        raise export_failed(ctx, failure_reason(message, tool.log_tail()), tool.log_tail())
+    write_json(paths.export_file, outcome["files"])
+    return outcome["files"]
+
+
+async def merge_for_export(ctx: JobContext, state: JobState) -> Path:
+    """The LoRA merged into its base model (into output/merged), which the GGUF export converts."""
+    merged, problem = await merge(ctx, state)
+    if problem:
+        raise export_failed(ctx, f"merging the LoRA into its base model failed: {problem}")
+    return merged
+
+
+def export_failed(ctx: JobContext, why: str, log_tail: list[str] | None = None) -> JobError:
+    return JobError(
+        errors.EXPORT_FAILED,
+        f"training succeeded, but the GGUF export failed: {why}. The trained model is in {ctx.paths.output_dir}; "
+        "resubmit the same run_id to export again without training",
+        log_tail=log_tail or [],
+    )
+
+
 def deploy_recipe(ctx: JobContext, merged: Path | None, repo_id: str | None, on_volume: bool = True) -> dict:
     """How to serve this run: from the Hub once pushed (repo_id), else from the volume.
     `on_volume=False` (the model card): no path on the worker's volume."""
@@ -99,14 +131,18 @@ def deploy_recipe(ctx: JobContext, merged: Path | None, repo_id: str | None, on_
 
 
 async def push(
-    ctx: JobContext, state: JobState, trained: dict, has_curve: bool, merged: Path | None, evaluation: dict | None = None
+    ctx: JobContext, state: JobState, trained: dict, has_curve: bool, merged: Path | None, evaluation: dict | None = None,
+    gguf: list[str] | None = None,
 ) -> dict:
+    """The output folder (adapter or model, tokenizer, GGUF files) with a model card; merged weights where asked."""
     paths, publish = ctx.paths, ctx.plan.publish
     merged_repo = ctx.valid.job.publish.merged_hub_model_id
     merged_where = None if merged is None else (merged_repo or f"{ctx.repo_id}:merged")
+    in_repo = [Path(file).relative_to(paths.output_dir).as_posix() for file in gguf or []]
     card = render_model_card(
         repo_id=ctx.repo_id, config=ctx.plan.config, metrics=trained["metrics"], versions=framework_versions(),
-        has_loss_curve=has_curve, merged=merged_where, lineage=ctx.valid.lineage, extra_sections=evaluation_sections(evaluation) if evaluation else [],
+        has_loss_curve=has_curve, merged=merged_where, lineage=ctx.valid.lineage,
+        extra_sections=(evaluation_sections(evaluation) if evaluation else []) + gguf_section(ctx.repo_id, in_repo),
         deploy=deploy_recipe(ctx, merged, ctx.repo_id, on_volume=False),
     )
     paths.hub_dir.mkdir(exist_ok=True)

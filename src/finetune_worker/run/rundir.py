@@ -46,6 +46,11 @@ class RunPaths:
         return self.run_dir / "output"
 
     @property
+    def gguf_dir(self) -> Path:
+        """`export:`'s GGUF files: in the output, so they are pushed with the model."""
+        return self.output_dir / "gguf"
+
+    @property
     def result_file(self) -> Path:
         return self.run_dir / "result.json"
 
@@ -70,6 +75,11 @@ class RunPaths:
     @property
     def evaluation_file(self) -> Path:
         return self.run_dir / "evaluation.json"
+
+    @property
+    def export_file(self) -> Path:
+        """The GGUF files of `export:` once written: a resubmission pushes them without exporting again."""
+        return self.run_dir / "export.json"
 
     @property
     def preflight_file(self) -> Path:

@@ -15,7 +15,7 @@ from finetune_worker.run.state import JobContext, JobState
 
 # What each child is, as a deadline's error says it.
 CHILD_WHAT = {
-    "training": "the training", "preflight": "the preflight", "evaluation": "the evaluation", "merge": "the LoRA merge",
+    "training": "the training", "preflight": "the preflight", "evaluation": "the evaluation", "merge": "the LoRA merge", "export": "the GGUF export",
     "generate": "the generate step", "hub-check": "the Hub token check", "hub-push": "the push to the Hub",
     "hub-model-config": "reading the base model's config.json from the Hub",
 }
