@@ -43,12 +43,15 @@ NAME_HINTS = {
     "deepseek-v2": "deepseek_v2", "llama": "llama", "mpt": "mpt", "btlm": "btlm", "xgen": "llama", "stablelm": "stablelm",
     "internlm": "internlm2", "olmo": "olmo", "yi-": "llama", "codellama": "llama", "tinyllama": "llama", "pythia": "gpt_neox",
     "cerebras": "gpt2", "gpt-j": "gptj", "redpajama": "gpt_neox", "openllama": "llama", "starcoder": "starcoder2",
+    "lfm2-vl": "lfm2_vl", "lfm2": "lfm2", "glm-4.6v": "glm4v", "glm-4": "glm4", "smolvlm": "smolvlm", "kimi-linear": "kimi_linear",
+    "mimo": "mimo", "replit": "replit_lm",
 }
 
 
 def guessed_model_type(config: dict) -> str | None:
     name = str(config.get("base_model", "")).lower()
-    return next((kind for hint, kind in NAME_HINTS.items() if hint in name), None)
+    hints = sorted(NAME_HINTS.items(), key=lambda item: -len(item[0]))  # the most specific hint first
+    return next((kind for hint, kind in hints if hint in name), None)
 
 
 def is_training_config(config: object) -> bool:
