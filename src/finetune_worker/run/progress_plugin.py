@@ -157,6 +157,15 @@ class ProgressCallback(TrainerCallback):
 class ProgressPlugin(BasePlugin):
     """Registered by the worker in `plugins:`; users never set it themselves."""
 
+    def register(self, cfg):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda():
+            # Axolotl 0.21 probes NCCL peer-to-peer access between GPUs before training
+            # (utils/trainer.prepare_optim_env); without a GPU a CUDA build of torch raises
+            # there. A multi-process run without GPUs (gloo) has no peer access to probe.
+            import axolotl.utils.trainer
+
+            axolotl.utils.trainer.check_cuda_p2p_ib_support = lambda: False
+
     def load_datasets(self, cfg, preprocess: bool = False):
         write_record("stage", stage="preprocessing")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda():
