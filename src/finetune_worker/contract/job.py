@@ -185,8 +185,8 @@ class JobInput(BaseModel):
         default=False,
         description="Train this run_id again from scratch; an earlier attempt is kept, renamed <run_id>.previous-<time>.",
     )
-    limit: int | None = Field(
-        default=None, ge=1, le=EVENTS_PAGE_MAX,
+    limit: int | None = Field(  # its cap depends on the mode: page_problems
+        default=None, ge=1,
         description=f"runs and events only: the page size (runs: default {RUNS_PAGE_DEFAULT}, at most {RUNS_PAGE_MAX}; "
         f"events: default {EVENTS_PAGE_DEFAULT}, at most {EVENTS_PAGE_MAX}).",
     )
