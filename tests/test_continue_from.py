@@ -89,8 +89,9 @@ def test_a_run_continues_from_an_earlier_runs_adapter(tiny, volume, run_a):
     card = render_model_card(repo_id="me/tiny-b", config=config, metrics=result["metrics"], versions={}, has_loss_curve=False, lineage=lineage)
     assert "## How it was made" in card
     assert "1. Base model: a local model (`tiny-llama`)" in card
-    assert "2. Run `run-a`: SFT, LoRA on `tiny_alpaca.jsonl`" in card
-    assert "3. Run `run-b` (this model): SFT, LoRA on `tiny_alpaca.jsonl`, from run `run-a` (its final output)" in card
+    # the method is text from the job, so its punctuation is escaped (it renders as "SFT, LoRA")
+    assert "2. Run `run-a`: SFT\\, LoRA on `tiny_alpaca.jsonl`" in card
+    assert "3. Run `run-b` (this model): SFT\\, LoRA on `tiny_alpaca.jsonl`, from run `run-a` (its final output)" in card
 
     # A chain: C continues B, and its lineage names A, B and C; resubmitting C returns its stored result.
     c = _result(_continue(tiny, volume, "run-c", {"run_id": "run-b"}, max_steps=2))
