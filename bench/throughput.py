@@ -147,7 +147,7 @@ def training_figures(run: Path) -> dict:
 def flops_per_token(shape: str, mode: str, mean_len: float) -> float:
     """6N for a full fine-tune (forward 2N, backward 4N); 4N for LoRA (frozen weights get no
     weight gradients); plus causal attention, 6 * layers * hidden * mean context."""
-    from finetune_worker.checks.resources import linear_shapes
+    from finetune_worker.sizing.resources import linear_shapes
 
     s = SHAPES[shape]
     per_layer = sum(fan_in * fan_out for fan_in, fan_out in linear_shapes(s).values())

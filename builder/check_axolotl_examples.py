@@ -34,7 +34,7 @@ from finetune_worker.checks.native import native_model_types, remote_code_decisi
 from finetune_worker.checks.validation import validate_job
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
-from finetune_worker.run.hardware import Hardware
+from finetune_worker.host.hardware import Hardware
 
 # The model_type a Hub model's config.json would give, from words in its name.
 NAME_HINTS = {

@@ -109,8 +109,8 @@ def make_job(args: dict[str, Any], **fields: Any) -> dict[str, Any]:
 
 
 def collect(job_input: Any, env: dict[str, str], hardware=None) -> list[dict]:
+    from finetune_worker.host.hardware import CPU_ONLY
     from finetune_worker.pipeline import run_job
-    from finetune_worker.run.hardware import CPU_ONLY
 
     async def run() -> list[dict]:
         return [event async for event in run_job(job_input, env=env, hardware=hardware or CPU_ONLY)]
@@ -121,8 +121,8 @@ def collect(job_input: Any, env: dict[str, str], hardware=None) -> list[dict]:
 def collect_until(job_input: Any, env: dict[str, str], stop, hardware=None) -> list[dict]:
     """Drive the job until `stop(event)` holds (or the job ends), then close it: nothing
     after that point runs."""
+    from finetune_worker.host.hardware import CPU_ONLY
     from finetune_worker.pipeline import run_job
-    from finetune_worker.run.hardware import CPU_ONLY
 
     async def run() -> list[dict]:
         seen = []

@@ -8,7 +8,7 @@ from conftest import tiny_args
 from finetune_worker.checks.args import ArgsContext, check_args
 from finetune_worker.checks.paths import make_roots
 from finetune_worker.contract.settings import REPO_ROOT
-from finetune_worker.run.hardware import CPU_ONLY, Hardware
+from finetune_worker.host.hardware import CPU_ONLY, Hardware
 
 ONE_GPU = Hardware(gpu_count=1, gpu_names=("H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
 

@@ -12,11 +12,11 @@ from conftest import collect, collect_until, make_job, tiny_args
 from finetune_worker.checks import axolotl_schema
 from finetune_worker.checks.args import ArgsContext, check_args
 from finetune_worker.checks.fsdp import translate_fsdp1
-from finetune_worker.checks.history import earlier_release, installed_axolotl
 from finetune_worker.checks.native import native_model_types, remote_code_decision
+from finetune_worker.checks.option_history import earlier_release, installed_axolotl
 from finetune_worker.checks.paths import make_roots
 from finetune_worker.contract.settings import REPO_ROOT
-from finetune_worker.run.hardware import CPU_ONLY, Hardware
+from finetune_worker.host.hardware import CPU_ONLY, Hardware
 
 TWO_H100 = Hardware(gpu_count=2, gpu_names=("NVIDIA H100 80GB HBM3",) * 2, gpu_memory_bytes=(80 * 1024**3,) * 2,
                     bf16=True, compute_capability=(9, 0), cpu_count=32)

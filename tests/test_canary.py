@@ -151,7 +151,7 @@ def test_a_crashing_training_leaks_no_secret(tiny, env, volume, caplog):
 
 def test_the_model_config_child_keeps_the_token_out_of_the_worker(tiny, env, volume, caplog, tmp_path):
     from fake_hub import FakeHub, user
-    from finetune_worker.run.hardware import CPU_ONLY
+    from finetune_worker.host.hardware import CPU_ONLY
 
     hub = FakeHub().start()
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import collect, make_job, tiny_args
+from finetune_worker.checks.rows import row_problem, row_shape
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import REPO_ROOT
@@ -23,7 +24,6 @@ from finetune_worker.data import files as data
 from finetune_worker.data.download import Cancelled, DownloadRules, download, materialise
 from finetune_worker.data.files import check_dataset, check_datasets
 from finetune_worker.data.fingerprint import data_fingerprint
-from finetune_worker.data.rows import row_problem, row_shape
 from finetune_worker.plan.config import localise_datasets
 from loopback_sites import Site, drip, file, make_cert
 

@@ -10,11 +10,11 @@ import pytest
 from conftest import collect, make_job, tiny_args
 from finetune_worker.checks import axolotl_schema
 from finetune_worker.checks.args import ArgsContext, check_args
-from finetune_worker.checks.memory import GIB, estimate_gpu_memory, params_from_config
+from finetune_worker.checks.distributed import deepspeed_preset_path, process_count
 from finetune_worker.checks.paths import make_roots
 from finetune_worker.contract.settings import REPO_ROOT
-from finetune_worker.plan.distributed import deepspeed_preset_path, process_count
-from finetune_worker.run.hardware import Hardware
+from finetune_worker.host.hardware import Hardware
+from finetune_worker.sizing.memory import GIB, estimate_gpu_memory, params_from_config
 
 H100 = Hardware(gpu_count=2, gpu_names=("NVIDIA H100",) * 2, gpu_memory_bytes=(80 * GIB,) * 2, bf16=True, compute_capability=(9, 0))
 LLAMA_3_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 128256, "intermediate_size": 14336,
@@ -183,7 +183,7 @@ def test_the_users_own_file_at_an_axolotl_deepspeed_path_is_used_not_the_preset(
 
 
 def test_deepspeed_and_fsdp_on_cpu_say_what_to_do(volume):
-    from finetune_worker.run.hardware import CPU_ONLY
+    from finetune_worker.host.hardware import CPU_ONLY
 
     ctx = ArgsContext(roots=make_roots(volume, REPO_ROOT / "examples"), hardware=CPU_ONLY)
     for extra, path in (({"deepspeed": "zero2"}, "args.deepspeed"), ({"fsdp_config": "full_shard"}, "args.fsdp_config")):

@@ -19,10 +19,10 @@ from finetune_worker.checks.paths import make_roots
 from finetune_worker.checks.validation import validate_job
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
+from finetune_worker.host.hardware import CPU_ONLY
+from finetune_worker.host.rundir import run_paths
 from finetune_worker.plan.config import Tracking, build_axolotl_config
 from finetune_worker.publish.export import failure_reason
-from finetune_worker.run.hardware import CPU_ONLY
-from finetune_worker.run.rundir import run_paths
 
 CONVERTER = "convert_hf_to_gguf.py"
 EXAMPLES = REPO_ROOT / "examples"  # the tiny model and datasets that ship with the worker: nothing to build

@@ -158,8 +158,8 @@ def test_serve_answers_chat_completions_with_the_fine_tune_and_stops_whole(chat_
     import sys
     import urllib.request
 
-    from finetune_worker.run.children import group_members
-    from finetune_worker.run.tools import free_port
+    from finetune_worker.host.children import group_members
+    from finetune_worker.host.tools import free_port
 
     port = free_port()
     cli = subprocess.Popen([sys.executable, "-m", "finetune_worker.entry.cli", "serve", f"{USER}/{chat_run}", "--port", str(port),
@@ -264,8 +264,8 @@ def test_a_symlinked_run_is_never_followed(volume):
     from finetune_worker.checks.validation import validate_job
     from finetune_worker.contract.errors import JobError
     from finetune_worker.contract.settings import WorkerSettings
-    from finetune_worker.run import history
-    from finetune_worker.run.hardware import CPU_ONLY
+    from finetune_worker.host import history
+    from finetune_worker.host.hardware import CPU_ONLY
 
     env = volume_env(volume)
     run_dir = hand_made_run(volume, "linked-target")
@@ -296,7 +296,7 @@ def test_paths_in_a_runs_config_are_confined_again(volume):
     from finetune_worker.checks.validation import validate_job
     from finetune_worker.contract.errors import JobError
     from finetune_worker.contract.settings import WorkerSettings
-    from finetune_worker.run.hardware import CPU_ONLY
+    from finetune_worker.host.hardware import CPU_ONLY
 
     env = volume_env(volume)
     theirs = hand_made_run(volume, "private", user_id="victim")

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from conftest import collect, make_job, tiny_args
-from finetune_worker.checks.memory import GIB, estimate_gpu_memory
 from finetune_worker.contract.settings import REPO_ROOT
 from finetune_worker.plan.fast_defaults import LIGER_PLUGIN
+from finetune_worker.sizing.memory import GIB, estimate_gpu_memory
 
 pytestmark = pytest.mark.gpu
 
@@ -47,7 +47,7 @@ def gpu_count() -> int:
 
 @pytest.fixture(scope="module")
 def hardware():
-    from finetune_worker.run.hardware import detect_hardware
+    from finetune_worker.host.hardware import detect_hardware
 
     detected = detect_hardware()
     assert detected.has_gpu, "conftest.py skips these tests without CUDA"

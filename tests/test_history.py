@@ -14,10 +14,10 @@ import pytest
 from conftest import TRAINING_PROGRAMS, collect, live_processes, training_pids
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.job import parse_job_input
+from finetune_worker.host import history
+from finetune_worker.host.hardware import CPU_ONLY
+from finetune_worker.host.lock import RunLock
 from finetune_worker.pipeline import run_job
-from finetune_worker.run import history
-from finetune_worker.run.hardware import CPU_ONLY
-from finetune_worker.run.lock import RunLock
 
 DAY = 86400.0
 

@@ -16,9 +16,9 @@ from finetune_worker.checks.validation import validate_job
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
+from finetune_worker.host.hardware import CPU_ONLY
+from finetune_worker.host.rundir import run_paths
 from finetune_worker.plan.config import build_axolotl_config
-from finetune_worker.run.hardware import CPU_ONLY
-from finetune_worker.run.rundir import run_paths
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import ast
 import importlib.machinery
 import importlib.util
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import pytest
 from conftest import collect
 from finetune_worker.checks.validation import validate_job
 from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
-from finetune_worker.run.hardware import CPU_ONLY
-from finetune_worker.run.rundir import args_digest
+from finetune_worker.host.hardware import CPU_ONLY
+from finetune_worker.host.rundir import args_digest
 
 PACKAGE = REPO_ROOT / "src" / "finetune_worker"
 OLD_RUN = Path(__file__).parent / "data" / "run-written-before-the-layout-move.tar.gz"
@@ -78,6 +79,52 @@ def test_no_module_imports_one_that_imports_it_back():
     for module in sorted(graph):
         visit(module, [module])
     assert not cycles, "import circles: " + "; ".join(" -> ".join(cycle) for cycle in cycles[:5])
+
+
+def layer_order() -> list[str]:
+    """The folders in the order CONTRIBUTING.md lists them ("## Layers"); the package's
+    top-level modules (`pipeline.py`) take the place of `pipeline.py` there."""
+    text = (REPO_ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    found = re.findall(r"^\d+\. `([a-z_]+)(?:/|\.py)`", section, flags=re.M)
+    return ["(top)" if name == "pipeline" else name for name in found]
+
+
+def _folder(module: str) -> str:
+    """The layer of a dotted module of the package: its folder, or (top) for a top-level module."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) else "(top)"
+
+
+def _all_imports(path: Path) -> list[tuple[int, str]]:
+    """Every import of the package in this file, at module level or inside a function: (line, module)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("finetune_worker"):
+            found += [(node.lineno, node.module)] + [(node.lineno, f"{node.module}.{a.name}") for a in node.names if node.module == "finetune_worker"]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("finetune_worker")]
+    return found
+
+
+def test_the_folders_form_the_stack_contributing_lists():
+    order = layer_order()
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+    assert sorted(set(order) - {"(top)"}) == folders, "CONTRIBUTING.md's layers must list every folder of the package"
+    against = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        own = _folder(_module_name(path))
+        for line, module in _all_imports(path):
+            if order.index(_folder(module)) > order.index(own):
+                against.append(f"{path.relative_to(PACKAGE)}:{line} ({own}) imports {module} ({_folder(module)})")
+    assert against == [], "imports against the layers of CONTRIBUTING.md:\n" + "\n".join(against)
+
+
+def test_the_layer_check_sees_imports_inside_functions(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    from finetune_worker.pipeline import run_job\n    import finetune_worker.entry.cli\n")
+    assert [module for _, module in _all_imports(sample)] == ["finetune_worker.pipeline", "finetune_worker.entry.cli"]
+    assert [_folder(m) for _, m in _all_imports(sample)] == ["(top)", "entry"]
 
 
 def test_every_child_module_the_plan_names_exists():

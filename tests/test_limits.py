@@ -13,12 +13,12 @@ from finetune_worker.checks.validation import local_dataset_bytes, validate_job
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import REPO_ROOT, SettingsInvalid, WorkerSettings
-from finetune_worker.run.children import ChildProcess, Deadline, group_members
-from finetune_worker.run.hardware import CPU_ONLY
+from finetune_worker.host.children import ChildProcess, Deadline, group_members
+from finetune_worker.host.hardware import CPU_ONLY
+from finetune_worker.host.redact import Redactor
+from finetune_worker.host.resources import JobResources
+from finetune_worker.host.tools import run_child
 from finetune_worker.run.progress import ProgressTracker
-from finetune_worker.run.redact import Redactor
-from finetune_worker.run.state import JobState
-from finetune_worker.run.tools import run_child
 
 
 @pytest.fixture
@@ -105,8 +105,8 @@ def test_the_operator_caps_the_checkpoints_a_run_keeps(limited_volume):
 
 
 def test_a_run_estimated_over_the_size_cap_is_refused_before_it_starts(limited_volume):
-    from finetune_worker.checks.capacity import check_disk
-    from finetune_worker.checks.resources import ModelFacts
+    from finetune_worker.sizing.capacity import check_disk
+    from finetune_worker.sizing.resources import ModelFacts
 
     model = ModelFacts(weight_bytes=4_000_000, needs_download=True, config={"torch_dtype": "float32"})  # a full fine-tune: 12 MB a checkpoint
     config = {"save_total_limit": 3, "num_epochs": 3}
@@ -125,8 +125,8 @@ def test_a_job_within_the_limits_passes(limited_volume):
 
 def test_numbers_sent_as_strings_reach_the_plan_as_numbers(limited_volume):
     # Axolotl's schema reads "10" as 10; the worker's own estimates (disk, memory) do the arithmetic on the same values
-    from finetune_worker.checks.memory import estimate_gpu_memory
-    from finetune_worker.checks.resources import kept_checkpoints, lora_params
+    from finetune_worker.sizing.memory import estimate_gpu_memory
+    from finetune_worker.sizing.resources import kept_checkpoints, lora_params
 
     settings = WorkerSettings(base_volume=limited_volume, examples_dir=REPO_ROOT / "examples")
     raw = job(max_steps="10", save_steps="5", micro_batch_size=" 2 ", sequence_len="256", lora_r="16.0", weight_decay="0.01")
@@ -161,15 +161,15 @@ def test_the_limits_are_reported_in_a_status_event(env):
     assert "FINETUNE_MAX_LORA_R=64" in limits[0]["message"]
 
 
-def _job_state(env: dict[str, str], max_hours: float | None = None) -> JobState:
-    state = JobState()
+def _job_state(env: dict[str, str], max_hours: float | None = None) -> JobResources:
+    state = JobResources()
     state.start_clock(WorkerSettings.from_env(env), time.monotonic())
     if max_hours is not None:  # the job started long enough ago that this much of FINETUNE_MAX_HOURS is left
         state.job_deadline = Deadline.after(max_hours * 3600, f"FINETUNE_MAX_HOURS={max_hours:g} h for the whole job, counted from its start")
     return state
 
 
-def _sleep_as(name: str, state: JobState, tmp_path) -> tuple[JobError, float]:
+def _sleep_as(name: str, state: JobResources, tmp_path) -> tuple[JobError, float]:
     async def run() -> tuple[JobError, float]:
         started = time.monotonic()
         with pytest.raises(JobError) as caught:
@@ -184,7 +184,7 @@ def test_a_helper_child_ends_at_its_own_deadline_naming_the_setting(tmp_path):
     error, took = _sleep_as("preflight", state, tmp_path)
     assert error.code == errors.DEADLINE_EXCEEDED and took < 20
     assert "the preflight was stopped" in error.message and "FINETUNE_PREFLIGHT_DEADLINE_S=1 s" in error.message
-    assert state.training.timed_out and state.training.returncode is not None and not group_members(state.training.pid)
+    assert state.child.timed_out and state.child.returncode is not None and not group_members(state.child.pid)
 
 
 def test_the_hours_cap_bounds_a_child_that_is_not_a_training(tmp_path):
@@ -198,7 +198,7 @@ def test_the_hours_cap_bounds_a_child_that_is_not_a_training(tmp_path):
 def test_a_job_past_its_deadline_starts_no_child_and_a_standby_never_told_to_go_is_killed(tmp_path):
     state = _job_state({}, max_hours=-1.0)
     error, took = _sleep_as("merge", state, tmp_path)
-    assert error.code == errors.DEADLINE_EXCEEDED and took < 1 and state.training.process is None
+    assert error.code == errors.DEADLINE_EXCEEDED and took < 1 and state.child.process is None
 
     async def standby() -> ChildProcess:
         child = ChildProcess(["sleep", "60"], {}, tmp_path / "log.txt", tmp_path / "progress.jsonl", Redactor(),
@@ -252,7 +252,7 @@ def test_the_hours_cap_ends_the_job_naming_the_setting(env):
 def test_the_run_size_cap_stops_the_training_at_a_checkpoint_that_is_kept(env):
     """The run directory already holds 8 MiB (an earlier attempt's files, say); the cap leaves
     room for less than one checkpoint more, so the training stops right after its first one."""
-    from finetune_worker.run.rundir import is_complete_checkpoint
+    from finetune_worker.host.rundir import is_complete_checkpoint
 
     job = make_job({**_quickstart_args(), "max_steps": 6, "save_steps": 2, "save_total_limit": 1})
     run_dir = Path(env["BASE_VOLUME"]) / "runs" / job["user_id"] / job["run_id"]

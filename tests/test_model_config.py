@@ -16,9 +16,9 @@ import pytest
 
 from conftest import collect_until, make_job, tiny_args
 from fake_hub import FakeHub, user
-from finetune_worker.checks.memory import GIB
-from finetune_worker.checks.resources import directory_facts, estimate_disk, model_facts
-from finetune_worker.run.hardware import Hardware
+from finetune_worker.host.hardware import Hardware
+from finetune_worker.sizing.memory import GIB
+from finetune_worker.sizing.resources import directory_facts, estimate_disk, model_facts
 
 H100 = Hardware(gpu_count=2, gpu_names=("NVIDIA H100",) * 2, gpu_memory_bytes=(80 * GIB,) * 2, bf16=True, compute_capability=(9, 0))
 LLAMA_3_2_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16,
@@ -85,7 +85,7 @@ def snapshot(tmp_path: Path, files: dict[str, bytes]) -> Path:
 
 def test_a_snapshot_with_only_config_and_index_still_needs_its_download(tmp_path):
     snapshot(tmp_path, model_files())
-    facts = model_facts("acme/m", tmp_path)
+    facts = model_facts("acme/m", tmp_path / "hub")
     assert facts.needs_download and facts.weight_bytes == TOTAL_SIZE and facts.config == LLAMA_3_2_1B
     assert facts.params == TOTAL_SIZE // 2
     disk = estimate_disk({"adapter": "lora", "lora_r": 16, "lora_target_linear": True}, facts)
@@ -94,7 +94,7 @@ def test_a_snapshot_with_only_config_and_index_still_needs_its_download(tmp_path
 
 def test_a_complete_snapshot_needs_no_download_and_a_config_alone_has_no_size(tmp_path):
     directory = snapshot(tmp_path, {**model_files(), SHARDS[0]: b"x" * 10, SHARDS[1]: b"y" * 10})
-    facts = model_facts("acme/m", tmp_path)
+    facts = model_facts("acme/m", tmp_path / "hub")
     assert not facts.needs_download and facts.weight_bytes == TOTAL_SIZE
     for shard in SHARDS:
         (directory / shard).unlink()
@@ -123,7 +123,7 @@ def test_the_child_downloads_config_and_index_into_the_hub_cache(hub, tmp_path):
     assert outcome["ok"] and Path(outcome["config"]).is_file() and Path(outcome["index"]).is_file()
     assert Path(outcome["snapshot"]).parent.parent == tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
     assert downloads(hub, repo) == {"config.json", "model.safetensors.index.json"}
-    assert model_facts(repo, tmp_path).weight_bytes == TOTAL_SIZE
+    assert model_facts(repo, tmp_path / "hub").weight_bytes == TOTAL_SIZE
 
     single = new_repo(hub, files=model_files(index=False))
     outcome, _ = model_config(hub, single, tmp_path)

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from finetune_worker.host.hardware import CPU_ONLY, Hardware
+from finetune_worker.host.rundir import run_paths
 from finetune_worker.plan.children import PROGRESS_FILE_ENV, build_child_env, build_train_argv
 from finetune_worker.plan.config import PROGRESS_PLUGIN, build_axolotl_config
-from finetune_worker.run.hardware import CPU_ONLY, Hardware
-from finetune_worker.run.rundir import run_paths
 
 GPU = Hardware(gpu_count=1, gpu_names=("H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
 PATHS = run_paths(Path("/vol/runs"), "alice", "r1")
@@ -182,12 +182,12 @@ def fast_speedups(**overrides):
 def planned(args, speedups, hardware=H100):
     """The config as the pipeline plans it: plan, fast defaults (refused ones left out),
     then Axolotl's check with the config's plugins registered. Returns all three."""
-    from finetune_worker.pipeline import _planned_config_problems
+    from finetune_worker.checks.axolotl_schema import planned_config_problems
     from finetune_worker.plan.fast_defaults import apply_fast_defaults
 
     config = plan({**BASE, **args}, hardware).config
-    fast = apply_fast_defaults(config, hardware, speedups, validate=_planned_config_problems)
-    return config, fast, _planned_config_problems(config)
+    fast = apply_fast_defaults(config, hardware, speedups, validate=planned_config_problems)
+    return config, fast, planned_config_problems(config)
 
 
 @pytest.mark.parametrize("extra", [{"plugins": [CCE]}, {"plugins": [CCE], "cut_cross_entropy": True}])
@@ -337,8 +337,8 @@ def test_the_pipeline_warns_about_each_left_out_default(env, volume, monkeypatch
     import json
 
     from conftest import collect, make_job
-    from finetune_worker.checks import capacity
     from finetune_worker.plan.fast_defaults import Speedups
+    from finetune_worker.sizing import capacity
 
     model = volume / "models" / "llama-8b-shape-fast-defaults"
     model.mkdir(parents=True, exist_ok=True)

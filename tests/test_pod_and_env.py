@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from conftest import collect, make_job, tiny_args
-from finetune_worker.checks.resources import link_prebaked_model
 from finetune_worker.contract.envconfig import args_from_env, parse_value
 from finetune_worker.contract.settings import REPO_ROOT
 from finetune_worker.entry.pod import configure_from_env
-from finetune_worker.run.hardware import CPU_ONLY
+from finetune_worker.host.hardware import CPU_ONLY
+from finetune_worker.sizing.resources import link_prebaked_model
 
 BASE = {"AXOLOTL_BASE_MODEL": "NousResearch/Llama-3.2-1B", "AXOLOTL_LEARNING_RATE": "0.0002",
         "AXOLOTL_DATASETS": '[{"path":"mhenrichsen/alpaca_2k_test","type":"alpaca"}]'}

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from finetune_worker.checks.rows import row_problem, row_shape
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
 from finetune_worker.data.files import check_datasets
-from finetune_worker.data.rows import row_problem, row_shape
 
 MSG = [{"role": "user", "content": "Name a green fruit."}, {"role": "assistant", "content": "A lime."}]
 MSG_BAD = [{"role": "user", "content": "Name a green fruit."}, {"role": "assistant", "content": "A plum."}]
@@ -185,7 +185,7 @@ def test_a_dpo_training_on_the_tiny_model_streams_its_reward_metrics(tiny, env, 
 
 @pytest.mark.training
 def test_the_readme_chain_sft_then_dpo_with_continue_from_runs_end_to_end(tiny, env):
-    """README "SFT, then DPO": the DPO job continues the SFT run's adapter; its lineage says so."""
+    """docs/job-reference.md "SFT, then DPO": the DPO job continues the SFT run's adapter; its lineage says so."""
     from conftest import collect, make_job, tiny_args
 
     sft = make_job(tiny_args(tiny, max_steps=4))

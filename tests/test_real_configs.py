@@ -16,14 +16,14 @@ import functools
 import pytest
 
 from finetune_worker.checks import axolotl_schema
+from finetune_worker.checks.axolotl_schema import planned_config_problems
 from finetune_worker.checks.validation import validate_job
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
-from finetune_worker.pipeline import _planned_config_problems
+from finetune_worker.host.hardware import CPU_ONLY, Hardware
+from finetune_worker.host.rundir import run_paths
 from finetune_worker.plan.config import Tracking, build_axolotl_config
 from finetune_worker.plan.fast_defaults import Speedups, apply_fast_defaults
-from finetune_worker.run.hardware import CPU_ONLY, Hardware
-from finetune_worker.run.rundir import run_paths
 
 H100 = Hardware(gpu_count=1, gpu_names=("NVIDIA H100 80GB HBM3",), gpu_memory_bytes=(80 * 2**30,), bf16=True, compute_capability=(9, 0))
 
@@ -129,7 +129,7 @@ NEEDS_PACKAGE = {"context-parallel": "ring_flash_attn"}
 # Configs a CPU worker must refuse with its own message (not Axolotl's after CPU adaptation).
 REFUSED_ON_CPU = {"context-parallel": "args.context_parallel_size: context parallelism splits each sequence across GPUs"}
 
-# Documented refusals on a worker without a GPU (README, "How args is checked"):
+# Documented refusals on a worker without a GPU (docs/job-reference.md, "How args is checked"):
 # quantised loading, DeepSpeed/FSDP and context parallelism need CUDA. Each message names
 # the field and a fix.
 CPU_REFUSALS = ("needs a CUDA GPU", "need CUDA GPUs", "context parallelism splits each sequence across GPUs")
@@ -179,7 +179,7 @@ def plan_on(args: dict, hardware: Hardware, tmp_path):
     valid = validate_job(raw, settings, hardware)
     plan = build_axolotl_config(valid.args, run_paths(settings.runs_dir, "corpus", "r"), tmp_path / "prepared", hardware, Tracking())
     speedups = Speedups(flash_attn=True, liger=True, model_type=model_type(args["base_model"]))
-    apply_fast_defaults(plan.config, hardware, speedups, validate=functools.partial(_planned_config_problems, hardware=hardware))
+    apply_fast_defaults(plan.config, hardware, speedups, validate=functools.partial(planned_config_problems, hardware=hardware))
     return valid, plan
 
 
@@ -199,5 +199,5 @@ def test_the_worker_accepts_what_axolotl_accepts(name, hardware, tmp_path):
             return  # a documented refusal the user can act on (the message says what to use instead)
         raise AssertionError(f"{name} on {'GPU' if hardware.has_gpu else 'CPU'} refused: {exc.details}") from None
     assert not (hardware is CPU_ONLY and name in REFUSED_ON_CPU), f"{name} passes on a CPU worker"
-    final = _planned_config_problems(plan.config, hardware)
+    final = planned_config_problems(plan.config, hardware)
     assert final == [], f"Axolotl refuses the worker's final config for {name}: {final}"

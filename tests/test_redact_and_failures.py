@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from finetune_worker.contract import errors
-from finetune_worker.run.failures import diagnose
-from finetune_worker.run.redact import MASK, Redactor, secrets_in_env, secrets_in_raw_input
+from finetune_worker.host.failures import diagnose
+from finetune_worker.host.redact import MASK, Redactor, secrets_in_env, secrets_in_raw_input
 
 
 def test_known_secrets_are_masked_everywhere_in_a_value():

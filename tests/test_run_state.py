@@ -11,17 +11,17 @@ import time
 
 import pytest
 
-from finetune_worker.checks.resources import ModelFacts, estimate_disk, kept_checkpoints, lora_params, model_facts
 from finetune_worker.contract.settings import REPO_ROOT
-from finetune_worker.run import lock as runlock
-from finetune_worker.run.lock import RunLock, RunLocked
-from finetune_worker.run.rundir import (
+from finetune_worker.host import lock as runlock
+from finetune_worker.host.lock import RunLock, RunLocked
+from finetune_worker.host.rundir import (
     inspect_previous,
     is_complete_checkpoint,
     last_complete_checkpoint,
     run_paths,
     set_aside_diverged,
 )
+from finetune_worker.sizing.resources import ModelFacts, estimate_disk, kept_checkpoints, lora_params, model_facts
 
 
 def write_lock(path, owner, age=0.0):
@@ -219,7 +219,7 @@ def test_kept_checkpoints_follow_the_config():
 
 
 def test_unknown_hub_model_has_no_estimate_and_local_models_are_measured(tmp_path):
-    unknown = model_facts("someone/not-cached", tmp_path)
+    unknown = model_facts("someone/not-cached", tmp_path / "hub")
     assert unknown.needs_download and estimate_disk({}, unknown) is None
-    local = model_facts(str(REPO_ROOT / "examples" / "tiny-llama"), tmp_path)
+    local = model_facts(str(REPO_ROOT / "examples" / "tiny-llama"), tmp_path / "hub")
     assert local.weight_bytes > 1_000_000 and local.bytes_per_param == 4 and not local.needs_download

@@ -16,13 +16,13 @@ import pytest
 from conftest import tiny_args
 from finetune_worker.checks import options
 from finetune_worker.checks.args import ArgsContext, check_args
+from finetune_worker.checks.distributed import PRESET_DIR
 from finetune_worker.checks.native import remote_code_decision
 from finetune_worker.checks.paths import make_roots
 from finetune_worker.checks.validation import validate_job
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
-from finetune_worker.plan.distributed import PRESET_DIR
-from finetune_worker.run.hardware import CPU_ONLY, Hardware
+from finetune_worker.host.hardware import CPU_ONLY, Hardware
 
 ONE_GPU = Hardware(gpu_count=1, gpu_names=("H100",), gpu_memory_bytes=(80 * 2**30,), bf16=True)
 
@@ -251,13 +251,12 @@ def test_tracker_keys_in_args_point_to_credentials(tiny, alice, key, plugins):
 
 
 def test_the_job_record_keeps_urls_without_their_query(tiny, volume):
-    from finetune_worker.pipeline import _job_record
 
     for scheme in ("https", "HTTPS", "Https"):
         signed = f"{scheme}://data.example.com/train.jsonl?X-Amz-Signature=SECRETSIGNATURE&X-Amz-Credential=AKIA"
         raw = {"user_id": "alice", "model_id": "m", "run_id": "r2", "args": tiny_args(tiny, datasets=[{"path": signed, "type": "alpaca"}]),
                "credentials": {"comet_api_key": "CANARYcometKey000001"}}
-        record = json.dumps(_job_record(validate_job(raw, WorkerSettings(base_volume=volume), CPU_ONLY)))
+        record = json.dumps(validate_job(raw, WorkerSettings(base_volume=volume), CPU_ONLY).record())
         assert "SECRETSIGNATURE" not in record and "AKIA" not in record and "CANARYcometKey" not in record, scheme
         assert "://data.example.com/train.jsonl" in record
 

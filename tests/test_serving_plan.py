@@ -163,7 +163,7 @@ def test_the_model_card_never_shows_a_local_base_models_path():
 def test_merged_weights_stop_at_the_chat_templates_end_of_turn(tmp_path):
     """A chat fine-tune of a base model ends answers with <|im_end|> while its eos stays </s>:
     the merged weights' generation_config lists both, so servers stop where the answer ends."""
-    from finetune_worker.run.rundir import copy_run_tokenizer
+    from finetune_worker.host.rundir import copy_run_tokenizer
 
     output, merged = tmp_path / "output", tmp_path / "output" / "merged"
     merged.mkdir(parents=True)

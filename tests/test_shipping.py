@@ -13,7 +13,7 @@ from finetune_worker.checks.validation import validate_job
 from finetune_worker.contract import schema
 from finetune_worker.contract.envconfig import args_from_env
 from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
-from finetune_worker.run.hardware import Hardware
+from finetune_worker.host.hardware import Hardware
 
 ONE_GPU = Hardware(gpu_count=1, gpu_names=("NVIDIA GeForce RTX 4090",), gpu_memory_bytes=(24 * 2**30,), bf16=True)
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from conftest import live_processes, make_job, tiny_args
+from finetune_worker.host.hardware import CPU_ONLY
 from finetune_worker.pipeline import run_job
-from finetune_worker.run.hardware import CPU_ONLY
 
 
 def standby_children(marker: str) -> list[int]:

@@ -18,15 +18,14 @@ from finetune_worker.checks.urlguard import (
     Refused,
     address_problem,
     host_allowed,
-    parse_allowed_hosts,
 )
 from finetune_worker.checks.validation import validate_job
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
-from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings
+from finetune_worker.contract.settings import REPO_ROOT, WorkerSettings, parse_allowed_hosts
 from finetune_worker.data.download import DownloadRules, download
+from finetune_worker.host.hardware import CPU_ONLY
 from finetune_worker.plan.config import localise_datasets
-from finetune_worker.run.hardware import CPU_ONLY
 from loopback_sites import Site, drip, file, make_cert, redirect
 
 WHERE = "args.datasets[0]"

@@ -24,10 +24,10 @@ from finetune_worker import pipeline
 from finetune_worker.checks.usertoken import MISSING
 from finetune_worker.checks.validation import ValidJob
 from finetune_worker.contract.job import JobInput
-from finetune_worker.run import redact
-from finetune_worker.run.children import ChildProcess
-from finetune_worker.run.redact import Redactor, secrets_in_raw_input
-from finetune_worker.run.rundir import run_paths
+from finetune_worker.host import redact
+from finetune_worker.host.children import ChildProcess
+from finetune_worker.host.redact import Redactor, secrets_in_raw_input
+from finetune_worker.host.rundir import run_paths
 
 SECRET = "operator-secret-0123456789-abcdefghijklmnop"  # 43 bytes
 LONG_SECRET = "operator-secret-" + "0123456789abcdef" * 3  # 64 bytes: HS256, HS384 and HS512
@@ -82,7 +82,7 @@ def calls(monkeypatch) -> list[str]:
 
     spy(pipeline, "parse_job_input", "parse")
     spy(pipeline, "validate_job", "validate")
-    spy(pipeline, "_take_run", "lock")
+    spy(pipeline, "take_run", "lock")
     spy(ChildProcess, "start", "child")
     return seen
 
@@ -320,7 +320,7 @@ def test_the_job_record_says_a_token_was_given_without_storing_it():
     token = mint("alice")
     job = JobInput.model_validate({"user_id": "alice", "model_id": "m", "run_id": "r", "args": {}, "credentials": {"user_token": token}})
     assert token not in repr(job) and token not in job.model_dump_json()
-    record = pipeline._job_record(ValidJob(job=job, args={}))
+    record = ValidJob(job=job, args={}).record()
     assert record["credentials_given"] == {"hf_token": False, "wandb_api_key": False, "comet_api_key": False, "swanlab_api_key": False, "user_token": True}
     assert token not in json.dumps(record)
 

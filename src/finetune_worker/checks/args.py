@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.checks import axolotl_schema
+from finetune_worker.checks.axolotl_schema import integration_name
+from finetune_worker.checks.distributed import DEEPSPEED_PRESETS, combination_problems, resolve_presets, shipped_preset
 from finetune_worker.checks.fsdp import translate_fsdp1
-from finetune_worker.checks.history import earlier_release, ignored_note
 from finetune_worker.checks.native import NATIVE_CHECKED_KEY
+from finetune_worker.checks.option_history import earlier_release, ignored_note
 from finetune_worker.checks.options import (
     ATTENTION_KEYS,
     CLASSIFIED,
@@ -41,9 +43,7 @@ from finetune_worker.checks.paths import (
 )
 from finetune_worker.contract.errors import Problem
 from finetune_worker.contract.job import HUB_REPO_ID, HUB_REPO_NAME, suggest
-from finetune_worker.plan.config import integration_name
-from finetune_worker.plan.distributed import DEEPSPEED_PRESETS, combination_problems, resolve_presets, shipped_preset
-from finetune_worker.run.hardware import Hardware
+from finetune_worker.host.hardware import Hardware
 
 # Keys the worker sets itself; a user value is replaced (see plan.py).
 WORKER_OWNED_KEYS = ("output_dir", "dataset_prepared_path")

@@ -27,7 +27,7 @@ from finetune_worker.contract.errors import Problem
 from finetune_worker.contract.job import format_loc, suggest
 
 if TYPE_CHECKING:
-    from finetune_worker.run.hardware import Hardware
+    from finetune_worker.host.hardware import Hardware
 
 INTEGRATIONS_PACKAGE = "axolotl.integrations."
 _IMPORTED = False
@@ -180,6 +180,12 @@ def bundled_integrations() -> tuple[str, ...]:
     return tuple(sorted(m.name for m in pkgutil.iter_modules(integrations.__path__) if m.ispkg))
 
 
+def integration_name(plugin: Any) -> str | None:
+    """`liger` for axolotl.integrations.liger.LigerPlugin (or .liger.plugin.LigerPlugin)."""
+    parts = str(plugin).split(".")
+    return parts[2] if len(parts) > 3 and parts[:2] == ["axolotl", "integrations"] else None
+
+
 def plugin_problem(plugin: Any) -> str | None:
     if not isinstance(plugin, str) or not plugin.startswith(INTEGRATIONS_PACKAGE) or "." not in plugin[len(INTEGRATIONS_PACKAGE):]:
         names = ", ".join(bundled_integrations())
@@ -255,3 +261,10 @@ def schema_problems(
     except Exception as exc:  # noqa: BLE001 - Axolotl's validators crash on some inputs (e.g. a null base_model_config)
         problems.append(Problem("args", f"Axolotl's config validation failed: {type(exc).__name__}: {exc}"))
     return problems
+
+
+def planned_config_problems(config: dict[str, Any], hardware: Hardware | None = None, processes: int | None = None) -> list[Problem]:
+    """Axolotl's check of the planned config, its plugins registered as `axolotl train`
+    registers them (the last one is the worker's progress plugin, not Axolotl's), with
+    the capabilities of `hardware` as `axolotl train` passes them."""
+    return schema_problems(config, tuple(config["plugins"][:-1]), hardware, processes)

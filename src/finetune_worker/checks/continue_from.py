@@ -14,8 +14,11 @@ from typing import Any
 
 from finetune_worker.checks.paths import PathRoots, config_path_problem
 from finetune_worker.contract.errors import Problem
-from finetune_worker.contract.job import JobInput
-from finetune_worker.run.rundir import (
+from finetune_worker.contract.job import (
+    LORA_ADAPTERS,
+    JobInput,
+)
+from finetune_worker.host.rundir import (
     checkpoints_named,
     has_weights,
     is_complete_checkpoint,
@@ -26,7 +29,6 @@ from finetune_worker.run.rundir import (
     weights_problem,
 )
 
-LORA_ADAPTERS = ("lora", "qlora")  # both save a PEFT LoRA adapter (adapter_config.json)
 MAX_LINEAGE = 100  # runs in one chain: past this, job.json files point in a circle
 
 

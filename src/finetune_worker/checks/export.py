@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.checks import axolotl_schema
-from finetune_worker.checks.continue_from import LORA_ADAPTERS
 from finetune_worker.contract.errors import Problem
+from finetune_worker.contract.job import LORA_ADAPTERS
 
 NO_CONVERTER = (
     "GGUF export needs llama.cpp's converter, which this worker does not have; remove export, or run the job on a worker "

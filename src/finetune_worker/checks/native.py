@@ -4,7 +4,7 @@ Many configs in the wild (Axolotl's own examples for Mistral, Mixtral, Qwen2, Ph
 Falcon, DBRX, Jamba, ...) set `trust_remote_code: true` from the days those models
 needed their repository's code. Today the flag only makes transformers prefer the
 repository's code over its own classes. So once the base model's config.json is known
-(read before any weights, checks/model_config.py), a model type that the installed
+(read before any weights, sizing/model_config.py), a model type that the installed
 transformers implements loads with its native classes: the flag is dropped, with a
 warning. Any other model needs its repository's code, which runs only where the
 operator allows remote code (FINETUNE_ALLOW_TRUST_REMOTE_CODE).

@@ -45,6 +45,7 @@ class Kind(enum.Enum):
 # rows or an https URL (the worker writes them into the run directory).
 DATASET_LIST_KEYS = ("datasets", "test_datasets", "pretraining_dataset")
 INLINE_DATASET_KEYS = ("datasets", "test_datasets")
+AXOLOTL_KEPT_CHECKPOINTS = 4  # Axolotl's save_total_limit when a config leaves it unset (or 0)
 
 _VALUE = """
 evaluation_strategy eval_strategy save_strategy type_of_model revision_of_model tokenizer_type processor_type

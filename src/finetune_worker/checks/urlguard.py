@@ -29,8 +29,8 @@ import ssl
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 MAX_REDIRECTS = 5
@@ -78,12 +78,6 @@ def address_problem(ip: IPAddress) -> str | None:
     if ip.is_private or ip.is_reserved or getattr(ip, "is_site_local", False) or not ip.is_global:
         return "a special-purpose address, not a public one"
     return None
-
-
-def parse_allowed_hosts(value: str | Iterable[str]) -> frozenset[str]:
-    """`host1,host2:8443` (or a list of them) as lower-case `host` / `host:port` entries."""
-    items = value.split(",") if isinstance(value, str) else value
-    return frozenset(item.strip().lower().rstrip(".") for item in items if item.strip())
 
 
 def host_allowed(host: str, port: int, allowed: frozenset[str]) -> bool:
@@ -267,3 +261,18 @@ def url_for_humans(url: str) -> str:
     except ValueError:
         port = ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def without_url_queries(value: Any) -> Any:
+    """A JSON-like value with every https URL's query and fragment dropped."""
+    if isinstance(value, str) and "://" in value:
+        try:
+            if urlsplit(value).scheme.lower() in ("http", "https"):  # HTTPS://... is a URL too
+                return url_for_humans(value)
+        except ValueError:  # a malformed host ("[..."): keep nothing after the path
+            return value.split("?", 1)[0].split("#", 1)[0]
+    if isinstance(value, dict):
+        return {key: without_url_queries(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_url_queries(item) for item in value]
+    return value

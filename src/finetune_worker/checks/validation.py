@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -10,14 +12,23 @@ from typing import Any
 from finetune_worker.checks.args import ArgsContext, check_args
 from finetune_worker.checks.continue_from import Origin, lineage, resolve_continue_from
 from finetune_worker.checks.export import export_problems
+from finetune_worker.checks.options import AXOLOTL_KEPT_CHECKPOINTS, INLINE_DATASET_KEYS
 from finetune_worker.checks.paths import make_roots
-from finetune_worker.checks.resources import AXOLOTL_KEPT_CHECKPOINTS
 from finetune_worker.checks.tenancy import TRAINING_HUB_WRITES
+from finetune_worker.checks.urlguard import without_url_queries
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError, Problem, problems_error
-from finetune_worker.contract.job import DEFAULT_NEW_TOKENS, GENERATE_MODE, JobInput, blocks_args_check, parse_job_input
+from finetune_worker.contract.job import (
+    DEFAULT_NEW_TOKENS,
+    GENERATE_MODE,
+    LORA_ADAPTERS,
+    JobInput,
+    blocks_args_check,
+    parse_job_input,
+)
 from finetune_worker.contract.settings import WorkerSettings
-from finetune_worker.run.hardware import Hardware
+from finetune_worker.host.hardware import Hardware
+from finetune_worker.host.rundir import args_digest
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,31 @@ class ValidJob:
     def lineage(self) -> dict:
         """Base model -> each earlier run (continue_from) -> this run."""
         return lineage(self.job, self.args, self.origin)
+
+    def record(self) -> dict:
+        """What job.json keeps: no credential, URLs without their query (a signed URL's query
+        is one), and rows sent inline as their count and digest (training rows are in the run's data/)."""
+        creds = self.job.credentials
+        record = without_url_queries({
+            **self.job.model_dump(exclude={"credentials", "args"}),
+            "credentials_given": {name: getattr(creds, name) is not None for name in type(creds).model_fields},
+            "args_sha256": args_digest(self.args),
+            "args": self.job.args,
+            "lineage": self.lineage,
+        })
+        for key in INLINE_DATASET_KEYS:
+            for entry in (record.get("args") or {}).get(key) or []:
+                _rows_as_digest(entry)
+        if isinstance(record.get("evaluation"), dict):
+            _rows_as_digest(record["evaluation"].get("dataset"))
+        return record
+
+
+def _rows_as_digest(entry: Any) -> None:
+    """`rows: [...]` -> `rows: {"count": N, "sha256": ...}`, in place."""
+    if isinstance(entry, dict) and isinstance(entry.get("rows"), list):
+        rows = entry["rows"]
+        entry["rows"] = {"count": len(rows), "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()}
 
 
 def validate_job(
@@ -65,7 +101,7 @@ def validate_job(
         arg_problems += limit_problems(args, settings) + checkpoint_problems(args, settings)
     if job is not None and job.mode == GENERATE_MODE:
         problems = problems + generation_limit_problems(job, settings)
-    if job is not None and job.publish.merge_lora and args.get("adapter") not in ("lora", "qlora"):
+    if job is not None and job.publish.merge_lora and args.get("adapter") not in LORA_ADAPTERS:
         arg_problems.append(Problem("publish.merge_lora", "needs a LoRA run (args.adapter: lora or qlora); a full fine-tune is already merged"))
     origin = None
     if job is not None and job.continue_from is not None:
@@ -110,7 +146,7 @@ def limit_problems(args: dict[str, Any], settings: WorkerSettings) -> list[Probl
     sequence_len = args.get("sequence_len")
     over("args.sequence_len", AXOLOTL_DEFAULT_SEQUENCE_LEN if sequence_len is None else as_axolotl_reads("sequence_len", sequence_len),
          settings.max_sequence_len, "FINETUNE_MAX_SEQUENCE_LEN", " (Axolotl's default)" if sequence_len is None else "")
-    if args.get("adapter") in ("lora", "qlora"):
+    if args.get("adapter") in LORA_ADAPTERS:
         over("args.lora_r", as_axolotl_reads("lora_r", args.get("lora_r")), settings.max_lora_r, "FINETUNE_MAX_LORA_R")
     if settings.max_dataset_bytes is not None:
         total = local_dataset_bytes(args)
@@ -227,7 +263,7 @@ def local_dataset_bytes(args: dict[str, Any]) -> int:
 def _evaluation_problems(job: JobInput, roots) -> list[Problem]:
     """Resolve the eval dataset's path (in place) and check inline eval rows."""
     from finetune_worker.checks.paths import PathRejected, resolve_local_or_hub, worker_files_problem
-    from finetune_worker.data.rows import eval_row_shape, row_problem
+    from finetune_worker.checks.rows import eval_row_shape, row_problem
 
     dataset = job.evaluation.dataset
     if dataset.path is not None:

@@ -1,4 +1,4 @@
-"""The events a job yields (see the README's event table)."""
+"""The events a job yields (see docs/job-reference.md, "Events")."""
 
 from __future__ import annotations
 

@@ -122,6 +122,7 @@ RUNS_PAGE_DEFAULT, RUNS_PAGE_MAX = 50, 200
 EVENTS_PAGE_DEFAULT, EVENTS_PAGE_MAX = 200, 1000
 GENERATION_FIELDS = ("prompts", "messages", "max_new_tokens", "temperature", "top_p", "checkpoint")
 # What each reading mode needs besides its mode; every other field is refused there.
+LORA_ADAPTERS = ("lora", "qlora")  # Axolotl's adapters that save a PEFT LoRA adapter (adapter_config.json)
 MODE_FIELDS = {"runs": {"user_id", "mode", "credentials", "limit", "offset"},
                "events": {"user_id", "mode", "credentials", "run_id", "limit", "offset"},
                GENERATE_MODE: {"user_id", "mode", "credentials", "run_id", *GENERATION_FIELDS}}

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
-from finetune_worker.checks.urlguard import parse_allowed_hosts
 from finetune_worker.contract.envconfig import args_from_env
 
 RUNPOD_VOLUME = Path("/runpod-volume")
@@ -73,6 +72,12 @@ SECRET_ENV_VARS = (
 )
 # RunPod's job-queue addresses (they carry its key): the worker's, never a child's.
 WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
+
+
+def parse_allowed_hosts(value: str | Iterable[str]) -> frozenset[str]:
+    """`host1,host2:8443` (or a list of them) as lower-case `host` / `host:port` entries."""
+    items = value.split(",") if isinstance(value, str) else value
+    return frozenset(item.strip().lower().rstrip(".") for item in items if item.strip())
 
 
 def _setting_problem(error: dict) -> str:

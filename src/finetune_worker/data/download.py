@@ -12,8 +12,6 @@ import time
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 from finetune_worker.checks.urlguard import Guard, Refused, open_url, url_for_humans
 from finetune_worker.contract import errors
@@ -74,21 +72,6 @@ def write_rows(rows: list, dest: Path, cancel: Cancel = None) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-
-
-def without_url_queries(value: Any) -> Any:
-    """A JSON-like value with every https URL's query and fragment dropped."""
-    if isinstance(value, str) and "://" in value:
-        try:
-            if urlsplit(value).scheme.lower() in ("http", "https"):  # HTTPS://... is a URL too
-                return url_for_humans(value)
-        except ValueError:  # a malformed host ("[..."): keep nothing after the path
-            return value.split("?", 1)[0].split("#", 1)[0]
-    if isinstance(value, dict):
-        return {key: without_url_queries(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [without_url_queries(item) for item in value]
-    return value
 
 
 def download(url: str, dest: Path, where: str, rules: DownloadRules, cancel: Cancel = None) -> None:

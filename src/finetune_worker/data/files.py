@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.checks.options import DATASET_LIST_KEYS
+from finetune_worker.checks.rows import RowShape, eval_row_shape, row_problem, row_shape
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
 from finetune_worker.data.download import READ_CHUNK, Cancel, raise_if_cancelled
-from finetune_worker.data.rows import RowShape, eval_row_shape, row_problem, row_shape
 from finetune_worker.plan.config import DataSource
 
 # -- reading local files ----------------------------------------------------------

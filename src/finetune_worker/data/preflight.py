@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from finetune_worker.run.fastexit import exit_without_teardown
+from finetune_worker.host.fastexit import exit_without_teardown
 
 IGNORED_LABEL = -100
 EXAMPLES_PER_DATASET = 2

@@ -10,7 +10,8 @@ import asyncio
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from pathlib import Path
 
 from finetune_worker.contract import events
 from finetune_worker.contract.errors import JobError
@@ -19,22 +20,23 @@ from finetune_worker.contract.settings import WorkerSettings
 from finetune_worker.data.download import DownloadRules, materialise
 from finetune_worker.data.files import DatasetCheck, check_datasets, check_eval_file
 from finetune_worker.data.fingerprint import data_fingerprint
+from finetune_worker.host.failures import diagnose
+from finetune_worker.host.resources import JobResources
+from finetune_worker.host.rundir import RunPaths
+from finetune_worker.host.tools import json_tool
 from finetune_worker.plan.children import build_preflight_argv
 from finetune_worker.plan.config import AxolotlPlan
-from finetune_worker.run.failures import diagnose
-from finetune_worker.run.state import JobContext, JobState
-from finetune_worker.run.tools import json_tool
 
 STEP_STOP_S = 10.0  # how long a cancelled job waits for its data step's thread to stop
 
 
-async def off_loop[T](state: JobState, step: Callable[[threading.Event], T]) -> T:
+async def off_loop[T](resources: JobResources, step: Callable[[threading.Event], T]) -> T:
     """Run a blocking step in a thread, so that the event loop (and a cancel) keeps running.
 
     A cancel sets the step's flag, which the step checks between chunks of what it reads
     or writes; the job waits for the thread to stop before it ends and frees the run.
     """
-    cancel = state.step_cancel = threading.Event()
+    cancel = resources.step_cancel = threading.Event()
     future = asyncio.get_running_loop().run_in_executor(None, step, cancel)
     try:
         return await asyncio.shield(future)
@@ -44,7 +46,7 @@ async def off_loop[T](state: JobState, step: Callable[[threading.Event], T]) -> 
         future.add_done_callback(lambda done: done.cancelled() or done.exception())  # its Cancelled is expected
         raise
     finally:
-        state.step_cancel = None
+        resources.step_cancel = None
 
 
 def check_data(
@@ -71,28 +73,29 @@ def data_checked(checks: list[DatasetCheck]) -> dict:
     )
 
 
-async def preflight(ctx: JobContext, state: JobState, checks: list[DatasetCheck], started: float) -> AsyncIterator[dict]:
-    """Tokenize as training would, report, and stop: no model weights, no training."""
-    paths = ctx.paths
-    yield events.status("preprocessing", "preflight: loading the tokenizer and tokenizing the datasets as training would")
+async def tokenize_as_training_would(config: dict, paths: RunPaths, child_env: dict[str, str], resources: JobResources,
+                                     checks: list[DatasetCheck]) -> dict:
+    """The preflight child's report: every dataset tokenized as training would, no model weights."""
     argv = build_preflight_argv(sys.executable, paths.config_file, paths.preflight_file)
-    tool, report = await json_tool(ctx, state, "preflight", argv, paths.preflight_file)
+    tool, report = await json_tool(argv, paths.preflight_file, child_env, paths.run_dir, "preflight", resources)
     if tool.returncode != 0 or report is None:
-        diagnosis = diagnose(tool.returncode, tool.log_tail(), "preprocessing", None, ctx.plan.config.get("base_model"))
+        diagnosis = diagnose(tool.returncode, tool.log_tail(), "preprocessing", None, config.get("base_model"))
         raise JobError(diagnosis.code, f"preflight failed: {diagnosis.message}", log_tail=tool.log_tail())
     empty = {check.where: check.empty_rows for check in checks}
     for dataset in report["datasets"]:
         dataset["empty_rows"] = empty.get(dataset["where"], 0)
-    _add_weights(report, ctx.plan.config, checks)
+    _add_weights(report, config, checks)
     report["total"]["empty_rows"] = sum(dataset["empty_rows"] for dataset in report["datasets"])
-    for dataset in report["datasets"]:
-        yield events.status("preprocessing", _describe_dataset(dataset, report), dataset=dataset)
+    return report
+
+
+def preflight_events(report: dict, run_id: str, run_dir: Path, started: float) -> list[dict]:
+    """The report as the job's events: one per dataset and example, then the result."""
+    found = [events.status("preprocessing", _describe_dataset(dataset, report), dataset=dataset) for dataset in report["datasets"]]
     marks = "the prompt and the answers as the trainer sees them" if report.get("rl") else "[[...]] is trained on"
-    for example in report["examples"]:
-        yield events.status("preprocessing", f"example {example['dataset']} row {example['row']} ({marks})", example=example)
-    yield events.result(
-        ctx.valid.job.run_id, str(paths.run_dir), report["total"], time.monotonic() - started, mode="preflight", preflight=report,
-    )
+    found += [events.status("preprocessing", f"example {example['dataset']} row {example['row']} ({marks})", example=example)
+              for example in report["examples"]]
+    return [*found, events.result(run_id, str(run_dir), report["total"], time.monotonic() - started, mode="preflight", preflight=report)]
 
 
 def _add_weights(report: dict, config: dict, checks: list[DatasetCheck]) -> None:

@@ -112,7 +112,7 @@ async def _run(job_input: Any, emit) -> int:
     from finetune_worker.contract import errors, events
     from finetune_worker.contract.errors import JobError
     from finetune_worker.entry.worker import make_handler
-    from finetune_worker.run.children import request_shutdown
+    from finetune_worker.host.children import request_shutdown
 
     last: dict | None = None
 
@@ -289,8 +289,9 @@ def cmd_events(args: argparse.Namespace) -> int:
 def cmd_configure(args: argparse.Namespace) -> int:
     import yaml
 
-    from finetune_worker.entry.pod import configure_from_env, write_config
-    from finetune_worker.run.hardware import detect_hardware
+    from finetune_worker.entry.pod import configure_from_env
+    from finetune_worker.host.hardware import detect_hardware
+    from finetune_worker.host.rundir import write_config
 
     template = yaml.safe_load(Path(args.template).read_text(encoding="utf-8")) if args.template else None
     config, problems = configure_from_env(os.environ, detect_hardware(), Path.cwd(), template)
@@ -299,7 +300,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
-    write_config(config, Path(args.output))
+    write_config(Path(args.output), config)
     print(f"wrote {args.output} ({len(config)} options); train it with: axolotl train {args.output}")
     return 0
 

@@ -15,13 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from finetune_worker.checks.args import ArgsContext, check_args
 from finetune_worker.checks.paths import PathRoots
 from finetune_worker.contract.envconfig import args_from_env, name_problems_by_variable
 from finetune_worker.contract.errors import Problem
-from finetune_worker.run.hardware import Hardware
+from finetune_worker.host.hardware import Hardware
+from finetune_worker.host.rundir import write_config
 
 WELCOME = """\
 =====================================================================
@@ -79,7 +78,7 @@ def hf_login(token: str | None) -> str:
 
 
 def start_pod(env: Mapping[str, str]) -> int:
-    from finetune_worker.run.hardware import detect_hardware
+    from finetune_worker.host.hardware import detect_hardware
 
     pod_dir = default_pod_dir(env)
     pod_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +91,7 @@ def start_pod(env: Mapping[str, str]) -> int:
     elif config:
         config.setdefault("output_dir", str(pod_dir / "outputs"))
         config.setdefault("dataset_prepared_path", str(pod_dir / "prepared"))
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        write_config(config_file, config)
     import importlib.metadata
 
     print(WELCOME.format(
@@ -129,6 +128,3 @@ def serve_pod(pod_dir: Path, env: Mapping[str, str]) -> int:
     return serve(str(pod_dir), runs_dir=WorkerSettings.from_env(env).runs_dir, env=env, host="0.0.0.0", port=port)
 
 
-def write_config(config: dict, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -10,8 +10,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from finetune_worker.host.children import request_shutdown
 from finetune_worker.pipeline import run_job
-from finetune_worker.run.children import request_shutdown
 
 # Events a client polling /status should see as the job's latest state.
 STATUS_EVENTS = ("status", "progress")

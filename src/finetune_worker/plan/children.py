@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from finetune_worker.contract.settings import LIMIT_SETTINGS, SECRET_ENV_VARS, WORKER_ONLY_ENV_PREFIXES
-from finetune_worker.run.rundir import RunPaths
+from finetune_worker.host.rundir import RunPaths
 
 PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
 STEP_LIMIT_ENV = LIMIT_SETTINGS["max_steps"]  # the progress plugin enforces it in the child
@@ -75,6 +75,11 @@ def build_evaluation_argv(python: str, spec_file: Path, out: Path) -> list[str]:
 def build_export_argv(python: str, spec_file: Path, out: Path) -> list[str]:
     """Axolotl's GGUF export (`axolotl export`) of the spec's model, with the worker's llama.cpp."""
     return build_tool_argv(python, EXPORT_MODULE, str(spec_file), out=out)
+
+
+def hub_cache_dir(child_env: Mapping[str, str]) -> Path:
+    """Where the children find the Hugging Face Hub cache (HF_HUB_CACHE, else HF_HOME/hub)."""
+    return Path(child_env.get("HF_HUB_CACHE") or Path(child_env["HF_HOME"]) / "hub")
 
 
 def build_child_env(

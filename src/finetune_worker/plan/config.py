@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from finetune_worker.checks.axolotl_schema import integration_name
 from finetune_worker.checks.continue_from import Origin
-from finetune_worker.checks.options import INLINE_DATASET_KEYS
-from finetune_worker.checks.resources import AXOLOTL_KEPT_CHECKPOINTS
-from finetune_worker.run.hardware import Hardware
-from finetune_worker.run.rundir import RunPaths
+from finetune_worker.checks.options import AXOLOTL_KEPT_CHECKPOINTS, INLINE_DATASET_KEYS
+from finetune_worker.host.hardware import Hardware
+from finetune_worker.host.rundir import RunPaths
 
 PROGRESS_PLUGIN = "finetune_worker.run.progress_plugin.ProgressPlugin"
 
@@ -160,12 +160,6 @@ def apply_tracking(config: dict[str, Any], tracking: Tracking) -> list[str]:
     if dropped:
         return [f"W&B is off: {tracking.wandb_off_reason}, so {', '.join(dropped)} was ignored"]
     return []
-
-
-def integration_name(plugin: Any) -> str | None:
-    """`liger` for axolotl.integrations.liger.LigerPlugin (or .liger.plugin.LigerPlugin)."""
-    parts = str(plugin).split(".")
-    return parts[2] if len(parts) > 3 and parts[:2] == ["axolotl", "integrations"] else None
 
 
 def adapt_for_cpu(config: dict[str, Any]) -> list[str]:

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from finetune_worker.plan.config import AxolotlPlan, integration_name
-from finetune_worker.run.hardware import Hardware
+from finetune_worker.checks.axolotl_schema import integration_name
+from finetune_worker.host.hardware import Hardware
+from finetune_worker.plan.config import AxolotlPlan
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from finetune_worker.contract.job import LORA_ADAPTERS
+
 CARD_HYPERPARAMETERS = (
     "learning_rate", "num_epochs", "max_steps", "micro_batch_size", "gradient_accumulation_steps", "sequence_len",
     "optimizer", "lr_scheduler", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "adapter",
@@ -161,7 +163,7 @@ def render_model_card(
     from huggingface_hub import ModelCardData
 
     base = str((lineage or {}).get("base_model") or config.get("base_model", ""))
-    adapter = config.get("adapter") in ("lora", "qlora")
+    adapter = config.get("adapter") in LORA_ADAPTERS
     hub_datasets, local_datasets = _dataset_names(config)
     data = ModelCardData(
         base_model=None if _is_local(base) else base,

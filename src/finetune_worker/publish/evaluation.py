@@ -18,7 +18,8 @@ import math
 from pathlib import Path
 
 from finetune_worker.contract.job import EVAL_METRICS
-from finetune_worker.run.fastexit import exit_without_teardown, spec_child
+from finetune_worker.host.fastexit import exit_without_teardown, spec_child
+from finetune_worker.host.rundir import read_config
 from finetune_worker.serve.inference import alpaca_prompt, chat_prompt, generate_texts, load_base, load_finetuned, load_tokenizer
 
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
@@ -140,9 +141,9 @@ def measure(model, tokenizer, examples: list[dict], max_new_tokens: int, tempera
 
 
 def evaluate(spec: dict) -> dict:
-    import yaml
-
-    config = yaml.safe_load(Path(spec["config"]).read_text(encoding="utf-8"))
+    config = read_config(Path(spec["config"]))
+    if config is None:
+        raise ValueError(f"the run's config {spec['config']} is missing or not a YAML mapping")
     options = spec["evaluation"]
     output_dir = Path(config["output_dir"])
     tokenizer = load_tokenizer(config, output_dir)

@@ -16,7 +16,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from finetune_worker.run.fastexit import exit_without_teardown, spec_child
+from finetune_worker.host.fastexit import exit_without_teardown, spec_child
 
 # What the converter says when it cannot convert a model, and what that means for the user.
 CONVERTER_FAILURES = {

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from finetune_worker.run.fastexit import exit_without_teardown
+from finetune_worker.host.fastexit import exit_without_teardown
 
 
 def preload() -> None:

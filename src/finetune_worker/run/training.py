@@ -10,19 +10,20 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator
 
-from finetune_worker.checks.resources import gib
+from finetune_worker.checks.distributed import process_count
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.job import JobInput
+from finetune_worker.host.children import ChildProcess, shutdown_requested, stop_process_group
+from finetune_worker.host.failures import diagnose
+from finetune_worker.host.hardware import Hardware
+from finetune_worker.host.resources import JobResources
+from finetune_worker.host.rundir import RunPaths, set_aside_diverged
+from finetune_worker.host.tools import free_port, job_child
 from finetune_worker.plan.children import build_standby_argv, build_train_argv
-from finetune_worker.plan.distributed import process_count
-from finetune_worker.run.children import ChildProcess, shutdown_requested, stop_process_group
-from finetune_worker.run.failures import diagnose
-from finetune_worker.run.hardware import Hardware
+from finetune_worker.run.job import JobRun
 from finetune_worker.run.progress import ProgressTracker
-from finetune_worker.run.rundir import RunPaths, set_aside_diverged
-from finetune_worker.run.state import JobContext, JobState
-from finetune_worker.run.tools import free_port, job_child
+from finetune_worker.sizing.resources import gib
 
 ETA_WARNING_SECONDS = 24 * 3600  # a training whose ETA is beyond this (or FINETUNE_MAX_HOURS) is warned about once
 
@@ -31,42 +32,42 @@ def progress_tracker(max_hours: float | None) -> ProgressTracker:
     return ProgressTracker(eta_warning_seconds=min(ETA_WARNING_SECONDS, 3600 * (max_hours or float("inf"))))
 
 
-async def start_standby(job: JobInput, paths: RunPaths, child_env: dict[str, str], hardware: Hardware, state: JobState) -> None:
+async def start_standby(job: JobInput, paths: RunPaths, child_env: dict[str, str], hardware: Hardware, resources: JobResources) -> None:
     """Start the training child now, so Axolotl's imports overlap the checks, the data
     step and the Hub check; it trains only on `go`, and is stopped if the job ends first."""
     if job.mode != "train" or process_count(job.num_processes, hardware.gpu_count) > 1:
         return
     if not job.restart and (paths.result_file.exists() or paths.trained_file.exists()):
         return  # nothing left to train
-    standby = job_child(build_standby_argv(sys.executable, paths.config_file), child_env, paths.log_file, paths.progress_file, "training", state)
+    standby = job_child(build_standby_argv(sys.executable, paths.config_file), child_env, paths.log_file, paths.progress_file, "training", resources)
     await standby.start(standby=True)  # killed at the job's deadline if it never gets its go
-    state.standby = standby
+    resources.standby = standby
 
 
-async def _training_child(ctx: JobContext, state: JobState) -> AsyncIterator[dict]:
+async def _training_child(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     """The standby child when it is waiting, else a new one (under accelerate for several processes)."""
-    paths = ctx.paths
-    standby, state.standby = state.standby, None
+    paths = run.paths
+    standby, resources.standby = resources.standby, None
     if standby is not None and standby.on_standby:
-        state.training = standby
+        resources.child = standby
         await standby.go()
         return
     if standby is not None:
         standby.stop()
-    if ctx.num_processes > 1:
-        argv = build_train_argv(sys.executable, paths.config_file, ctx.num_processes, free_port())
-        yield events.status("training", f"launching {ctx.num_processes} training processes with accelerate (events come from rank 0)", num_processes=ctx.num_processes)
+    if run.processes > 1:
+        argv = build_train_argv(sys.executable, paths.config_file, run.processes, free_port())
+        yield events.status("training", f"launching {run.processes} training processes with accelerate (events come from rank 0)", num_processes=run.processes)
     else:
         argv = build_train_argv(sys.executable, paths.config_file)
-    state.training = job_child(argv, ctx.child_env, paths.log_file, paths.progress_file, "training", state)
-    await state.training.start()
+    resources.child = job_child(argv, run.child_env, paths.log_file, paths.progress_file, "training", resources)
+    await resources.child.start()
 
 
-async def train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> AsyncIterator[dict]:
+async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) -> AsyncIterator[dict]:
     """Run `axolotl train` in a child process and turn its progress records into events."""
-    async for event in _training_child(ctx, state):
+    async for event in _training_child(run, resources):
         yield event
-    training, settings = state.training, ctx.settings
+    training, settings = resources.child, run.settings
     over_steps = None
     try:
         async for batch in training.records():
@@ -98,10 +99,10 @@ async def train(ctx: JobContext, state: JobState, tracker: ProgressTracker) -> A
             "lower num_epochs, or set max_steps",
         )
     if tracker.disk_quota is not None:
-        raise disk_quota_error(tracker.disk_quota, ctx.paths)
+        raise disk_quota_error(tracker.disk_quota, run.paths)
     if tracker.nan_step is not None:
-        set_aside_diverged(ctx.paths.output_dir, tracker.nan_step)
-    raise_unless_trained(training, tracker, ctx.plan.config.get("base_model"))
+        set_aside_diverged(run.paths.output_dir, tracker.nan_step)
+    raise_unless_trained(training, tracker, run.plan.config.get("base_model"))
 
 
 def disk_quota_error(record: dict, paths: RunPaths) -> JobError:

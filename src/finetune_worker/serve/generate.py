@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune_worker.run.fastexit import exit_without_teardown, spec_child
+from finetune_worker.host.fastexit import exit_without_teardown, spec_child
+from finetune_worker.host.rundir import read_config
 from finetune_worker.serve.inference import (
     chat_prompt,
     format_prompt,
@@ -43,9 +44,9 @@ def prompts_over(tokenizer, prompts: list[str], limit: int | None) -> list[dict]
 
 
 def generate(spec: dict) -> dict:
-    import yaml
-
-    config = yaml.safe_load(Path(spec["config"]).read_text(encoding="utf-8"))
+    config = read_config(Path(spec["config"]))
+    if config is None:
+        raise ValueError(f"the run's config {spec['config']} is missing or not a YAML mapping")
     model_dir = Path(spec["model_dir"])
     tokenizer = load_tokenizer(config, model_dir, Path(spec.get("output_dir") or model_dir))
     prompts = formatted_prompts(spec, config, tokenizer)

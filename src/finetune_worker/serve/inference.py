@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_worker.checks.continue_from import LORA_ADAPTERS
-from finetune_worker.run.rundir import END_OF_TURN_TOKENS  # a chat fine-tune of a base model ends answers with one
+from finetune_worker.contract.job import LORA_ADAPTERS
+from finetune_worker.host.rundir import END_OF_TURN_TOKENS  # a chat fine-tune of a base model ends answers with one
 
 GENERATION_BATCH = 8  # prompts per generate() call; left-padded
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TextIO
 
 from finetune_worker.contract.errors import JobError
+from finetune_worker.host.children import die_with_parent, group_members, stop_process_group
+from finetune_worker.host.rundir import copy_run_tokenizer, has_weights
 from finetune_worker.plan.children import build_merge_argv
 from finetune_worker.plan.serving import (
     SERVE_API_KEY,
@@ -37,8 +39,6 @@ from finetune_worker.plan.serving import (
     server_env,
     with_overrides,
 )
-from finetune_worker.run.children import die_with_parent, group_members, stop_process_group
-from finetune_worker.run.rundir import copy_run_tokenizer, has_weights
 from finetune_worker.serve.target import RunOutput, finished_run, run_in_directory
 
 STARTUP_TIMEOUT_S = {VLLM: 1200.0, TRANSFORMERS: 600.0}  # vLLM downloads and compiles first

@@ -21,12 +21,12 @@ from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError, Problem, problems_error
 from finetune_worker.contract.job import DEFAULT_NEW_TOKENS, JobInput
 from finetune_worker.contract.settings import WorkerSettings
+from finetune_worker.host.failures import diagnose
+from finetune_worker.host.resources import JobResources
+from finetune_worker.host.rundir import RunPaths, read_json, write_json
+from finetune_worker.host.tools import job_child
 from finetune_worker.plan.children import build_generate_argv
 from finetune_worker.plan.serving import run_recipe
-from finetune_worker.run.failures import diagnose
-from finetune_worker.run.rundir import RunPaths, read_json, write_json
-from finetune_worker.run.state import JobState
-from finetune_worker.run.tools import job_child
 from finetune_worker.serve.target import RunOutput, finished_run
 
 
@@ -35,7 +35,7 @@ def generation_options(job: JobInput) -> dict:
             "top_p": job.top_p if job.top_p is not None else 1.0}
 
 
-async def generate(job: JobInput, settings: WorkerSettings, child_env: dict[str, str], state: JobState) -> AsyncIterator[dict]:
+async def generate(job: JobInput, settings: WorkerSettings, child_env: dict[str, str], resources: JobResources) -> AsyncIterator[dict]:
     roots = make_roots(settings.base_volume, settings.examples_dir, job.user_id)
     target = finished_run(settings.runs_dir, job.user_id, job.run_id, job.checkpoint or "final", roots=roots)
     items = job.prompts if job.prompts is not None else [[m.model_dump() for m in c] for c in job.messages]
@@ -49,11 +49,11 @@ async def generate(job: JobInput, settings: WorkerSettings, child_env: dict[str,
     output_dir = target.model_dir if target.checkpoint == "final" else target.model_dir.parent
     spec = {"config": str(target.config_file), "model_dir": str(target.model_dir), "output_dir": str(output_dir), "records": str(answers),
             "prompts": job.prompts, "messages": None if job.prompts is not None else items, "max_prompt_tokens": cap, **options}
-    state.scratch += [spec_file, answers, out]  # the prompts and answers live in the job's result only, however it ends
+    resources.scratch += [spec_file, answers, out]  # the prompts and answers live in the job's result only, however it ends
     try:
         write_json(spec_file, spec)
-        child = job_child(build_generate_argv(sys.executable, spec_file, out), child_env, work / "generate.log", answers, "generate", state)
-        state.training = child  # a cancel stops it like a training
+        child = job_child(build_generate_argv(sys.executable, spec_file, out), child_env, work / "generate.log", answers, "generate", resources)
+        resources.child = child  # a cancel stops it like a training
         await child.start()
         async for batch in child.records():
             for record in batch:
@@ -62,7 +62,7 @@ async def generate(job: JobInput, settings: WorkerSettings, child_env: dict[str,
                                             int(record.get("tokens", 0)), str(record.get("finish_reason", "")))
         result = read_json(out)
     finally:
-        state.remove_scratch()
+        resources.remove_scratch()
     if isinstance(result, dict) and isinstance(result.get("too_long"), list):
         field = "prompts" if job.prompts is not None else "messages"
         raise problems_error(errors.INVALID_INPUT, [

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_worker.checks.continue_from import LORA_ADAPTERS
 from finetune_worker.checks.paths import PathRoots, config_path_problem
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
-from finetune_worker.run.rundir import (
+from finetune_worker.contract.job import LORA_ADAPTERS
+from finetune_worker.host.rundir import (
     checkpoints_named,
     has_weights,
     is_complete_checkpoint,

@@ -6,7 +6,7 @@ is written, and only the asking user's directory (`runs/<user_id>/`) is ever ope
 so another user's run and a missing one give the same answer.
 
 A run's state:
-  running      its lock is held by a live worker (run/lock.py `holder`)
+  running      its lock is held by a live worker (host/lock.py `holder`)
   completed    result.json, or a last recorded event `result` (a preflight)
   failed       the last recorded event is an `error` (not `cancelled`)
   interrupted  cancelled, or stopped without a last event (the worker was killed)
@@ -27,9 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.contract import errors
-from finetune_worker.contract.job import EVENTS_PAGE_DEFAULT, RUNS_PAGE_DEFAULT
-from finetune_worker.run.lock import holder
-from finetune_worker.run.rundir import RunPaths, read_json, run_paths, through_link
+from finetune_worker.contract.job import (
+    EVENTS_PAGE_DEFAULT,
+    LORA_ADAPTERS,
+    RUNS_PAGE_DEFAULT,
+)
+from finetune_worker.host.lock import holder
+from finetune_worker.host.rundir import RunPaths, read_json, run_paths, through_link
 
 EVENTS_PAGE_BYTES = 1024 * 1024  # one page of events at most (RunPod streams up to 4 MiB of them)
 TAIL_BYTES = 64 * 1024  # where a run's last event and last progress are looked for
@@ -121,7 +125,7 @@ def _tail_events(path: Path) -> list[dict]:
 
 def _method(args: dict) -> dict:
     adapter = args.get("adapter")
-    method = {"method": adapter if adapter in ("lora", "qlora") else "full"}
+    method = {"method": adapter if adapter in LORA_ADAPTERS else "full"}
     if args.get("rl"):
         method["rl"] = args["rl"]
     return method

@@ -32,7 +32,7 @@
 
 `tests/memory_calibration.json` holds published peak-memory measurements and
 `tests/test_memory_calibration.py` checks this estimate against them (and renders the
-README's table of them).
+table of them in docs/operating.md).
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_worker.checks.resources import MARGIN, linear_shapes, lora_params
-from finetune_worker.plan.config import integration_name
-from finetune_worker.plan.distributed import deepspeed_offloads, deepspeed_stage
+from finetune_worker.checks.axolotl_schema import integration_name
+from finetune_worker.checks.distributed import deepspeed_offloads, deepspeed_stage
+from finetune_worker.contract.job import LORA_ADAPTERS
 from finetune_worker.plan.fast_defaults import uses_cut_cross_entropy
+from finetune_worker.sizing.resources import MARGIN, linear_shapes, lora_params
 
 GIB = 2**30
 OVERHEAD = 1 * GIB
@@ -92,7 +93,7 @@ def estimate_gpu_memory(cfg: dict[str, Any], model_config: dict, num_gpus: int =
     params = params_from_config(model_config)
     hidden, layers, vocab = model_config["hidden_size"], model_config["num_hidden_layers"], model_config["vocab_size"]
     linear = layers * linear_params_per_layer(model_config)
-    lora = cfg.get("adapter") in ("lora", "qlora")
+    lora = cfg.get("adapter") in LORA_ADAPTERS
     half = bool(cfg.get("bf16") or cfg.get("fp16")) or cfg.get("bf16") is None  # Axolotl's bf16 "auto" on a GPU
     plain_bytes = 2.0 if half else 4.0
     if cfg.get("load_in_4bit") or cfg.get("adapter") == "qlora":
@@ -157,7 +158,7 @@ def estimate_gpu_memory(cfg: dict[str, Any], model_config: dict, num_gpus: int =
 
 def suggestions(cfg: dict[str, Any], num_gpus: int) -> str:
     ideas = []
-    if cfg.get("adapter") not in ("lora", "qlora"):
+    if cfg.get("adapter") not in LORA_ADAPTERS:
         ideas.append("adapter: lora (or qlora with load_in_4bit: true)")
     elif cfg.get("adapter") == "lora":
         ideas.append("adapter: qlora with load_in_4bit: true")

@@ -28,6 +28,10 @@ import time
 import uuid
 from pathlib import Path
 
+from finetune_worker.contract import errors, events
+from finetune_worker.contract.errors import JobError
+from finetune_worker.host.rundir import RunPaths, move_aside, through_link
+
 HEARTBEAT_SECONDS = 5.0
 STALE_SECONDS = 60.0
 PARTIAL_GRACE_SECONDS = 2.0
@@ -164,3 +168,25 @@ def _write_new(path: Path, owner: dict) -> None:
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+def take_run(paths: RunPaths, user_id: str, run_id: str, restart: bool) -> tuple[RunLock, list[dict]]:
+    """Lock the run (one job per run on the whole volume), never through a symbolic link;
+    move an old attempt aside on restart. (The lock, what to report.)"""
+    if through_link(paths.run_dir):
+        raise JobError(errors.INVALID_INPUT, f"run {run_id!r}: its directory on the volume is a symbolic link, "
+                                             "which the worker never follows; use another run_id (the operator can remove the link)")
+    paths.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(paths.lock_file, job_id=run_id)
+    try:
+        lock.acquire()
+    except RunLocked as exc:
+        owner = exc.owner
+        where = f" (worker {owner.get('host', '?')}, pid {owner.get('pid', '?')})" if owner else ""
+        raise JobError(errors.RUN_IN_PROGRESS, f"run {user_id}/{run_id} is already running{where}; wait for it or use another run_id") from None
+    found = []
+    if lock.took_over:
+        found.append(events.warning(f"took over the lock of a worker that stopped ({lock.took_over.get('host', '?')}, pid {lock.took_over.get('pid', '?')})"))
+    if restart and (moved := move_aside(paths.run_dir)):
+        found.append(events.status("preparing", f"restart: the earlier attempt was kept as {moved.name}"))
+    return lock, found

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
-from finetune_worker.run.redact import Redactor
+from finetune_worker.host.redact import Redactor
 
 POLL_SECONDS = 0.25
 TAIL_LINES = 40

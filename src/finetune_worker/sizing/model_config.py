@@ -16,23 +16,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from finetune_worker.checks.resources import ModelFacts, directory_facts, gib, model_facts
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
-from finetune_worker.plan.children import build_model_config_argv
-from finetune_worker.run.rundir import read_json
-from finetune_worker.run.state import JobState
-from finetune_worker.run.tools import run_child
+from finetune_worker.host.resources import JobResources
+from finetune_worker.host.rundir import read_json
+from finetune_worker.host.tools import run_child
+from finetune_worker.plan.children import build_model_config_argv, hub_cache_dir
+from finetune_worker.sizing.resources import ModelFacts, directory_facts, gib, model_facts
 
 
-async def base_model_facts(config: dict, env: dict[str, str], child_env: dict[str, str], state: JobState) -> tuple[ModelFacts, list[dict]]:
+async def base_model_facts(config: dict, env: dict[str, str], child_env: dict[str, str], resources: JobResources) -> tuple[ModelFacts, list[dict]]:
     """(the facts, the events to report)."""
     base_model = str(config.get("base_model", ""))
-    hub_cache = Path(child_env.get("HF_HUB_CACHE") or Path(child_env["HF_HOME"]) / "hub")
-    facts = model_facts(base_model, Path(child_env["HF_HOME"]), hub_cache)
+    hub_cache = hub_cache_dir(child_env)
+    facts = model_facts(base_model, hub_cache)
     prebaked = env.get("FINETUNE_PREBAKED_HF_CACHE")
     if facts.config is None and prebaked:
-        baked = model_facts(base_model, Path(prebaked), Path(prebaked))
+        baked = model_facts(base_model, Path(prebaked))
         if baked.config is not None:
             return baked, []
     offline = child_env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -45,17 +45,17 @@ async def base_model_facts(config: dict, env: dict[str, str], child_env: dict[st
         argv = build_model_config_argv(sys.executable, base_model, str(revision) if revision else None, out=out)
         tool = None
         try:
-            tool = await run_child(argv, child_env, Path(scratch), "hub-model-config", state)
+            tool = await run_child(argv, child_env, Path(scratch), "hub-model-config", resources)
             outcome = read_json(out) or {"ok": False, "code": "network", "message": f"the Hub step exited with code {tool.returncode}"}
         except JobError as exc:
-            if exc.code != errors.DEADLINE_EXCEEDED or (state.job_deadline is not None and state.job_deadline.passed):
+            if exc.code != errors.DEADLINE_EXCEEDED or (resources.job_deadline is not None and resources.job_deadline.passed):
                 raise
             outcome = {"ok": False, "code": "network", "message": "the Hub did not answer in time (FINETUNE_HUB_CHECK_DEADLINE_S)"}
         finally:
-            state.training = None
+            resources.child = None
     if outcome.get("ok"):
         snapshot = outcome.get("snapshot")
-        facts = directory_facts(Path(snapshot)) if snapshot and Path(snapshot).is_dir() else model_facts(base_model, Path(child_env["HF_HOME"]), hub_cache)
+        facts = directory_facts(Path(snapshot)) if snapshot and Path(snapshot).is_dir() else model_facts(base_model, hub_cache)
         size = f"{gib(facts.weight_bytes)} of weights to download" if facts.weight_bytes else "weights of unknown size to download"
         return facts, [events.status("validating", f"read {base_model}'s config.json from the Hugging Face Hub ({size})")]
     if outcome.get("code") in (errors.AUTH_ERROR, errors.MODEL_LOAD_ERROR):

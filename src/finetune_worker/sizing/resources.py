@@ -1,6 +1,6 @@
 """How big the model is, and how much disk a run will write, before it starts.
 
-The estimate (documented in the README):
+The estimate (documented in docs/operating.md, "Disk check"):
 
   total = download + kept_checkpoints x checkpoint + final (+ merged), plus 10%
   download   = weight bytes of the base model, when it is not local or cached
@@ -17,6 +17,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from finetune_worker.checks.options import AXOLOTL_KEPT_CHECKPOINTS
+from finetune_worker.contract.job import LORA_ADAPTERS
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
@@ -88,13 +91,12 @@ def directory_facts(directory: Path, local: bool = False) -> ModelFacts:
     return ModelFacts(weight_bytes=on_disk or None, needs_download=not local and on_disk == 0, config=config)
 
 
-def model_facts(base_model: str, hf_home: Path, hub_cache: Path | None = None) -> ModelFacts:
-    """Size and config of the base model, from disk only (a local dir or the HF cache,
-    hub_cache or else HF_HOME/hub)."""
+def model_facts(base_model: str, hub_cache: Path) -> ModelFacts:
+    """Size and config of the base model, from disk only (a local dir or the Hub cache)."""
     local = Path(base_model)
     if local.is_absolute() and local.is_dir():
         return directory_facts(local, local=True)
-    directory = _cached_snapshot(base_model, hub_cache or hf_home / "hub")
+    directory = _cached_snapshot(base_model, hub_cache)
     if directory is None:
         return ModelFacts(weight_bytes=None, needs_download=True, config=None)
     return directory_facts(directory)
@@ -125,7 +127,6 @@ def lora_params(cfg: dict[str, Any], model_config: dict | None, params: int) -> 
     return per_layer * model_config.get("num_hidden_layers", 1)
 
 
-AXOLOTL_KEPT_CHECKPOINTS = 4  # Axolotl's save_total_limit when a config leaves it unset (or 0)
 
 
 def planned_saves(cfg: dict[str, Any]) -> int | None:
@@ -183,7 +184,7 @@ def estimate_disk(cfg: dict[str, Any], facts: ModelFacts, merge: bool = False) -
     if not facts.weight_bytes or not facts.params:
         return None
     weights = facts.weight_bytes
-    if cfg.get("adapter") in ("lora", "qlora"):
+    if cfg.get("adapter") in LORA_ADAPTERS:
         adapter = lora_params(cfg, facts.config, facts.params) * 4
         checkpoint, final = adapter * 3, adapter
     else:

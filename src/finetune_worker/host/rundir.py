@@ -114,25 +114,27 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_config(paths: RunPaths, config: dict[str, Any]) -> None:
-    write_atomic(paths.config_file, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+def write_config(config_file: Path, config: dict[str, Any]) -> None:
+    """A run's (or a Pod's) config.yaml, the one Axolotl reads; the only writer of one."""
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(config_file, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
 
 
 def write_json(path: Path, value: Any) -> None:
     write_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
 
 
-def append_event(paths: RunPaths, event: dict) -> None:
-    """Record an event; a full disk must not stop the job from reporting it."""
+def append_event(events_file: Path, event: dict) -> None:
+    """Record an event in a run's events.jsonl; a full disk must not stop the job from reporting it."""
     try:
-        with open(paths.events_file, "a", encoding="utf-8") as handle:
+        with open(events_file, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(event, default=str) + "\n")
     except OSError as exc:
-        print(f"finetune-worker: could not record an event in {paths.events_file}: {exc}", file=sys.stderr)
+        print(f"finetune-worker: could not record an event in {events_file}: {exc}", file=sys.stderr)
 
 
 def read_config(path: Path) -> dict | None:
-    """A run's config.yaml, or None when it is missing or not a YAML mapping."""
+    """A run's config.yaml, or None when it is missing or not a YAML mapping; the only reader of one."""
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):

@@ -11,13 +11,13 @@ import importlib.util
 import shutil
 from dataclasses import replace
 
-from finetune_worker.checks.memory import CLEARLY_OVER, estimate_gpu_memory, suggestions
-from finetune_worker.checks.resources import ModelFacts, estimate_disk, gib
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.settings import WorkerSettings
+from finetune_worker.host.hardware import Hardware
 from finetune_worker.plan.fast_defaults import Speedups, apply_fast_defaults
-from finetune_worker.run.hardware import Hardware
+from finetune_worker.sizing.memory import CLEARLY_OVER, estimate_gpu_memory, suggestions
+from finetune_worker.sizing.resources import ModelFacts, estimate_disk, gib
 
 FITS_FRACTION = 0.9  # without gradient checkpointing, the estimate must stay under this share of the GPU
 

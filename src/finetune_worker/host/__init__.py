@@ -1,0 +1,1 @@
+"""The machine a job runs on: its volume (run directories, locks, runs read back), the child processes a job starts (with deadlines, and what a failed one means), the hardware, and redaction of what is written."""

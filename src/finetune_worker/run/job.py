@@ -1,0 +1,61 @@
+"""What a job's stages learn, in order: the one object each stage reads and adds to.
+
+The live side of the job (its lock, its child processes, its redactor) is the
+`JobResources` (host/resources.py); no field is in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_worker.checks.tenancy import HubWrites, WandbTarget
+from finetune_worker.checks.validation import ValidJob
+from finetune_worker.contract.job import JobInput
+from finetune_worker.contract.settings import WorkerSettings
+from finetune_worker.data.files import DatasetCheck
+from finetune_worker.host.hardware import Hardware
+from finetune_worker.host.rundir import PreviousRun, RunPaths
+from finetune_worker.plan.config import AxolotlPlan
+from finetune_worker.sizing.resources import ModelFacts
+
+
+@dataclass
+class JobRun:
+    """The job as its stages learn it; each stage reads what the ones before it set."""
+
+    raw_input: Any
+    env: dict[str, str]
+    hardware: Hardware | None
+    started: float  # time.monotonic() when the worker took the job
+    done: bool = False  # a stage answered the job (a stored result, a preflight)
+    settings: WorkerSettings | None = None
+    parsed: JobInput | None = None  # the request, parsed (before its args are checked)
+    parse_problems: list = field(default_factory=list)
+    valid: ValidJob | None = None
+    paths: RunPaths | None = None
+    child_env: dict[str, str] = field(default_factory=dict)
+    wandb_key: str | None = None
+    hub_writes: HubWrites = field(default_factory=lambda: HubWrites({}))
+    wandb: WandbTarget = field(default_factory=WandbTarget)
+    plan: AxolotlPlan | None = None  # complete (fast defaults, prepared-data path, resume point) before config.yaml is written
+    processes: int = 1
+    base: ModelFacts | None = None
+    previous: PreviousRun | None = None
+    checks: list[DatasetCheck] = field(default_factory=list)
+    trained: dict | None = None
+    has_curve: bool = False
+    evaluation: dict | None = None
+    publish_blocked: str | None = None
+    merged: Path | None = None
+    gguf: list[str] | None = None
+    hub: dict | None = None
+
+    @property
+    def job(self) -> JobInput:
+        return self.valid.job
+
+    @property
+    def repo_id(self) -> str | None:
+        return self.plan.publish.get("hub_model_id")
