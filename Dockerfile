@@ -1,7 +1,7 @@
 # finetune-worker: a RunPod serverless worker (and Pod image) that fine-tunes LLMs with Axolotl.
 #
 # The base is the official Axolotl image for Python 3.12, pinned by tag (add @sha256:<digest>
-# once read from the registry: README "The image" says how). Its Axolotl, Python and torch
+# once read from the registry: docs/operating.md "The image" says how). Its Axolotl, Python and torch
 # versions must match the ones the tests run against (builder/constraints.txt,
 # builder/setup_venv.sh); builder/check_versions.py checks that in CI.
 ARG BASE_IMAGE=axolotlai/axolotl:0.21.0-py3.12-cu130-2.13.0

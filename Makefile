@@ -19,7 +19,7 @@ run: $(STAMP)
 test: lint
 	$(VENV)/bin/python -m pytest
 
-## GPU acceptance tests (tests/test_gpu.py, README "GPU acceptance tests"): on a machine with CUDA,
+## GPU acceptance tests (tests/test_gpu.py, docs/development.md "GPU acceptance tests"): on a machine with CUDA,
 ## in a venv (.venv) or in the image (its python); without a GPU they all skip
 GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python)
 gpu-test:

@@ -41,6 +41,6 @@ def test_the_local_status_runs_the_stored_job_once(monkeypatch, tmp_path):
 
 
 def test_the_readme_documents_the_local_server():
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (REPO_ROOT / "docs" / "operating.md").read_text(encoding="utf-8")
     assert "local `--rp_serve_api`" in readme
     assert "**also when the job failed**" in readme and "Job ID not found" in readme

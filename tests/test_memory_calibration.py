@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune_worker.checks.memory import CLEARLY_OVER, GIB, estimate_gpu_memory
+from finetune_worker.sizing.memory import CLEARLY_OVER, GIB, estimate_gpu_memory
 
 ROOT = Path(__file__).resolve().parent.parent
+TABLE_DOC = ROOT / "docs" / "operating.md"  # the doc that holds the rendered table
 DATA = json.loads((Path(__file__).resolve().parent / "memory_calibration.json").read_text(encoding="utf-8"))
 UNITS = {"GB": 1e9, "GiB": 2**30, "MiB": 2**20}
 LOW, HIGH = 0.75, 1.33
@@ -102,14 +103,14 @@ def test_every_run_names_its_source_and_model():
 
 
 def test_the_readme_table_matches_the_data():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = TABLE_DOC.read_text(encoding="utf-8")
     assert readme_section(readme) == render_table(), "run: PYTHONPATH=src .venv/bin/python tests/test_memory_calibration.py --write"
 
 
 if __name__ == "__main__":
     table = render_table()
     if "--write" in sys.argv:
-        path = ROOT / "README.md"
+        path = TABLE_DOC
         text = path.read_text(encoding="utf-8")
         start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
         path.write_text(text[:start] + "\n" + table + "\n" + text[end:], encoding="utf-8")
@@ -120,8 +121,8 @@ if __name__ == "__main__":
 def test_gradient_checkpointing_is_decided_with_the_fused_cross_entropy_the_fast_defaults_add():
     """The fast defaults turn Liger's fused cross-entropy on before the memory check, so
     the headroom that decides gradient checkpointing must count it (logits nearly zero)."""
-    from finetune_worker.checks.capacity import FITS_FRACTION, speedups
-    from finetune_worker.run.hardware import Hardware
+    from finetune_worker.host.hardware import Hardware
+    from finetune_worker.sizing.capacity import FITS_FRACTION, speedups
 
     llama8b = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}

@@ -16,7 +16,7 @@ def job_input_schema() -> dict:
     schema["title"] = "finetune-worker job input (RunPod job[\"input\"])"
     schema["properties"]["args"]["description"] = (
         "An Axolotl config: any option `axolotl train` accepts (https://docs.axolotl.ai/docs/config-reference.html). "
-        "The worker validates it with Axolotl's own schema and its own rules; see README.md."
+        "The worker validates it with Axolotl's own schema and its own rules; see docs/job-reference.md."
     )
     # Which fields each mode needs and allows (the worker checks the same: contract/job.py mode_problems).
     reading = {mode: {"if": {"properties": {"mode": {"const": mode}}, "required": ["mode"]},
