@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
@@ -31,6 +33,12 @@ LIMIT_SETTINGS = {
     "max_prompt_tokens": "FINETUNE_MAX_PROMPT_TOKENS",  # mode generate: tokens per prompt (else the run's sequence_len)
     "max_checkpoints": "FINETUNE_MAX_CHECKPOINTS",  # checkpoints a run keeps (save_total_limit)
     "max_run_bytes": "FINETUNE_MAX_RUN_BYTES",  # one run directory's size, checked at each checkpoint
+    "max_cost": "FINETUNE_MAX_COST",  # US dollars a job may be estimated to cost (with FINETUNE_MAX_HOURS: the budget caps)
+}
+# How the time and cost estimate is made (sizing/estimate.py): field -> environment variable.
+ESTIMATE_SETTINGS = {
+    "gpu_prices": "FINETUNE_GPU_PRICES", "gpu_types": "FINETUNE_GPU_TYPES", "download_mbps": "FINETUNE_DOWNLOAD_MBPS",
+    "volume_mbps": "FINETUNE_VOLUME_MBPS", "upload_mbps": "FINETUNE_UPLOAD_MBPS",
 }
 # How long each helper child may run, in seconds: field -> (environment variable, default).
 # Every child also ends by the job's own deadline (FINETUNE_MAX_HOURS, from the job's start).
@@ -61,7 +69,7 @@ ENV_NAMES = {
     "max_download_bytes": "FINETUNE_MAX_DOWNLOAD_BYTES", "download_deadline_s": "FINETUNE_DOWNLOAD_DEADLINE_S",
     "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", "hub_namespace": "FINETUNE_HUB_NAMESPACE",
     "wandb_entity": "FINETUNE_WANDB_ENTITY", "llama_cpp_dir": "FINETUNE_LLAMA_CPP_DIR", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
-    **{field: name for field, (name, _) in DEADLINE_SETTINGS.items()},
+    **{field: name for field, (name, _) in DEADLINE_SETTINGS.items()}, **ESTIMATE_SETTINGS,
 }
 # Environment variables whose values are secrets: the worker's own credentials. No
 # child inherits them (a child gets the job's own: plan.build_child_env), and their
@@ -132,6 +140,14 @@ class WorkerSettings(BaseModel):
     max_prompt_tokens: int | None = Field(None, gt=0)
     max_checkpoints: int | None = Field(None, gt=0)
     max_run_bytes: int | None = Field(None, gt=0)
+    max_cost: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # The estimate: US dollars per GPU-hour by RunPod GPU id (and "cpu"), replacing or adding to the
+    # published defaults (sizing/gpus.py); the GPU types it estimates; transfer rates, MB/s.
+    gpu_prices: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = {}
+    gpu_types: tuple[str, ...] = ()
+    download_mbps: float = Field(150.0, gt=0, allow_inf_nan=False)
+    volume_mbps: float = Field(300.0, gt=0, allow_inf_nan=False)
+    upload_mbps: float = Field(50.0, gt=0, allow_inf_nan=False)
     # Wall-clock limits of the helper children (DEADLINE_SETTINGS), seconds.
     preflight_deadline_s: float = Field(DEADLINE_SETTINGS["preflight_deadline_s"][1], gt=0, allow_inf_nan=False)
     evaluation_deadline_s: float = Field(DEADLINE_SETTINGS["evaluation_deadline_s"][1], gt=0, allow_inf_nan=False)
@@ -158,6 +174,23 @@ class WorkerSettings(BaseModel):
             raise SettingsInvalid("; ".join(wrong)) from None
         settings.base_volume = settings.base_volume.absolute()
         return settings
+
+    @field_validator("gpu_prices", mode="before")
+    @classmethod
+    def _price_table(cls, value: object) -> object:
+        """FINETUNE_GPU_PRICES is a JSON object: {"NVIDIA H100 80GB HBM3": 2.99, "cpu": 0.1}."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError('a JSON object of US dollars per GPU-hour, e.g. {"NVIDIA H100 80GB HBM3": 2.99}') from None
+        return value
+
+    @field_validator("gpu_types", mode="before")
+    @classmethod
+    def _type_list(cls, value: object) -> object:
+        """FINETUNE_GPU_TYPES is comma-separated RunPod GPU ids (or names): `NVIDIA L40S,H100 SXM`."""
+        return tuple(item.strip() for item in value.split(",") if item.strip()) if isinstance(value, str) else value
 
     @field_validator("allowed_private_hosts", mode="before")
     @classmethod

@@ -44,7 +44,7 @@ from finetune_worker.checks.axolotl_schema import integration_name
 from finetune_worker.checks.distributed import deepspeed_offloads, deepspeed_stage
 from finetune_worker.contract.job import LORA_ADAPTERS
 from finetune_worker.plan.fast_defaults import uses_cut_cross_entropy
-from finetune_worker.sizing.resources import MARGIN, linear_shapes, lora_params
+from finetune_worker.sizing.resources import MARGIN, linear_params, lora_params
 
 GIB = 2**30
 OVERHEAD = 1 * GIB
@@ -57,16 +57,11 @@ QUANT_4BIT_BYTES = 0.55  # 4 bits + block scales
 GATHERED_LAYERS = 2  # FSDP / ZeRO-3: the layer computing and the one prefetched
 
 
-def linear_params_per_layer(c: dict) -> int:
-    return sum(fan_in * fan_out for fan_in, fan_out in linear_shapes(c).values())
-
-
 def params_from_config(c: dict) -> int:
-    """Parameter count of a Llama-shaped decoder from its config.json."""
+    """Parameter count of a Llama-shaped decoder from its config.json (a mixture of experts: every expert)."""
     hidden, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-    per_layer = linear_params_per_layer(c) + 2 * hidden  # + 2 norms
     embeddings = vocab * hidden * (1 if c.get("tie_word_embeddings") else 2)
-    return layers * per_layer + embeddings + hidden
+    return linear_params(c)[0] + layers * 2 * hidden + embeddings + hidden  # + 2 norms per layer, + the final norm
 
 
 @dataclass(frozen=True)
@@ -92,7 +87,7 @@ def fused_cross_entropy(cfg: dict[str, Any]) -> bool:
 def estimate_gpu_memory(cfg: dict[str, Any], model_config: dict, num_gpus: int = 1) -> MemoryEstimate:
     params = params_from_config(model_config)
     hidden, layers, vocab = model_config["hidden_size"], model_config["num_hidden_layers"], model_config["vocab_size"]
-    linear = layers * linear_params_per_layer(model_config)
+    linear = linear_params(model_config)[0]
     lora = cfg.get("adapter") in LORA_ADAPTERS
     half = bool(cfg.get("bf16") or cfg.get("fp16")) or cfg.get("bf16") is None  # Axolotl's bf16 "auto" on a GPU
     plain_bytes = 2.0 if half else 4.0

@@ -116,6 +116,34 @@ def linear_shapes(model_config: dict) -> dict[str, tuple[int, int]]:
     }
 
 
+MOE_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def linear_params(model_config: dict) -> tuple[int, int]:
+    """(all, active per token) parameters of the decoder's linear layers, over every layer.
+
+    A dense model uses all of them for every token. A mixture of experts keeps every expert
+    (memory) but runs only num_experts_per_tok of them per token (FLOPs), plus its shared
+    experts, its router, and the dense layers before first_k_dense_replace."""
+    shapes = linear_shapes(model_config)
+    hidden, layers = model_config["hidden_size"], model_config["num_hidden_layers"]
+    dense = sum(fan_in * fan_out for fan_in, fan_out in shapes.values())
+    experts = next((int(model_config[key]) for key in MOE_EXPERT_KEYS if model_config.get(key)), 0)
+    if experts <= 1:
+        return layers * dense, layers * dense
+    attention = sum(fan_in * fan_out for name, (fan_in, fan_out) in shapes.items() if name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    expert = 3 * hidden * int(model_config.get("moe_intermediate_size") or model_config.get("intermediate_size") or 4 * hidden)
+    shared = int(model_config.get("n_shared_experts") or 0) * expert
+    shared += 3 * hidden * int(model_config.get("shared_expert_intermediate_size") or 0)
+    top_k = int(model_config.get("num_experts_per_tok") or 1)
+    router = hidden * experts
+    dense_layers = min(int(model_config.get("first_k_dense_replace") or 0), layers)
+    moe_layers = layers - dense_layers
+    every = dense_layers * dense + moe_layers * (attention + router + experts * expert + shared)
+    active = dense_layers * dense + moe_layers * (attention + router + top_k * expert + shared)
+    return every, active
+
+
 def lora_params(cfg: dict[str, Any], model_config: dict | None, params: int) -> int:
     """Trainable LoRA parameters: r x (in + out) for every targeted linear layer."""
     r = int(cfg.get("lora_r") or 8)

@@ -1,0 +1,183 @@
+"""The time and cost estimate against arithmetic done by hand (sizing/throughput.py, sizing/estimate.py).
+
+Pure: no model, no data, no child. The model is Llama-3-8B's config.json shape:
+
+    linear per layer = q 4096x4096 + k 4096x1024 + v 4096x1024 + o 4096x4096 + 3 x 4096x14336 = 218,103,808
+    N_mm   = 32 x 218,103,808 + LM head 128,256 x 4,096                                   = 7,504,658,432
+    N_lora (r16, all linear) = 16 x 32 x [2 (4096+4096) + 2 (4096+1024) + 2 (4096+14336) + (14336+4096)] = 41,943,040
+    A      (every sample 500 tokens, so l_tok = 500) = 6 x 32 x 4096 x 500                = 393,216,000
+    F_lora = 4 N_mm + 6 N_lora + A                                                        = 30,663,507,968
+    R (GC) = 2 N_mm + A / 3                                                               = 15,140,388,864
+
+Data: 10,000 rows of 500 tokens (5,000,000), packed by Axolotl into 2,500 bins of 2,048.
+Config: LoRA r16, micro batch 2, accumulation 4, 2 epochs, packing.
+
+    steps on 1 GPU   = ceil(2 x ceil(2500 / 8)) = 626; processed = 626 x 8 x 2048 = 10,256,384 tokens
+    1 x H100 SXM     = 10,256,384 x F_lora / (989e12 x 0.30) = 1,059.98 s
+    with GC          = 10,256,384 x (F_lora + R) / (989e12 x 0.30) = 1,583.36 s
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune_worker.sizing.estimate import Request, estimate_table
+from finetune_worker.sizing.gpus import BY_NAME, GPUS, gpu_for, prices
+from finetune_worker.sizing.memory import params_from_config
+from finetune_worker.sizing.throughput import (
+    Fixed,
+    Lengths,
+    Rates,
+    dequantisation_seconds,
+    fixed_phases,
+    flops_per_token,
+    model_shape,
+    padded_length,
+    schedule,
+)
+from finetune_worker.sizing.throughput_sources import MODELS
+
+LLAMA_8B = {**MODELS["Llama-3-8B"], "model_type": "llama"}
+LLAMA_70B = {**MODELS["Llama-3-70B"], "model_type": "llama"}
+MIXTRAL = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=32000, num_local_experts=8, num_experts_per_tok=2, model_type="mixtral")
+LENGTHS = Lengths(rows=10_000, tokens=5_000_000, sum_squares=10_000 * 500**2, histogram=(0,) * 7 + (10_000,), packed_bins=2_500)
+LORA = {"adapter": "lora", "lora_r": 16, "lora_target_linear": True, "micro_batch_size": 2, "gradient_accumulation_steps": 4,
+        "num_epochs": 2, "sequence_len": 2048, "sample_packing": True, "bf16": True, "attn_implementation": "flash_attention_2"}
+H100, A100_PCIE, A100_SXM = BY_NAME["NVIDIA H100 80GB HBM3"], BY_NAME["NVIDIA A100 80GB PCIe"], BY_NAME["NVIDIA A100-SXM4-80GB"]
+
+
+def table(config: dict, model_config: dict = LLAMA_8B, gpus=(H100,), counts=(1,), lengths: Lengths = LENGTHS, **kwargs) -> dict:
+    overrides = kwargs.pop("overrides", None) or {}
+    return estimate_table(Request(config, model_config, lengths, gpus=tuple(gpus), prices=prices(overrides),
+                                  price_overrides=overrides, counts=counts, **kwargs))
+
+
+def test_the_model_shape_and_flops_per_token_match_the_hand_count():
+    shape = model_shape(LLAMA_8B)
+    assert shape.matmul_params == 7_504_658_432 and shape.active_params == shape.matmul_params
+    work = flops_per_token(shape, "lora", 41_943_040, 500.0, checkpointing=False)
+    assert work.model == work.hardware == 30_663_507_968
+    with_gc = flops_per_token(shape, "lora", 41_943_040, 500.0, checkpointing=True)
+    assert with_gc.model == 30_663_507_968 and with_gc.hardware == 30_663_507_968 + 15_140_388_864
+    full = flops_per_token(shape, "full", 0, 500.0, checkpointing=False)
+    assert full.model == 6 * 7_504_658_432 + 393_216_000
+    dpo = flops_per_token(shape, "lora", 41_943_040, 500.0, checkpointing=False, reference_forward=True)
+    assert dpo.model == 30_663_507_968 + 2 * 7_504_658_432
+
+
+def test_a_lora_run_on_one_h100_takes_the_hand_computed_time_and_cost():
+    row = table({**LORA, "gradient_checkpointing": False})["rows"][0]
+    assert row["fits"] and row["steps"] == 626 and row["processed_tokens"] == 10_256_384
+    assert row["train_seconds"] == pytest.approx(1059.98, abs=0.05)
+    assert row["gradient_checkpointing"] is False
+    # fixed phases with nothing to download, save or push: loading 0 bytes (15 s)
+    assert row["total_seconds"] == pytest.approx(1059.98 + 15, abs=0.1)
+    assert row["cost_usd"] == pytest.approx(round((1059.98 + 15) * 4.176 / 3600, 2), abs=0.01)
+
+
+def test_gradient_checkpointing_adds_one_forward_of_work():
+    row = table({**LORA, "gradient_checkpointing": True})["rows"][0]
+    assert row["train_seconds"] == pytest.approx(1583.36, abs=0.05)
+
+
+def test_more_gpus_scale_by_the_link_nvlink_better_than_pcie_and_fsdp_over_pcie_worse():
+    """Full fine-tune of the 8B with FSDP on 8 x A100: same work, same peak, same HFU (ampere full 0.40);
+    only the scaling differs: SXM (NVLink) 0.95, PCIe 0.85 x 0.9 for sharded weights."""
+    config = {**LORA, "adapter": None, "fsdp_config": {"fsdp_version": 2, "offload_params": False}, "gradient_checkpointing": True}
+    rows = {row["gpu"]: row for row in table(config, LLAMA_8B, gpus=(A100_PCIE, A100_SXM), counts=(8,))["rows"]}
+    sxm, pcie = rows[A100_SXM.name], rows[A100_PCIE.name]
+    assert sxm["fits"] and pcie["fits"] and sxm["steps"] == pcie["steps"]
+    assert pcie["train_seconds"] / sxm["train_seconds"] == pytest.approx(0.95 / (0.85 * 0.9), rel=1e-3)
+    ddp = table({**config, "fsdp_config": None}, LLAMA_8B, gpus=(A100_PCIE,), counts=(8,))["rows"][0]
+    assert pcie["train_seconds"] / ddp["train_seconds"] == pytest.approx(1 / 0.9, rel=1e-3)  # unsharded: PCIe 0.85 only
+
+
+def test_qlora_adds_the_dequantisation_time_bound_by_memory_bandwidth():
+    """100 micro-batches x 3 passes (GC) x 2.56 bytes x 6,979,321,856 linear weights / (0.7 x 1008 GB/s) = 7.597 s."""
+    shape = model_shape(LLAMA_8B)
+    assert dequantisation_seconds(shape, BY_NAME["NVIDIA GeForce RTX 4090"], 100, checkpointing=True) == pytest.approx(
+        100 * 3 * 2.56 * 6_979_321_856 / (0.7 * 1008e9), rel=1e-9)
+    assert 100 * 3 * 2.56 * 6_979_321_856 / (0.7 * 1008e9) == pytest.approx(7.597, abs=0.001)
+    lora = table({**LORA, "gradient_checkpointing": True})["rows"][0]
+    qlora = table({**LORA, "adapter": "qlora", "load_in_4bit": True, "gradient_checkpointing": True})["rows"][0]
+    dequant = dequantisation_seconds(shape, H100, 626 * 4, checkpointing=True)
+    assert qlora["train_seconds"] == pytest.approx(lora["train_seconds"] + dequant, abs=0.1)
+    assert qlora["memory_gib"] < lora["memory_gib"]
+
+
+def test_a_mixture_of_experts_is_costed_on_its_active_parameters_and_sized_on_all_of_them():
+    """Mixtral 8x7B: attention 4096 x (4096 + 1024 + 1024 + 4096) = 41,943,040, router 4096 x 8, an expert 3 x 4096 x 14336
+    = 176,160,768, per layer; 32 layers; LM head 32000 x 4096 = 131,072,000.
+    all    = 32 x (41,943,040 + 32,768 + 8 x 176,160,768) + 131,072,000 = 46,571,454,464 (published: 46.7 B with embeddings)
+    active = 32 x (41,943,040 + 32,768 + 2 x 176,160,768) + 131,072,000 = 12,748,587,008 (published: 12.9 B)"""
+    shape = model_shape(MIXTRAL)
+    assert shape.moe and shape.matmul_params == 46_571_454_464 and shape.active_params == 12_748_587_008
+    assert params_from_config(MIXTRAL) == 46_571_454_464 + 32_000 * 4096 + 32 * 2 * 4096 + 4096  # + embeddings and norms
+    dense_8b_like = flops_per_token(shape, "full", 0, 500.0, checkpointing=False)
+    assert dense_8b_like.model == 6 * 12_748_587_008 + 393_216_000
+
+
+def test_max_steps_on_more_gpus_processes_more_tokens_in_the_same_time():
+    config = {**LORA, "max_steps": 100, "gradient_checkpointing": False}
+    one, four = table(config, counts=(1, 4))["rows"]
+    assert one["steps"] == four["steps"] == 100
+    assert four["processed_tokens"] == 4 * one["processed_tokens"] == 4 * 100 * 8 * 2048
+    assert four["train_seconds"] == pytest.approx(one["train_seconds"] / 0.95, rel=1e-3)  # NVLink scaling, no speed-up
+
+
+def test_unpacked_batches_are_padded_to_their_longest_row_rounded_to_64():
+    """Four rows: two in (0, 64], one in (64, 128], one in (128, 192]. Batches of 2 rows, shuffled:
+    F = 1/2, 3/4, 1; F^2 = 1/4, 9/16, 1; E = 64 x 1/4 + 128 x (9/16 - 1/4) + 192 x (1 - 9/16) = 140."""
+    assert padded_length((2, 1, 1), micro_batch=2, cap=2048) == pytest.approx(140.0)
+    assert padded_length((2, 1, 1), micro_batch=1, cap=2048) == pytest.approx(64 * 0.5 + 128 * 0.25 + 192 * 0.25)
+    assert padded_length((2, 1, 1), micro_batch=2, cap=128) == pytest.approx(64 * 0.25 + 128 * 0.75)
+    plan = schedule(Lengths(rows=4, tokens=300, sum_squares=30_000, histogram=(2, 1, 1)),
+                    {"micro_batch_size": 2, "num_epochs": 3, "sequence_len": 2048}, 1)
+    assert plan.steps == 6 and plan.processed_tokens == 6 * 2 * 140 and plan.train_tokens == 900
+
+
+def test_a_config_that_fits_no_gpu_is_still_answered_with_every_row_refused():
+    config = {**LORA, "adapter": None, "micro_batch_size": 1}
+    found = table(config, LLAMA_70B, gpus=GPUS, counts=(1,))
+    assert found["rows"] and all(row["fits"] is False for row in found["rows"])
+    assert all(row["train_seconds"] is None and row["cost_usd"] is None and "GiB" in row["reason"] for row in found["rows"])
+    assert found["cheapest"] is None and found["fastest"] is None and "no GPU" in found["reason"]
+
+
+def test_a_type_without_a_price_has_no_cost_and_never_wins_cheapest():
+    rtx5090, rtx4090 = BY_NAME["NVIDIA GeForce RTX 5090"], BY_NAME["NVIDIA GeForce RTX 4090"]
+    found = table({**LORA, "lora_r": 8}, gpus=(rtx5090, rtx4090))
+    by_gpu = {row["gpu"]: row for row in found["rows"]}
+    assert by_gpu[rtx5090.name]["cost_usd"] is None and by_gpu[rtx5090.name]["train_seconds"] is not None
+    assert found["cheapest"]["gpu"] == rtx4090.name and found["fastest"]["gpu"] == rtx5090.name
+    priced = table({**LORA, "lora_r": 8}, gpus=(rtx5090, rtx4090), overrides={rtx5090.name: 0.5})
+    assert priced["cheapest"]["gpu"] == rtx5090.name
+    assert any("FINETUNE_GPU_PRICES for NVIDIA GeForce RTX 5090" in source for source in priced["sources"])
+
+
+def test_the_fixed_phases_come_from_the_sizes():
+    """16 GB of weights to download at 150 MB/s, load at 300 MB/s + 15 s, 3 saves of 0.5 GB, a 0.2 GB push at 50 MB/s."""
+    fixed = Fixed(weight_bytes=16_000_000_000, needs_download=True, checkpoint_bytes=500_000_000, saves=3, push_bytes=200_000_000,
+                  merge=True, tokenize_seconds=12.0, params=8_000_000_000)
+    phases = fixed_phases(fixed, "qlora", Rates())
+    assert phases == {"download": pytest.approx(106.7), "load": pytest.approx(53.3 + 15 + 4.0, abs=0.1), "tokenize": 12.0,
+                      "save": 5.0, "merge": pytest.approx(106.7 + 10, abs=0.1), "push": 4.0}
+
+
+def test_the_table_marks_rows_by_type_and_count_and_names_its_sources():
+    found = table(LORA, gpus=GPUS, counts=(1, 2, 4, 8))
+    assert len(found["rows"]) == len(GPUS) * 4
+    assert found["train_tokens"] == 10_000_000 and found["epochs"] == 2.0
+    assert found["cheapest"]["cost_usd"] == min(row["cost_usd"] for row in found["rows"] if row["cost_usd"] is not None)
+    assert found["fastest"]["total_seconds"] == min(row["total_seconds"] for row in found["rows"] if row["total_seconds"] is not None)
+    assert any(source.startswith("prices: RunPod serverless") and "read 2026-12-02" in source for source in found["sources"])
+    assert any("median of nemo-lora70, aai-70b-h100" in source for source in found["sources"])
+    not_offered = [row for row in found["rows"] if row["gpu"] == "NVIDIA A100-SXM4-40GB"]
+    assert not_offered and all(row["note"] == "not offered by RunPod" for row in not_offered)
+
+
+def test_a_running_worker_finds_its_own_gpu_by_torch_name():
+    assert gpu_for("NVIDIA H100 80GB HBM3") is H100
+    assert gpu_for("nvidia h100 80gb hbm3") is H100
+    assert gpu_for("NVIDIA RTX 2000 Ada") is None and gpu_for(None) is None
