@@ -181,3 +181,39 @@ def test_a_running_worker_finds_its_own_gpu_by_torch_name():
     assert gpu_for("NVIDIA H100 80GB HBM3") is H100
     assert gpu_for("nvidia h100 80gb hbm3") is H100
     assert gpu_for("NVIDIA RTX 2000 Ada") is None and gpu_for(None) is None
+
+
+def test_the_cli_prints_the_table_with_the_cheapest_and_the_fastest(tmp_path):
+    import io
+    import json
+
+    from finetune_worker.entry.cli import HumanPrinter, build_parser
+    from finetune_worker.entry.client import estimate_job
+
+    found = table(LORA, gpus=(H100, BY_NAME["NVIDIA GeForce RTX 4090"]), counts=(1, 8))
+    found["rows"].append({"gpu": "NVIDIA A100-SXM4-40GB", "count": 1, "fits": False, "memory_gib": 93.0, "train_seconds": None,
+                          "total_seconds": None, "cost_usd": None, "reason": "needs about 93.0 GiB per GPU"})
+    out = io.StringIO()
+    HumanPrinter(out)({"type": "result", "mode": "estimate", "run_id": "r", "output_dir": "/x", "metrics": {}, "duration_seconds": 9.0,
+                       "estimate": found})
+    text = out.getvalue()
+    assert "estimate: 10,000,000 training tokens (2 epochs), lora on a 7.50 B model" in text
+    h100 = next(line for line in text.splitlines() if line.startswith("NVIDIA H100 80GB HBM3") and line.split()[4] == "1")
+    assert "yes" in h100 and "18m" in h100 and f"${found['rows'][0]['cost_usd']:.2f}" in h100
+    assert "no" in next(line for line in text.splitlines() if line.startswith("NVIDIA A100-SXM4-40GB")) and "needs about 93.0 GiB" in text
+    cheapest = found["cheapest"]
+    assert f"cheapest: {cheapest['gpu']} x{cheapest['count']} ${cheapest['cost_usd']:.2f}" in text
+    assert "fastest: NVIDIA H100 80GB HBM3 x8" in text and "prices: RunPod serverless" in text and "estimate completed in 9.0s" in text
+
+    refused = io.StringIO()
+    HumanPrinter(refused)({"type": "error", "code": "budget_exceeded", "message": "over max_cost", "details": [], "log_tail": [],
+                           "estimate": found})
+    assert "cheapest:" in refused.getvalue() and "error [budget_exceeded]: over max_cost" in refused.getvalue()
+
+    config = tmp_path / "lora.yaml"
+    config.write_text("base_model: x\nadapter: lora\n")
+    job = estimate_job(config, user_id=None, model_id=None, run_id="r1", credentials={})
+    assert job["mode"] == "estimate" and job["args"] == {"base_model": "x", "adapter": "lora"} and job["run_id"] == "r1"
+    assert json.dumps(job)
+    parsed = build_parser().parse_args(["estimate", str(config), "--json"])
+    assert parsed.endpoint is None and parsed.func.__name__ == "cmd_estimate"

@@ -120,3 +120,38 @@ def test_an_unknown_mode_is_rejected(tiny, env):
     events = collect(make_job(tiny_args(tiny), mode="dry-run"), env)
     assert events[-1]["code"] == "invalid_input"
     assert any(d.startswith("mode: Input should be 'train', 'preflight', 'runs', 'events' or 'generate'") for d in events[-1]["details"])
+
+
+def test_the_preflight_result_carries_the_time_and_cost_table(preflight_events):
+    events, _ = preflight_events
+    final = events[-1]
+    train = final["preflight"]["train"]
+    assert train["rows"] == final["preflight"]["prepared"]["train_rows"] and train["tokens"] > 0
+    assert sum(train["histogram"]) == train["rows"] and train["if_packed"]["bins"] > 0
+    estimate = final["estimate"]
+    assert {row["gpu"] for row in estimate["rows"]} >= {"NVIDIA GeForce RTX 4090", "NVIDIA H100 80GB HBM3", "NVIDIA B200"}
+    assert {row["count"] for row in estimate["rows"]} == {1, 2, 4, 8}
+    assert all(row["fits"] and row["train_seconds"] > 0 for row in estimate["rows"])
+    assert estimate["cheapest"]["cost_usd"] == min(r["cost_usd"] for r in estimate["rows"] if r["cost_usd"] is not None)
+    assert estimate["train_tokens"] > 0 and any(s.startswith("prices: RunPod") for s in estimate["sources"])
+    assert any(e["type"] == "status" and e["message"].startswith("estimate for ") for e in events)
+
+
+def test_an_estimate_judges_a_qlora_fsdp_job_for_gpus_on_a_cpu_worker(tiny, volume):
+    """On a CPU worker the same job in mode train is refused (QLoRA and FSDP need CUDA);
+    mode estimate answers it for the GPU types, tokenizing a CPU-safe copy."""
+    import os
+
+    env = {**os.environ, "BASE_VOLUME": str(volume), "HF_HUB_OFFLINE": "1"}
+    args = tiny_args(tiny, adapter="qlora", load_in_4bit=True, fsdp_config={"fsdp_version": 2, "offload_params": False,
+                                                                            "reshard_after_forward": True})
+    refused = collect(make_job(args, mode="preflight", num_processes=2), env)[-1]
+    assert refused["type"] == "error" and "CUDA" in " ".join(refused["details"]), refused
+    events = collect(make_job(args, mode="estimate", num_processes=2), env)
+    final = events[-1]
+    assert final["type"] == "result" and final["mode"] == "estimate", final
+    assert not any(e["type"] == "status" and e["stage"] == "training" for e in events)
+    rows = final["estimate"]["rows"]
+    assert rows and {row["count"] for row in rows} == {2} and all(row["fits"] for row in rows)
+    assert final["estimate"]["method"] == "qlora"
+    assert any("tokenizes a copy without" in e["message"] for e in events if e["type"] == "warning")

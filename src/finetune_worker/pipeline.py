@@ -1,7 +1,7 @@
 """One job, top to bottom, as a spine of named stages (see STAGES):
 
     validate -> [runs / events: read the volume, answer] -> [generate: a finished run answers] -> plan -> take the run
-    -> check capacity -> prepare data -> [preflight: stop]
+    -> check capacity -> prepare data -> [preflight / estimate: stop]
     -> check the Hub token -> train (or reuse) -> evaluate -> export (GGUF) -> publish (merge, push) -> result
 
 `run_job` is the async generator every entry point drives (RunPod's handler, the
@@ -33,6 +33,8 @@ from finetune_worker.checks.validation import ValidJob, config_problems_error, v
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.job import (
+    ESTIMATE_MODE,
+    ESTIMATING_MODES,
     GENERATE_MODE,
     HISTORY_MODES,
     LORA_ADAPTERS,
@@ -40,6 +42,7 @@ from finetune_worker.contract.job import (
     parse_job_input,
 )
 from finetune_worker.contract.settings import SettingsInvalid, WorkerSettings
+from finetune_worker.data.estimate import job_estimate
 from finetune_worker.data.stage import check_data, data_checked, off_loop, preflight_events, tokenize_as_training_would
 from finetune_worker.host import history
 from finetune_worker.host.hardware import Hardware, detect_hardware
@@ -67,6 +70,7 @@ from finetune_worker.plan.config import (
     with_prepared_data,
     with_repo_id,
     with_resume_point,
+    with_tokenizing_copy,
 )
 from finetune_worker.plan.credentials import hub_and_wandb_secrets, tracker_secrets
 from finetune_worker.plan.fast_defaults import with_fast_defaults
@@ -78,6 +82,7 @@ from finetune_worker.run.job import JobRun
 from finetune_worker.run.training import progress_tracker, start_standby, train
 from finetune_worker.serve import stage as answering
 from finetune_worker.sizing import capacity
+from finetune_worker.sizing.estimate import ESTIMATE_HARDWARE
 from finetune_worker.sizing.model_config import base_model_facts
 from finetune_worker.sizing.resources import link_prebaked_model
 
@@ -188,7 +193,8 @@ async def _start_standby(run: JobRun, resources: JobResources) -> AsyncIterator[
 async def _validate(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     """The job and its Axolotl config, every problem at once; then where it may write
     (on a shared endpoint: checks/tenancy.py)."""
-    run.valid = validate_job(run.raw_input, run.settings, run.hardware, parsed=(run.parsed, run.parse_problems))
+    judged_for = ESTIMATE_HARDWARE if run.parsed is not None and run.parsed.mode == ESTIMATE_MODE else run.hardware
+    run.valid = validate_job(run.raw_input, run.settings, judged_for, parsed=(run.parsed, run.parse_problems))
     if run.job.mode not in READING_MODES:
         run.hub_writes = tenancy.hub_writes(run.job, run.valid.args, run.settings)
         run.wandb = tenancy.wandb_target(run.job, run.valid.args, run.settings)
@@ -225,6 +231,10 @@ async def _plan(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     plan = build_axolotl_config(valid.args, run.paths, settings.cache_dir / "prepared", run.hardware, tracking)
     run.plan = with_continue_from(plan, valid.origin)
     run.processes = process_count(valid.job.num_processes, run.hardware.gpu_count)
+    if _preflight_only(run):  # the time and cost table judges the config for GPUs, whatever this machine is
+        run.estimate_config = build_axolotl_config(valid.args, run.paths, settings.cache_dir / "prepared", ESTIMATE_HARDWARE, tracking).config
+        if valid.job.mode == ESTIMATE_MODE and not run.hardware.has_gpu:
+            run.plan = with_tokenizing_copy(run.plan)
     return
     yield
 
@@ -309,11 +319,14 @@ async def _prepare_data(run: JobRun, resources: JobResources) -> AsyncIterator[d
 
 
 async def _preflight(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
-    """`mode: preflight`: tokenize as training would, report, and stop."""
+    """`mode: preflight` and `mode: estimate`: tokenize as training would, report with the
+    time and cost table for each GPU type, and stop."""
     if _preflight_only(run):
         yield events.status("preprocessing", "preflight: loading the tokenizer and tokenizing the datasets as training would")
+        tokenizing = time.monotonic()
         report = await tokenize_as_training_would(run.plan.config, run.paths, run.child_env, resources, run.checks)
-        for event in preflight_events(report, run.job.run_id, run.paths.run_dir, run.started):
+        table = job_estimate(run.estimate_config, run.job, run.base, report, run.settings, time.monotonic() - tokenizing, run.plan.publish)
+        for event in preflight_events(report, run.job.run_id, run.paths.run_dir, run.started, run.job.mode, table):
             yield event
         run.done = True
 
@@ -441,7 +454,7 @@ def _plan_notes(run: JobRun) -> list[dict]:
 
 
 def _preflight_only(run: JobRun) -> bool:
-    return run.valid.job.mode == "preflight"
+    return run.valid.job.mode in ESTIMATING_MODES
 
 
 def _check_same_config(previous: PreviousRun, valid: ValidJob) -> None:

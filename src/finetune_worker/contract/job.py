@@ -160,12 +160,16 @@ class ContinueFrom(BaseModel):
 MAX_GENERATE_PROMPTS, MAX_NEW_TOKENS, DEFAULT_NEW_TOKENS = 256, 8192, 128
 
 
+ESTIMATE_MODE = "estimate"
+ESTIMATING_MODES = ("preflight", ESTIMATE_MODE)  # tokenize, answer, and stop before any model loads
+
+
 class JobInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: SafeId
-    model_id: SafeId | None = Field(default=None, description="Required for train and preflight; not used by runs and events.")
-    run_id: SafeId | None = Field(default=None, description="Required for train, preflight and events; not used by runs.")
+    model_id: SafeId | None = Field(default=None, description="Required for train, preflight and estimate; not used by runs and events.")
+    run_id: SafeId | None = Field(default=None, description="Required for train, preflight, estimate and events; not used by runs.")
     credentials: Credentials = Field(default_factory=Credentials)
     args: dict[str, Any] | None = Field(default=None, description="An Axolotl config: any option `axolotl train` accepts.")
     publish: PublishOptions = Field(default_factory=PublishOptions)
@@ -174,10 +178,12 @@ class JobInput(BaseModel):
         default=None, ge=1, le=64,
         description="Training processes (accelerate launch); default: one per visible GPU. On a CPU worker, >1 runs DDP over gloo.",
     )
-    mode: Literal["train", "preflight", "runs", "events", "generate"] = Field(
+    mode: Literal["train", "preflight", "estimate", "runs", "events", "generate"] = Field(
         default="train",
         description="preflight: validate, load and tokenize the datasets exactly as training would, report statistics "
         "and marked-up examples, and stop without training (needs the tokenizer, not the model weights). "
+        "estimate: a preflight whose answer is the time and cost table: for each GPU type and count, fits or not, "
+        "training and total seconds, cost; judged for GPUs, whatever machine answers it. "
         "runs: list this user's runs on the volume, newest first (limit, offset). "
         "events: one run's recorded events (run_id), from offset on. runs and events only read the volume. "
         "generate: a finished run (run_id, checkpoint) answers prompts or messages; nothing trains.",

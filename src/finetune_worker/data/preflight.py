@@ -74,6 +74,34 @@ def packing_efficiency(lengths: list[int], sequence_len: int, min_len: int = 2, 
     return {"bins": len(bins), "efficiency": round(float(kept.sum()) / (len(bins) * sequence_len), 4)}
 
 
+LENGTH_BUCKET = 64  # tokens per bucket of the length histogram (Axolotl pads batches to a multiple of 64)
+
+
+def length_summary(lengths: list[int], sequence_len: int, min_len: int = 2) -> dict:
+    """What the time estimate needs of a split: rows, tokens, the sum of squared lengths (the
+    attention term), a histogram of 64-token buckets (padding), and the bins Axolotl's packer
+    would make at sequence_len, whether or not this config packs (a GPU's fast defaults may)."""
+    histogram = [0] * max(1, -(-max(lengths, default=0) // LENGTH_BUCKET))
+    for length in lengths:
+        histogram[max(length - 1, 0) // LENGTH_BUCKET] += 1
+    return {
+        "rows": len(lengths),
+        "tokens": int(sum(lengths)),
+        "sum_squares": int(sum(length * length for length in lengths)),
+        "histogram": histogram if lengths else [],
+        "if_packed": packing_efficiency(lengths, sequence_len, min_len) if lengths else {"bins": 0, "efficiency": None},
+    }
+
+
+def split_lengths(dataset, cfg) -> dict | None:
+    """The prepared split's lengths, as Axolotl's samplers read them."""
+    if dataset is None:
+        return None
+    from axolotl.utils.samplers.utils import get_dataset_lengths
+
+    return length_summary([int(n) for n in get_dataset_lengths(dataset)], cfg.sequence_len, cfg.min_sample_len or 2)
+
+
 def describe_dataset(where: str, entry: dict, dataset, cfg, decode) -> tuple[dict, list[int], list[int]]:
     lengths = [len(ids) for ids in dataset["input_ids"]]
     labels = dataset["labels"] if "labels" in dataset.column_names else dataset["input_ids"]
@@ -137,6 +165,8 @@ def preflight(config_path: Path) -> dict:
         "cache_dir": str(cfg.dataset_prepared_path),
     }
     return {
+        "train": split_lengths(meta.train_dataset, cfg),
+        "eval": split_lengths(meta.eval_dataset, cfg),
         "sequence_len": cfg.sequence_len,
         "excess_length_strategy": cfg.excess_length_strategy or "drop",
         "train_on_inputs": bool(cfg.train_on_inputs),

@@ -89,13 +89,27 @@ async def tokenize_as_training_would(config: dict, paths: RunPaths, child_env: d
     return report
 
 
-def preflight_events(report: dict, run_id: str, run_dir: Path, started: float) -> list[dict]:
-    """The report as the job's events: one per dataset and example, then the result."""
+def preflight_events(report: dict, run_id: str, run_dir: Path, started: float, mode: str = "preflight",
+                     estimate: dict | None = None) -> list[dict]:
+    """The report as the job's events: one per dataset and example, the estimate's choice, then the result."""
     found = [events.status("preprocessing", _describe_dataset(dataset, report), dataset=dataset) for dataset in report["datasets"]]
     marks = "the prompt and the answers as the trainer sees them" if report.get("rl") else "[[...]] is trained on"
     found += [events.status("preprocessing", f"example {example['dataset']} row {example['row']} ({marks})", example=example)
               for example in report["examples"]]
-    return [*found, events.result(run_id, str(run_dir), report["total"], time.monotonic() - started, mode="preflight", preflight=report)]
+    if estimate is not None:
+        found.append(events.status("preprocessing", describe_choice(estimate)))
+    extra = {"estimate": estimate} if estimate is not None else {}
+    return [*found, events.result(run_id, str(run_dir), report["total"], time.monotonic() - started, mode=mode, preflight=report, **extra)]
+
+
+def describe_choice(estimate: dict) -> str:
+    """One line: the cheapest and the fastest GPU choice that fit (or why there is none)."""
+    if estimate.get("fastest") is None:
+        return f"estimate: {estimate.get('reason', 'nothing fits')}"
+    parts = [f"{name}: {row['gpu']} x{row['count']}, {row['total_seconds'] / 3600:.2f} h"
+             + (f", ${row['cost_usd']:.2f}" if row.get("cost_usd") is not None else "")
+             for name, row in (("cheapest", estimate["cheapest"]), ("fastest", estimate["fastest"])) if row is not None]
+    return f"estimate for {estimate['train_tokens']} training tokens: " + "; ".join(parts)
 
 
 def _add_weights(report: dict, config: dict, checks: list[DatasetCheck]) -> None:

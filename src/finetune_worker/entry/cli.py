@@ -20,6 +20,37 @@ def load_job_file(path: Path) -> Any:
     return data["input"] if isinstance(data, dict) and "input" in data else data
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m" if minutes else f"{seconds:.0f}s"
+
+
+def _choice(row: dict | None) -> str:
+    if row is None:
+        return "none"
+    cost = f"${row['cost_usd']:.2f}" if row.get("cost_usd") is not None else "no price"
+    return f"{row['gpu']} x{row['count']} {cost} ({_duration(row['total_seconds'])})"
+
+
+def format_estimate(estimate: dict) -> str:
+    """The estimate as a table: one line per GPU type and count, then the cheapest and the fastest."""
+    if not estimate.get("rows"):
+        return f"estimate: {estimate.get('reason', 'none')}"
+    lines = [f"estimate: {estimate['train_tokens']:,} training tokens ({estimate['epochs']:g} epochs), "
+             f"{estimate['method']} on a {estimate['active_params'] / 1e9:.2f} B model",
+             f"{'gpu':26} {'n':>2}  {'fits':4}  {'memory':>9}  {'train':>8}  {'total':>8}  {'cost':>8}  from"]
+    for row in estimate["rows"]:
+        cost = f"${row['cost_usd']:.2f}" if row.get("cost_usd") is not None else "-"
+        note = row.get("reason") or row.get("from", "")
+        lines.append(f"{row['gpu']:26} {row['count']:>2}  {'yes' if row['fits'] else 'no':4}  {row['memory_gib']:>5.1f} GiB  "
+                     f"{_duration(row['train_seconds']):>8}  {_duration(row['total_seconds']):>8}  {cost:>8}  {note}")
+    lines.append(f"cheapest: {_choice(estimate.get('cheapest'))}; fastest: {_choice(estimate.get('fastest'))}")
+    lines += [f"  {source}" for source in estimate.get("sources", []) if source.startswith(("prices", "known error"))]
+    return "\n".join(lines)
+
+
 class HumanPrinter:
     """Live, readable output: a redrawn progress bar on a terminal, plain lines otherwise."""
 
@@ -58,12 +89,16 @@ class HumanPrinter:
         elif kind == "result" and event.get("mode") in ("runs", "events"):
             self._line(json.dumps(event, indent=2))  # a read-back answer: the finetune-worker runs/events commands format it
         elif kind == "result":
-            done = "preflight completed" if event.get("mode") == "preflight" else "completed"
+            done = f"{event['mode']} completed" if event.get("mode") in ("preflight", "estimate") else "completed"
+            if event.get("estimate"):
+                self._line(format_estimate(event["estimate"]))
             self._line(f"{done} in {event.get('duration_seconds')}s: {event.get('output_dir')}")
             if event.get("not_published_reason"):
                 self._line(event["not_published_reason"])
             self._line(json.dumps(event.get("metrics"), indent=2))
         elif kind == "error":
+            if event.get("estimate"):
+                self._line(format_estimate(event["estimate"]))
             self._line(f"error [{event['code']}]: {event['message']}")
             for detail in event.get("details") or []:
                 self._line(f"  - {detail}")
@@ -226,6 +261,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return _follow(endpoint, job_id, args)
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """The time and cost table: on an endpoint (--endpoint), or on this machine like `run`."""
+    from finetune_worker.entry import client
+
+    job = client.estimate_job(Path(args.config), user_id=args.user_id, model_id=args.model_id, run_id=args.run_id,
+                              credentials=_credentials_from_env(args.credentials_from_env))
+    if not args.endpoint:
+        emit = print_json if args.json else HumanPrinter(sys.stdout)
+        return asyncio.run(_run(job, emit))
+    endpoint = client.connect(args.endpoint, os.environ)
+    job_id = client.submit(endpoint, job)
+    print(f"submitted estimate {job_id} (run {job.get('user_id')}/{job.get('run_id')}) to endpoint {args.endpoint}", file=sys.stderr)
+    return _follow(endpoint, job_id, args)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from finetune_worker.entry import client
 
@@ -344,6 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--webhook", metavar="URL", help="an https:// URL: RunPod POSTs the job's final status to it when the job ends (RunPod's `webhook` field)")
     submit.set_defaults(func=cmd_submit)
 
+    estimate = commands.add_parser("estimate", help="time and cost of a job on each GPU type and count, without training (mode: estimate)")
+    estimate.add_argument("config", help="an Axolotl YAML (becomes args) or a job JSON")
+    estimate.add_argument("--endpoint", help="ask this endpoint (RUNPOD_API_KEY); default: estimate on this machine")
+    estimate.add_argument("--user-id", help="default: the job's, or 'me'")
+    estimate.add_argument("--model-id", help="default: the job's, or the YAML file name")
+    estimate.add_argument("--run-id", help="default: the job's, or the current time")
+    estimate.add_argument("--credentials-from-env", action="store_true", help="send HF_TOKEN from this shell (a gated base model's config)")
+    estimate.set_defaults(func=cmd_estimate)
+
     status = commands.add_parser("status", help="re-attach to a job on an endpoint and follow it to the end")
     status.add_argument("job_id")
     status.add_argument("--endpoint", required=True, help="the endpoint id")
@@ -383,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--server", choices=("auto", "vllm", "transformers"), default="auto", help="default: vllm where installed")
     serve.set_defaults(func=cmd_serve)
 
-    for command in (submit, status, runs, events_cmd):
+    for command in (submit, estimate, status, runs, events_cmd):
         command.add_argument("--json", action="store_true", help="print one JSON event per line, nothing else")
         command.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
     return parser

@@ -38,6 +38,12 @@ def job_from_config(path: Path, *, user_id: str | None, model_id: str | None, ru
     return job
 
 
+def estimate_job(path: Path, *, user_id: str | None, model_id: str | None, run_id: str | None,
+                 credentials: Mapping[str, str]) -> dict:
+    """The job of `path` as `mode: estimate`: the time and cost table for each GPU type, no training."""
+    return {**job_from_config(path, user_id=user_id, model_id=model_id, run_id=run_id, credentials=credentials), "mode": "estimate"}
+
+
 def connect(endpoint_id: str, env: Mapping[str, str]):
     """runpod.Endpoint for `endpoint_id`; RUNPOD_ENDPOINT_BASE_URL points it elsewhere."""
     import runpod

@@ -194,6 +194,29 @@ def adapt_for_cpu(config: dict[str, Any]) -> list[str]:
     return changed
 
 
+# What an estimate's preflight on a CPU worker leaves out: tokenizing does not depend on them.
+GPU_ONLY_FOR_TOKENIZING = ("load_in_4bit", "load_in_8bit", "gptq", "deepspeed", "fsdp", "fsdp_config", "fsdp_version",
+                           "context_parallel_size", "sequence_parallel_degree", "qat")
+
+
+def for_tokenizing_on_cpu(config: dict[str, Any]) -> list[str]:
+    """`mode: estimate` on a CPU worker: the job is judged for GPUs, but its preflight
+    tokenizes here, so what only a GPU runs (quantised loading, QLoRA, sharding) is taken out
+    of the copy the preflight child reads (in place; what changed)."""
+    changed = [f"{key}: removed" for key in GPU_ONLY_FOR_TOKENIZING if config.pop(key, None) not in (None, False)]
+    if config.get("adapter") == "qlora":
+        config["adapter"] = "lora"
+        changed.append("adapter: 'qlora' -> 'lora'")
+    return changed
+
+
+def with_tokenizing_copy(plan: AxolotlPlan) -> AxolotlPlan:
+    config = copy.deepcopy(plan.config)
+    changed = for_tokenizing_on_cpu(config)
+    note = ["estimating for GPUs on a worker without one: the preflight tokenizes a copy without " + "; ".join(changed)] if changed else []
+    return replace(plan, config=config, warnings=[*plan.warnings, *note])
+
+
 def _drop_cuda_only_plugins(config: dict[str, Any]) -> list[str]:
     """Remove CUDA-only integrations, and the options only they read (without the plugin
     Axolotl would ignore them silently)."""

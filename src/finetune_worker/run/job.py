@@ -39,6 +39,7 @@ class JobRun:
     wandb_key: str | None = None
     hub_writes: HubWrites = field(default_factory=lambda: HubWrites({}))
     wandb: WandbTarget = field(default_factory=WandbTarget)
+    estimate_config: dict | None = None  # mode preflight / estimate: the config as planned for a GPU, for the time and cost table
     plan: AxolotlPlan | None = None  # complete (fast defaults, prepared-data path, resume point) before config.yaml is written
     processes: int = 1
     base: ModelFacts | None = None

@@ -15,7 +15,7 @@ from finetune_worker.checks.distributed import deepspeed_stage
 from finetune_worker.host.hardware import Hardware
 from finetune_worker.plan.fast_defaults import Speedups, apply_fast_defaults
 from finetune_worker.sizing.capacity import FITS_FRACTION
-from finetune_worker.sizing.gpus import COUNTS, GIB, Gpu, price_note
+from finetune_worker.sizing.gpus import BY_NAME, COUNTS, GIB, Gpu, price_note
 from finetune_worker.sizing.memory import estimate_gpu_memory, suggestions
 from finetune_worker.sizing.resources import lora_params
 from finetune_worker.sizing.throughput import (
@@ -61,7 +61,9 @@ def gpu_hardware(gpu: Gpu, count: int) -> Hardware:
                     bf16=gpu.compute_capability >= (8, 0), compute_capability=gpu.compute_capability, cpu_count=16)
 
 
-ESTIMATE_GPU = "NVIDIA H100 80GB HBM3"  # the GPU a job is judged for when it only asks for an estimate
+ESTIMATE_GPU = "NVIDIA H100 80GB HBM3"
+# The machine `mode: estimate` judges a job for (its rules, the GPU's defaults), on any worker.
+ESTIMATE_HARDWARE = gpu_hardware(BY_NAME[ESTIMATE_GPU], 8)
 
 
 def planned_for(config: dict, model_config: dict, gpu: Gpu, count: int, kernels: Speedups) -> dict:
@@ -76,6 +78,12 @@ def planned_for(config: dict, model_config: dict, gpu: Gpu, count: int, kernels:
         planned = copy.deepcopy(config)
         apply_fast_defaults(planned, hardware, replace(found, fits_without_checkpointing=False))
     return planned
+
+
+def significant(seconds: float) -> float:
+    """Tenths of a second, or four significant digits below 100 s: a tiny model's training is a
+    fraction of a second, never 0."""
+    return round(seconds, 1) if seconds >= 100 else float(f"{seconds:.4g}")
 
 
 def estimate_row(request: Request, gpu: Gpu, count: int) -> dict:
@@ -107,9 +115,9 @@ def estimate_row(request: Request, gpu: Gpu, count: int) -> dict:
     seconds = train_seconds(plan, work, gpu, count, hfu, sharded)
     if method == "qlora":
         seconds += dequantisation_seconds(shape, gpu, plan.steps * int(config.get("gradient_accumulation_steps") or 1), checkpointing)
-    phases = {**fixed_phases(request.fixed, method, request.rates), "train": round(seconds, 1)}
+    phases = {**fixed_phases(request.fixed, method, request.rates), "train": significant(seconds)}
     total = sum(phases.values())
-    row.update(train_seconds=round(seconds, 1), total_seconds=round(total, 1), phases_seconds=phases, steps=plan.steps,
+    row.update(train_seconds=significant(seconds), total_seconds=round(total, 1), phases_seconds=phases, steps=plan.steps,
                processed_tokens=plan.processed_tokens, utilisation=hfu)
     row["from"] = "table"
     row["tokens_per_second"] = round(plan.processed_tokens / seconds, 1) if seconds else None
