@@ -119,7 +119,7 @@ def test_train_on_inputs_marks_the_prompt_too_and_training_reuses_the_tokens(tin
 def test_an_unknown_mode_is_rejected(tiny, env):
     events = collect(make_job(tiny_args(tiny), mode="dry-run"), env)
     assert events[-1]["code"] == "invalid_input"
-    assert any(d.startswith("mode: Input should be 'train', 'preflight', 'runs', 'events' or 'generate'") for d in events[-1]["details"])
+    assert any(d.startswith("mode: Input should be 'train', 'preflight', 'estimate', 'runs', 'events' or 'generate'") for d in events[-1]["details"])
 
 
 def test_the_preflight_result_carries_the_time_and_cost_table(preflight_events):
