@@ -144,15 +144,18 @@ def training_figures(run: Path) -> dict:
             "peak_memory_gib": max((log.get("memory/max_allocated (GiB)", 0) for log in logs), default=0)}
 
 
-def flops_per_token(shape: str, mode: str, mean_len: float) -> float:
-    """6N for a full fine-tune (forward 2N, backward 4N); 4N for LoRA (frozen weights get no
-    weight gradients); plus causal attention, 6 * layers * hidden * mean context."""
-    from finetune_worker.sizing.resources import linear_shapes
+def flops_per_token(shape: str, args: dict, mean_len: float) -> float:
+    """Model FLOPs per token as the worker's estimate counts them (sizing/throughput.py), so the
+    bench's MFU and the estimate's utilisation are one measure: 6N for a full fine-tune, 4N plus
+    6x the adapter for LoRA, plus causal attention."""
+    from finetune_worker.sizing.resources import lora_params
+    from finetune_worker.sizing.throughput import flops_per_token as work_per_token
+    from finetune_worker.sizing.throughput import method_of, model_shape
 
-    s = SHAPES[shape]
-    per_layer = sum(fan_in * fan_out for fan_in, fan_out in linear_shapes(s).values())
-    params = s["num_hidden_layers"] * per_layer + s["vocab_size"] * s["hidden_size"]  # the LM head's matmul counts even when tied
-    return (6 if mode == "full" else 4) * params + 6 * s["num_hidden_layers"] * s["hidden_size"] * mean_len
+    config = SHAPES[shape]
+    method = method_of(args)
+    adapter = lora_params(args, config, 0) if method != "full" else 0
+    return work_per_token(model_shape(config), method, adapter, mean_len, checkpointing=False).model
 
 
 def gpu_peak() -> tuple[str, float | None]:
@@ -190,7 +193,8 @@ def main() -> None:
                   "rows": rows, "tokens_per_epoch": tokens, "modes": {}}
         print(f"{options.shape} on {device}: {rows} rows, {tokens} tokens per epoch (mean {tokens / rows:.0f})", flush=True)
         for mode in options.modes.split(","):
-            events, worker_run = worker_job(volume, f"worker-{mode}", readme_args(model_dir, data, mode, sequence_len))
+            args = readme_args(model_dir, data, mode, sequence_len)
+            events, worker_run = worker_job(volume, f"worker-{mode}", args)
             defaults = next((e["defaults"] for e in events if e.get("defaults")), [])
             scratch = work / f"axolotl-{mode}"
             shutil.rmtree(scratch, ignore_errors=True)
@@ -199,7 +203,7 @@ def main() -> None:
             for figures in sides.values():
                 figures["tokens_per_s"] = round(tokens / figures["train_runtime_s"], 1)
                 if peak:
-                    figures["mfu"] = round(figures["tokens_per_s"] * flops_per_token(options.shape, mode, tokens / rows) / peak, 4)
+                    figures["mfu"] = round(figures["tokens_per_s"] * flops_per_token(options.shape, args, tokens / rows) / peak, 4)
             report["modes"][mode] = {
                 "worker_defaults": defaults, **sides,
                 "speedup": round(sides["worker"]["tokens_per_s"] / sides["axolotl"]["tokens_per_s"], 2),
