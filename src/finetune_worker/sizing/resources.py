@@ -66,8 +66,15 @@ def _index(directory: Path) -> dict | None:
     return None
 
 
+def _cache_folder(hub_id: str) -> str:
+    """The folder huggingface_hub keeps a model repo in, inside the Hub cache."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    return repo_folder_name(repo_id=hub_id, repo_type="model")
+
+
 def _cached_snapshot(hub_id: str, hub_cache: Path) -> Path | None:
-    cache = hub_cache / ("models--" + hub_id.replace("/", "--")) / "snapshots"
+    cache = hub_cache / _cache_folder(hub_id) / "snapshots"
     snapshots = sorted(cache.glob("*"), key=lambda p: p.stat().st_mtime) if cache.is_dir() else []
     return snapshots[-1] if snapshots else None
 
@@ -155,8 +162,6 @@ def lora_params(cfg: dict[str, Any], model_config: dict | None, params: int) -> 
     return per_layer * model_config.get("num_hidden_layers", 1)
 
 
-
-
 def planned_saves(cfg: dict[str, Any]) -> int | None:
     """How many checkpoints the run saves, when its config tells (None: it depends on the data)."""
     if cfg.get("save_strategy") == "no":
@@ -237,7 +242,7 @@ def link_prebaked_model(base_model: str, hub_cache: Path, prebaked_cache: Path |
     symlink), so the first job on a fresh volume downloads nothing. True if linked."""
     if not prebaked_cache or base_model.startswith("/"):
         return False
-    name = "models--" + base_model.replace("/", "--")
+    name = _cache_folder(base_model)
     source, target = prebaked_cache / name, hub_cache / name
     if not source.is_dir() or target.exists() or target.is_symlink():
         return False

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from finetune_worker.contract.job import LORA_ADAPTERS
 from finetune_worker.sizing.gpus import Gpu
 from finetune_worker.sizing.resources import linear_params, lora_params
 from finetune_worker.sizing.throughput_sources import MODELS, UTILISATION, Source
@@ -76,7 +77,7 @@ def method_of(cfg: dict) -> str:
     adapter = cfg.get("adapter")
     if adapter == "qlora" or (adapter == "lora" and cfg.get("load_in_4bit")):
         return "qlora"
-    return "lora" if adapter in ("lora", "qlora") else "full"
+    return "lora" if adapter in LORA_ADAPTERS else "full"
 
 
 @dataclass(frozen=True)
