@@ -34,6 +34,12 @@ def speedups(config: dict, model_config: dict | None, hardware: Hardware, proces
         liger=importlib.util.find_spec("liger_kernel") is not None,
         model_type=model_config.get("model_type"),
     )
+    return with_headroom(found, config, model_config, hardware, processes)
+
+
+def with_headroom(found: Speedups, config: dict, model_config: dict, hardware: Hardware, processes: int) -> Speedups:
+    """Whether the config fits this hardware without gradient checkpointing, judged as the
+    other fast defaults will leave it (unknown without the model's shape: assumed to fit)."""
     if "hidden_size" not in model_config or not hardware.gpu_memory_bytes:
         return found
     planned = copy.deepcopy(config)

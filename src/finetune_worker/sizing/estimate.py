@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from finetune_worker.checks.distributed import deepspeed_stage
 from finetune_worker.host.hardware import Hardware
 from finetune_worker.plan.fast_defaults import Speedups, apply_fast_defaults
-from finetune_worker.sizing.capacity import FITS_FRACTION
+from finetune_worker.sizing.capacity import with_headroom
 from finetune_worker.sizing.gpus import BY_NAME, COUNTS, GIB, Gpu, price_note
 from finetune_worker.sizing.memory import estimate_gpu_memory, suggestions
 from finetune_worker.sizing.resources import lora_params
@@ -69,14 +69,9 @@ ESTIMATE_HARDWARE = gpu_hardware(BY_NAME[ESTIMATE_GPU], 8)
 def planned_for(config: dict, model_config: dict, gpu: Gpu, count: int, kernels: Speedups) -> dict:
     """The config with the fast defaults the worker would add on this GPU type."""
     hardware = gpu_hardware(gpu, count)
-    found = Speedups(flash_attn=kernels.flash_attn, liger=kernels.liger, model_type=model_config.get("model_type"))
+    found = with_headroom(replace(kernels, model_type=model_config.get("model_type")), config, model_config, hardware, count)
     planned = copy.deepcopy(config)
     apply_fast_defaults(planned, hardware, found)
-    plain = estimate_gpu_memory({**planned, "gradient_checkpointing": False}, model_config, count)
-    fits_plain = plain.total <= FITS_FRACTION * gpu.usable_memory_bytes
-    if not fits_plain:
-        planned = copy.deepcopy(config)
-        apply_fast_defaults(planned, hardware, replace(found, fits_without_checkpointing=False))
     return planned
 
 
@@ -133,7 +128,7 @@ def estimate_table(request: Request) -> dict:
     one = schedule(request.lengths, {**request.config, "sample_packing": False}, 1)
     sources = sorted({utilisation(gpu, method_of(request.config))[1] for gpu in request.gpus})
     sources += [price_note(request.price_overrides), f"known error: {KNOWN_ERROR}",
-                "method and sources: docs/operating.md#estimates"]
+                "method and sources: docs/operating.md#estimates-time-and-cost-before-training"]
     found = {
         "train_tokens": one.train_tokens,
         "epochs": round(one.epochs, 3),
