@@ -10,12 +10,13 @@ from urllib.parse import unquote
 
 from pydantic import BaseModel
 
-from finetune_worker.contract import job
+from finetune_worker.contract import errors, job, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 JOB_REFERENCE = DOCS / "job-reference.md"
+OPERATING = DOCS / "operating.md"
 README_MAX_LINES = 200
 
 FENCE = re.compile(r"^\s{0,3}(```|~~~)")
@@ -154,3 +155,12 @@ def test_the_readme_is_short_and_links_to_every_doc():
     targets = {target.partition("#")[0] for _, target in links(README)}
     missing = [f"docs/{doc.name}" for doc in sorted(DOCS.glob("*.md")) if f"docs/{doc.name}" not in targets]
     assert not missing, f"the README links to none of {missing}"
+
+
+def test_every_error_code_has_a_row_in_the_job_reference_and_every_setting_is_in_operating():
+    reference, operating = JOB_REFERENCE.read_text(encoding="utf-8"), OPERATING.read_text(encoding="utf-8")
+    codes = [value for name, value in vars(errors).items() if name.isupper() and isinstance(value, str)]
+    assert len(codes) >= 17
+    assert [code for code in codes if f"| `{code}` |" not in reference] == [], "add a row to the error-code table"
+    missing = [name for name in settings.ENV_NAMES.values() if f"`{name}`" not in operating]
+    assert not missing, f"document these worker settings in {OPERATING.relative_to(ROOT)}: {missing}"
