@@ -113,11 +113,12 @@ def test_a_succeeding_job_leaks_no_secret(tiny, env, volume, caplog):
     assert_clean_tree(volume / "cache")
 
 
-def test_a_preflight_leaks_no_secret(tiny, env, volume, caplog):
-    job = make_job(tiny_args(tiny), credentials=CREDENTIALS, mode="preflight")
+@pytest.mark.parametrize("mode", ["preflight", "estimate"])
+def test_a_preflight_leaks_no_secret(tiny, env, volume, caplog, mode):
+    job = make_job(tiny_args(tiny), credentials=CREDENTIALS, mode=mode)
     with caplog.at_level(logging.DEBUG), ArgvWatcher() as argv:
         evs = collect(job, env)
-    assert evs[-1]["type"] == "result" and evs[-1]["mode"] == "preflight", evs[-1]
+    assert evs[-1]["type"] == "result" and evs[-1]["mode"] == mode and evs[-1]["estimate"]["rows"], evs[-1]
     assert argv.hits == []
     assert_clean_text(json.dumps(evs), "events")
     assert_clean_text(caplog.text, "the worker log")
