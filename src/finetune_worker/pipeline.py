@@ -25,13 +25,13 @@ from typing import Any
 
 from finetune_worker.checks import tenancy
 from finetune_worker.checks.axolotl_schema import planned_config_problems
-from finetune_worker.checks.distributed import process_count
+from finetune_worker.checks.distributed import cluster_storage_problems, process_count
 from finetune_worker.checks.export import wants_export
 from finetune_worker.checks.native import remote_code_decision
 from finetune_worker.checks.usertoken import check_user_token
 from finetune_worker.checks.validation import ValidJob, config_problems_error, validate_job
 from finetune_worker.contract import errors, events
-from finetune_worker.contract.errors import JobError
+from finetune_worker.contract.errors import JobError, Problem
 from finetune_worker.contract.job import (
     ESTIMATE_MODE,
     ESTIMATING_MODES,
@@ -61,6 +61,7 @@ from finetune_worker.host.rundir import (
     write_json,
 )
 from finetune_worker.plan.children import build_child_env, hub_cache_dir
+from finetune_worker.plan.cluster import cluster_from_env, cluster_platform
 from finetune_worker.plan.config import (
     Tracking,
     build_axolotl_config,
@@ -95,14 +96,16 @@ async def run_job(
     raw_input: Any,
     env: Mapping[str, str] | None = None,
     hardware: Hardware | None = None,
+    launch: str = "machine",
 ) -> AsyncIterator[dict]:
+    """`launch="cluster"`: this machine is one node of a cluster (`finetune-worker cluster`)."""
     env = dict(os.environ if env is None else env)
     resources = JobResources(redactor=Redactor(secrets_in_raw_input(raw_input) + secrets_in_env(env)))
     task = asyncio.current_task()
     if task is not None:
         task.add_done_callback(resources.on_task_done)
     early: list[dict] = []  # events from before the run is taken (locked)
-    async for event in _pipeline(JobRun(raw_input, env, hardware, time.monotonic()), resources):
+    async for event in _pipeline(JobRun(raw_input, env, hardware, time.monotonic(), launch=launch), resources):
         event = resources.redactor.value(event)
         if resources.events_file and resources.events_file.parent.is_dir():
             for pending in [*early, event]:
@@ -170,7 +173,9 @@ async def _parse(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     job = run.parsed
     if job is None or job.mode in HISTORY_MODES:  # validation raises below, with every problem at once
         return
-    run.paths = run_paths(settings.runs_dir, job.user_id, job.run_id)
+    run.cluster, cluster_problems = _cluster(run, job)
+    run.parse_problems = [*run.parse_problems, *cluster_problems]
+    run.paths = run_paths(settings.runs_dir, job.user_id, job.run_id, run.cluster.node_rank if run.cluster else 0)
     hf_token, run.wandb_key = hub_and_wandb_secrets(job, settings)
     resources.redactor.add(hf_token, run.wandb_key)
     run.child_env = build_child_env(
@@ -184,8 +189,8 @@ async def _parse(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
 
 async def _start_standby(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     """A training job's child starts now, so Axolotl's imports overlap the checks."""
-    if run.parsed is not None and run.parsed.mode not in HISTORY_MODES:
-        await start_standby(run.parsed, run.paths, run.child_env, run.hardware, resources)
+    if run.parsed is not None and run.parsed.mode not in HISTORY_MODES and not run.parse_problems:
+        await start_standby(run.parsed, run.paths, run.child_env, run.hardware, resources, cluster=run.launch == "cluster")
     return
     yield
 
@@ -195,6 +200,8 @@ async def _validate(run: JobRun, resources: JobResources) -> AsyncIterator[dict]
     (on a shared endpoint: checks/tenancy.py)."""
     judged_for = ESTIMATE_HARDWARE if run.parsed is not None and run.parsed.mode == ESTIMATE_MODE else run.hardware
     run.valid = validate_job(run.raw_input, run.settings, judged_for, parsed=(run.parsed, run.parse_problems))
+    if run.cluster is not None and (problems := cluster_storage_problems(run.valid.args, run.settings.shared_volume)):
+        raise config_problems_error(problems)
     if run.job.mode not in READING_MODES:
         run.hub_writes = tenancy.hub_writes(run.job, run.valid.args, run.settings)
         run.wandb = tenancy.wandb_target(run.job, run.valid.args, run.settings)
@@ -256,7 +263,7 @@ async def _read_base_model(run: JobRun, resources: JobResources) -> AsyncIterato
 async def _fast_defaults(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     """The fast defaults this GPU can use, the operator's checkpoint cap, and Axolotl's own
     check of the final config (as `axolotl train` runs it on this hardware)."""
-    hardware, processes = run.hardware, run.processes
+    hardware, processes = run.hardware, run.world_size
     speedups = capacity.speedups(run.plan.config, run.base.config, hardware, processes)
     validate = functools.partial(planned_config_problems, hardware=hardware, processes=processes)
     plan, fast = with_fast_defaults(run.plan, hardware, speedups, validate=validate)
@@ -274,7 +281,8 @@ async def _fast_defaults(run: JobRun, resources: JobResources) -> AsyncIterator[
 
 async def _take_the_run(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     """Lock the run, look at earlier attempts; a completed run answers with its stored result."""
-    resources.lock, taken = take_run(run.paths, run.job.user_id, run.job.run_id, run.job.restart)
+    restart = run.job.restart and not (run.secondary and run.settings.shared_volume)  # node 0 moves the shared run aside
+    resources.lock, taken = take_run(run.paths, run.job.user_id, run.job.run_id, restart)
     for event in taken:
         yield event
     resources.events_file = run.paths.events_file
@@ -292,11 +300,11 @@ async def _check_capacity(run: JobRun, resources: JobResources) -> AsyncIterator
         return
     for skipped in run.previous.skipped_checkpoints:
         yield events.warning(f"{skipped.name} is incomplete (the worker stopped while writing it) and is skipped")
-    if checkpoint := run.previous.checkpoint:
+    if (checkpoint := run.previous.checkpoint) and run.cluster is None:  # a cluster's nodes agree on it (run/cluster_rank.py)
         run.plan = with_resume_point(run.plan, checkpoint)
         step = checkpoint.name.removeprefix("checkpoint-")
         yield events.status("preparing", f"resuming from step {step} ({checkpoint.name})", resumed_from_step=int(step))
-    for event in capacity.check_memory(run.plan.config, run.base.config, run.hardware, run.processes):
+    for event in capacity.check_memory(run.plan.config, run.base.config, run.hardware, run.world_size):
         yield event
     capacity.check_disk(run.plan.config, run.base, run.settings, merge=run.job.publish.merge_lora)
 
@@ -335,7 +343,7 @@ async def _check_hub_token(run: JobRun, resources: JobResources) -> AsyncIterato
     """Before training: the token the job writes with may write to every Hub repo the job
     names (a hub_model_id without an owner gets the token's user, unless `_validate` placed it)."""
     writes = run.hub_writes.repos
-    if not writes:
+    if not writes or run.secondary:  # node 0 publishes
         return
     yield events.status("publishing", f"checking that the Hugging Face token may write to {', '.join(writes.values())}")
     user, checked = await publishing.check_token(run, resources, list(writes.values()))
@@ -361,14 +369,17 @@ async def _train_or_reuse(run: JobRun, resources: JobResources) -> AsyncIterator
         async for event in train(run, resources, tracker):
             yield event
         run.trained = {"metrics": {**tracker.metrics, "total_steps": tracker.max_steps}, "wandb": tracker.wandb}
-        write_json(paths.trained_file, run.trained)
+        if run.cluster is not None:
+            run.trained["cluster"] = {**run.cluster.record(), "shared_volume": run.settings.shared_volume}
+        if not run.secondary:  # a relaunched cluster trains on every node, or on none (node 0 decides)
+            write_json(paths.trained_file, run.trained)
     run.has_curve = write_loss_curve(paths.progress_file, paths.loss_curve, f"{run.job.model_id} / {run.job.run_id}")
 
 
 async def _evaluate(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     """The fine-tune against its base model (when asked), and the publish gate."""
     options = run.job.evaluation
-    if options is None:
+    if options is None or run.secondary:
         return
     run.evaluation = read_json(run.paths.evaluation_file)  # from an earlier attempt of this run
     if run.evaluation is None:
@@ -389,7 +400,7 @@ async def _evaluate(run: JobRun, resources: JobResources) -> AsyncIterator[dict]
 async def _export(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     """GGUF files (args.export) into output/gguf, a LoRA merged into its base model first."""
     config = run.plan.config
-    if not wants_export(config):
+    if not wants_export(config) or run.secondary:
         return
     run.gguf = read_json(run.paths.export_file)  # from an earlier attempt of this run
     if run.gguf is None:
@@ -406,6 +417,8 @@ async def _export(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
 async def _publish(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     """Merge the LoRA (when asked, unless the export did), then push to the Hub (unless the gate said no)."""
     merge_lora = run.job.publish.merge_lora
+    if run.secondary:
+        return
     if merge_lora and run.merged is None:
         yield events.status("publishing", "merging the LoRA into the base model")
         run.merged, problem = await publishing.merge(run, resources)
@@ -419,7 +432,12 @@ async def _publish(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
 async def _result(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     """The job's answer, also kept in result.json (a resubmission returns it)."""
     job = run.job
+    if run.secondary:
+        yield _node_result(run)
+        return
     extra = {} if run.evaluation is None else {"evaluation": run.evaluation, "published": run.hub is not None}
+    if cluster := run.trained.get("cluster"):
+        extra["cluster"] = cluster
     if run.publish_blocked:
         extra["not_published_reason"] = run.publish_blocked
     result = events.result(
@@ -437,6 +455,29 @@ STAGES = (
     _plan, _read_base_model, _fast_defaults, _take_the_run, _check_capacity, _prepare_data, _preflight,
     _check_hub_token, _train_or_reuse, _evaluate, _export, _publish, _result,
 )
+
+
+def _cluster(run: JobRun, job) -> tuple:
+    """`finetune-worker cluster`: this node's place in the cluster (None on one node). Elsewhere
+    a job asking for several nodes is refused: a serverless worker or `run` is one machine."""
+    if run.launch != "cluster":
+        if job.num_nodes and job.num_nodes > 1:
+            return None, [Problem("num_nodes", f"this worker trains on one machine, and the job asks for {job.num_nodes} nodes: run it with "
+                                  "`finetune-worker cluster JOB.json` on every node of a RunPod Instant Cluster, dstack or SkyPilot cluster "
+                                  "(docs/operating.md, Clusters), or leave num_nodes out")]
+        return None, []
+    if cluster_platform(run.env) is None:
+        return None, [Problem("cluster", "no cluster in the environment: finetune-worker cluster reads RunPod Instant Cluster, dstack or "
+                              "SkyPilot variables, or NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT; on one machine use finetune-worker run")]
+    return cluster_from_env(run.env, run.hardware.gpu_count, job.num_processes, job.num_nodes)
+
+
+def _node_result(run: JobRun) -> dict:
+    """What a node other than node 0 answers: its part is done; node 0 holds the run's result."""
+    return {"type": "result", "status": "completed", "run_id": run.job.run_id, "node_rank": run.cluster.node_rank,
+            "cluster": run.trained.get("cluster"), "output_dir": str(run.paths.output_dir),
+            "message": f"node {run.cluster.node_rank} trained its part; node 0 ({run.cluster.host}) holds the run's result",
+            "duration_seconds": round(time.monotonic() - run.started, 2)}
 
 
 def _plan_notes(run: JobRun) -> list[dict]:

@@ -144,3 +144,18 @@ def process_count(requested: int | None, gpu_count: int) -> int:
     if requested:
         return requested
     return gpu_count if gpu_count > 1 else 1
+
+
+def cluster_storage_problems(args: dict[str, Any], shared_volume: bool) -> list[Problem]:
+    """Without a volume shared by every node, a checkpoint must be whole on each node: DDP
+    (LoRA, QLoRA or a full fine-tune) writes one on every node. FSDP writes the model on
+    node 0 only, and DeepSpeed ZeRO scatters it over every node's disk, so neither could
+    resume after a relaunch."""
+    fix = ("attach one volume to every node at the same BASE_VOLUME and set FINETUNE_SHARED_VOLUME=1, "
+           "or train with DDP (LoRA or QLoRA fit most models)")
+    if shared_volume:
+        return []
+    return [
+        Problem(f"args.{key}", f"{key} across nodes without a shared volume cannot resume: a checkpoint would not be whole on every node; {fix}")
+        for key in ("fsdp_config", "fsdp", "deepspeed") if args.get(key)
+    ]

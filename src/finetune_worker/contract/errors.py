@@ -21,6 +21,10 @@ PUSH_FAILED = "push_failed"
 DEADLINE_EXCEEDED = "deadline_exceeded"  # a child (or the whole job) ran past its wall-clock limit
 EXPORT_FAILED = "export_failed"
 INTERNAL_ERROR = "internal_error"
+# A cluster (finetune-worker cluster, several nodes): see docs/operating.md "Clusters".
+RENDEZVOUS_TIMEOUT = "rendezvous_timeout"  # not every node joined within FINETUNE_CLUSTER_JOIN_TIMEOUT
+NODE_LOST = "node_lost"  # a node died or went silent during the run (FINETUNE_CLUSTER_TIMEOUT)
+CLUSTER_MISMATCH = "cluster_mismatch"  # the nodes were given different jobs, stacks or storage
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,11 @@ class JobInput(BaseModel):
         default=None, ge=1, le=64,
         description="Training processes (accelerate launch); default: one per visible GPU. On a CPU worker, >1 runs DDP over gloo.",
     )
+    num_nodes: int | None = Field(
+        default=None, ge=1, le=64,
+        description="Machines the job trains on. More than 1 only with `finetune-worker cluster JOB.json` on every node of a "
+        "cluster (RunPod Instant Clusters, dstack, SkyPilot, torchrun); a serverless endpoint runs a job on one machine.",
+    )
     mode: Literal["train", "preflight", "estimate", "runs", "events", "generate"] = Field(
         default="train",
         description="preflight: validate, load and tokenize the datasets exactly as training would, report statistics "

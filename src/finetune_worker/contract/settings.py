@@ -61,6 +61,11 @@ USER_TOKEN_SETTINGS = {
     "user_token_audience": "FINETUNE_USER_TOKEN_AUDIENCE", "user_token_issuer": "FINETUNE_USER_TOKEN_ISSUER",
     "user_token_max_lifetime_s": "FINETUNE_USER_TOKEN_MAX_LIFETIME_S",
 }
+# How a cluster's nodes meet and how long they wait for each other (finetune-worker cluster).
+CLUSTER_SETTINGS = {
+    "cluster_join_timeout_s": "FINETUNE_CLUSTER_JOIN_TIMEOUT", "cluster_timeout_s": "FINETUNE_CLUSTER_TIMEOUT",
+    "shared_volume": "FINETUNE_SHARED_VOLUME",
+}
 # Every setting but BASE_VOLUME: field -> environment variable.
 ENV_NAMES = {
     "examples_dir": "FINETUNE_EXAMPLES_DIR", "hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY",
@@ -69,6 +74,7 @@ ENV_NAMES = {
     "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", "hub_namespace": "FINETUNE_HUB_NAMESPACE",
     "wandb_entity": "FINETUNE_WANDB_ENTITY", "llama_cpp_dir": "FINETUNE_LLAMA_CPP_DIR", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
     **{field: name for field, (name, _) in DEADLINE_SETTINGS.items()}, **ESTIMATE_SETTINGS,
+    **CLUSTER_SETTINGS,
 }
 # Environment variables whose values are secrets: the worker's own credentials. No
 # child inherits them (a child gets the job's own: plan.build_child_env), and their
@@ -154,6 +160,12 @@ class WorkerSettings(BaseModel):
     export_deadline_s: float = Field(DEADLINE_SETTINGS["export_deadline_s"][1], gt=0, allow_inf_nan=False)
     push_deadline_s: float = Field(DEADLINE_SETTINGS["push_deadline_s"][1], gt=0, allow_inf_nan=False)
     hub_check_deadline_s: float = Field(DEADLINE_SETTINGS["hub_check_deadline_s"][1], gt=0, allow_inf_nan=False)
+    # Clusters: how long node 0 waits for every node to join (seconds), how long any node waits
+    # on a silent peer during the run (the process group's timeout), and whether every node
+    # sees the same BASE_VOLUME (one run directory) or keeps its own.
+    cluster_join_timeout_s: int = Field(600, gt=0)
+    cluster_timeout_s: int = Field(900, gt=0)
+    shared_volume: bool = False
     # AXOLOTL_* variables on the endpoint: defaults under every job's args.
     default_args: dict = {}
     default_arg_problems: list[str] = []

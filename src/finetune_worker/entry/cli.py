@@ -139,7 +139,7 @@ def print_json(event: dict) -> None:
 EXIT_SIGTERM = 128 + 15
 
 
-async def _run(job_input: Any, emit) -> int:
+async def _run(job_input: Any, emit, launch: str = "machine") -> int:
     """Run the job, printing every event. SIGTERM stops the job (its training too) and
     prints its final `cancelled` event before the command exits with 143."""
     import signal
@@ -153,7 +153,7 @@ async def _run(job_input: Any, emit) -> int:
 
     async def consume() -> None:
         nonlocal last
-        async for event in make_handler(chain_sigterm=False)({"id": "local", "input": job_input}):
+        async for event in make_handler(chain_sigterm=False, launch=launch)({"id": "local", "input": job_input}):
             emit(event)
             last = event
 
@@ -216,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"cannot read {args.job}: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_run(job_input, emit))
+    return asyncio.run(_run(job_input, emit, launch="cluster" if args.command == "cluster" else "machine"))
 
 
 def _credentials_from_env(wanted: bool) -> dict[str, str]:
@@ -381,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="JSON file: {\"input\": {...}} or the input object itself")
     run.add_argument("--json", action="store_true", help="print one JSON event per line, nothing else")
     run.set_defaults(func=cmd_run)
+
+    cluster = commands.add_parser("cluster", help="run a job file as one node of a multi-node cluster: the same command on every node "
+                                  "(RunPod Instant Clusters, dstack, SkyPilot or NNODES/NODE_RANK/MASTER_ADDR variables)")
+    cluster.add_argument("job", help="JSON file: {\"input\": {...}} or the input object itself; the same on every node")
+    cluster.add_argument("--json", action="store_true", help="print one JSON event per line, nothing else")
+    cluster.set_defaults(func=cmd_run)
 
     submit = commands.add_parser("submit", help="submit a job to a RunPod endpoint and follow it (RUNPOD_API_KEY)")
     submit.add_argument("config", help="an Axolotl YAML (becomes args) or a job JSON")

@@ -30,15 +30,16 @@ AGGREGATE_BUDGET_BYTES = 4 * 1024 * 1024
 DROPPABLE_EVENTS = ("progress", "checkpoint", "eval", "warning", "status")
 
 
-def make_handler(send_progress: Callable[[dict, Any], None] | None = None, chain_sigterm: bool = True):
+def make_handler(send_progress: Callable[[dict, Any], None] | None = None, chain_sigterm: bool = True, launch: str = "machine"):
     """The async generator handler RunPod iterates; `send_progress` feeds /status.
-    `chain_sigterm=False`: the caller handles SIGTERM itself (the local CLI)."""
+    `chain_sigterm=False`: the caller handles SIGTERM itself (the local CLI);
+    `launch="cluster"`: one node of a cluster (`finetune-worker cluster`)."""
 
     async def handler(job: dict) -> AsyncIterator[dict]:
         if chain_sigterm:
             _chain_sigterm()
         streamed = 0
-        async for event in run_job(job.get("input")):
+        async for event in run_job(job.get("input"), launch=launch):
             if send_progress and event["type"] in STATUS_EVENTS:
                 send_progress(job, event)
             size = len(json.dumps(event))

@@ -17,29 +17,48 @@ import yaml
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Everything a run writes lives under its run directory."""
+    """Everything a run writes lives under its run directory. On a cluster, node 0 owns it;
+    node k > 0 keeps its own files (lock, events, log, config, data) in nodes/node-<k>/
+    and trains into the same output/ (the one output on a shared volume, its own copy
+    otherwise)."""
 
     run_dir: Path
+    node: int = 0
+
+    @property
+    def home(self) -> Path:
+        """Where this node's own files live: the run directory on node 0 (and off a cluster)."""
+        return self.run_dir if self.node == 0 else self.run_dir / "nodes" / f"node-{self.node}"
+
+    @property
+    def cluster_status_file(self) -> Path:
+        """What the rank children of this node say about the cluster (joined, mismatch, fault)."""
+        return self.home / "cluster.jsonl"
+
+    @property
+    def nonce_file(self) -> Path:
+        """A random value this node writes before training: which nodes can read it tells a shared volume from separate ones."""
+        return self.run_dir / "nodes" / f"node-{self.node}.nonce"
 
     @property
     def config_file(self) -> Path:
-        return self.run_dir / "config.yaml"
+        return self.home / "config.yaml"
 
     @property
     def job_file(self) -> Path:
-        return self.run_dir / "job.json"
+        return self.home / "job.json"
 
     @property
     def events_file(self) -> Path:
-        return self.run_dir / "events.jsonl"
+        return self.home / "events.jsonl"
 
     @property
     def progress_file(self) -> Path:
-        return self.run_dir / "progress.jsonl"
+        return self.home / "progress.jsonl"
 
     @property
     def log_file(self) -> Path:
-        return self.run_dir / "train.log"
+        return self.home / "train.log"
 
     @property
     def output_dir(self) -> Path:
@@ -52,48 +71,49 @@ class RunPaths:
 
     @property
     def result_file(self) -> Path:
-        return self.run_dir / "result.json"
+        return self.home / "result.json"
 
     @property
     def trained_file(self) -> Path:
         """Written when training completed: a resubmission only publishes."""
-        return self.run_dir / "trained.json"
+        return self.home / "trained.json"
 
     @property
     def loss_curve(self) -> Path:
-        return self.run_dir / "loss.png"
+        return self.home / "loss.png"
 
     @property
     def hub_dir(self) -> Path:
-        return self.run_dir / "hub"
+        return self.home / "hub"
 
     @property
     def data_dir(self) -> Path:
         """Datasets sent inline or by URL, written here before Axolotl reads them."""
-        return self.run_dir / "data"
+        return self.home / "data"
 
     @property
     def evaluation_file(self) -> Path:
-        return self.run_dir / "evaluation.json"
+        return self.home / "evaluation.json"
 
     @property
     def export_file(self) -> Path:
         """The GGUF files of `export:` once written: a resubmission pushes them without exporting again."""
-        return self.run_dir / "export.json"
+        return self.home / "export.json"
 
     @property
     def preflight_file(self) -> Path:
-        return self.run_dir / "preflight.json"
+        return self.home / "preflight.json"
 
     @property
     def lock_file(self) -> Path:
         # Beside the run directory, so it can be held before the directory exists
         # and while an earlier attempt is moved aside.
-        return self.run_dir.with_name(f"{self.run_dir.name}.lock")
+        node = "" if self.node == 0 else f".node-{self.node}"
+        return self.run_dir.with_name(f"{self.run_dir.name}{node}.lock")
 
 
-def run_paths(runs_dir: Path, user_id: str, run_id: str) -> RunPaths:
-    return RunPaths(runs_dir / user_id / run_id)
+def run_paths(runs_dir: Path, user_id: str, run_id: str, node: int = 0) -> RunPaths:
+    return RunPaths(runs_dir / user_id / run_id, node)
 
 
 def through_link(run_dir: Path) -> bool:
@@ -103,7 +123,7 @@ def through_link(run_dir: Path) -> bool:
 
 
 def prepare_run_dir(paths: RunPaths) -> None:
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    paths.home.mkdir(parents=True, exist_ok=True)
     paths.output_dir.mkdir(exist_ok=True)
 
 
@@ -168,9 +188,10 @@ def is_complete_checkpoint(path: Path) -> bool:
     state = read_json(path / "trainer_state.json")
     if not isinstance(state, dict) or state.get("global_step") != checkpoint_step(path):
         return False
-    return any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+    return any(match.name not in NOT_WEIGHTS for pattern in WEIGHT_PATTERNS for match in path.glob(pattern))
 
 
+NOT_WEIGHTS = ("training_args.bin",)  # the Trainer's arguments, in every checkpoint: no weights
 MODEL_WEIGHTS = ("*.safetensors", "*.bin")  # what from_pretrained loads
 
 

@@ -10,16 +10,21 @@ from pathlib import Path
 
 from finetune_worker.contract.settings import LIMIT_SETTINGS, SECRET_ENV_VARS, WORKER_ONLY_ENV_PREFIXES
 from finetune_worker.host.rundir import RunPaths
+from finetune_worker.plan.cluster import ClusterPlan
 
 PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
 STEP_LIMIT_ENV = LIMIT_SETTINGS["max_steps"]  # the progress plugin enforces it in the child
 RUN_BYTES_LIMIT_ENV = LIMIT_SETTINGS["max_run_bytes"]  # the progress plugin checks it at each checkpoint
+CLUSTER_STATUS_FILE_ENV = "FINETUNE_CLUSTER_STATUS_FILE"  # where a cluster's rank children say joined / mismatch / fault
+CLUSTER_TRAINING_ARGS_ENV = "FINETUNE_CLUSTER_TRAINING_ARGS"  # TrainingArguments the progress plugin adds on a cluster
+CLUSTER_RUN_ID = "finetune-worker"  # torchrun's --rdzv_id: the same on every node (the handshake tells jobs apart)
 
 
 # The child processes a job runs, each `python -m <module>`; every argv is built here.
 TRAIN_MODULE = "axolotl.cli.train"
 MERGE_MODULE = "axolotl.cli.merge_lora"
 STANDBY_MODULE = "finetune_worker.run.standby"
+CLUSTER_RANK_MODULE = "finetune_worker.run.cluster_rank"
 HUB_MODULE = "finetune_worker.publish.hub"
 PREFLIGHT_MODULE = "finetune_worker.data.preflight"
 EVALUATION_MODULE = "finetune_worker.publish.evaluation"
@@ -38,6 +43,20 @@ def build_train_argv(python: str, config_file: Path, num_processes: int = 1, por
         ]
         return [python, *launch, *train]
     return [python, *train]
+
+
+def build_torchrun_argv(python: str, plan: ClusterPlan, config_file: Path, spec_file: Path, join_timeout_s: int) -> list[str]:
+    """torch.distributed's own launcher on one node of a cluster: the static rendezvous
+    (node 0's agent hosts it; RunPod's clusters support no other), one fixed run id, no
+    restarts (a lost node cannot be replaced: the whole cluster is relaunched and resumes),
+    and the worker's rank child in front of Axolotl on every GPU."""
+    return [
+        python, "-m", "torch.distributed.run",
+        "--nnodes", str(plan.nodes), "--node_rank", str(plan.node_rank), "--nproc_per_node", str(plan.processes_per_node),
+        "--rdzv_backend", "static", "--rdzv_endpoint", plan.endpoint, "--rdzv_id", CLUSTER_RUN_ID,
+        "--rdzv_conf", f"timeout={join_timeout_s}", "--max_restarts", "0",
+        "-m", CLUSTER_RANK_MODULE, str(config_file), "--spec", str(spec_file),
+    ]
 
 
 def build_standby_argv(python: str, config_file: Path) -> list[str]:

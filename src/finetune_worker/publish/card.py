@@ -272,6 +272,15 @@ def lineage_section(lineage: dict | None) -> list[str]:
     return lines + [""]
 
 
+def cluster_section(cluster: dict | None) -> list[str]:
+    """The cluster shape a run trained on (finetune-worker cluster), or nothing on one machine."""
+    if not cluster:
+        return []
+    nodes, per_node = cluster["nodes"], cluster["processes_per_node"]
+    return ["## Cluster", "", f"Trained on {nodes} nodes x {per_node} GPU process{'es' if per_node != 1 else ''} "
+            f"(world size {cluster['world_size']}), launched with torchrun on every node.", ""]
+
+
 def evaluation_sections(evaluation: dict) -> list[str]:
     """The base-vs-fine-tuned table and the samples, for the model card."""
     lines = [

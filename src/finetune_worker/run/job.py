@@ -17,6 +17,7 @@ from finetune_worker.contract.settings import WorkerSettings
 from finetune_worker.data.files import DatasetCheck
 from finetune_worker.host.hardware import Hardware
 from finetune_worker.host.rundir import PreviousRun, RunPaths
+from finetune_worker.plan.cluster import ClusterPlan
 from finetune_worker.plan.config import AxolotlPlan
 from finetune_worker.sizing.resources import ModelFacts
 
@@ -29,6 +30,8 @@ class JobRun:
     env: dict[str, str]
     hardware: Hardware | None
     started: float  # time.monotonic() when the worker took the job
+    launch: str = "machine"  # "cluster": one node of a multi-node cluster (finetune-worker cluster)
+    cluster: ClusterPlan | None = None  # several nodes: this node's place among them
     done: bool = False  # a stage answered the job (a stored result, a preflight)
     settings: WorkerSettings | None = None
     parsed: JobInput | None = None  # the request, parsed (before its args are checked)
@@ -56,6 +59,16 @@ class JobRun:
     @property
     def job(self) -> JobInput:
         return self.valid.job
+
+    @property
+    def world_size(self) -> int:
+        """Training processes over every node: what sharding and the memory estimate divide by."""
+        return self.cluster.world_size if self.cluster is not None else self.processes
+
+    @property
+    def secondary(self) -> bool:
+        """A node other than node 0 of a cluster: it trains, and leaves reporting and publishing to node 0."""
+        return self.cluster is not None and not self.cluster.primary
 
     @property
     def repo_id(self) -> str | None:

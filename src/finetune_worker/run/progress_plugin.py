@@ -22,7 +22,7 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
-from finetune_worker.plan.children import PROGRESS_FILE_ENV, RUN_BYTES_LIMIT_ENV, STEP_LIMIT_ENV
+from finetune_worker.plan.children import CLUSTER_TRAINING_ARGS_ENV, PROGRESS_FILE_ENV, RUN_BYTES_LIMIT_ENV, STEP_LIMIT_ENV
 
 
 def _is_main_process() -> bool:
@@ -112,6 +112,16 @@ def _stop_if_over_run_size(args, state) -> None:
         os._exit(4)  # every rank sees the same directory and exits; the checkpoint is complete
 
 
+def _save_weights_on_this_node(args, state, model) -> None:
+    """A cluster without a shared volume keeps a whole checkpoint on every node
+    (save_on_each_node); the Trainer writes the weights from the global main process only,
+    so the first process of each other node writes its own copy (DDP: every rank holds
+    the same weights). The checkpoint counts as complete once they are there."""
+    if model is None or not args.save_on_each_node or args.local_process_index != 0 or args.process_index == 0:
+        return
+    model.save_pretrained(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
 class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         _rank_line(args, "training started", state)
@@ -120,6 +130,8 @@ class ProgressCallback(TrainerCallback):
             step=state.global_step,
             max_steps=state.max_steps,
             num_train_epochs=state.num_train_epochs,
+            world_size=args.world_size,
+            parallel_mode=str(args.parallel_mode.value),
         )
         _stop_if_over_step_limit(state.max_steps)
         run = _wandb_run()
@@ -142,6 +154,7 @@ class ProgressCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
+        _save_weights_on_this_node(args, state, kwargs.get("model"))
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         write_record("checkpoint", step=state.global_step, path=str(path))
         _stop_if_over_run_size(args, state)
@@ -165,6 +178,12 @@ class ProgressPlugin(BasePlugin):
             import axolotl.utils.trainer
 
             axolotl.utils.trainer.check_cuda_p2p_ib_support = lambda: False
+
+    def get_training_args(self, cfg):
+        """On a cluster (run/cluster_rank.py): gloo on CPU nodes, a checkpoint on every node
+        without a shared volume, and the worker's process-group timeout."""
+        extra = os.environ.get(CLUSTER_TRAINING_ARGS_ENV)
+        return json.loads(extra) if extra else None
 
     def load_datasets(self, cfg, preprocess: bool = False):
         write_record("stage", stage="preprocessing")

@@ -21,6 +21,7 @@ from finetune_worker.host.resources import JobResources
 from finetune_worker.host.rundir import RunPaths, set_aside_diverged
 from finetune_worker.host.tools import free_port, job_child
 from finetune_worker.plan.children import build_standby_argv, build_train_argv
+from finetune_worker.run import cluster as cluster_node
 from finetune_worker.run.job import JobRun
 from finetune_worker.run.progress import ProgressTracker
 from finetune_worker.sizing.resources import gib
@@ -32,10 +33,11 @@ def progress_tracker(max_hours: float | None) -> ProgressTracker:
     return ProgressTracker(eta_warning_seconds=min(ETA_WARNING_SECONDS, 3600 * (max_hours or float("inf"))))
 
 
-async def start_standby(job: JobInput, paths: RunPaths, child_env: dict[str, str], hardware: Hardware, resources: JobResources) -> None:
+async def start_standby(job: JobInput, paths: RunPaths, child_env: dict[str, str], hardware: Hardware, resources: JobResources,
+                        cluster: bool = False) -> None:
     """Start the training child now, so Axolotl's imports overlap the checks, the data
     step and the Hub check; it trains only on `go`, and is stopped if the job ends first."""
-    if job.mode != "train" or process_count(job.num_processes, hardware.gpu_count) > 1:
+    if job.mode != "train" or process_count(job.num_processes, hardware.gpu_count) > 1 or cluster:
         return
     if not job.restart and (paths.result_file.exists() or paths.trained_file.exists()):
         return  # nothing left to train
@@ -54,6 +56,14 @@ async def _training_child(run: JobRun, resources: JobResources) -> AsyncIterator
         return
     if standby is not None:
         standby.stop()
+    if run.cluster is not None:
+        argv, env = _cluster_launch(run)
+        yield events.status("training", f"joining the cluster: {run.cluster.describe()}, rendezvous at {run.cluster.endpoint} "
+                            f"({'this node is node 0: events and the result come from here' if run.cluster.primary else f'node {run.cluster.node_rank}: it logs here, node 0 reports'})",
+                            cluster={**run.cluster.record(), "shared_volume": run.settings.shared_volume})
+        resources.child = job_child(argv, env, paths.log_file, paths.progress_file, "training", resources)
+        await resources.child.start()
+        return
     if run.processes > 1:
         argv = build_train_argv(sys.executable, paths.config_file, run.processes, free_port())
         yield events.status("training", f"launching {run.processes} training processes with accelerate (events come from rank 0)", num_processes=run.processes)
@@ -63,14 +73,44 @@ async def _training_child(run: JobRun, resources: JobResources) -> AsyncIterator
     await resources.child.start()
 
 
+def _cluster_launch(run: JobRun) -> tuple[list[str], dict[str, str]]:
+    settings = run.settings
+    return cluster_node.prepare_launch(
+        run.cluster, run.paths, job_record=run.valid.record(), config=run.plan.config, cache_dir=settings.cache_dir,
+        shared_volume=settings.shared_volume, timeout_s=cluster_timeout(run), join_timeout_s=settings.cluster_join_timeout_s,
+        child_env=run.child_env,
+    )
+
+
+def cluster_timeout(run: JobRun) -> int:
+    return cluster_node.process_group_timeout(run.settings.cluster_timeout_s, run.plan.config)
+
+
+def _cluster_records(run: JobRun, resources: JobResources, seen: int) -> tuple[list[dict], int]:
+    """The node's status records not turned into events yet (joined: where training resumes)."""
+    records = cluster_node.read_status(run.paths)
+    found = []
+    for record in records[seen:]:
+        if record.get("kind") == "joined":
+            step = record.get("resume_step")
+            found.append(events.status("training", f"all {run.cluster.nodes} nodes joined (world size {record.get('world_size')})"
+                                       + (f"; resuming from step {step} (checkpoint-{step}, complete on every node)" if step else
+                                          "; training from the start"), **({"resumed_from_step": step} if step else {})))
+    return found, len(records)
+
+
 async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) -> AsyncIterator[dict]:
     """Run `axolotl train` in a child process and turn its progress records into events."""
     async for event in _training_child(run, resources):
         yield event
     training, settings = resources.child, run.settings
-    over_steps = None
+    over_steps, status_seen = None, 0
     try:
         async for batch in training.records():
+            if run.cluster is not None:
+                found, status_seen = _cluster_records(run, resources, status_seen)
+                for event in found:
+                    yield event
             for record in batch:
                 for event in tracker.feed(record):
                     yield event
@@ -100,9 +140,29 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
         )
     if tracker.disk_quota is not None:
         raise disk_quota_error(tracker.disk_quota, run.paths)
+    if run.cluster is not None:
+        found, _ = _cluster_records(run, resources, status_seen)
+        for event in found:
+            yield event
+        records = cluster_node.read_status(run.paths)
+        if error := cluster_node.cluster_error(training, records, run.cluster, run.settings.cluster_join_timeout_s, cluster_timeout(run)):
+            raise error
+        if not run.cluster.primary:
+            raise_unless_trained_here(training)
+            return
     if tracker.nan_step is not None:
         set_aside_diverged(run.paths.output_dir, tracker.nan_step)
     raise_unless_trained(training, tracker, run.plan.config.get("base_model"))
+
+
+def raise_unless_trained_here(training: ChildProcess) -> None:
+    """A node other than node 0 reports no progress; its part went well when its torchrun did."""
+    if training.returncode == 0:
+        return
+    if shutdown_requested():
+        raise JobError(errors.CANCELLED, "the worker is shutting down and stopped the training; relaunch every node to resume")
+    diagnosis = diagnose(training.returncode, training.log_tail(), "training", None, None)
+    raise JobError(diagnosis.code, diagnosis.message, log_tail=training.log_tail())
 
 
 def disk_quota_error(record: dict, paths: RunPaths) -> JobError:
