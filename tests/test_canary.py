@@ -10,6 +10,9 @@ test_runpod_loop.py, and the Hub side (model card, pushed files) in test_publish
 the GGUF export child's files (its log, spec and GGUF files) are searched too.
 The child that fetches a Hub model's config.json on the first job is searched too: the
 token reaches the Hub from it, never from the worker's process.
+A cluster's surfaces (both nodes' run directories with the spec, status and nonce files,
+each node's output, torchrun's and the rank children's command lines) are searched in
+test_cluster.py.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import pytest
 from conftest import make_job, tiny_args
 from finetune_worker.host.rundir import is_complete_checkpoint
 from finetune_worker.host.tools import free_port
+from test_canary import HF_CANARY, ArgvWatcher, assert_clean_text, assert_clean_tree
 
 pytestmark = [pytest.mark.training, pytest.mark.cluster]
 
@@ -104,11 +105,17 @@ def cluster_args(tiny: Path, **overrides) -> dict:
 
 
 def test_nodes_given_different_jobs_both_refuse_before_anything_loads(tiny, tmp_path):
-    job = make_job(cluster_args(tiny))
+    job = make_job(cluster_args(tiny), credentials={"hf_token": HF_CANARY})
     other = {**job, "args": {**job["args"], "learning_rate": 0.001}}
-    nodes = two_nodes(job, (tmp_path / "v0", tmp_path / "v1"), tmp_path, tiny, jobs=(job, other))
+    with ArgvWatcher() as argv:
+        nodes = two_nodes(job, (tmp_path / "v0", tmp_path / "v1"), tmp_path, tiny, jobs=(job, other))
+        for node in nodes:
+            node.wait()
+    assert argv.scans > 10 and argv.hits == []  # torchrun's and the rank children's command lines too
     for node in nodes:
-        final = node.wait()[-1]
+        assert_clean_text(node.out.read_text(), f"node {node.rank}'s output")
+        assert_clean_tree(node.volume)  # job.json, config.yaml, the spec, the status file, the nonce, the log
+        final = node.events()[-1]
         assert final["type"] == "error" and final["code"] == "cluster_mismatch", final
         assert "node 1 was given another job than node 0" in final["message"]
         assert node.process.returncode != 0
@@ -131,7 +138,7 @@ def test_a_node_that_never_starts_ends_the_other_with_rendezvous_timeout(tiny, t
 def test_two_nodes_on_one_shared_volume_train_one_run_with_ddp(tiny_sentencepiece, tmp_path):
     # the untrained tiny model: its loss has somewhere to fall in 9 steps
     volume, assets = tmp_path / "shared", tiny_sentencepiece
-    job = make_job(cluster_args(assets))
+    job = make_job(cluster_args(assets), credentials={"hf_token": HF_CANARY})
     first, second = two_nodes(job, (volume, volume), tmp_path, assets, FINETUNE_SHARED_VOLUME="1")
     events, other = first.wait(), second.wait()
     result = events[-1]
@@ -151,6 +158,15 @@ def test_two_nodes_on_one_shared_volume_train_one_run_with_ddp(tiny_sentencepiec
     assert (node_dir / "events.jsonl").is_file() and (node_dir / "train.log").is_file() and not (node_dir / "result.json").exists()
     assert "rank 1 of 2: training finished" in (node_dir / "train.log").read_text()
     assert "node_lost" not in (run_dir / "events.jsonl").read_text()
+    assert_clean_tree(volume)  # both nodes' files, the checkpoints and the output
+    for node in (first, second):
+        assert_clean_text(node.out.read_text(), f"node {node.rank}'s output")
+
+    # relaunched after it finished: node 0 answers with the stored result, node 1 learns it at once
+    first, second = two_nodes(job, (volume, volume), tmp_path, assets, FINETUNE_SHARED_VOLUME="1")
+    again, other = first.wait(timeout=120), second.wait(timeout=120)
+    assert again[-1]["type"] == "result" and again[-1].get("reused") is True, again[-3:]
+    assert other[-1]["type"] == "result" and any("nothing to train on this node" in e.get("message", "") for e in other), other[-3:]
 
 
 def test_separate_volumes_a_lost_node_ends_the_run_and_a_relaunch_resumes(tiny, tmp_path):

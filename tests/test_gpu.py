@@ -294,3 +294,41 @@ def test_a_lora_run_exports_quantised_gguf_files_where_llama_quantize_is(tiny_se
     print(f"[gpu]   GGUF files: {dict(zip(result['gguf'], sizes, strict=True))}")
     assert 0 < sizes[1] < sizes[0]
 
+
+
+def _cluster_node_env(rank: int, volume: Path, assets: Path, port: int, gpu: int) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_TOKEN", "WANDB"))}
+    env.update(BASE_VOLUME=str(volume), FINETUNE_EXAMPLES_DIR=str(assets), HF_HUB_OFFLINE="1", NNODES="2", NODE_RANK=str(rank),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NPROC_PER_NODE="1", CUDA_VISIBLE_DEVICES=str(gpu),
+               NCCL_SOCKET_IFNAME="lo", GLOO_SOCKET_IFNAME="lo", FINETUNE_SHARED_VOLUME="1", FINETUNE_CLUSTER_TIMEOUT="60")
+    return env
+
+
+@pytest.mark.parametrize("sharding", [
+    pytest.param({}, id="ddp-nccl"),
+    pytest.param({"fsdp_config": "full_shard"}, id="fsdp2-full-state-dict"),
+    pytest.param({"deepspeed": "zero2"}, id="deepspeed-zero2"),
+])
+def test_two_nodes_on_one_machine_train_over_nccl(tiny, tmp_path, hardware, sharding):
+    """Two nodes as two torchruns, one GPU each, NCCL over loopback, one shared volume: the
+    cluster path (rendezvous, agreement, DDP / FSDP2 / ZeRO-2 across nodes) on GPUs. On a real
+    cluster run the same job with `finetune-worker cluster job.json --json` on every node
+    (RunPod Instant Clusters, dstack, SkyPilot: docs/operating.md, Clusters)."""
+    if gpu_count() < 2:
+        pytest.skip("needs 2 GPUs (one per simulated node)")
+    if "deepspeed" in sharding and not installed("deepspeed"):
+        pytest.skip("deepspeed is not installed")
+    from finetune_worker.host.tools import free_port
+
+    volume, port = tmp_path / "shared", free_port()
+    job = make_job(tiny_args(tiny, num_epochs=2, save_steps=2, **sharding))
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(job))
+    nodes = [subprocess.Popen([sys.executable, "-m", "finetune_worker.entry.cli", "cluster", str(job_file), "--json"],
+                              env=_cluster_node_env(rank, volume, tiny, port, rank), stdout=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=1200)[0] for node in nodes]
+    finals = [json.loads([line for line in out.splitlines() if line.startswith("{")][-1]) for out in outputs]
+    print(f"\n[gpu] two nodes, {sharding or 'ddp'}: {finals[0].get('metrics')}")
+    assert finals[0]["type"] == "result" and finals[0]["cluster"]["world_size"] == 2, finals[0]
+    assert finals[1]["type"] == "result" and finals[1]["node_rank"] == 1, finals[1]

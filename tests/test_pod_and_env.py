@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,28 @@ def test_the_image_started_as_a_pod_writes_the_config_and_stays_up(tmp_path):
     finally:
         os.killpg(pod.pid, signal.SIGTERM)
         pod.wait(30)
+
+
+def test_a_pod_on_one_machine_trains_with_axolotl_and_on_a_cluster_node_with_torchrun(tmp_path):
+    from finetune_worker.entry.pod import training_launch
+    from finetune_worker.plan.config import PROGRESS_PLUGIN
+
+    config = {"base_model": "m", "output_dir": str(tmp_path / "outputs"), "adapter": "qlora"}
+    config_file = tmp_path / "config.yaml"
+    argv, _ = training_launch({"BASE_VOLUME": str(tmp_path)}, config, config_file, tmp_path, gpu_count=8)
+    assert argv == ["axolotl", "train", str(config_file)]
+
+    node = {"BASE_VOLUME": str(tmp_path), "PRIMARY_ADDR": "10.65.0.2", "PRIMARY_PORT": "29400", "NODE_RANK": "1",
+            "NUM_NODES": "2", "NUM_TRAINERS": "8"}
+    argv, env = training_launch(node, config, config_file, tmp_path, gpu_count=8)
+    assert argv[1:3] == ["-m", "torch.distributed.run"] and "--rdzv_endpoint" in argv and "10.65.0.2:29400" in argv
+    assert argv[argv.index("--node_rank") + 1] == "1" and argv[-3:-1] == [str(config_file), "--spec"]
+    assert env["NCCL_SOCKET_IFNAME"] == "ens1" and env["FINETUNE_CLUSTER_STATUS_FILE"].startswith(str(tmp_path / "nodes" / "node-1"))
+    spec = json.loads(Path(argv[-1]).read_text())
+    assert spec["node_rank"] == 1 and spec["output_dir"] == config["output_dir"] and spec["shared_volume"] is False
+    assert PROGRESS_PLUGIN in yaml.safe_load(config_file.read_text())["plugins"]  # save_on_each_node and the timeout reach the Trainer
+
+    with pytest.raises(ValueError, match="args.fsdp_config: .*FINETUNE_SHARED_VOLUME=1"):
+        training_launch(node, {**config, "fsdp_config": {"fsdp_version": 2}}, config_file, tmp_path, gpu_count=8)
+    with pytest.raises(ValueError, match="NUM_TRAINERS='9'"):
+        training_launch({**node, "NUM_TRAINERS": "9"}, config, config_file, tmp_path, gpu_count=8)

@@ -80,7 +80,7 @@ from finetune_worker.publish.card import write_loss_curve
 from finetune_worker.publish.evaluation import gate
 from finetune_worker.publish.export import export_types
 from finetune_worker.run.job import JobRun
-from finetune_worker.run.training import progress_tracker, start_standby, train
+from finetune_worker.run.training import progress_tracker, release_cluster, start_standby, train
 from finetune_worker.serve import stage as answering
 from finetune_worker.sizing import capacity
 from finetune_worker.sizing.estimate import ESTIMATE_HARDWARE
@@ -290,6 +290,9 @@ async def _take_the_run(run: JobRun, resources: JobResources) -> AsyncIterator[d
     _check_same_config(previous, run.valid)
     if previous.result is not None and not _preflight_only(run):
         yield events.status("preparing", "this run already completed; returning its stored result (send restart: true to train it again)")
+        if run.cluster is not None:
+            async for event in release_cluster(run, resources):
+                yield event
         yield {**previous.result, "reused": True}
         run.done = True
 
@@ -304,7 +307,8 @@ async def _check_capacity(run: JobRun, resources: JobResources) -> AsyncIterator
         run.plan = with_resume_point(run.plan, checkpoint)
         step = checkpoint.name.removeprefix("checkpoint-")
         yield events.status("preparing", f"resuming from step {step} ({checkpoint.name})", resumed_from_step=int(step))
-    for event in capacity.check_memory(run.plan.config, run.base.config, run.hardware, run.world_size):
+    shape = run.cluster and run.cluster.describe()
+    for event in capacity.check_memory(run.plan.config, run.base.config, run.hardware, run.world_size, shape):
         yield event
     capacity.check_disk(run.plan.config, run.base, run.settings, merge=run.job.publish.merge_lora)
 
@@ -364,6 +368,9 @@ async def _train_or_reuse(run: JobRun, resources: JobResources) -> AsyncIterator
     run.trained = run.previous.trained
     if run.trained is not None:
         yield events.status("training", "training completed in an earlier attempt; publishing its output without training again")
+        if run.cluster is not None:
+            async for event in release_cluster(run, resources):
+                yield event
     else:
         tracker = progress_tracker(run.settings.max_hours)
         async for event in train(run, resources, tracker):

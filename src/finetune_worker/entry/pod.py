@@ -16,11 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.checks.args import ArgsContext, check_args
+from finetune_worker.checks.distributed import cluster_storage_problems
 from finetune_worker.checks.paths import PathRoots
 from finetune_worker.contract.envconfig import args_from_env, name_problems_by_variable
 from finetune_worker.contract.errors import Problem
+from finetune_worker.contract.settings import WorkerSettings
 from finetune_worker.host.hardware import Hardware
 from finetune_worker.host.rundir import write_config
+from finetune_worker.plan.cluster import cluster_from_env
+from finetune_worker.plan.config import PROGRESS_PLUGIN
+from finetune_worker.run import cluster as cluster_node
 
 WELCOME = """\
 =====================================================================
@@ -32,6 +37,7 @@ WELCOME = """\
 
  Next:
    axolotl train {config}
+   (a node of a cluster: AXOLOTL_AUTORUN=true, or finetune-worker cluster job.json, on every node)
    axolotl preprocess {config}      # tokenize and inspect the data first
    finetune-worker run job.json     # or run a worker job on this Pod
    finetune-worker serve {pod_dir}  # then serve the result (OpenAI API on port 8000)
@@ -62,6 +68,30 @@ def default_pod_dir(env: Mapping[str, str]) -> Path:
     if env.get("FINETUNE_POD_DIR"):
         return Path(env["FINETUNE_POD_DIR"])
     return Path("/workspace/finetune") if Path("/workspace").is_dir() else Path.cwd() / "pod"
+
+
+def training_launch(env: Mapping[str, str], config: dict, config_file: Path, pod_dir: Path, gpu_count: int) -> tuple[list[str], dict[str, str]]:
+    """How AXOLOTL_AUTORUN trains: `axolotl train CONFIG` on one machine; on a node of a
+    cluster (RunPod Instant Clusters, dstack, SkyPilot, torchrun variables) the same torchrun
+    launch as `finetune-worker cluster`, the nodes agreeing on the config and the stack first.
+    Raises ValueError with every problem when the cluster or the config cannot run."""
+    plan, problems = cluster_from_env(env, gpu_count)
+    settings = WorkerSettings.from_env(env)
+    problems += cluster_storage_problems(config, settings.shared_volume) if plan is not None else []
+    if problems:
+        raise ValueError("; ".join(map(str, problems)))
+    if plan is None:
+        return ["axolotl", "train", str(config_file)], dict(env)
+    config = {**config, "plugins": [*(p for p in config.get("plugins") or [] if p != PROGRESS_PLUGIN), PROGRESS_PLUGIN]}
+    write_config(config_file, config)
+    home = pod_dir if plan.primary else pod_dir / "nodes" / f"node-{plan.node_rank}"
+    files = cluster_node.NodeFiles(home, pod_dir / "nodes", Path(config["output_dir"]), config_file, plan.node_rank)
+    digest = cluster_node.digest(config)
+    return cluster_node.prepare_launch(
+        plan, files, job_sha256=digest, config_sha256=digest, shared_volume=settings.shared_volume,
+        timeout_s=cluster_node.process_group_timeout(settings.cluster_timeout_s, config),
+        join_timeout_s=settings.cluster_join_timeout_s, child_env=dict(env),
+    )
 
 
 def hf_login(token: str | None) -> str:
@@ -101,11 +131,16 @@ def start_pod(env: Mapping[str, str]) -> int:
     ready = bool(config) and not problems
     serving = _truthy(env.get("AXOLOTL_SERVE"))
     if ready and _truthy(env.get("AXOLOTL_AUTORUN")):
-        if not serving:
-            os.execvp("axolotl", ["axolotl", "train", str(config_file)])
-        code = subprocess.call(["axolotl", "train", str(config_file)])
+        try:
+            argv, train_env = training_launch(env, config, config_file, pod_dir, detect_hardware().gpu_count)
+        except ValueError as exc:
+            print(f"Not training: {exc}", file=sys.stderr, flush=True)
+            argv, serving = None, False
+        if argv and not serving:
+            os.execvpe(argv[0], argv, train_env)
+        code = subprocess.call(argv, env=train_env) if argv else 1
         if code != 0:
-            print(f"axolotl train exited with code {code}; not serving. The Pod stays up.", file=sys.stderr, flush=True)
+            print(f"the training exited with code {code}; not serving. The Pod stays up.", file=sys.stderr, flush=True)
             serving = False
     if serving and config_file.exists():
         serve_pod(pod_dir, env)
@@ -121,7 +156,6 @@ def serve_pod(pod_dir: Path, env: Mapping[str, str]) -> int:
     """AXOLOTL_SERVE: serve the Pod's run on 0.0.0.0:AXOLOTL_SERVE_PORT (8000), as the
     original Pod workflow's vLLM start script did; with FINETUNE_SERVE_API_KEY set on the
     Pod, vLLM requires it (serve reads it from `env`)."""
-    from finetune_worker.contract.settings import WorkerSettings
     from finetune_worker.serve.server import serve
 
     port = int(env.get("AXOLOTL_SERVE_PORT") or 8000)

@@ -31,11 +31,6 @@ class RunPaths:
         return self.run_dir if self.node == 0 else self.run_dir / "nodes" / f"node-{self.node}"
 
     @property
-    def cluster_status_file(self) -> Path:
-        """What the rank children of this node say about the cluster (joined, mismatch, fault)."""
-        return self.home / "cluster.jsonl"
-
-    @property
     def nonce_file(self) -> Path:
         """A random value this node writes before training: which nodes can read it tells a shared volume from separate ones."""
         return self.run_dir / "nodes" / f"node-{self.node}.nonce"

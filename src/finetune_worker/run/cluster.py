@@ -8,6 +8,7 @@ import hashlib
 import json
 import secrets
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -21,6 +22,7 @@ from finetune_worker.plan.cluster import ClusterPlan
 from finetune_worker.run.cluster_rank import PEER_LOST
 
 SPEC_FILE = "cluster-spec.json"
+STATUS_FILE = "cluster.jsonl"  # what the node's rank children say (run/cluster_rank.py)
 # torchrun's static rendezvous when a node never came: node 0 waits for clients, the others
 # time out connecting to node 0's store.
 NEVER_JOINED = ("waiting for clients", "client socket has timed out", "Connection refused", "DistStoreError", "DistNetworkError")
@@ -61,29 +63,50 @@ def node_ranks(plan: ClusterPlan, shared_volume: bool) -> range:
     return range(first, first + plan.processes_per_node)
 
 
-def prepare_launch(plan: ClusterPlan, paths: RunPaths, *, job_record: dict, config: dict, cache_dir: Path,
-                   shared_volume: bool, timeout_s: int, join_timeout_s: int, child_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """Write this node's nonce and spec, empty its status file; (torchrun argv, its environment)."""
-    paths.nonce_file.parent.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class NodeFiles:
+    """Where one node keeps what its torchrun needs: its own folder, the folder of every
+    node's nonce, the training output and the config."""
+
+    home: Path
+    nodes_dir: Path
+    output_dir: Path
+    config_file: Path
+    node_rank: int
+
+    @classmethod
+    def of_run(cls, paths: RunPaths) -> NodeFiles:
+        return cls(paths.home, paths.nonce_file.parent, paths.output_dir, paths.config_file, paths.node)
+
+    @property
+    def status_file(self) -> Path:
+        return self.home / STATUS_FILE
+
+
+def prepare_launch(plan: ClusterPlan, files: NodeFiles, *, job_sha256: str, config_sha256: str, shared_volume: bool,
+                   timeout_s: int, join_timeout_s: int, child_env: dict[str, str], train: bool = True) -> tuple[list[str], dict[str, str]]:
+    """Write this node's nonce and spec, empty its status file; (torchrun argv, its environment).
+    `train=False` (node 0 only): the run is trained already, and the other nodes learn it when they join."""
+    files.nodes_dir.mkdir(parents=True, exist_ok=True)
+    files.home.mkdir(parents=True, exist_ok=True)
     nonce = secrets.token_hex(16)
-    paths.nonce_file.write_text(nonce, encoding="utf-8")
+    (files.nodes_dir / f"node-{plan.node_rank}.nonce").write_text(nonce, encoding="utf-8")
     spec = {
         "node_rank": plan.node_rank, "processes_per_node": plan.processes_per_node, "shared_volume": shared_volume,
-        "job_sha256": digest({key: value for key, value in job_record.items() if key != "created"}),
-        "config_sha256": config_digest(config, paths, cache_dir), "nonce": nonce, "timeout_s": timeout_s,
-        "checkpoints": complete_steps(paths.output_dir, node_ranks(plan, shared_volume)),
-        "output_dir": str(paths.output_dir), "nodes_dir": str(paths.nonce_file.parent),
+        "job_sha256": job_sha256, "config_sha256": config_sha256, "nonce": nonce, "timeout_s": timeout_s,
+        "checkpoints": complete_steps(files.output_dir, node_ranks(plan, shared_volume)),
+        "output_dir": str(files.output_dir), "nodes_dir": str(files.nodes_dir), "train": train,
     }
-    spec_file = paths.home / SPEC_FILE
+    spec_file = files.home / SPEC_FILE
     write_json(spec_file, spec)
-    paths.cluster_status_file.unlink(missing_ok=True)
-    env = {**child_env, **plan.env, CLUSTER_STATUS_FILE_ENV: str(paths.cluster_status_file), "AXOLOTL_NCCL_TIMEOUT": str(timeout_s)}
-    return build_torchrun_argv(sys.executable, plan, paths.config_file, spec_file, join_timeout_s), env
+    files.status_file.unlink(missing_ok=True)
+    env = {**child_env, **plan.env, CLUSTER_STATUS_FILE_ENV: str(files.status_file), "AXOLOTL_NCCL_TIMEOUT": str(timeout_s)}
+    return build_torchrun_argv(sys.executable, plan, files.config_file, spec_file, join_timeout_s), env
 
 
-def read_status(paths: RunPaths) -> list[dict]:
+def read_status(files: NodeFiles) -> list[dict]:
     try:
-        lines = paths.cluster_status_file.read_text(encoding="utf-8").splitlines()
+        lines = files.status_file.read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
     records = []

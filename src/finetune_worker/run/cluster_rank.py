@@ -11,7 +11,8 @@ dataset loads. Then it runs exactly what `axolotl train CONFIG` runs.
 
 What the node's parent needs to name the end goes, as JSON lines, into the node's status
 file (FINETUNE_CLUSTER_STATUS_FILE), written by each node's local rank 0:
-{"kind": "joined", ...}, {"kind": "mismatch", "problems": [...]}, {"kind": "fault", "detail": ...};
+{"kind": "joined", ...}, {"kind": "mismatch", "problems": [...]}, {"kind": "fault", "detail": ...},
+{"kind": "nothing_to_train"} (node 0 already trained this run);
 and every rank's {"kind": "pid", ...}.
 """
 
@@ -62,7 +63,7 @@ def node_problems(payloads: Sequence[dict]) -> list[str]:
         node = f"node {payload['node_rank']}"
         if payload["job_sha256"] != first["job_sha256"]:
             problems.append(f"{node} was given another job than node 0 (job.json digests differ): send the same job to every node")
-        elif payload["config_sha256"] != first["config_sha256"]:
+        elif payload["config_sha256"] != first["config_sha256"] and first["train"]:
             problems.append(f"{node} planned another Axolotl config than node 0 (config.yaml digests differ; its GPUs or worker settings differ)")
         for name, version in first["versions"].items():
             if payload["versions"].get(name) != version:
@@ -137,10 +138,10 @@ def _join(spec: dict):
     return dist, cuda
 
 
-def agree(spec: dict, dist) -> tuple[list[str], int | None]:
+def agree(spec: dict, dist) -> tuple[list[str], int | None, bool]:
     """Gather every node's payload, then every node's view of the others' run directories."""
     mine = {key: spec[key] for key in ("node_rank", "job_sha256", "config_sha256", "processes_per_node", "shared_volume",
-                                        "checkpoints", "nonce")} | {"versions": stack_versions()}
+                                        "checkpoints", "nonce", "train")} | {"versions": stack_versions()}
     payloads = [None] * dist.get_world_size()
     dist.all_gather_object(payloads, mine)
     seen = [None] * dist.get_world_size()
@@ -149,7 +150,8 @@ def agree(spec: dict, dist) -> tuple[list[str], int | None]:
     for payload, sees in zip(payloads, seen, strict=True):
         by_node.setdefault(payload["node_rank"], payload | {"seen": sees})
     ordered = [by_node[rank] for rank in sorted(by_node)]
-    return node_problems(ordered), (None if node_problems(ordered) else agreed_resume_step(ordered))
+    problems = node_problems(ordered)
+    return problems, (None if problems else agreed_resume_step(ordered)), ordered[0]["train"]
 
 
 def _train(config: Path, resume: Path | None) -> None:
@@ -174,11 +176,15 @@ def main(argv: list[str]) -> int:
     local_main = os.environ.get("LOCAL_RANK", "0") == "0"
     _status("pid", rank=int(os.environ.get("RANK", "0")), pid=os.getpid())
     dist, cuda = _join(spec)
-    problems, step = agree(spec, dist)
+    problems, step, train = agree(spec, dist)
     if problems:
         if local_main:
             _status("mismatch", problems=problems)
         return MISMATCH_EXIT
+    if not train:  # node 0 holds this run's finished training: every node is done
+        if local_main:
+            _status("nothing_to_train")
+        return 0
     if local_main:
         _status("joined", world_size=dist.get_world_size(), resume_step=step)
     # Axolotl's and the Trainer's accelerate states then find a distributed one (on CPU: gloo,

@@ -73,24 +73,40 @@ async def _training_child(run: JobRun, resources: JobResources) -> AsyncIterator
     await resources.child.start()
 
 
-def _cluster_launch(run: JobRun) -> tuple[list[str], dict[str, str]]:
-    settings = run.settings
+def _cluster_launch(run: JobRun, train: bool = True) -> tuple[list[str], dict[str, str]]:
+    settings, record = run.settings, run.valid.record()
     return cluster_node.prepare_launch(
-        run.cluster, run.paths, job_record=run.valid.record(), config=run.plan.config, cache_dir=settings.cache_dir,
-        shared_volume=settings.shared_volume, timeout_s=cluster_timeout(run), join_timeout_s=settings.cluster_join_timeout_s,
-        child_env=run.child_env,
+        run.cluster, cluster_node.NodeFiles.of_run(run.paths), job_sha256=cluster_node.digest(record),
+        config_sha256=cluster_node.config_digest(run.plan.config, run.paths, settings.cache_dir), shared_volume=settings.shared_volume,
+        timeout_s=cluster_timeout(run), join_timeout_s=settings.cluster_join_timeout_s, child_env=run.child_env, train=train,
     )
+
+
+async def release_cluster(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
+    """Node 0 of a run trained earlier: join the relaunched nodes once, so that they end at
+    once (`completed`) instead of waiting for a training that will not come."""
+    yield events.status("training", f"telling the other {run.cluster.nodes - 1} node(s) that this run is trained already "
+                        f"(they have {run.settings.cluster_join_timeout_s} s to join at {run.cluster.endpoint})")
+    argv, env = _cluster_launch(run, train=False)
+    resources.child = job_child(argv, env, run.paths.log_file, run.paths.progress_file, "training", resources)
+    await resources.child.start()
+    async for _ in resources.child.records():
+        pass
+    if resources.child.returncode != 0:
+        yield events.warning("the other nodes did not all join; any still waiting end with rendezvous_timeout")
 
 
 def cluster_timeout(run: JobRun) -> int:
     return cluster_node.process_group_timeout(run.settings.cluster_timeout_s, run.plan.config)
 
 
-def _cluster_records(run: JobRun, resources: JobResources, seen: int) -> tuple[list[dict], int]:
+def _cluster_records(run: JobRun, seen: int) -> tuple[list[dict], int]:
     """The node's status records not turned into events yet (joined: where training resumes)."""
-    records = cluster_node.read_status(run.paths)
+    records = cluster_node.read_status(cluster_node.NodeFiles.of_run(run.paths))
     found = []
     for record in records[seen:]:
+        if record.get("kind") == "nothing_to_train":
+            found.append(events.status("training", "node 0 holds this run's finished training: nothing to train on this node"))
         if record.get("kind") == "joined":
             step = record.get("resume_step")
             found.append(events.status("training", f"all {run.cluster.nodes} nodes joined (world size {record.get('world_size')})"
@@ -108,7 +124,7 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
     try:
         async for batch in training.records():
             if run.cluster is not None:
-                found, status_seen = _cluster_records(run, resources, status_seen)
+                found, status_seen = _cluster_records(run, status_seen)
                 for event in found:
                     yield event
             for record in batch:
@@ -141,10 +157,10 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
     if tracker.disk_quota is not None:
         raise disk_quota_error(tracker.disk_quota, run.paths)
     if run.cluster is not None:
-        found, _ = _cluster_records(run, resources, status_seen)
+        found, _ = _cluster_records(run, status_seen)
         for event in found:
             yield event
-        records = cluster_node.read_status(run.paths)
+        records = cluster_node.read_status(cluster_node.NodeFiles.of_run(run.paths))
         if error := cluster_node.cluster_error(training, records, run.cluster, run.settings.cluster_join_timeout_s, cluster_timeout(run)):
             raise error
         if not run.cluster.primary:

@@ -48,8 +48,10 @@ def with_headroom(found: Speedups, config: dict, model_config: dict, hardware: H
     return replace(found, fits_without_checkpointing=plain.total <= FITS_FRACTION * min(hardware.gpu_memory_bytes))
 
 
-def check_memory(config: dict, model_config: dict | None, hardware: Hardware, processes: int) -> list[dict]:
-    """Peak GPU memory per GPU against the smallest GPU present; fail when it clearly cannot fit."""
+def check_memory(config: dict, model_config: dict | None, hardware: Hardware, processes: int, shape: str | None = None) -> list[dict]:
+    """Peak GPU memory per GPU against the smallest GPU present; fail when it clearly cannot fit.
+    `processes`: every training process (on a cluster, of every node: ZeRO-3 and FSDP shard
+    over all of them); `shape`: the cluster's, said in the status."""
     if not hardware.has_gpu:
         return []
     if not model_config or "hidden_size" not in model_config:
@@ -63,7 +65,7 @@ def check_memory(config: dict, model_config: dict | None, hardware: Hardware, pr
             f"it will not fit. Try {suggestions(config, processes)}",
         )
     return [events.status(
-        "preparing", f"estimated peak GPU memory: {estimate.describe()} of {gib(capacity)} per GPU",
+        "preparing", f"estimated peak GPU memory: {estimate.describe()} of {gib(capacity)} per GPU" + (f" on {shape}" if shape else ""),
         memory_estimate_bytes=estimate.total, memory_parts_bytes=estimate.parts, gpu_memory_bytes=capacity,
     )]
 
