@@ -81,6 +81,9 @@ def test_without_a_shared_volume_fsdp_and_deepspeed_are_refused_by_key():
     assert all("FINETUNE_SHARED_VOLUME=1" in p.message for p in problems)
     assert cluster_storage_problems(args, shared_volume=True) == []
     assert cluster_storage_problems({"adapter": "lora"}, shared_volume=False) == []
+    full = cluster_storage_problems({"base_model": "m"}, shared_volume=False)  # only node 0 would write its weights
+    assert [p.path for p in full] == ["args.adapter"] and "FINETUNE_SHARED_VOLUME=1" in full[0].message
+    assert cluster_storage_problems({"base_model": "m"}, shared_volume=True) == []
 
 
 def test_the_config_digest_ignores_what_is_local_to_a_node(tmp_path):
@@ -92,6 +95,9 @@ def test_the_config_digest_ignores_what_is_local_to_a_node(tmp_path):
     assert same == config_digest(config(node1, tmp_path / "b" / "cache"), node1, tmp_path / "b" / "cache")
     other = {**config(node1, tmp_path / "b" / "cache"), "learning_rate": 2e-4, "resume_from_checkpoint": "x"}
     assert same != config_digest(other, node1, tmp_path / "b" / "cache")
+    # another run whose id starts with this one's (continue_from): the same on both nodes
+    earlier = [{"lora_model_dir": str(paths.run_dir) + "-base/output"} for paths in (node0, node1)]
+    assert config_digest(earlier[0], node0, tmp_path / "a" / "cache") == config_digest(earlier[1], node1, tmp_path / "b" / "cache")
 
 
 def test_a_checkpoint_with_only_the_trainer_arguments_has_no_weights(tmp_path):

@@ -287,7 +287,8 @@ async def _take_the_run(run: JobRun, resources: JobResources) -> AsyncIterator[d
         yield event
     resources.events_file = run.paths.events_file
     previous = run.previous = inspect_previous(run.paths)
-    _check_same_config(previous, run.valid)
+    if not (run.secondary and run.job.restart):  # node 0 sets the earlier attempt aside for every node
+        _check_same_config(previous, run.valid)
     if previous.result is not None and not _preflight_only(run):
         yield events.status("preparing", "this run already completed; returning its stored result (send restart: true to train it again)")
         if run.cluster is not None:

@@ -147,15 +147,19 @@ def process_count(requested: int | None, gpu_count: int) -> int:
 
 
 def cluster_storage_problems(args: dict[str, Any], shared_volume: bool) -> list[Problem]:
-    """Without a volume shared by every node, a checkpoint must be whole on each node: DDP
-    (LoRA, QLoRA or a full fine-tune) writes one on every node. FSDP writes the model on
-    node 0 only, and DeepSpeed ZeRO scatters it over every node's disk, so neither could
+    """Without a volume shared by every node, a checkpoint must be whole on each node: a
+    LoRA or QLoRA under DDP is (each node's first process writes the adapter). The
+    Trainer writes a full model's weights from the first process of node 0 only, FSDP
+    too, and DeepSpeed ZeRO scatters them over every node's disk, so none of these could
     resume after a relaunch."""
-    fix = ("attach one volume to every node at the same BASE_VOLUME and set FINETUNE_SHARED_VOLUME=1, "
-           "or train with DDP (LoRA or QLoRA fit most models)")
+    fix = "attach one volume to every node at the same BASE_VOLUME and set FINETUNE_SHARED_VOLUME=1, or train a LoRA or QLoRA"
     if shared_volume:
         return []
-    return [
+    problems = [
         Problem(f"args.{key}", f"{key} across nodes without a shared volume cannot resume: a checkpoint would not be whole on every node; {fix}")
         for key in ("fsdp_config", "fsdp", "deepspeed") if args.get(key)
     ]
+    if not args.get("adapter") and not problems:
+        problems.append(Problem("args.adapter", "a full fine-tune across nodes without a shared volume cannot resume: only node 0 would "
+                                f"hold the weights of a checkpoint; {fix}"))
+    return problems

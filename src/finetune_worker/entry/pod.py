@@ -76,12 +76,13 @@ def training_launch(env: Mapping[str, str], config: dict, config_file: Path, pod
     launch as `finetune-worker cluster`, the nodes agreeing on the config and the stack first.
     Raises ValueError with every problem when the cluster or the config cannot run."""
     plan, problems = cluster_from_env(env, gpu_count)
-    settings = WorkerSettings.from_env(env)
-    problems += cluster_storage_problems(config, settings.shared_volume) if plan is not None else []
     if problems:
         raise ValueError("; ".join(map(str, problems)))
     if plan is None:
         return ["axolotl", "train", str(config_file)], dict(env)
+    settings = WorkerSettings.from_env(env)
+    if problems := cluster_storage_problems(config, settings.shared_volume):
+        raise ValueError("; ".join(map(str, problems)))
     config = {**config, "plugins": [*(p for p in config.get("plugins") or [] if p != PROGRESS_PLUGIN), PROGRESS_PLUGIN]}
     write_config(config_file, config)
     home = pod_dir if plan.primary else pod_dir / "nodes" / f"node-{plan.node_rank}"

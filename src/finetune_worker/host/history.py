@@ -38,6 +38,7 @@ from finetune_worker.host.rundir import RunPaths, read_json, run_paths, through_
 EVENTS_PAGE_BYTES = 1024 * 1024  # one page of events at most (RunPod streams up to 4 MiB of them)
 TAIL_BYTES = 64 * 1024  # where a run's last event and last progress are looked for
 ASIDE = ".previous-"
+NODE_LOCK = re.compile(r"\.node-\d+$")
 HEAD_BYTES = 256  # where job.json keeps `created` (the first key the worker writes)
 CREATED_AT_HEAD = re.compile(rb'^\{\s*"created"\s*:\s*(-?[0-9][0-9.eE+-]*)\s*[,}]')
 
@@ -69,7 +70,7 @@ def _run_names(user_dir: Path) -> list[str]:
         if name.startswith(".") or ASIDE in name:
             continue
         if name.endswith(".lock"):
-            run_id = name.removesuffix(".lock")
+            run_id = NODE_LOCK.sub("", name.removesuffix(".lock"))  # a cluster node's own lock: <run_id>.node-<k>.lock
             if run_id and not (user_dir / run_id).exists() and holder(Path(entry.path)) is not None:
                 names.add(run_id)
         elif entry.is_dir(follow_symlinks=False):  # a lock's own temporary names are files

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import sys
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ import yaml
 
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
-from finetune_worker.host.children import ChildProcess
+from finetune_worker.host.children import ChildProcess, shutdown_requested
+from finetune_worker.host.failures import diagnose
 from finetune_worker.host.rundir import RunPaths, checkpoint_step, checkpoints, is_complete_checkpoint, write_json
 from finetune_worker.plan.children import CLUSTER_STATUS_FILE_ENV, build_torchrun_argv
 from finetune_worker.plan.cluster import ClusterPlan
@@ -39,11 +41,12 @@ def digest(value: object) -> str:
 
 
 def config_digest(config: dict, paths: RunPaths, cache_dir: Path) -> str:
-    """The planned config with what is local to a node made equal (its run directory, its
-    cache, the resume point the nodes agree on later)."""
+    """The planned config with what is local to a node made equal (its output and data
+    folders, its cache, the volume's runs; the resume point the nodes agree on later)."""
     text = yaml.safe_dump({key: value for key, value in config.items() if key != "resume_from_checkpoint"}, sort_keys=True)
-    for local, alias in ((paths.output_dir, "<output>"), (paths.home, "<home>"), (paths.run_dir, "<run>"), (cache_dir, "<cache>")):
-        text = text.replace(str(local), alias)
+    runs_dir = paths.run_dir.parent.parent
+    for local, alias in ((paths.output_dir, "<output>"), (paths.data_dir, "<data>"), (cache_dir, "<cache>"), (runs_dir, "<runs>")):
+        text = re.sub(re.escape(str(local)) + r"(?=/|$|[\s'\",\]}])", alias, text, flags=re.M)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -51,7 +54,8 @@ def complete_steps(output_dir: Path, ranks: range) -> list[int]:
     """Checkpoints this node can resume from: complete, with the random state of each rank that writes here."""
     return [
         checkpoint_step(path) for path in checkpoints(output_dir)
-        if is_complete_checkpoint(path) and all((path / f"rng_state_{rank}.pth").exists() for rank in ranks)
+        if is_complete_checkpoint(path)
+        and (not any(path.glob("rng_state*.pth")) or all((path / f"rng_state_{rank}.pth").exists() for rank in ranks))  # save_only_model: none
     ]
 
 
@@ -124,23 +128,25 @@ def joined(records: list[dict]) -> dict | None:
 
 def cluster_error(training: ChildProcess, records: list[dict], plan: ClusterPlan, join_timeout_s: int, timeout_s: int) -> JobError | None:
     """The cluster's own ends, named: the nodes disagreed, a node never joined, a node was
-    lost. None: no cluster fault (the training's own diagnosis applies)."""
+    lost. None: no cluster fault (a shutdown, or the training's own diagnosis, applies)."""
     log_tail = training.log_tail()
-    relaunch = "run the same command on every node to resume from the last checkpoint complete on all of them"
     if mismatch := next((record for record in records if record.get("kind") == "mismatch"), None):
         return JobError(errors.CLUSTER_MISMATCH, "the nodes do not agree, so none of them loaded anything: "
                         + "; ".join(mismatch["problems"]), details=list(mismatch["problems"]), log_tail=log_tail)
-    if training.returncode == 0:
+    if training.returncode == 0 or shutdown_requested():
         return None
     if joined(records) is None:
-        if any(marker in line for line in log_tail for marker in NEVER_JOINED) or training.returncode == 1:
+        if any(marker in line for line in log_tail for marker in NEVER_JOINED):
             return JobError(errors.RENDEZVOUS_TIMEOUT, f"not all {plan.nodes} nodes joined at {plan.endpoint} within {join_timeout_s} s "
                             "(FINETUNE_CLUSTER_JOIN_TIMEOUT): start `finetune-worker cluster JOB.json` on every node, with the "
                             "rendezvous address reachable from each", log_tail=log_tail)
         return None
+    if diagnose(training.returncode, log_tail, "training", None).code != errors.TRAINING_FAILED:
+        return None  # this node's own failure (out of memory, disk full, ...) is named as on one machine
     fault = next((record for record in records if record.get("kind") == "fault"), None)
     if fault or any(PEER_LOST.search(line) for line in log_tail):
         detail = f" ({fault['detail'][:200]})" if fault else ""
         return JobError(errors.NODE_LOST, f"another node of the cluster died or stopped answering (within {timeout_s} s, "
-                        f"FINETUNE_CLUSTER_TIMEOUT){detail}; {relaunch}", log_tail=log_tail)
+                        f"FINETUNE_CLUSTER_TIMEOUT){detail}; run the same command on every node to resume from the last "
+                        "checkpoint complete on all of them", log_tail=log_tail)
     return None

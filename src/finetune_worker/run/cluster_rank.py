@@ -169,8 +169,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("config", type=Path)
     parser.add_argument("--spec", type=Path, required=True)
     options = parser.parse_args(argv)
+    agent = os.getppid()  # torchrun's agent; it may itself be PID 1 (a container's command)
     die_with_parent()
-    if os.getppid() == 1:  # the agent is already gone
+    if os.getppid() != agent:  # the agent died before the death signal was armed
         return FAULT_EXIT
     spec = json.loads(options.spec.read_text(encoding="utf-8"))
     local_main = os.environ.get("LOCAL_RANK", "0") == "0"

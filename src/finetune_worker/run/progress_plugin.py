@@ -119,7 +119,12 @@ def _save_weights_on_this_node(args, state, model) -> None:
     the same weights). The checkpoint counts as complete once they are there."""
     if model is None or not args.save_on_each_node or args.local_process_index != 0 or args.process_index == 0:
         return
-    model.save_pretrained(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+    checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+    aside = checkpoint / ".node-weights"  # a node killed while writing leaves no weights in the checkpoint
+    model.save_pretrained(aside)
+    for written in sorted(aside.iterdir()):
+        os.replace(written, checkpoint / written.name)
+    aside.rmdir()
 
 
 class ProgressCallback(TrainerCallback):
