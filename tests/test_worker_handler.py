@@ -14,7 +14,7 @@ def drive(handler, job):
 
 
 def test_aggregate_output_stays_under_budget_and_the_result_always_arrives(monkeypatch):
-    async def flood(_input):
+    async def flood(_input, launch="machine"):
         for step in range(200_000):
             yield {"type": "progress", "step": step, "total_steps": 200_000, "loss": 0.5, "padding": "x" * 40}
         yield {"type": "result", "status": "completed", "metrics": {}}
@@ -30,7 +30,7 @@ def test_aggregate_output_stays_under_budget_and_the_result_always_arrives(monke
 
 
 def test_status_and_progress_events_feed_status_updates(monkeypatch):
-    async def short(_input):
+    async def short(_input, launch="machine"):
         yield {"type": "status", "stage": "validating", "message": "m"}
         yield {"type": "warning", "message": "w"}
         yield {"type": "progress", "step": 1}
