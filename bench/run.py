@@ -1,7 +1,8 @@
 """Benchmarks that print figures (never asserted): worker overhead, time to first
-progress and where it goes, and the warm-start saving of the tokenized-data cache.
+progress and where it goes, the warm-start saving of the tokenized-data cache, and how
+soon the CLI answers (a refusal, a preflight next to `axolotl preprocess`).
 
-    .venv/bin/python bench/run.py [overhead|startup|warm|all] [--runs N] [--epochs E]
+    .venv/bin/python bench/run.py [overhead|startup|warm|answers|all] [--runs N] [--epochs E]
 
 Every figure comes from runs made side by side in this one invocation, on the tiny
 model and dataset of test_input.json, on this machine's CPU.
@@ -173,6 +174,69 @@ def warm(epochs: int) -> dict:
     return figures
 
 
+def timed_cli(job_body: dict, volume: Path) -> dict:
+    """`finetune-worker run JOB --json` from a cold start, as a user runs it: seconds to its
+    first event and to its last (the error or the result), and what the last one was."""
+    job_file = volume / f"{job_body.get('run_id', 'job')}-{time.monotonic_ns()}.json"
+    job_file.write_text(json.dumps({"input": job_body}))
+    started = time.perf_counter()
+    child = subprocess.Popen([str(Path(PYTHON).parent / "finetune-worker"), "run", str(job_file), "--json"],
+                             env={**BASE_ENV, "BASE_VOLUME": str(volume)}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
+    first = last = None
+    event: dict = {}
+    for line in child.stdout:
+        if line.startswith("{"):
+            last = time.perf_counter() - started
+            first = first if first is not None else last
+            event = json.loads(line)
+    child.wait()
+    return {"first_event_s": round(first or 0, 2), "answer_s": round(last or 0, 2), "answer": event.get("code") or event.get("mode") or event["type"],
+            "problems": len(event.get("details") or [])}
+
+
+def run_preprocess(config: Path, scratch: Path) -> float:
+    """`axolotl preprocess` of the worker's YAML: what a preflight does (tokenize), in Axolotl alone."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["dataset_prepared_path"] = str(scratch / "prepared")
+    cfg["output_dir"] = str(scratch / "output")
+    raw = scratch / "preprocess.yaml"
+    raw.write_text(yaml.safe_dump(cfg))
+    started = time.perf_counter()
+    subprocess.run([PYTHON, "-m", "axolotl.cli.preprocess", str(raw)], env={**BASE_ENV, "PYTHONPATH": str(REPO / "src")}, cwd=scratch,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def answers(runs: int) -> dict:
+    """How soon a user hears back from the CLI: a refusal, and a preflight next to `axolotl preprocess`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        volume = Path(tmp)
+        bad_id = {**job("x", 1), "run_id": "../x"}
+        three = {**job("x", 1), "run_id": "../x"}
+        three["args"] = {**three["args"], "datasets": [{**three["args"]["datasets"][0], "type": "alpacca"}]}
+        three["args"].pop("base_model")
+        only_axolotl = job("typo", 1)
+        only_axolotl["args"] = {**only_axolotl["args"], "datasets": [{**only_axolotl["args"]["datasets"][0], "type": "alpacca"}]}
+        figures = {name: [timed_cli(body, volume) for _ in range(runs)] for name, body in (
+            ("refusal: run_id ../x", bad_id), ("refusal: run_id, base_model missing, dataset type misspelt", three),
+            ("refusal: dataset type misspelt (needs Axolotl's check)", only_axolotl),
+        )}
+        preflights = [timed_cli({**job(f"preflight-{i}", 1), "mode": "preflight"}, volume) for i in range(runs)]
+        config = volume / "runs" / "local" / "preflight-0" / "config.yaml"
+        preprocess = [run_preprocess(config, Path(tempfile.mkdtemp(dir=tmp))) for _ in range(runs)]
+    report = {name: {"median_answer_s": statistics.median(r["answer_s"] for r in rows), "answer": rows[0]["answer"],
+                     "problems": rows[0]["problems"], "first_event_s": statistics.median(r["first_event_s"] for r in rows)}
+              for name, rows in figures.items()}
+    preflight_s = statistics.median(r["answer_s"] for r in preflights)
+    preprocess_s = statistics.median(preprocess)
+    report["preflight of test_input.json"] = {"median_answer_s": preflight_s, "axolotl_preprocess_s": round(preprocess_s, 2),
+                                              "ratio": round(preflight_s / preprocess_s, 2)}
+    return report
+
+
 def machine() -> dict:
     import importlib.metadata as md
 
@@ -184,12 +248,12 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", default="all", choices=["overhead", "startup", "warm", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["overhead", "startup", "warm", "answers", "all"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5)
     options = parser.parse_args()
     report = {"machine": machine()}
-    if options.what != "warm":
+    if options.what not in ("warm", "answers"):
         from finetune_worker.entry.worker import _warm_imports
 
         started = time.perf_counter()
@@ -202,6 +266,8 @@ def main() -> None:
         report["startup"] = startup(options.epochs)
     if options.what in ("warm", "all"):
         report["warm_start"] = warm(options.epochs)
+    if options.what in ("answers", "all"):
+        report["answers"] = answers(options.runs)
     print(json.dumps(report, indent=2))
 
 

@@ -106,7 +106,7 @@ def assert_refused(evs: list[dict], token: str | None, calls: list[str], volume,
 def assert_accepted(evs: list[dict], token: str | None, calls: list[str]) -> None:
     last = evs[-1]
     assert last["code"] == "invalid_input" and last["details"] == ["args: Input should be a valid dictionary"], last
-    assert calls == ["parse", "validate"]
+    assert calls == ["parse"]  # past the token check; the request's own problem ends it before Axolotl's check (fail fast)
     if token:
         assert token not in json.dumps(evs)
 

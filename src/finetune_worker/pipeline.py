@@ -1,6 +1,6 @@
 """One job, top to bottom, as a spine of named stages (see STAGES):
 
-    validate -> [runs / events: read the volume, answer] -> [generate: a finished run answers] -> plan -> take the run
+    fail fast -> validate -> [runs / events: read the volume, answer] -> [generate: a finished run answers] -> plan -> take the run
     -> check capacity -> prepare data -> [preflight / estimate: stop]
     -> check the Hub token -> train (or reuse) -> evaluate -> export (GGUF) -> publish (merge, push) -> result
 
@@ -29,7 +29,13 @@ from finetune_worker.checks.distributed import cluster_storage_problems, process
 from finetune_worker.checks.export import wants_export
 from finetune_worker.checks.native import remote_code_decision
 from finetune_worker.checks.usertoken import check_user_token
-from finetune_worker.checks.validation import ValidJob, config_problems_error, validate_job
+from finetune_worker.checks.validation import (
+    ValidJob,
+    config_problems_error,
+    early_problems,
+    early_problems_error,
+    validate_job,
+)
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError, Problem
 from finetune_worker.contract.job import (
@@ -183,6 +189,15 @@ async def _parse(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
         wandb_api_key=run.wandb_key, other_secrets=tracker_secrets(job), step_limit=settings.max_steps,
         run_bytes_limit=settings.max_run_bytes,
     )
+    return
+    yield
+
+
+async def _fail_fast(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
+    """What is wrong with the request itself ends the job now: before Axolotl's schema is
+    imported (seconds) and before any child starts. Axolotl's own check follows otherwise."""
+    if problems := early_problems(run.raw_input, (run.parsed, run.parse_problems), run.settings):
+        raise early_problems_error(problems, run.parse_problems)
     return
     yield
 
@@ -459,7 +474,7 @@ async def _result(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
 
 
 STAGES = (
-    _read_settings, _check_user, _parse, _start_standby, _validate, _history, _generate,
+    _read_settings, _check_user, _parse, _fail_fast, _start_standby, _validate, _history, _generate,
     _plan, _read_base_model, _fast_defaults, _take_the_run, _check_capacity, _prepare_data, _preflight,
     _check_hub_token, _train_or_reuse, _evaluate, _export, _publish, _result,
 )

@@ -22,6 +22,7 @@ from finetune_worker.contract.job import (
     DEFAULT_NEW_TOKENS,
     GENERATE_MODE,
     LORA_ADAPTERS,
+    READING_MODES,
     JobInput,
     blocks_args_check,
     parse_job_input,
@@ -115,6 +116,27 @@ def validate_job(
         raise problems_error(code, problems + arg_problems)
     assert job is not None
     return ValidJob(job=job, args=args, defaults_used=used, notes=notes, origin=origin)
+
+
+def early_problems(raw: Any, parsed: tuple[JobInput | None, list[Problem]], settings: WorkerSettings) -> list[Problem]:
+    """What is wrong without asking Axolotl, known within a second of the start: the
+    request's own fields (ids, modes, credentials, options, num_nodes) and, for a job that
+    trains, args without a base_model. Axolotl's schema takes seconds to import; its check
+    (validate_job) runs once there is nothing here."""
+    problems = list(parsed[1])
+    args, mode = (raw.get("args"), raw.get("mode", "train")) if isinstance(raw, dict) else (None, None)
+    if isinstance(args, dict) and mode not in READING_MODES and not any(p.path == "args.base_model" for p in problems):
+        if not {**settings.default_args, **args}.get("base_model"):
+            problems.append(Problem("args.base_model", "is required: a Hugging Face Hub model id (e.g. NousResearch/Llama-3.2-1B) "
+                                    "or a model directory on the volume"))
+    return problems
+
+
+def early_problems_error(problems: list[Problem], parse_problems: list[Problem]) -> JobError:
+    """The fast refusal: it says that Axolotl's own check of args has not run yet."""
+    error = problems_error(errors.INVALID_INPUT if parse_problems else errors.INVALID_CONFIG, problems)
+    error.message += " (found before Axolotl's check of args, which runs once these are fixed)"
+    return error
 
 
 def hub_write_problems(args: dict[str, Any], job: JobInput) -> list[Problem]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -27,14 +29,22 @@ class Hardware:
 
 
 CPU_ONLY = Hardware()
+# Where a GPU shows itself to a container without torch: the NVIDIA driver, its device
+# nodes, or ROCm's kernel driver.
+GPU_SIGNS = (Path("/proc/driver/nvidia"), Path("/dev/nvidiactl"), Path("/dev/kfd"))
+
+
+def no_gpu_driver() -> bool:
+    """No GPU driver on this machine: a CPU machine, known without importing torch (seconds)."""
+    return not any(sign.exists() for sign in GPU_SIGNS) and not any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def detect_hardware() -> Hardware:
-    import os
-
+    cpus = os.cpu_count() or 1
+    if no_gpu_driver():
+        return Hardware(cpu_count=cpus)
     import torch
 
-    cpus = os.cpu_count() or 1
     if not torch.cuda.is_available():
         return Hardware(cpu_count=cpus)
     count = torch.cuda.device_count()

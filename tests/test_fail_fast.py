@@ -1,0 +1,46 @@
+"""A request's own problems are answered before Axolotl (or torch) is imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import make_job, tiny_args
+from finetune_worker.host.hardware import no_gpu_driver
+
+PROBE = """
+import asyncio, json, sys
+from finetune_worker.pipeline import run_job
+job = json.loads(sys.argv[1])
+async def main():
+    return [event async for event in run_job(job)]
+events = asyncio.run(main())
+print(json.dumps({"events": events, "axolotl": "axolotl" in sys.modules, "torch": "torch" in sys.modules}))
+"""
+
+
+def refuse_in_a_fresh_process(job: dict, env: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(job)], env=env, capture_output=True, text=True, timeout=120)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_requests_own_problems_end_the_job_before_axolotl_is_imported(tiny, env, volume):
+    args = tiny_args(tiny, datasets=[{"path": str(tiny / "tiny_alpaca.jsonl"), "type": "alpacca"}])
+    args.pop("base_model")
+    job = make_job(args, run_id="../x")
+    seen = refuse_in_a_fresh_process(job, env)
+    final = seen["events"][-1]
+    assert final["code"] == "invalid_input" and "found before Axolotl's check of args" in final["message"], final
+    assert [d.split(":")[0] for d in final["details"]] == ["run_id", "args.base_model"]  # the misspelt type needs Axolotl: not yet
+    assert not seen["axolotl"]
+    assert not seen["torch"] or not no_gpu_driver()  # a GPU worker imports torch to read its GPUs
+    assert [e["type"] for e in seen["events"]] == ["status", "error"]
+
+
+def test_with_nothing_found_early_axolotls_check_reports_its_problems(tiny, env):
+    job = make_job(tiny_args(tiny, datasets=[{"path": str(tiny / "tiny_alpaca.jsonl"), "type": "alpacca"}]))
+    seen = refuse_in_a_fresh_process(job, env)
+    final = seen["events"][-1]
+    assert final["code"] == "invalid_config" and "before Axolotl" not in final["message"], final
+    assert any(d.startswith("args.datasets[0].type") for d in final["details"]), final["details"]
