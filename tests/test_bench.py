@@ -48,3 +48,14 @@ def test_the_row_check_memory_does_not_grow_with_the_file():
     assert big["file_mb"] > 3.5 * small["file_mb"] > 150
     assert big["peak_rss_mb"] - small["peak_rss_mb"] < 20, (small, big)
     assert big["peak_rss_mb"] - big["rss_before_check_mb"] < 50, big
+
+
+def test_the_answers_harness_times_a_cold_cli_refusal(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", REPO_ROOT / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    figures = bench.timed_cli({**bench.job("x", 1), "run_id": "../x"}, tmp_path)
+    assert figures["answer"] == "invalid_input" and figures["problems"] == 1
+    assert 0 < figures["first_event_s"] <= figures["answer_s"]

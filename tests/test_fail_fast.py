@@ -44,3 +44,9 @@ def test_with_nothing_found_early_axolotls_check_reports_its_problems(tiny, env)
     final = seen["events"][-1]
     assert final["code"] == "invalid_config" and "before Axolotl" not in final["message"], final
     assert any(d.startswith("args.datasets[0].type") for d in final["details"]), final["details"]
+
+
+def test_a_runs_query_answers_without_torch_or_axolotl(env):
+    seen = refuse_in_a_fresh_process({"user_id": "nobody-yet", "mode": "runs"}, env)
+    assert seen["events"][-1]["type"] == "result", seen["events"][-1]
+    assert not seen["axolotl"] and (not seen["torch"] or not no_gpu_driver())
