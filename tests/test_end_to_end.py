@@ -110,14 +110,19 @@ def test_invalid_job_fails_fast_with_every_problem_and_starts_nothing(tiny, env,
     elapsed = time.monotonic() - started
     assert types(evs) == ["status", "error"]
     error = evs[-1]
-    assert error["code"] == "invalid_input"
-    assert len(error["details"]) == 3
+    # the request's own problems first, all of them, before Axolotl's check (the misspelt type needs it)
+    assert error["code"] == "invalid_input" and "before Axolotl's check of args" in error["message"]
+    assert len(error["details"]) == 2
     assert any(d.startswith("run_id: invalid id") for d in error["details"])
-    assert "args.datasets[0].type: unknown type 'alpacca'; did you mean 'alpaca'?" in error["details"]
-    assert "args.base_model: required field is missing" in error["details"]
+    assert any(d.startswith("args.base_model: required field is missing") for d in error["details"])
     assert elapsed < 15
     assert not (volume / "runs" / "tester" / "x").exists()
     assert not (volume / "x").exists()
+    # fixed: Axolotl's check reports the rest
+    evs = collect({**job, "run_id": "fixed-x", "args": {**args, "base_model": str(tiny / "tiny-llama")}}, env)
+    assert types(evs) == ["status", "error"] and evs[-1]["code"] == "invalid_config"
+    assert evs[-1]["details"] == ["args.datasets[0].type: unknown type 'alpacca'; did you mean 'alpaca'?"]
+    assert not (volume / "runs" / "tester" / "fixed-x").exists()
 
 
 def test_config_only_problems_are_invalid_config(tiny, env):

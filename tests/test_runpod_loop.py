@@ -156,12 +156,12 @@ def test_execution_timeout_arrives_like_a_cancel(loop, tiny, volume):
 def test_invalid_job_ends_failed_with_a_sanitised_error(loop, tiny):
     fake, endpoint, _, _ = loop
     args = tiny_args(tiny, datasets=[{"path": str(tiny / "tiny_alpaca.jsonl"), "type": "alpacca"}])
-    job_id = worker_client.submit(endpoint, make_job(args, run_id="../x", credentials={"hf_token": CANARY}))
+    job_id = worker_client.submit(endpoint, make_job(args, credentials={"hf_token": CANARY}))
     fake.wait_for(job_id, lambda j: j.status in worker_client.TERMINAL, timeout=60)
     state = endpoint.rp_client.get(f"{fake.endpoint_id}/status/{job_id}")
     assert state["status"] == "FAILED"
     error = json.loads(state["error"])
-    assert error["code"] == "invalid_input"
+    assert error["code"] == "invalid_config"
     assert "args.datasets[0].type: unknown type 'alpacca'; did you mean 'alpaca'?" in error["details"]
     assert "Traceback" not in state["error"]
     assert not any(CANARY.encode() in body for body in fake.worker_posts + fake.client_replies)

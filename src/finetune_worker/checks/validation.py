@@ -127,8 +127,8 @@ def early_problems(raw: Any, parsed: tuple[JobInput | None, list[Problem]], sett
     args, mode = (raw.get("args"), raw.get("mode", "train")) if isinstance(raw, dict) else (None, None)
     if isinstance(args, dict) and mode not in READING_MODES and not any(p.path == "args.base_model" for p in problems):
         if not {**settings.default_args, **args}.get("base_model"):
-            problems.append(Problem("args.base_model", "is required: a Hugging Face Hub model id (e.g. NousResearch/Llama-3.2-1B) "
-                                    "or a model directory on the volume"))
+            problems.append(Problem("args.base_model", "required field is missing: a Hugging Face Hub model id "
+                                    "(e.g. NousResearch/Llama-3.2-1B) or a model directory on the volume"))
     return problems
 
 
