@@ -230,13 +230,20 @@ def _read_dstack(reader: _Reader, gpus_on_node: int) -> _Found:
     )
 
 
+def _node_addresses(reader: _Reader, name: str, nodes: int | None, nodes_variable: str) -> list[str]:
+    """The platform's list of node addresses (one per line), which must have one per node."""
+    text = reader.env[name]
+    addresses = _address_lines(text)
+    if nodes is not None and len(addresses) != nodes:
+        reader.refuse(name, f"{name}={text!r} lists {len(addresses)} addresses but {nodes_variable}={nodes}")
+    return addresses
+
+
 def _check_dstack_node_ips(reader: _Reader, nodes: int | None, master: str | None) -> None:
     if "DSTACK_NODES_IPS" not in reader.env:
         return
     text = reader.env["DSTACK_NODES_IPS"]
-    addresses = _address_lines(text)
-    if nodes is not None and len(addresses) != nodes:
-        reader.refuse("DSTACK_NODES_IPS", f"DSTACK_NODES_IPS={text!r} lists {len(addresses)} addresses but DSTACK_NODES_NUM={nodes}")
+    addresses = _node_addresses(reader, "DSTACK_NODES_IPS", nodes, "DSTACK_NODES_NUM")
     if master is not None and master not in addresses and master.strip("[]") not in addresses:
         reader.refuse("DSTACK_NODES_IPS", f"DSTACK_NODES_IPS={text!r} does not contain the master's address DSTACK_MASTER_NODE_IP={master!r}")
 
@@ -244,10 +251,7 @@ def _check_dstack_node_ips(reader: _Reader, nodes: int | None, master: str | Non
 def _read_skypilot(reader: _Reader, gpus_on_node: int) -> _Found:
     nodes = reader.nodes("SKYPILOT_NUM_NODES")
     gpus_per_node = reader.gpus_per_node("SKYPILOT_NUM_GPUS_PER_NODE")
-    text = reader.env["SKYPILOT_NODE_IPS"]
-    addresses = _address_lines(text)
-    if nodes is not None and len(addresses) != nodes:
-        reader.refuse("SKYPILOT_NODE_IPS", f"SKYPILOT_NODE_IPS={text!r} lists {len(addresses)} addresses but SKYPILOT_NUM_NODES={nodes}")
+    addresses = _node_addresses(reader, "SKYPILOT_NODE_IPS", nodes, "SKYPILOT_NUM_NODES")
     return _Found(
         platform="skypilot",
         nodes=nodes,
