@@ -16,7 +16,7 @@ import yaml
 
 from finetune_worker.contract import errors
 from finetune_worker.contract.errors import JobError
-from finetune_worker.host.children import ChildProcess, shutdown_requested
+from finetune_worker.host.children import ChildProcess, JsonLinesTail, shutdown_requested
 from finetune_worker.host.failures import diagnose
 from finetune_worker.host.rundir import RunPaths, checkpoint_step, checkpoints, is_complete_checkpoint, write_json
 from finetune_worker.plan.children import CLUSTER_STATUS_FILE_ENV, build_torchrun_argv
@@ -108,18 +108,17 @@ def prepare_launch(plan: ClusterPlan, files: NodeFiles, *, job_sha256: str, conf
     return build_torchrun_argv(sys.executable, plan, files.config_file, spec_file, join_timeout_s), env
 
 
-def read_status(files: NodeFiles) -> list[dict]:
-    try:
-        lines = files.status_file.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+class NodeStatus:
+    """The node's status file, read as it grows: the records so far (complete lines only)."""
+
+    def __init__(self, files: NodeFiles):
+        self.tail = JsonLinesTail(files.status_file)
+        self.records: list[dict] = []
+
+    def read_new(self) -> list[dict]:
+        new = self.tail.read_new()
+        self.records += new
+        return new
 
 
 def joined(records: list[dict]) -> dict | None:

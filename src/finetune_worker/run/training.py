@@ -100,11 +100,10 @@ def cluster_timeout(run: JobRun) -> int:
     return cluster_node.process_group_timeout(run.settings.cluster_timeout_s, run.plan.config)
 
 
-def _cluster_records(run: JobRun, seen: int) -> tuple[list[dict], int]:
-    """The node's status records not turned into events yet (joined: where training resumes)."""
-    records = cluster_node.read_status(cluster_node.NodeFiles.of_run(run.paths))
+def _cluster_events(run: JobRun, records: list[dict]) -> list[dict]:
+    """The node's new status records as events (joined: where training resumes)."""
     found = []
-    for record in records[seen:]:
+    for record in records:
         if record.get("kind") == "nothing_to_train":
             found.append(events.status("training", "node 0 holds this run's finished training: nothing to train on this node"))
         if record.get("kind") == "joined":
@@ -112,7 +111,7 @@ def _cluster_records(run: JobRun, seen: int) -> tuple[list[dict], int]:
             found.append(events.status("training", f"all {run.cluster.nodes} nodes joined (world size {record.get('world_size')})"
                                        + (f"; resuming from step {step} (checkpoint-{step}, complete on every node)" if step else
                                           "; training from the start"), **({"resumed_from_step": step} if step else {})))
-    return found, len(records)
+    return found
 
 
 async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) -> AsyncIterator[dict]:
@@ -120,12 +119,12 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
     async for event in _training_child(run, resources):
         yield event
     training, settings = resources.child, run.settings
-    over_steps, status_seen = None, 0
+    over_steps = None
+    status = cluster_node.NodeStatus(cluster_node.NodeFiles.of_run(run.paths)) if run.cluster is not None else None
     try:
         async for batch in training.records():
-            if run.cluster is not None:
-                found, status_seen = _cluster_records(run, status_seen)
-                for event in found:
+            if status is not None:
+                for event in _cluster_events(run, status.read_new()):
                     yield event
             for record in batch:
                 for event in tracker.feed(record):
@@ -156,12 +155,11 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
         )
     if tracker.disk_quota is not None:
         raise disk_quota_error(tracker.disk_quota, run.paths)
-    if run.cluster is not None:
-        found, _ = _cluster_records(run, status_seen)
-        for event in found:
+    if status is not None:
+        for event in _cluster_events(run, status.read_new()):
             yield event
-        records = cluster_node.read_status(cluster_node.NodeFiles.of_run(run.paths))
-        if error := cluster_node.cluster_error(training, records, run.cluster, run.settings.cluster_join_timeout_s, cluster_timeout(run)):
+        if error := cluster_node.cluster_error(training, status.records, run.cluster, run.settings.cluster_join_timeout_s,
+                                               cluster_timeout(run)):
             raise error
         if not run.cluster.primary:
             raise_unless_trained_here(training)
