@@ -22,7 +22,7 @@ from finetune_worker.contract.envconfig import args_from_env, name_problems_by_v
 from finetune_worker.contract.errors import Problem
 from finetune_worker.contract.settings import WorkerSettings
 from finetune_worker.host.hardware import Hardware
-from finetune_worker.host.rundir import write_config
+from finetune_worker.host.rundir import json_digest, write_config
 from finetune_worker.plan.cluster import cluster_from_env
 from finetune_worker.plan.config import PROGRESS_PLUGIN
 from finetune_worker.run import cluster as cluster_node
@@ -87,7 +87,7 @@ def training_launch(env: Mapping[str, str], config: dict, config_file: Path, pod
     write_config(config_file, config)
     home = pod_dir if plan.primary else pod_dir / "nodes" / f"node-{plan.node_rank}"
     files = cluster_node.NodeFiles(home, pod_dir / "nodes", Path(config["output_dir"]), config_file, plan.node_rank)
-    digest = cluster_node.digest(config)
+    digest = json_digest(config)
     return cluster_node.prepare_launch(
         plan, files, job_sha256=digest, config_sha256=digest, shared_volume=settings.shared_volume,
         timeout_s=cluster_node.process_group_timeout(settings.cluster_timeout_s, config),

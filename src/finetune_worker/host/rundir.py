@@ -168,8 +168,13 @@ def read_json(path: Path) -> Any:
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "pytorch_model_fsdp*", "global_step*")
 
 
+def json_digest(value: Any) -> str:
+    """sha256 of a JSON value with its keys sorted: equal values, equal digests."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def args_digest(args: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(args)
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -5,7 +5,6 @@ file, which the rank children write: run/cluster_rank.py)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import secrets
 import sys
@@ -34,10 +33,6 @@ def process_group_timeout(settings_timeout_s: int, config: dict) -> int:
     """How long any rank waits on a silent peer: the worker's setting, or the job's ddp_timeout when larger."""
     asked = config.get("ddp_timeout")
     return max(settings_timeout_s, int(asked)) if isinstance(asked, int) and not isinstance(asked, bool) else settings_timeout_s
-
-
-def digest(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def config_digest(config: dict, paths: RunPaths, cache_dir: Path) -> str:

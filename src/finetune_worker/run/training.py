@@ -18,7 +18,7 @@ from finetune_worker.host.children import ChildProcess, shutdown_requested, stop
 from finetune_worker.host.failures import diagnose
 from finetune_worker.host.hardware import Hardware
 from finetune_worker.host.resources import JobResources
-from finetune_worker.host.rundir import RunPaths, set_aside_diverged
+from finetune_worker.host.rundir import RunPaths, json_digest, set_aside_diverged
 from finetune_worker.host.tools import free_port, job_child
 from finetune_worker.plan.children import build_standby_argv, build_train_argv
 from finetune_worker.run import cluster as cluster_node
@@ -76,7 +76,7 @@ async def _training_child(run: JobRun, resources: JobResources) -> AsyncIterator
 def _cluster_launch(run: JobRun, train: bool = True) -> tuple[list[str], dict[str, str]]:
     settings, record = run.settings, run.valid.record()
     return cluster_node.prepare_launch(
-        run.cluster, cluster_node.NodeFiles.of_run(run.paths), job_sha256=cluster_node.digest(record),
+        run.cluster, cluster_node.NodeFiles.of_run(run.paths), job_sha256=json_digest(record),
         config_sha256=cluster_node.config_digest(run.plan.config, run.paths, settings.cache_dir), shared_volume=settings.shared_volume,
         timeout_s=cluster_timeout(run), join_timeout_s=settings.cluster_join_timeout_s, child_env=run.child_env, train=train,
     )
