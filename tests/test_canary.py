@@ -13,6 +13,8 @@ token reaches the Hub from it, never from the worker's process.
 A cluster's surfaces (both nodes' run directories with the spec, status and nonce files,
 each node's output, torchrun's and the rank children's command lines) are searched in
 test_cluster.py.
+A job's bucket keys (credentials.s3_*) are searched in test_storage.py: the events, the
+run directory, the worker's log and every object the job put in the bucket.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """One job, top to bottom, as a spine of named stages (see STAGES):
 
     fail fast -> validate -> [runs / events: read the volume, answer] -> [generate: a finished run answers] -> plan -> take the run
-    -> check capacity -> prepare data -> [preflight / estimate: stop]
-    -> check the Hub token -> train (or reuse) -> evaluate -> export (GGUF) -> publish (merge, push) -> result
+    -> check the storage (or restore from it) -> check capacity -> prepare data -> [preflight / estimate: stop]
+    -> check the Hub token -> train (or reuse) -> evaluate -> export (GGUF) -> publish (merge, push) -> store -> result
 
 `run_job` is the async generator every entry point drives (RunPod's handler, the
 local CLI, the tests). Every event it yields has passed the job's one redactor and
@@ -28,6 +28,7 @@ from finetune_worker.checks.axolotl_schema import planned_config_problems
 from finetune_worker.checks.distributed import cluster_storage_problems, process_count
 from finetune_worker.checks.export import wants_export
 from finetune_worker.checks.native import remote_code_decision
+from finetune_worker.checks.storage import storage_target
 from finetune_worker.checks.usertoken import check_user_token
 from finetune_worker.checks.validation import (
     ValidJob,
@@ -79,12 +80,13 @@ from finetune_worker.plan.config import (
     with_resume_point,
     with_tokenizing_copy,
 )
-from finetune_worker.plan.credentials import hub_and_wandb_secrets, tracker_secrets
+from finetune_worker.plan.credentials import hub_and_wandb_secrets, storage_secrets, tracker_secrets
 from finetune_worker.plan.fast_defaults import with_fast_defaults
 from finetune_worker.publish import stage as publishing
 from finetune_worker.publish.card import write_loss_curve
 from finetune_worker.publish.evaluation import gate
 from finetune_worker.publish.export import export_types
+from finetune_worker.run import storage
 from finetune_worker.run.job import JobRun
 from finetune_worker.run.training import progress_tracker, release_cluster, start_standby, train
 from finetune_worker.serve import stage as answering
@@ -313,6 +315,22 @@ async def _take_the_run(run: JobRun, resources: JobResources) -> AsyncIterator[d
         run.done = True
 
 
+async def _check_storage(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
+    """The run's bucket (the job's `storage` or the operator's): a test object written, read back
+    and deleted before anything loads; a run missing from this volume is looked for there."""
+    target = storage_target(run.job, run.settings)
+    if target is None:
+        return
+    run.bucket = storage.open_bucket(target, run.child_env, storage_secrets(run.job, target, run.settings), run.paths)
+    if run.secondary:  # it reads s3:// datasets; node 0 checks the bucket and keeps the run's copy
+        return
+    yield events.status("preparing", f"checking the storage: {target.uri}", storage=target.uri)
+    await storage.probe(run.bucket, resources)
+    if not (_preflight_only(run) or run.previous.has_work or run.job.restart or run.cluster is not None):
+        async for event in storage.restore(run, resources):
+            yield event
+
+
 async def _check_capacity(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     """Where training resumes, and whether it fits in GPU memory and on the disk."""
     if run.previous.trained is not None or _preflight_only(run):
@@ -334,6 +352,8 @@ async def _prepare_data(run: JobRun, resources: JobResources) -> AsyncIterator[d
     paths = run.paths
     prepare_run_dir(paths)
     if run.previous.trained is None or _preflight_only(run):
+        async for event in storage.fetch_datasets(run, resources):
+            yield event
         yield events.status("preparing", "checking the datasets (files, rows, fields) before loading any model")
         run.checks, fingerprint = await off_loop(resources, lambda cancel: check_data(run.plan, run.settings, run.job.evaluation, cancel))
         run.plan = with_prepared_data(run.plan, fingerprint)
@@ -452,6 +472,17 @@ async def _publish(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
         run.hub = await publishing.push(run, resources, run.merged if merge_lora else None)
 
 
+async def _store(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
+    """Everything the run made, uploaded to its bucket (its checkpoints went as they landed)."""
+    if run.bucket is None or run.secondary:
+        return
+    yield events.status("publishing", f"uploading the outputs to {run.bucket.target.uri}")
+    sent = await storage.upload_outputs(run.bucket, resources, run.paths)
+    run.stored = {"uri": run.bucket.target.uri, "objects": [*sent["objects"], run.bucket.target.at("events.jsonl"),
+                                                            run.bucket.target.at("result.json")]}
+    yield events.storage("outputs", run.bucket.target.uri, sent["bytes"], sent["seconds"], objects=len(sent["objects"]))
+
+
 async def _result(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     """The job's answer, also kept in result.json (a resubmission returns it)."""
     job = run.job
@@ -463,20 +494,25 @@ async def _result(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
         extra["cluster"] = cluster
     if run.publish_blocked:
         extra["not_published_reason"] = run.publish_blocked
+    if run.stored:
+        extra["storage"] = run.stored
     result = events.result(
         job.run_id, str(run.paths.output_dir), run.trained["metrics"], time.monotonic() - run.started,
         hub=run.hub, wandb=run.trained.get("wandb"), merged_dir=str(run.merged) if run.merged else None, gguf=run.gguf,
         continue_from=job.continue_from and job.continue_from.model_dump(), lineage=run.valid.lineage,
         deploy=publishing.deploy_recipe(run, run.merged, run.hub and run.hub.get("repo_id")), **extra,
     )
-    write_json(run.paths.result_file, result)
+    if run.bucket is not None:  # result.json is kept on the volume once it is in the bucket
+        await storage.upload_result(run.bucket, resources, run.paths, result)
+    else:
+        write_json(run.paths.result_file, result)
     yield result
 
 
 STAGES = (
     _read_settings, _check_user, _parse, _fail_fast, _start_standby, _validate, _history, _generate,
-    _plan, _read_base_model, _fast_defaults, _take_the_run, _check_capacity, _prepare_data, _preflight,
-    _check_hub_token, _train_or_reuse, _evaluate, _export, _publish, _result,
+    _plan, _read_base_model, _fast_defaults, _take_the_run, _check_storage, _check_capacity, _prepare_data, _preflight,
+    _check_hub_token, _train_or_reuse, _evaluate, _export, _publish, _store, _result,
 )
 
 

@@ -14,6 +14,7 @@ from finetune_worker.checks.continue_from import Origin, lineage, resolve_contin
 from finetune_worker.checks.export import export_problems
 from finetune_worker.checks.options import AXOLOTL_KEPT_CHECKPOINTS, INLINE_DATASET_KEYS
 from finetune_worker.checks.paths import make_roots
+from finetune_worker.checks.storage import storage_problems
 from finetune_worker.checks.tenancy import TRAINING_HUB_WRITES
 from finetune_worker.checks.urlguard import without_url_queries
 from finetune_worker.contract import errors
@@ -120,8 +121,8 @@ def validate_job(
 
 def early_problems(raw: Any, parsed: tuple[JobInput | None, list[Problem]], settings: WorkerSettings) -> list[Problem]:
     """What is wrong without asking Axolotl, known within a second of the start: the
-    request's own fields (ids, modes, credentials, options, num_nodes) and, for a job that
-    trains, args without a base_model. Axolotl's schema takes seconds to import; its check
+    request's own fields (ids, modes, credentials, options, num_nodes, storage) and, for a job
+    that trains, args without a base_model. Axolotl's schema takes seconds to import; its check
     (validate_job) runs once there is nothing here."""
     problems = list(parsed[1])
     args, mode = (raw.get("args"), raw.get("mode", "train")) if isinstance(raw, dict) else (None, None)
@@ -129,12 +130,16 @@ def early_problems(raw: Any, parsed: tuple[JobInput | None, list[Problem]], sett
         if not {**settings.default_args, **args}.get("base_model"):
             problems.append(Problem("args.base_model", "required field is missing: a Hugging Face Hub model id "
                                     "(e.g. NousResearch/Llama-3.2-1B) or a model directory on the volume"))
+    job = parsed[0]
+    if job is not None and job.mode not in READING_MODES:
+        problems += storage_problems(job, settings)
     return problems
 
 
 def early_problems_error(problems: list[Problem], parse_problems: list[Problem]) -> JobError:
     """The fast refusal: it says that Axolotl's own check of args has not run yet."""
-    error = problems_error(errors.INVALID_INPUT if parse_problems else errors.INVALID_CONFIG, problems)
+    about_the_request = parse_problems or any(not p.path.startswith("args.") for p in problems)  # storage, its keys
+    error = problems_error(errors.INVALID_INPUT if about_the_request else errors.INVALID_CONFIG, problems)
     error.message += " (found before Axolotl's check of args, which runs once these are fixed)"
     return error
 

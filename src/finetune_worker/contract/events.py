@@ -22,6 +22,11 @@ def checkpoint(step: int, path: str) -> dict:
     return {"type": "checkpoint", "step": step, "path": path}
 
 
+def storage(what: str, uri: str, sent_bytes: int, seconds: float, **fields: Any) -> dict:
+    """Something uploaded to the run's bucket (a checkpoint, the outputs)."""
+    return {"type": "storage", "what": what, "uri": uri, "bytes": sent_bytes, "seconds": seconds, **fields}
+
+
 def evaluation(step: int | None, metrics: dict) -> dict:
     return {"type": "eval", "step": step, **metrics}
 

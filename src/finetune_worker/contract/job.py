@@ -47,6 +47,9 @@ class Credentials(BaseModel):
     wandb_api_key: SecretStr | None = None
     comet_api_key: SecretStr | None = Field(default=None, description="Comet ML key (COMET_API_KEY in the training child); never in args.")
     swanlab_api_key: SecretStr | None = Field(default=None, description="SwanLab key (SWANLAB_API_KEY in the training child); never in args.")
+    s3_access_key_id: SecretStr | None = Field(default=None, description="The key of the job's own `storage` destination (S3-compatible).")
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="Its secret; with `storage`, both are required.")
+    s3_session_token: SecretStr | None = Field(default=None, description="A temporary key's session token (AWS STS), when it has one.")
     user_token: SecretStr | None = Field(
         default=None,
         description="A JWT signed by the operator's service, whose `sub` is this job's user_id; "
@@ -67,6 +70,22 @@ class PublishOptions(BaseModel):
     merged_hub_model_id: Annotated[str, StringConstraints(pattern=HUB_REPO_ID)] | None = Field(
         default=None, description="Repo for the merged weights; default: the merged/ folder of hub_model_id."
     )
+
+
+S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"  # a bucket name, then an optional prefix
+
+
+class StorageOptions(BaseModel):
+    """Where the run's checkpoints and outputs are kept, besides the volume: an S3-compatible bucket."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: Annotated[str, StringConstraints(pattern=S3_URI, max_length=512)] = Field(
+        description="s3://bucket/prefix: the run's objects go under <prefix>/<user_id>/<run_id>/.")
+    endpoint_url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/?#]+/?$", max_length=512)] | None = Field(
+        default=None, description="The S3 API's address for a service other than AWS (R2, B2, MinIO, RunPod's S3 API); AWS when unset.")
+    region: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9-]{1,64}$")] | None = Field(
+        default=None, description="The bucket's region (AWS: us-east-1 when unset; R2: auto; RunPod: the datacenter, EUR-IS-1).")
 
 
 EvalMetric = Literal["exact_match", "jaccard", "rouge1", "rouge2", "rougeL", "bleu", "loss", "perplexity"]
@@ -173,6 +192,9 @@ class JobInput(BaseModel):
     credentials: Credentials = Field(default_factory=Credentials)
     args: dict[str, Any] | None = Field(default=None, description="An Axolotl config: any option `axolotl train` accepts.")
     publish: PublishOptions = Field(default_factory=PublishOptions)
+    storage: StorageOptions | None = Field(
+        default=None, description="Also keep checkpoints and outputs in this S3-compatible bucket (the keys in credentials.s3_*); "
+        "a run missing from the volume resumes from there.")
     evaluation: EvaluationOptions | None = Field(default=None, description="Evaluate the fine-tune against its base model before publishing.")
     num_processes: int | None = Field(
         default=None, ge=1, le=64,

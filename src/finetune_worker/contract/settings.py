@@ -54,7 +54,7 @@ DEADLINE_SETTINGS = {
 CHILD_DEADLINES = {
     "preflight": "preflight_deadline_s", "evaluation": "evaluation_deadline_s", "generate": "generate_deadline_s",
     "merge": "merge_deadline_s", "export": "export_deadline_s", "hub-push": "push_deadline_s", "hub-check": "hub_check_deadline_s",
-    "hub-model-config": "hub_check_deadline_s",
+    "hub-model-config": "hub_check_deadline_s", "storage": "push_deadline_s",
 }
 USER_TOKEN_SETTINGS = {
     "user_token_secret": "FINETUNE_USER_TOKEN_SECRET", "user_token_public_key": "FINETUNE_USER_TOKEN_PUBLIC_KEY",
@@ -66,6 +66,12 @@ CLUSTER_SETTINGS = {
     "cluster_join_timeout_s": "FINETUNE_CLUSTER_JOIN_TIMEOUT", "cluster_timeout_s": "FINETUNE_CLUSTER_TIMEOUT",
     "shared_volume": "FINETUNE_SHARED_VOLUME",
 }
+# The operator's S3-compatible destination for every job's checkpoints and outputs (checks/storage.py).
+STORAGE_SETTINGS = {
+    "storage_uri": "FINETUNE_STORAGE_URI", "storage_endpoint_url": "FINETUNE_STORAGE_ENDPOINT_URL",
+    "storage_region": "FINETUNE_STORAGE_REGION", "storage_access_key_id": "FINETUNE_STORAGE_ACCESS_KEY_ID",
+    "storage_secret_access_key": "FINETUNE_STORAGE_SECRET_ACCESS_KEY",
+}
 # Every setting but BASE_VOLUME: field -> environment variable.
 ENV_NAMES = {
     "examples_dir": "FINETUNE_EXAMPLES_DIR", "hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY",
@@ -74,7 +80,7 @@ ENV_NAMES = {
     "allowed_private_hosts": "FINETUNE_ALLOWED_PRIVATE_HOSTS", "hub_namespace": "FINETUNE_HUB_NAMESPACE",
     "wandb_entity": "FINETUNE_WANDB_ENTITY", "llama_cpp_dir": "FINETUNE_LLAMA_CPP_DIR", **USER_TOKEN_SETTINGS, **LIMIT_SETTINGS,
     **{field: name for field, (name, _) in DEADLINE_SETTINGS.items()}, **ESTIMATE_SETTINGS,
-    **CLUSTER_SETTINGS,
+    **CLUSTER_SETTINGS, **STORAGE_SETTINGS,
 }
 # Environment variables whose values are secrets: the worker's own credentials. No
 # child inherits them (a child gets the job's own: plan.build_child_env), and their
@@ -82,6 +88,9 @@ ENV_NAMES = {
 SECRET_ENV_VARS = (
     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "COMET_API_KEY", "SWANLAB_API_KEY",
     "RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "FINETUNE_USER_TOKEN_SECRET", "FINETUNE_SERVE_API_KEY", "VLLM_API_KEY",
+    "FINETUNE_STORAGE_ACCESS_KEY_ID", "FINETUNE_STORAGE_SECRET_ACCESS_KEY",
+    # The machine's own AWS keys: no child reads buckets with them (a job's storage has its own keys).
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 )
 # RunPod's job-queue addresses (they carry its key): the worker's, never a child's.
 WORKER_ONLY_ENV_PREFIXES = ("RUNPOD_WEBHOOK_",)
@@ -166,6 +175,12 @@ class WorkerSettings(BaseModel):
     cluster_join_timeout_s: int = Field(600, gt=0)
     cluster_timeout_s: int = Field(900, gt=0)
     shared_volume: bool = False
+    # The operator's bucket (s3://bucket/prefix) for every job that names none of its own; keys are secrets.
+    storage_uri: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$")
+    storage_endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+/?$")
+    storage_region: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,64}$")
+    storage_access_key_id: SecretStr | None = None
+    storage_secret_access_key: SecretStr | None = None
     # AXOLOTL_* variables on the endpoint: defaults under every job's args.
     default_args: dict = {}
     default_arg_problems: list[str] = []

@@ -18,6 +18,7 @@ CHILD_WHAT = {
     "training": "the training", "preflight": "the preflight", "evaluation": "the evaluation", "merge": "the LoRA merge",
     "export": "the GGUF export", "generate": "the generate step", "hub-check": "the Hub token check",
     "hub-push": "the push to the Hub", "hub-model-config": "reading the base model's config.json from the Hub",
+    "storage": "the storage step",
 }
 
 

@@ -29,6 +29,7 @@ HUB_MODULE = "finetune_worker.publish.hub"
 PREFLIGHT_MODULE = "finetune_worker.data.preflight"
 EVALUATION_MODULE = "finetune_worker.publish.evaluation"
 EXPORT_MODULE = "finetune_worker.publish.export"
+BUCKET_MODULE = "finetune_worker.host.bucket"
 
 
 def build_train_argv(python: str, config_file: Path, num_processes: int = 1, port: int = 29500) -> list[str]:
@@ -94,6 +95,13 @@ def build_evaluation_argv(python: str, spec_file: Path, out: Path) -> list[str]:
 def build_export_argv(python: str, spec_file: Path, out: Path) -> list[str]:
     """Axolotl's GGUF export (`axolotl export`) of the spec's model, with the worker's llama.cpp."""
     return build_tool_argv(python, EXPORT_MODULE, str(spec_file), out=out)
+
+
+def build_bucket_argv(python: str, command: str, uri: str, endpoint_url: str | None, region: str | None, *args: str,
+                      out: Path) -> list[str]:
+    """The storage child (host/bucket.py): probe, put, find or get under `uri`."""
+    where = [*(["--endpoint-url", endpoint_url] if endpoint_url else []), *(["--region", region] if region else [])]
+    return build_tool_argv(python, BUCKET_MODULE, command, "--uri", uri, *where, *args, out=out)
 
 
 def hub_cache_dir(child_env: Mapping[str, str]) -> Path:

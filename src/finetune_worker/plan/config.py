@@ -67,6 +67,7 @@ class DataSource:
     dest: Path
     rows: list | None = None
     url: str | None = None
+    bucket_uri: str | None = None  # s3://...: fetched by the storage child with the job's storage keys (run/storage.py)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ KNOWN_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
 
 
 def localise_datasets(config: dict[str, Any], data_dir: Path) -> list[DataSource]:
-    """Point inline-rows and https datasets at files in the run directory (in place)."""
+    """Point inline-rows, https and s3 datasets at files in the run directory (in place)."""
     sources = []
     for key in INLINE_DATASET_KEYS:
         for index, entry in enumerate(config.get(key) or []):
@@ -141,6 +142,11 @@ def localise_datasets(config: dict[str, Any], data_dir: Path) -> list[DataSource
                 suffix = Path(urlsplit(entry["path"]).path).suffix.lower()
                 dest = data_dir / f"{key}-{index}{suffix if suffix in KNOWN_DATA_SUFFIXES else '.jsonl'}"
                 sources.append(DataSource(where, dest, url=entry["path"]))
+                entry["path"] = str(dest)
+            elif str(entry.get("path", "")).startswith("s3://"):  # read with the job's storage keys, never by Axolotl
+                suffix = Path(entry["path"]).suffix.lower()
+                dest = data_dir / f"{key}-{index}{suffix if suffix in KNOWN_DATA_SUFFIXES else ''}"
+                sources.append(DataSource(where, dest, bucket_uri=entry["path"]))
                 entry["path"] = str(dest)
     return sources
 

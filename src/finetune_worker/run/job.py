@@ -55,6 +55,9 @@ class JobRun:
     merged: Path | None = None
     gguf: list[str] | None = None
     hub: dict | None = None
+    bucket: Any = None  # run/storage.Bucket: where the run is kept besides the volume (None: the volume only)
+    uploads: Any = None  # run/storage.CheckpointUploads while training
+    stored: dict | None = None  # what the outputs' upload sent
 
     @property
     def job(self) -> JobInput:

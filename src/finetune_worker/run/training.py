@@ -24,6 +24,7 @@ from finetune_worker.plan.children import build_standby_argv, build_train_argv
 from finetune_worker.run import cluster as cluster_node
 from finetune_worker.run.job import JobRun
 from finetune_worker.run.progress import ProgressTracker
+from finetune_worker.run.storage import CheckpointUploads
 from finetune_worker.sizing.resources import gib
 
 ETA_WARNING_SECONDS = 24 * 3600  # a training whose ETA is beyond this (or FINETUNE_MAX_HOURS) is warned about once
@@ -115,7 +116,10 @@ def _cluster_events(run: JobRun, records: list[dict]) -> list[dict]:
 
 
 async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) -> AsyncIterator[dict]:
-    """Run `axolotl train` in a child process and turn its progress records into events."""
+    """Run `axolotl train` in a child process and turn its progress records into events (and,
+    with a bucket, upload each checkpoint while the training goes on: run/storage.py)."""
+    if run.bucket is not None and not run.secondary:  # node 0 keeps the run's copy
+        run.uploads = CheckpointUploads(run.bucket, run.paths.output_dir, run.plan.config.get("save_total_limit"), resources)
     async for event in _training_child(run, resources):
         yield event
     training, settings = resources.child, run.settings
@@ -128,7 +132,11 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
                     yield event
             for record in batch:
                 for event in tracker.feed(record):
+                    if event["type"] == "checkpoint" and run.uploads is not None:
+                        run.uploads.start(event["step"])
                     yield event
+            for event in run.uploads.finished() if run.uploads is not None else ():
+                yield event
             if settings.max_steps and tracker.max_steps and tracker.max_steps > settings.max_steps and over_steps is None:
                 over_steps = tracker.max_steps
                 # the child stops itself at train_begin (progress plugin); this is the fallback
@@ -147,6 +155,8 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
                                  "or train fewer steps", log_tail=exc.log_tail) from None
     if progress := tracker.progress_due(force=True):
         yield progress
+    for event in await run.uploads.drain() if run.uploads is not None and training.returncode == 0 else ():
+        yield event
     if over_steps is not None:
         raise JobError(
             errors.INVALID_CONFIG,
