@@ -12,8 +12,17 @@ from moto import settings as moto_settings
 from moto.server import ThreadedMotoServer
 
 BUCKET = "runs"
-# Each user's allowed S3 actions (on every resource).
-USERS = {"admin": ["s3:*"], "writer": ["s3:*"], "reader": ["s3:GetObject", "s3:ListBucket"]}
+# Each user's policy statements: (actions, resources).
+EVERYTHING = ["*"]
+USERS = {
+    "admin": [(["s3:*"], EVERYTHING)],
+    "writer": [(["s3:*"], EVERYTHING)],
+    "reader": [(["s3:GetObject", "s3:ListBucket"], EVERYTHING)],
+    # may read, pass the probe and write checkpoints, nothing else: the outputs' upload at the end fails
+    "checkpoints-only": [(["s3:ListBucket", "s3:GetObject"], EVERYTHING),
+                         (["s3:PutObject", "s3:DeleteObject"],
+                          [f"arn:aws:s3:::{BUCKET}/*/.finetune-probe-*", f"arn:aws:s3:::{BUCKET}/*/output/checkpoint-*"])],
+}
 
 
 @dataclass
@@ -61,9 +70,10 @@ def start_s3() -> S3Server:
     boto3.client("s3", **setup).create_bucket(Bucket=BUCKET)
     iam = boto3.client("iam", **setup)
     keys = {}
-    for user, actions in USERS.items():
+    for user, statements in USERS.items():
         iam.create_user(UserName=user)
-        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+        policy = {"Version": "2012-10-17",
+                  "Statement": [{"Effect": "Allow", "Action": actions, "Resource": resources} for actions, resources in statements]}
         iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(policy))
         made = iam.create_access_key(UserName=user)["AccessKey"]
         keys[user] = (made["AccessKeyId"], made["SecretAccessKey"])

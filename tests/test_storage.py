@@ -213,6 +213,23 @@ def test_an_s3_dataset_is_fetched_checked_and_trained_on(stored_run, tiny, s3_en
     assert error["code"] == "dataset_error" and "does not exist" in error["message"]
 
 
+@pytest.mark.training
+def test_an_upload_that_fails_at_the_end_says_where_the_run_is_and_a_resubmission_uploads_it(tiny, s3_env, s3, volume):
+    job = storage_job(tiny, s3, user="checkpoints-only", prefix="ends", max_steps=2, save_steps=2)
+    events = collect(job, s3_env)
+    error = the_error(events)
+    run_dir = volume / "runs" / "tester" / job["run_id"]
+    assert error["code"] == "storage_error" and f"the run is complete on this worker's volume in {run_dir}" in error["message"]
+    assert [e["step"] for e in events if e["type"] == "storage" and e["what"] == "checkpoint"] == [2]
+    assert not (run_dir / "result.json").exists() and (run_dir / "trained.json").exists()
+
+    job["credentials"] = s3.credentials("writer")  # a key that may write everything: the same run is uploaded, not trained again
+    events = collect(job, s3_env)
+    assert events[-1]["type"] == "result" and not any(e["type"] == "checkpoint" for e in events)
+    assert f"ends/tester/{job['run_id']}/result.json" in s3.keys_under(f"ends/tester/{job['run_id']}")
+    assert (run_dir / "result.json").exists()
+
+
 def test_the_keys_go_only_into_the_storage_childs_environment(tmp_path):
     from finetune_worker.checks.storage import storage_target
     from finetune_worker.contract.job import JobInput
