@@ -2,7 +2,7 @@
 
     fail fast -> validate -> [runs / events: read the volume, answer] -> [generate: a finished run answers] -> plan -> take the run
     -> check the storage (or restore from it) -> check capacity -> prepare data -> [preflight / estimate: stop]
-    -> check the Hub token -> train (or reuse) -> evaluate -> export (GGUF) -> publish (merge, push) -> store -> result
+    -> check the budget -> check the Hub token -> train (or reuse) -> evaluate -> export (GGUF) -> publish (merge, push) -> store -> result
 
 `run_job` is the async generator every entry point drives (RunPod's handler, the
 local CLI, the tests). Every event it yields has passed the job's one redactor and
@@ -86,11 +86,12 @@ from finetune_worker.publish import stage as publishing
 from finetune_worker.publish.card import write_loss_curve
 from finetune_worker.publish.evaluation import gate
 from finetune_worker.publish.export import export_types
-from finetune_worker.run import storage
+from finetune_worker.run import budget, storage
 from finetune_worker.run.job import JobRun
 from finetune_worker.run.training import progress_tracker, release_cluster, start_standby, train
 from finetune_worker.serve import stage as answering
 from finetune_worker.sizing import capacity
+from finetune_worker.sizing.budget import job_budget
 from finetune_worker.sizing.estimate import ESTIMATE_HARDWARE
 from finetune_worker.sizing.model_config import base_model_facts
 from finetune_worker.sizing.resources import link_prebaked_model
@@ -255,6 +256,11 @@ async def _plan(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     plan = build_axolotl_config(valid.args, run.paths, settings.cache_dir / "prepared", run.hardware, tracking)
     run.plan = with_continue_from(plan, valid.origin)
     run.processes = process_count(valid.job.num_processes, run.hardware.gpu_count)
+    run.budget, problems = job_budget(valid.job, settings, run.hardware) if valid.job.mode == "train" else (None, [])
+    if run.budget is not None and run.cluster is not None:
+        problems.append(Problem("max_cost", "a budget is not kept on a cluster yet: leave max_cost, max_hours and FINETUNE_MAX_COST unset there"))
+    if problems:
+        raise config_problems_error(problems)
     if _preflight_only(run):  # the time and cost table judges the config for GPUs, whatever this machine is
         run.estimate_config = build_axolotl_config(valid.args, run.paths, settings.cache_dir / "prepared", ESTIMATE_HARDWARE, tracking).config
         if valid.job.mode == ESTIMATE_MODE and not run.hardware.has_gpu:
@@ -377,6 +383,15 @@ async def _preflight(run: JobRun, resources: JobResources) -> AsyncIterator[dict
         for event in preflight_events(report, run.job.run_id, run.paths.run_dir, run.started, run.job.mode, table):
             yield event
         run.done = True
+
+
+async def _check_budget(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
+    """A job with a budget (max_cost, max_hours or the operator's caps): the estimate for this
+    worker's GPU type and count, from its datasets tokenized as training would, checked
+    against it before the base model downloads (during training: the measured pace)."""
+    if run.budget is not None and run.previous.trained is None:
+        async for event in budget.check_estimate(run, resources):
+            yield event
 
 
 async def _check_hub_token(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
@@ -512,7 +527,7 @@ async def _result(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
 STAGES = (
     _read_settings, _check_user, _parse, _fail_fast, _start_standby, _validate, _history, _generate,
     _plan, _read_base_model, _fast_defaults, _take_the_run, _check_storage, _check_capacity, _prepare_data, _preflight,
-    _check_hub_token, _train_or_reuse, _evaluate, _export, _publish, _store, _result,
+    _check_budget, _check_hub_token, _train_or_reuse, _evaluate, _export, _publish, _store, _result,
 )
 
 

@@ -20,6 +20,7 @@ RUN_NOT_FOUND = "run_not_found"
 PUSH_FAILED = "push_failed"
 DEADLINE_EXCEEDED = "deadline_exceeded"  # a child (or the whole job) ran past its wall-clock limit
 EXPORT_FAILED = "export_failed"
+BUDGET_EXCEEDED = "budget_exceeded"  # the job's max_cost / max_hours (or the operator's cap): estimated or measured over it
 STORAGE_ERROR = "storage_error"  # the S3-compatible destination refused, or an upload kept failing
 INTERNAL_ERROR = "internal_error"
 # A cluster (finetune-worker cluster, several nodes): see docs/operating.md "Clusters".

@@ -215,6 +215,11 @@ class JobInput(BaseModel):
         "events: one run's recorded events (run_id), from offset on. runs and events only read the volume. "
         "generate: a finished run (run_id, checkpoint) answers prompts or messages; nothing trains.",
     )
+    max_cost: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="US dollars this job may cost at the worker's price per hour (FINETUNE_GPU_PRICES): over its estimate, it is "
+        "refused before anything downloads; a training whose measured pace would pass it stops at a checkpoint (budget_exceeded).")
+    max_hours: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="Hours this job may take, kept the same way as max_cost.")
     restart: bool = Field(
         default=False,
         description="Train this run_id again from scratch; an earlier attempt is kept, renamed <run_id>.previous-<time>.",

@@ -33,6 +33,7 @@ LIMIT_SETTINGS = {
     "max_prompt_tokens": "FINETUNE_MAX_PROMPT_TOKENS",  # mode generate: tokens per prompt (else the run's sequence_len)
     "max_checkpoints": "FINETUNE_MAX_CHECKPOINTS",  # checkpoints a run keeps (save_total_limit)
     "max_run_bytes": "FINETUNE_MAX_RUN_BYTES",  # one run directory's size, checked at each checkpoint
+    "max_cost": "FINETUNE_MAX_COST",  # US dollars a job may cost (sizing/budget.py), before and during training
 }
 # How the time and cost estimate is made (sizing/estimate.py): field -> environment variable.
 ESTIMATE_SETTINGS = {
@@ -154,6 +155,7 @@ class WorkerSettings(BaseModel):
     max_prompt_tokens: int | None = Field(None, gt=0)
     max_checkpoints: int | None = Field(None, gt=0)
     max_run_bytes: int | None = Field(None, gt=0)
+    max_cost: float | None = Field(None, gt=0, allow_inf_nan=False)
     # The estimate: US dollars per GPU-hour by RunPod GPU id (and "cpu"), replacing or adding to the
     # published defaults (sizing/gpus.py); the GPU types it estimates; transfer rates, MB/s.
     gpu_prices: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = {}

@@ -100,6 +100,11 @@ class RunPaths:
         return self.home / "preflight.json"
 
     @property
+    def stop_file(self) -> Path:
+        """Its presence asks the training to save a checkpoint at its next step and stop there (a budget run out)."""
+        return self.home / ".stop-at-checkpoint"
+
+    @property
     def lock_file(self) -> Path:
         # Beside the run directory, so it can be held before the directory exists
         # and while an earlier attempt is moved aside.

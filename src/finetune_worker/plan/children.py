@@ -15,6 +15,7 @@ from finetune_worker.plan.cluster import ClusterPlan
 PROGRESS_FILE_ENV = "FINETUNE_PROGRESS_FILE"
 STEP_LIMIT_ENV = LIMIT_SETTINGS["max_steps"]  # the progress plugin enforces it in the child
 RUN_BYTES_LIMIT_ENV = LIMIT_SETTINGS["max_run_bytes"]  # the progress plugin checks it at each checkpoint
+STOP_FILE_ENV = "FINETUNE_STOP_FILE"  # the progress plugin saves a checkpoint and stops once this file exists
 CLUSTER_STATUS_FILE_ENV = "FINETUNE_CLUSTER_STATUS_FILE"  # where a cluster's rank children say joined / mismatch / fault
 CLUSTER_TRAINING_ARGS_ENV = "FINETUNE_CLUSTER_TRAINING_ARGS"  # TrainingArguments the progress plugin adds on a cluster
 CLUSTER_RUN_ID = "finetune-worker"  # torchrun's --rdzv_id: the same on every node (the handshake tells jobs apart)
@@ -133,7 +134,7 @@ def build_child_env(
         AXOLOTL_DO_NOT_TRACK="1",
         PYTHONUNBUFFERED="1",
         TOKENIZERS_PARALLELISM="false",
-        **{PROGRESS_FILE_ENV: str(paths.progress_file)},
+        **{PROGRESS_FILE_ENV: str(paths.progress_file), STOP_FILE_ENV: str(paths.stop_file)},
     )
     env.setdefault("HF_HOME", str(cache_dir / "huggingface"))
     python_path = [str(package_root), *filter(None, env.get("PYTHONPATH", "").split(":"))]

@@ -58,6 +58,7 @@ class JobRun:
     bucket: Any = None  # run/storage.Bucket: where the run is kept besides the volume (None: the volume only)
     uploads: Any = None  # run/storage.CheckpointUploads while training
     stored: dict | None = None  # what the outputs' upload sent
+    budget: Any = None  # sizing/budget.Budget: the job's max_cost / max_hours (None: no budget)
 
     @property
     def job(self) -> JobInput:

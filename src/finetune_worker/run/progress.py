@@ -60,6 +60,7 @@ class ProgressTracker:
     saw_train_end: bool = False
     saw_saved: bool = False
     disk_quota: dict | None = None  # the plugin stopped at a checkpoint: the run directory passed FINETUNE_MAX_RUN_BYTES
+    stopped_at: int | None = None  # the plugin stopped at this step's checkpoint, as the worker asked (a budget)
     wandb: dict | None = None
     metrics: dict = field(default_factory=dict)
     eta_warning_seconds: float | None = None  # warn once when the ETA is beyond this
@@ -97,6 +98,8 @@ class ProgressTracker:
             self.nan_step = record.get("step")
         elif kind == "disk_quota":
             self.disk_quota = record
+        elif kind == "stopped_at_checkpoint":
+            self.stopped_at = record.get("step")
         elif kind == "wandb":
             self.wandb = {k: record.get(k) for k in ("url", "project", "name", "run_id", "dir")}
             where = record.get("url") or f"offline, in {record.get('dir')}"
@@ -177,6 +180,10 @@ class ProgressTracker:
         if self.preference:
             event["preference"] = dict(self.preference)
         return event
+
+    def eta(self) -> float | None:
+        """Seconds of training left at the pace so far, once a few steps have run."""
+        return self._eta() if self.step - self.begin_step >= ETA_MIN_STEPS else None
 
     def _eta(self) -> float | None:
         done = self.step - self.begin_step

@@ -8,7 +8,7 @@ Records: {"kind": "stage", "stage": ...}, {"kind": "train_begin", "max_steps": .
 {"kind": "step", ...}, {"kind": "log", "logs": {...}}, {"kind": "checkpoint", ...},
 {"kind": "eval", "metrics": {...}}, {"kind": "train_end", ...} (with "peak_memory_reserved",
 bytes, on a GPU), {"kind": "saved"},
-{"kind": "nan_loss", ...}, {"kind": "disk_quota", "bytes": ..., "limit": ...}. Every record has "step" (when known) and "time".
+{"kind": "nan_loss", ...}, {"kind": "disk_quota", "bytes": ..., "limit": ...}, {"kind": "stopped_at_checkpoint"}. Every record has "step" (when known) and "time".
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
-from finetune_worker.plan.children import CLUSTER_TRAINING_ARGS_ENV, PROGRESS_FILE_ENV, RUN_BYTES_LIMIT_ENV, STEP_LIMIT_ENV
+from finetune_worker.plan.children import (
+    CLUSTER_TRAINING_ARGS_ENV,
+    PROGRESS_FILE_ENV,
+    RUN_BYTES_LIMIT_ENV,
+    STEP_LIMIT_ENV,
+    STOP_FILE_ENV,
+)
 
 
 def _is_main_process() -> bool:
@@ -112,6 +118,20 @@ def _stop_if_over_run_size(args, state) -> None:
         os._exit(4)  # every rank sees the same directory and exits; the checkpoint is complete
 
 
+def _stop_requested() -> bool:
+    """The worker asked for a stop at the next checkpoint (a budget run out: sizing/budget.py)."""
+    path = os.environ.get(STOP_FILE_ENV)
+    return bool(path) and os.path.exists(path)
+
+
+def _stop_if_asked(state) -> None:
+    """After the checkpoint the worker asked for is complete: end the training here, keeping it."""
+    if _stop_requested():
+        write_record("stopped_at_checkpoint", step=state.global_step)
+        print(f"\n[finetune-worker] stopping at the checkpoint of step {state.global_step}, as the worker asked", flush=True)
+        os._exit(5)  # every rank sees the same file and exits; the checkpoint is complete
+
+
 def _save_weights_on_this_node(args, state, model) -> None:
     """A cluster without a shared volume keeps a whole checkpoint on every node
     (save_on_each_node); the Trainer writes the weights from the global main process only,
@@ -145,6 +165,8 @@ class ProgressCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         write_record("step", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
+        if _stop_requested():
+            control.should_save = True  # on_save then ends the training at this checkpoint
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = _numbers(logs or {})
@@ -163,6 +185,7 @@ class ProgressCallback(TrainerCallback):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         write_record("checkpoint", step=state.global_step, path=str(path))
         _stop_if_over_run_size(args, state)
+        _stop_if_asked(state)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         write_record("eval", step=state.global_step, metrics=_numbers(metrics or {}))

@@ -22,6 +22,7 @@ from finetune_worker.host.rundir import RunPaths, json_digest, set_aside_diverge
 from finetune_worker.host.tools import free_port, job_child
 from finetune_worker.plan.children import build_standby_argv, build_train_argv
 from finetune_worker.run import cluster as cluster_node
+from finetune_worker.run.budget import pace_overrun
 from finetune_worker.run.job import JobRun
 from finetune_worker.run.progress import ProgressTracker
 from finetune_worker.run.storage import CheckpointUploads
@@ -118,6 +119,7 @@ def _cluster_events(run: JobRun, records: list[dict]) -> list[dict]:
 async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) -> AsyncIterator[dict]:
     """Run `axolotl train` in a child process and turn its progress records into events (and,
     with a bucket, upload each checkpoint while the training goes on: run/storage.py)."""
+    run.paths.stop_file.unlink(missing_ok=True)  # an earlier attempt's request to stop
     if run.bucket is not None and not run.secondary:  # node 0 keeps the run's copy
         run.uploads = CheckpointUploads(run.bucket, run.paths.output_dir, run.plan.config.get("save_total_limit"), resources)
     async for event in _training_child(run, resources):
@@ -147,6 +149,8 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
                 yield progress
             if slow := tracker.eta_warning():
                 yield slow
+            if over := pace_overrun(run, tracker):
+                yield over
     except JobError as exc:
         if exc.code != errors.DEADLINE_EXCEEDED:
             raise
@@ -165,6 +169,10 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
         )
     if tracker.disk_quota is not None:
         raise disk_quota_error(tracker.disk_quota, run.paths)
+    if tracker.stopped_at is not None and run.paths.stop_file.exists():
+        raise JobError(errors.BUDGET_EXCEEDED, f"{run.paths.stop_file.read_text(encoding='utf-8')}; the training stopped at the "
+                       f"checkpoint of step {tracker.stopped_at}, kept in {run.paths.output_dir}: resubmit the same run_id with a "
+                       "larger budget to go on from it")
     if status is not None:
         for event in _cluster_events(run, status.read_new()):
             yield event
