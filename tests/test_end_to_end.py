@@ -75,6 +75,10 @@ def test_result_reports_a_falling_loss_and_the_adapter_is_on_disk(successful_run
     assert metrics["final_loss"] < metrics["first_loss"]
     assert metrics["total_steps"] == 90
     assert "peak_memory_reserved" not in metrics  # a GPU-only figure (the GPU tests check it is there)
+    measured = result["measured"]  # what the run measured: the GPU-only figures absent on a CPU, not 0
+    assert measured["tokens"] > 0 and measured["tokens_per_second"] > 0 and measured["train_seconds"] > 0
+    assert {"tokenize", "load", "train"} <= set(measured["phases_seconds"]) and measured["duration_seconds"] > measured["train_seconds"]
+    assert not {"utilisation", "peak_memory_reserved", "peak_memory_allocated", "cost_usd"} & set(measured)  # no price for a CPU here
     output = Path(result["output_dir"])
     assert output == run_dir / "output"
     assert (output / "adapter_model.safetensors").stat().st_size > 0

@@ -217,3 +217,38 @@ def test_the_cli_prints_the_table_with_the_cheapest_and_the_fastest(tmp_path):
     assert json.dumps(job)
     parsed = build_parser().parse_args(["estimate", str(config), "--json"])
     assert parsed.endpoint is None and parsed.func.__name__ == "cmd_estimate"
+
+
+def test_the_endpoints_own_measurements_replace_the_tables_utilisation_and_say_so(tmp_path):
+    """Three earlier LoRA runs of a Llama on one H100 reached 0.15 of its peak (hardware FLOPs):
+    the next estimate for that family, method and type uses it and halves the table's pace (0.30)."""
+    from finetune_worker.host.hardware import Hardware
+    from finetune_worker.sizing.measured import learned, record, training_measured, utilisation
+
+    before = table({**LORA, "gradient_checkpointing": False})["rows"][0]
+    store = tmp_path / "measurements.jsonl"
+    one_h100 = Hardware(gpu_count=1, gpu_names=(H100.name,), gpu_memory_bytes=(80 * 2**30,), bf16=True, compute_capability=(9, 0))
+    config = {**LORA, "gradient_checkpointing": False}
+    speed = 0.15 * 1e6 / utilisation(1e6, config, LLAMA_8B, H100, 1)[1]  # tokens per second for an HFU of 0.15
+    for _ in range(3):
+        measured = training_measured({"train_tokens_per_second": speed, "train_runtime": 100.0}, {"train": 100.0}, config, LLAMA_8B, one_h100, 1)
+        assert measured["hardware_utilisation"] == pytest.approx(0.15, abs=1e-4)
+        assert record(store, measured, config, LLAMA_8B)
+    store.write_text(store.read_text() + '{"torn', encoding="utf-8")  # a worker died while writing: skipped
+    assert learned(store, "llama", "lora") == {H100.name: (pytest.approx(0.15, abs=1e-4), 3)}
+    assert learned(store, "mistral", "lora") == {} and learned(store, "llama", "full") == {}
+    after = table(config, learned=learned(store, "llama", "lora"))
+    row = after["rows"][0]
+    assert row["from"] == "3 earlier runs on H100 SXM" and row["utilisation"] == pytest.approx(0.15, abs=1e-4)
+    assert row["train_seconds"] == pytest.approx(before["train_seconds"] * 0.30 / 0.15, rel=0.01)
+    assert any("measured by this endpoint on 3 earlier run(s)" in source for source in after["sources"])
+
+
+def test_a_cpu_run_measures_no_gpu_figures_and_records_nothing(tmp_path):
+    from finetune_worker.host.hardware import CPU_ONLY
+    from finetune_worker.sizing.measured import record, training_measured
+
+    measured = training_measured({"train_tokens_per_second": 900.0, "num_input_tokens_seen": 9000, "train_runtime": 10.0},
+                                 {"tokenize": 1.0, "train": 10.0}, LORA, LLAMA_8B, CPU_ONLY, 1)
+    assert measured == {"tokens_per_second": 900.0, "tokens": 9000, "train_seconds": 10.0, "phases_seconds": {"tokenize": 1.0, "train": 10.0}}
+    assert not record(tmp_path / "m.jsonl", measured, LORA, LLAMA_8B) and not (tmp_path / "m.jsonl").exists()

@@ -138,11 +138,12 @@ def test_the_progress_plugin_reports_the_peak_reserved_gpu_memory_at_train_end(t
     callback.on_train_end(None, state, None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 * 2**30)
     callback.on_train_end(None, state, None)
 
     cpu, gpu = [json.loads(line) for line in records.read_text().splitlines()]
     assert cpu["kind"] == gpu["kind"] == "train_end" and "peak_memory_reserved" not in cpu
-    assert gpu["peak_memory_reserved"] == 3 * 2**30
+    assert gpu["peak_memory_reserved"] == 3 * 2**30 and gpu["peak_memory_allocated"] == 2 * 2**30
     tracker = ProgressTracker()
     tracker.feed(gpu)
-    assert tracker.metrics["peak_memory_reserved"] == 3 * 2**30
+    assert tracker.metrics["peak_memory_reserved"] == 3 * 2**30 and tracker.metrics["peak_memory_allocated"] == 2 * 2**30

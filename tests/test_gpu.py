@@ -110,6 +110,8 @@ def test_fast_defaults_apply_on_the_gpu_and_the_tiny_model_learns(tiny, env, har
 
     assert_loss_falls(result)
     assert result["metrics"]["peak_memory_reserved"] > 0  # reported by the progress plugin on a GPU
+    measured = result["measured"]
+    assert measured["peak_memory_allocated"] > 0 and 0 < measured["utilisation"] < 1 and measured["tokens_per_second"] > 0
     assert (Path(result["output_dir"]) / "adapter_model.safetensors").stat().st_size > 0
 
 

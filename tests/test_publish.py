@@ -412,3 +412,16 @@ def test_a_job_with_hub_model_id_without_an_owner_says_where_it_goes(tiny, hub, 
     assert "hub_model_id 'my-adapter' has no owner, so it goes to the token's user: alice/my-adapter" in messages, evs[-1]
     assert messages[-1] == "the token of 'alice' may push to alice/my-adapter"
     assert "progress" not in [e["type"] for e in evs]
+
+
+def test_the_card_shows_the_estimate_beside_what_the_run_measured():
+    from finetune_worker.publish.card import time_and_cost_section
+
+    measured = {"train_seconds": 120.5, "tokens_per_second": 2100.0, "utilisation": 0.21, "peak_memory_reserved": 30 * 2**30,
+                "phases_seconds": {"tokenize": 3.2, "load": 40.0, "train": 120.5}}
+    lines = time_and_cost_section(measured, {"train_seconds": 100.0, "tokens_per_second": 2500.0, "memory_gib": 31.2})
+    assert "| training time (s) | 100.0 | 120.5 |" in lines and "| peak GPU memory (GiB) | 31.2 | 30.0 |" in lines
+    assert "| utilisation (model FLOPs / peak) | - | 0.21 |" in lines and "Phases (s): tokenize 3.2, load 40.0, train 120.5" in lines
+    cpu = time_and_cost_section({"train_seconds": 9.0, "phases_seconds": {}}, None)
+    assert "| training time (s) | - | 9.0 |" in cpu and not any("GPU memory" in line for line in cpu)
+    assert time_and_cost_section(None, None) == []

@@ -88,10 +88,10 @@ from finetune_worker.publish.evaluation import gate
 from finetune_worker.publish.export import export_types
 from finetune_worker.run import budget, storage
 from finetune_worker.run.job import JobRun
-from finetune_worker.run.training import progress_tracker, release_cluster, start_standby, train
+from finetune_worker.run.training import progress_tracker, release_cluster, start_standby, train, trained_record
 from finetune_worker.serve import stage as answering
 from finetune_worker.sizing import capacity
-from finetune_worker.sizing.budget import job_budget
+from finetune_worker.sizing.budget import job_budget, worker_price
 from finetune_worker.sizing.estimate import ESTIMATE_HARDWARE
 from finetune_worker.sizing.model_config import base_model_facts
 from finetune_worker.sizing.resources import link_prebaked_model
@@ -133,8 +133,10 @@ async def _pipeline(run: JobRun, resources: JobResources) -> AsyncIterator[dict]
     try:
         for stage in STAGES:
             resources.check_deadline()  # FINETUNE_MAX_HOURS bounds the whole job, not only its children
+            began = time.monotonic()
             async for event in stage(run, resources):
                 yield event
+            run.stage_seconds[stage.__name__.lstrip("_")] = round(time.monotonic() - began, 2)
             if run.done:
                 return
     except JobError as exc:
@@ -426,7 +428,7 @@ async def _train_or_reuse(run: JobRun, resources: JobResources) -> AsyncIterator
         tracker = progress_tracker(run.settings.max_hours)
         async for event in train(run, resources, tracker):
             yield event
-        run.trained = {"metrics": {**tracker.metrics, "total_steps": tracker.max_steps}, "wandb": tracker.wandb}
+        run.trained = trained_record(run, tracker)
         if run.cluster is not None:
             run.trained["cluster"] = {**run.cluster.record(), "shared_volume": run.settings.shared_volume}
         if not run.secondary:  # a relaunched cluster trains on every node, or on none (node 0 decides)
@@ -511,11 +513,14 @@ async def _result(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
         extra["not_published_reason"] = run.publish_blocked
     if run.stored:
         extra["storage"] = run.stored
+    if run.estimate_row:
+        extra["estimate"] = run.estimate_row
     result = events.result(
         job.run_id, str(run.paths.output_dir), run.trained["metrics"], time.monotonic() - run.started,
         hub=run.hub, wandb=run.trained.get("wandb"), merged_dir=str(run.merged) if run.merged else None, gguf=run.gguf,
         continue_from=job.continue_from and job.continue_from.model_dump(), lineage=run.valid.lineage,
-        deploy=publishing.deploy_recipe(run, run.merged, run.hub and run.hub.get("repo_id")), **extra,
+        deploy=publishing.deploy_recipe(run, run.merged, run.hub and run.hub.get("repo_id")),
+        measured=measured_job(run, time.monotonic() - run.started), **extra,
     )
     if run.bucket is not None:  # result.json is kept on the volume once it is in the bucket
         await storage.upload_result(run.bucket, resources, run.paths, result)
@@ -544,6 +549,21 @@ def _cluster(run: JobRun, job) -> tuple:
         return None, [Problem("cluster", "no cluster in the environment: finetune-worker cluster reads RunPod Instant Cluster, dstack or "
                               "SkyPilot variables, or NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT; on one machine use finetune-worker run")]
     return cluster_from_env(run.env, run.hardware.gpu_count, job.num_processes, job.num_nodes)
+
+
+def measured_job(run: JobRun, duration: float) -> dict:
+    """The training's measurements, the phases after it, and what the job cost at this worker's price."""
+    measured = dict(run.trained.get("measured") or {})
+    after = {name: run.stage_seconds[stage] for name, stage in AFTER_TRAINING.items() if run.stage_seconds.get(stage)}
+    measured["phases_seconds"] = {**measured.get("phases_seconds", {}), **after}
+    measured["duration_seconds"] = round(duration, 2)
+    price = worker_price(run.settings, run.hardware)
+    if price is not None:
+        measured["cost_usd"] = round(duration * price / 3600, 4)
+    return measured
+
+
+AFTER_TRAINING = {"evaluate": "evaluate", "export": "export", "merge_and_push": "publish", "upload": "store"}
 
 
 def _node_result(run: JobRun) -> dict:

@@ -12,8 +12,9 @@ from finetune_worker.contract.job import LORA_ADAPTERS, JobInput
 from finetune_worker.contract.settings import WorkerSettings
 from finetune_worker.sizing import gpus
 from finetune_worker.sizing.estimate import Request, estimate_table
+from finetune_worker.sizing.measured import STORE_NAME, learned
 from finetune_worker.sizing.resources import ModelFacts, estimate_disk, lora_params, planned_saves
-from finetune_worker.sizing.throughput import Fixed, Lengths, Rates
+from finetune_worker.sizing.throughput import Fixed, Lengths, Rates, method_of
 
 MB = 1e6
 
@@ -55,6 +56,6 @@ def job_estimate(config: dict, job: JobInput, base: ModelFacts, report: dict, se
         fixed=fixed_costs({**config, **(publish or {})}, job, base, tokenize_seconds),
         gpus=gpus.selected(settings.gpu_types), prices=gpus.prices(settings.gpu_prices), price_overrides=dict(settings.gpu_prices),
         rates=Rates(download=settings.download_mbps * MB, volume=settings.volume_mbps * MB, upload=settings.upload_mbps * MB),
-        counts=counts,
+        counts=counts, learned=learned(settings.cache_dir / STORE_NAME, base.config.get("model_type"), method_of(config)),
     )
     return estimate_table(request)

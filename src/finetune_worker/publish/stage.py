@@ -20,7 +20,14 @@ from finetune_worker.host.rundir import copy_run_tokenizer, write_json
 from finetune_worker.host.tools import json_tool, run_child, tool_output
 from finetune_worker.plan.children import build_evaluation_argv, build_export_argv, build_hub_argv, build_merge_argv
 from finetune_worker.plan.serving import run_recipe
-from finetune_worker.publish.card import cluster_section, evaluation_sections, framework_versions, gguf_section, render_model_card
+from finetune_worker.publish.card import (
+    cluster_section,
+    evaluation_sections,
+    framework_versions,
+    gguf_section,
+    render_model_card,
+    time_and_cost_section,
+)
 from finetune_worker.publish.export import failure_reason
 from finetune_worker.run.job import JobRun
 
@@ -145,7 +152,7 @@ def model_card(run: JobRun, merged: Path | None) -> str:
         repo_id=run.repo_id, config=run.plan.config, metrics=run.trained["metrics"], versions=framework_versions(),
         has_loss_curve=run.has_curve, merged=merged_where, lineage=run.valid.lineage,
         extra_sections=(evaluation_sections(run.evaluation) if run.evaluation else []) + gguf_section(run.repo_id, in_repo)
-        + cluster_section(run.trained.get("cluster")),
+        + cluster_section(run.trained.get("cluster")) + time_and_cost_section(run.trained.get("measured"), run.estimate_row),
         deploy=deploy_recipe(run, merged, run.repo_id, on_volume=False),
     )
 

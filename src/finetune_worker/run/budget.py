@@ -44,6 +44,7 @@ async def check_estimate(run: JobRun, resources: JobResources) -> AsyncIterator[
         raise JobError(errors.BUDGET_EXCEEDED, f"the estimate for this job on {hardware.describe()} is {overrun}; nothing was "
                        "downloaded or trained: raise the budget, or train less (max_steps, num_epochs, a smaller dataset)",
                        [f"{name}: {value}" for name, value in row.items() if name in ESTIMATE_DETAILS])
+    run.estimate_row = row
     cost = budget.cost(row["total_seconds"])
     yield events.status("preparing", f"budget: estimated {row['total_seconds'] / 3600:.3g} h on {hardware.describe()}"
                         + (f", ${cost:.4g}" if cost is not None else "") + f", within {budget.said}", estimate=row)

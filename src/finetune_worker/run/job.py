@@ -59,6 +59,8 @@ class JobRun:
     uploads: Any = None  # run/storage.CheckpointUploads while training
     stored: dict | None = None  # what the outputs' upload sent
     budget: Any = None  # sizing/budget.Budget: the job's max_cost / max_hours (None: no budget)
+    estimate_row: dict | None = None  # the estimate for this worker, when the budget check made one
+    stage_seconds: dict = field(default_factory=dict)  # how long each stage of the spine took
 
     @property
     def job(self) -> JobInput:

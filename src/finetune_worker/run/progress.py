@@ -64,6 +64,7 @@ class ProgressTracker:
     wandb: dict | None = None
     metrics: dict = field(default_factory=dict)
     eta_warning_seconds: float | None = None  # warn once when the ETA is beyond this
+    stage_times: dict = field(default_factory=dict)  # when the child began each stage (its clock): the measured phases
     eta_warned: bool = False
 
     def feed(self, record: dict) -> list[dict]:
@@ -72,6 +73,8 @@ class ProgressTracker:
         self.now = record.get("time", self.now)
         if record.get("max_steps"):
             self.max_steps = record["max_steps"]
+        if kind in ("stage", "train_begin", "train_end") and self.now is not None:
+            self.stage_times.setdefault(record.get("stage") or kind, self.now)
         if kind == "stage" and record.get("stage") != self.stage:
             self.stage = record["stage"]
             return [status(self.stage, STAGE_MESSAGES.get(self.stage, self.stage))]
@@ -106,9 +109,10 @@ class ProgressTracker:
             return [status("training", f"W&B run: {where}", wandb_url=record.get("url"))]
         elif kind == "train_end":
             self.saw_train_end = True
-            peak = record.get("peak_memory_reserved")
-            if isinstance(peak, int) and not isinstance(peak, bool):  # on a GPU only
-                self.metrics["peak_memory_reserved"] = peak
+            for name in ("peak_memory_reserved", "peak_memory_allocated"):
+                peak = record.get(name)
+                if isinstance(peak, int) and not isinstance(peak, bool):  # on a GPU only
+                    self.metrics[name] = peak
         elif kind == "saved":
             self.saw_saved = True
         return []
@@ -127,7 +131,8 @@ class ProgressTracker:
         if found:
             self.preference = found
             self.metrics.update({f"final_{key}": value for key, value in found.items()})
-        for key in ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second"):
+        for key in ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "num_input_tokens_seen",
+                    "train_tokens_per_second"):
             if key in logs:
                 self.metrics[key] = _round(logs[key])
 
@@ -180,6 +185,16 @@ class ProgressTracker:
         if self.preference:
             event["preference"] = dict(self.preference)
         return event
+
+    def phases(self) -> dict[str, float]:
+        """Seconds of the training child's phases, as far as they ran: tokenizing the datasets,
+        loading the base model (downloading it when not cached), training."""
+        times, found = self.stage_times, {}
+        for name, begin, end in (("tokenize", "preprocessing", "downloading"), ("load", "downloading", "train_begin"),
+                                 ("train", "train_begin", "train_end")):
+            if begin in times and end in times and times[end] >= times[begin]:
+                found[name] = round(times[end] - times[begin], 2)
+        return found
 
     def eta(self) -> float | None:
         """Seconds of training left at the pace so far, once a few steps have run."""

@@ -6,8 +6,8 @@ records into events. Only the main process (rank 0) writes.
 
 Records: {"kind": "stage", "stage": ...}, {"kind": "train_begin", "max_steps": ...},
 {"kind": "step", ...}, {"kind": "log", "logs": {...}}, {"kind": "checkpoint", ...},
-{"kind": "eval", "metrics": {...}}, {"kind": "train_end", ...} (with "peak_memory_reserved",
-bytes, on a GPU), {"kind": "saved"},
+{"kind": "eval", "metrics": {...}}, {"kind": "train_end", ...} (with "peak_memory_reserved" and
+"peak_memory_allocated", bytes, on a GPU), {"kind": "saved"},
 {"kind": "nan_loss", ...}, {"kind": "disk_quota", "bytes": ..., "limit": ...}, {"kind": "stopped_at_checkpoint"}. Every record has "step" (when known) and "time".
 """
 
@@ -66,7 +66,7 @@ def _peak_memory() -> dict:
         return {}
     import torch
 
-    return {"peak_memory_reserved": int(torch.cuda.max_memory_reserved())}
+    return {"peak_memory_reserved": int(torch.cuda.max_memory_reserved()), "peak_memory_allocated": int(torch.cuda.max_memory_allocated())}
 
 
 def _wandb_run():
@@ -208,10 +208,15 @@ class ProgressPlugin(BasePlugin):
             axolotl.utils.trainer.check_cuda_p2p_ib_support = lambda: False
 
     def get_training_args(self, cfg):
-        """On a cluster (run/cluster_rank.py): gloo on CPU nodes, a checkpoint on every node
-        without a shared volume, and the worker's process-group timeout."""
+        """The tokens trained on, counted by the Trainer (non-padding, summed over ranks: the
+        measured tokens per second); on a cluster (run/cluster_rank.py) also gloo on CPU nodes,
+        a checkpoint on every node without a shared volume, and the worker's process-group timeout.
+        A preference trainer's batches have no input_ids to count."""
         extra = os.environ.get(CLUSTER_TRAINING_ARGS_ENV)
-        return json.loads(extra) if extra else None
+        found = json.loads(extra) if extra else {}
+        if not cfg.get("rl"):
+            found["include_num_input_tokens_seen"] = "non_padding"
+        return found or None
 
     def load_datasets(self, cfg, preprocess: bool = False):
         write_record("stage", stage="preprocessing")

@@ -26,6 +26,8 @@ from finetune_worker.run.budget import pace_overrun
 from finetune_worker.run.job import JobRun
 from finetune_worker.run.progress import ProgressTracker
 from finetune_worker.run.storage import CheckpointUploads
+from finetune_worker.sizing.measured import STORE_NAME, training_measured
+from finetune_worker.sizing.measured import record as record_measurement
 from finetune_worker.sizing.resources import gib
 
 ETA_WARNING_SECONDS = 24 * 3600  # a training whose ETA is beyond this (or FINETUNE_MAX_HOURS) is warned about once
@@ -185,6 +187,16 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
     if tracker.nan_step is not None:
         set_aside_diverged(run.paths.output_dir, tracker.nan_step)
     raise_unless_trained(training, tracker, run.plan.config.get("base_model"))
+
+
+def trained_record(run: JobRun, tracker: ProgressTracker) -> dict:
+    """What trained.json keeps: the training's metrics and what it measured; a GPU run's
+    measurement is also kept in the endpoint's store for later estimates (sizing/measured.py)."""
+    measured = training_measured(tracker.metrics, tracker.phases(), run.plan.config, run.base.config if run.base else None,
+                                 run.hardware, run.world_size)
+    if not run.secondary:
+        record_measurement(run.settings.cache_dir / STORE_NAME, measured, run.plan.config, run.base.config if run.base else None)
+    return {"metrics": {**tracker.metrics, "total_steps": tracker.max_steps}, "wandb": tracker.wandb, "measured": measured}
 
 
 def raise_unless_trained_here(training: ChildProcess) -> None:

@@ -53,6 +53,7 @@ class Request:
     rates: Rates = Rates()
     counts: tuple[int, ...] = COUNTS
     kernels: Speedups = Speedups(flash_attn=True, liger=True)  # what the worker's GPU image ships
+    learned: dict[str, tuple[float, int]] = field(default_factory=dict)  # GPU type -> (this endpoint's measured HFU, runs)
 
 
 def gpu_hardware(gpu: Gpu, count: int) -> Hardware:
@@ -106,6 +107,9 @@ def estimate_row(request: Request, gpu: Gpu, count: int) -> dict:
     work = flops_per_token(shape, method, lora, request.lengths.token_weighted_length, checkpointing, rl in REFERENCE_MODEL_RL)
     plan = schedule(request.lengths, config, count)
     hfu, _ = utilisation(gpu, method)
+    measured = request.learned.get(gpu.name)
+    if measured is not None:
+        hfu = measured[0]
     sharded = bool(config.get("fsdp_config") or config.get("fsdp")) or deepspeed_stage(config.get("deepspeed")) == 3
     seconds = train_seconds(plan, work, gpu, count, hfu, sharded)
     if method == "qlora":
@@ -114,7 +118,7 @@ def estimate_row(request: Request, gpu: Gpu, count: int) -> dict:
     total = sum(phases.values())
     row.update(train_seconds=significant(seconds), total_seconds=round(total, 1), phases_seconds=phases, steps=plan.steps,
                processed_tokens=plan.processed_tokens, utilisation=hfu)
-    row["from"] = "table"
+    row["from"] = f"{measured[1]} earlier run{'s' if measured[1] != 1 else ''} on {gpu.short}" if measured else "table"
     row["tokens_per_second"] = round(plan.processed_tokens / seconds, 1) if seconds else None
     if price is not None:
         row["cost_usd"] = round(total * count * price / 3600, 2)
@@ -126,7 +130,9 @@ def estimate_table(request: Request) -> dict:
     shape = model_shape(request.model_config)
     rows = [estimate_row(request, gpu, count) for gpu in request.gpus for count in request.counts]
     one = schedule(request.lengths, {**request.config, "sample_packing": False}, 1)
-    sources = sorted({utilisation(gpu, method_of(request.config))[1] for gpu in request.gpus})
+    sources = sorted({utilisation(gpu, method_of(request.config))[1] for gpu in request.gpus if gpu.name not in request.learned})
+    sources += [f"utilisation on {gpu.short}: {request.learned[gpu.name][0]:.3f}, measured by this endpoint on "
+                f"{request.learned[gpu.name][1]} earlier run(s) of this model family and method" for gpu in request.gpus if gpu.name in request.learned]
     sources += [price_note(request.price_overrides), f"known error: {KNOWN_ERROR}",
                 "method and sources: docs/operating.md#estimates-time-and-cost-before-training"]
     found = {
