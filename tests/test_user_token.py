@@ -321,7 +321,9 @@ def test_the_job_record_says_a_token_was_given_without_storing_it():
     job = JobInput.model_validate({"user_id": "alice", "model_id": "m", "run_id": "r", "args": {}, "credentials": {"user_token": token}})
     assert token not in repr(job) and token not in job.model_dump_json()
     record = ValidJob(job=job, args={}).record()
-    assert record["credentials_given"] == {"hf_token": False, "wandb_api_key": False, "comet_api_key": False, "swanlab_api_key": False, "user_token": True}
+    assert record["credentials_given"] == {"hf_token": False, "wandb_api_key": False, "comet_api_key": False, "swanlab_api_key": False,
+                                           "s3_access_key_id": False, "s3_secret_access_key": False, "s3_session_token": False,
+                                           "user_token": True}
     assert token not in json.dumps(record)
 
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 
 from finetune_worker.checks.distributed import process_count
+from finetune_worker.checks.options import AXOLOTL_KEPT_CHECKPOINTS
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
 from finetune_worker.contract.job import JobInput
@@ -123,7 +124,8 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
     with a bucket, upload each checkpoint while the training goes on: run/storage.py)."""
     run.paths.stop_file.unlink(missing_ok=True)  # an earlier attempt's request to stop
     if run.bucket is not None and not run.secondary:  # node 0 keeps the run's copy
-        run.uploads = CheckpointUploads(run.bucket, run.paths.output_dir, run.plan.config.get("save_total_limit"), resources)
+        keep = run.plan.config.get("save_total_limit") or AXOLOTL_KEPT_CHECKPOINTS  # as many as the volume keeps
+        run.uploads = CheckpointUploads(run.bucket, run.paths.output_dir, keep, resources)
     async for event in _training_child(run, resources):
         yield event
     training, settings = resources.child, run.settings
