@@ -90,8 +90,8 @@ def test_a_destination_that_does_not_work_is_refused_before_training(tiny, s3_en
 
 # -- one training kept in the bucket, then resumed and answered from it --------------------
 
-# 8 steps of 4 micro-batches each (slow enough that an upload ends before the next checkpoints), a checkpoint every 2, 2 kept
-RESUME_ARGS = {"max_steps": 8, "save_steps": 2, "save_total_limit": 2, "num_epochs": 1, "gradient_accumulation_steps": 4,
+# 10 steps of 4 micro-batches each (slow enough that an upload ends before the last checkpoint), a checkpoint every 2, 2 kept
+RESUME_ARGS = {"max_steps": 10, "save_steps": 2, "save_total_limit": 2, "num_epochs": 1, "gradient_accumulation_steps": 4,
                "micro_batch_size": 1}
 
 
@@ -100,7 +100,7 @@ S3_DATASET = {"path": f"s3://{BUCKET}/data/tester/alpaca.jsonl", "type": "alpaca
 
 @pytest.fixture(scope="module")
 def stored_run(tiny, volume, s3):
-    """One job with its own bucket, trained on a dataset in it: 6 steps, a checkpoint every 2, 2 kept."""
+    """One job with its own bucket, trained on a dataset in it: 10 steps, a checkpoint every 2, 2 kept."""
     import os
 
     from conftest import SECRET_ENV
@@ -119,14 +119,14 @@ def test_checkpoints_go_to_the_bucket_while_training_and_the_outputs_at_the_end(
     assert result["type"] == "result", events[-3:]
     prefix = f"jobs/tester/{job['run_id']}"
     uploads = [e for e in events if e["type"] == "storage" and e["what"] == "checkpoint"]
-    assert {6, 8} <= {e["step"] for e in uploads} <= {2, 4, 6, 8}
+    assert {8, 10} <= {e["step"] for e in uploads} <= {2, 4, 6, 8, 10}
     assert all(e["bytes"] > 0 and e["uri"] == f"s3://{BUCKET}/{prefix}/output/checkpoint-{e['step']}" for e in uploads)
     # the first upload did not wait for the training's end: it was reported before the last checkpoint was saved
-    assert events.index(uploads[0]) < events.index(next(e for e in events if e["type"] == "checkpoint" and e["step"] == 8))
+    assert events.index(uploads[0]) < events.index(next(e for e in events if e["type"] == "checkpoint" and e["step"] == 10))
     assert any(e.get("pruned") for e in uploads)  # save_total_limit: 2 in the bucket too
     keys = s3.keys_under(prefix)
-    assert {key.split("/")[4] for key in keys if "/checkpoint-" in key} == {"checkpoint-6", "checkpoint-8"}
-    for step in (6, 8):
+    assert {key.split("/")[4] for key in keys if "/checkpoint-" in key} == {"checkpoint-8", "checkpoint-10"}
+    for step in (8, 10):
         assert f"{prefix}/output/checkpoint-{step}/trainer_state.json" in keys
     for name in ("output/adapter_model.safetensors", "output/adapter_config.json", "output/README.md", "loss.png", "job.json",
                  "events.jsonl", "result.json", "config.yaml", "train.log"):
@@ -161,16 +161,16 @@ def test_a_run_gone_from_the_volume_resumes_from_the_bucket_then_answers_from_it
     job, env, _ = stored_run
     prefix = f"jobs/tester/{job['run_id']}"
     run_dir = volume / "runs" / "tester" / job["run_id"]
-    # a worker lost its disk after checkpoint-6 reached the bucket: no checkpoint-8, no result there
-    s3.delete(*[key for key in s3.keys_under(prefix) if "/checkpoint-8/" in key or key.endswith("result.json")])
+    # a worker lost its disk after checkpoint-8 reached the bucket: no checkpoint-10, no result there
+    s3.delete(*[key for key in s3.keys_under(prefix) if "/checkpoint-10/" in key or key.endswith("result.json")])
     shutil.rmtree(run_dir)
     events = collect(job, env)
     assert events[-1]["type"] == "result", events[-3:]
     restored = [e for e in events if e["type"] == "storage" and e["what"] == "restored"]
-    assert restored and restored[0]["step"] == 6
-    assert [e["resumed_from_step"] for e in events if e.get("resumed_from_step")] == [6]
+    assert restored and restored[0]["step"] == 8
+    assert [e["resumed_from_step"] for e in events if e.get("resumed_from_step")] == [8]
     steps = [e["step"] for e in events if e["type"] == "checkpoint"]
-    assert steps == [8] and events[-1]["metrics"]["total_steps"] == 8
+    assert steps == [10] and events[-1]["metrics"]["total_steps"] == 10
     assert f"{prefix}/result.json" in s3.keys_under(prefix)
 
     shutil.rmtree(run_dir)  # and once more: the result in the bucket answers, nothing trains
