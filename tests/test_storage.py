@@ -259,6 +259,23 @@ def test_the_keys_go_only_into_the_storage_childs_environment(tmp_path):
     assert bucket.env["AWS_EC2_METADATA_DISABLED"] == "true"
 
 
+def test_an_object_whose_name_leaves_the_download_folder_is_refused(tmp_path):
+    from finetune_worker.host.bucket import StorageFailure, local_target
+
+    assert local_target(tmp_path, "runs/p/ck", "runs/p/ck/sub/a.bin") == tmp_path / "sub" / "a.bin"
+    for key in ("runs/p/ck/../../other/x", "runs/p/ck/./a", "runs/p/ck//a", "runs/p/ck/a/.."):
+        with pytest.raises(StorageFailure):
+            local_target(tmp_path, "runs/p/ck", key)
+
+
+def test_an_s3_dataset_path_with_dot_segments_is_refused(tiny, env):
+    operator = {**env, "FINETUNE_STORAGE_URI": f"s3://{BUCKET}/shared", "FINETUNE_STORAGE_ACCESS_KEY_ID": "operatorkey1",
+                "FINETUNE_STORAGE_SECRET_ACCESS_KEY": "operatorsecret1"}
+    sneaky = f"s3://{BUCKET}/shared/tester/../mallory/data.jsonl"  # under tester's prefix as a string, not as a key
+    error = the_error(collect(make_job(tiny_args(tiny, datasets=[{"path": sneaky, "type": "alpaca"}])), operator))
+    assert error["details"][0].startswith("args.datasets[0].path: an s3:// path may not have empty, '.' or '..' segments")
+
+
 def test_storage_is_not_a_field_of_the_reading_modes(env, s3):
     error = the_error(collect({"user_id": "tester", "mode": "runs", "storage": storage(s3)}, env))
     assert any(d.startswith("storage: not used by mode 'runs'") for d in error["details"])

@@ -75,7 +75,9 @@ def dataset_problems(job: JobInput, settings: WorkerSettings) -> list[Problem]:
             if not (isinstance(path, str) and path.startswith("s3://")):
                 continue
             where = f"args.{key}[{index}].path"
-            if job.storage is None and not settings.storage_uri:
+            if any(part in ("", ".", "..") for part in path.removeprefix("s3://").split("/")):
+                problems.append(Problem(where, "an s3:// path may not have empty, '.' or '..' segments; name the object itself"))
+            elif job.storage is None and not settings.storage_uri:
                 problems.append(Problem(where, "an s3:// dataset is read with the job's storage keys: add storage (uri, and "
                                         "endpoint_url for a service other than AWS) and credentials.s3_access_key_id / s3_secret_access_key"))
             elif job.storage is None and not path.startswith(own := f"{settings.storage_uri.rstrip('/')}/{job.user_id}/"):

@@ -187,15 +187,23 @@ def find(fs, uri: str) -> dict:
     return found
 
 
+def local_target(dest: Path, prefix: str, key: str) -> Path:
+    """Where the object `key` under `prefix` goes inside `dest`; an object whose name would
+    leave `dest` (`..`, `.` or empty segments: S3 keys are plain strings) is refused."""
+    relative = key.removeprefix(prefix).removeprefix("/")
+    if not relative or any(part in ("", ".", "..") for part in relative.split("/")):
+        raise StorageFailure("other", f"refusing the object {key!r}: its name would leave the download's folder")
+    return dest / relative
+
+
 def get(fs, uri: str, dest: Path, max_bytes: int | None) -> dict:
     """A file (or every object under a prefix) into dest, each through a `.part` file."""
     bucket, prefix = split_uri(uri)
     path = f"{bucket}/{prefix}"
     is_dir = retried(lambda: fs.isdir(path), "looking at the object", uri)
-    pairs = ([(key, dest / Path(key).relative_to(path)) for key in retried(lambda: fs.find(path), "listing", uri)]
+    pairs = ([(key, local_target(dest, path, key)) for key in retried(lambda: fs.find(path), "listing", uri)]
              if is_dir else [(path, dest)])
-    sizes = {key: int(retried(lambda key=key: fs.info(key)["size"], "reading the object's size", uri)) for key, _ in pairs}
-    total = sum(sizes.values())
+    total = sum(int(retried(lambda key=key: fs.info(key)["size"], "reading the object's size", uri)) for key, _ in pairs)
     if max_bytes is not None and total > max_bytes:
         raise StorageFailure("too_big", f"{uri} holds {total} bytes, over the limit of {max_bytes}")
     started = time.monotonic()
