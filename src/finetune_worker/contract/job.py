@@ -73,6 +73,8 @@ class PublishOptions(BaseModel):
 
 
 S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"  # a bucket name, then an optional prefix
+S3_ENDPOINT_URL = r"^https?://[^\s/?#]+/?$"  # a scheme and a host (and port): no path, query or fragment
+S3_REGION = r"^[A-Za-z0-9-]{1,64}$"
 
 
 class StorageOptions(BaseModel):
@@ -82,9 +84,9 @@ class StorageOptions(BaseModel):
 
     uri: Annotated[str, StringConstraints(pattern=S3_URI, max_length=512)] = Field(
         description="s3://bucket/prefix: the run's objects go under <prefix>/<user_id>/<run_id>/.")
-    endpoint_url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/?#]+/?$", max_length=512)] | None = Field(
+    endpoint_url: Annotated[str, StringConstraints(pattern=S3_ENDPOINT_URL, max_length=512)] | None = Field(
         default=None, description="The S3 API's address for a service other than AWS (R2, B2, MinIO, RunPod's S3 API); AWS when unset.")
-    region: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9-]{1,64}$")] | None = Field(
+    region: Annotated[str, StringConstraints(pattern=S3_REGION)] | None = Field(
         default=None, description="The bucket's region (AWS: us-east-1 when unset; R2: auto; RunPod: the datacenter, EUR-IS-1).")
 
 

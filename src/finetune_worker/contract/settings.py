@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
 from finetune_worker.contract.envconfig import args_from_env
+from finetune_worker.contract.job import S3_ENDPOINT_URL, S3_REGION, S3_URI
 
 RUNPOD_VOLUME = Path("/runpod-volume")
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -178,9 +179,9 @@ class WorkerSettings(BaseModel):
     cluster_timeout_s: int = Field(900, gt=0)
     shared_volume: bool = False
     # The operator's bucket (s3://bucket/prefix) for every job that names none of its own; keys are secrets.
-    storage_uri: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$")
-    storage_endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+/?$")
-    storage_region: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,64}$")
+    storage_uri: str | None = Field(None, pattern=S3_URI)
+    storage_endpoint_url: str | None = Field(None, pattern=S3_ENDPOINT_URL)
+    storage_region: str | None = Field(None, pattern=S3_REGION)
     storage_access_key_id: SecretStr | None = None
     storage_secret_access_key: SecretStr | None = None
     # AXOLOTL_* variables on the endpoint: defaults under every job's args.

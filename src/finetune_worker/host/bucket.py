@@ -24,18 +24,17 @@ import argparse
 import fnmatch
 import json
 import os
-import re
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from finetune_worker.host.rundir import TRAINER_STATE, checkpoint_step
+
 KEY_ENV, SECRET_ENV, TOKEN_ENV = "FINETUNE_S3_ACCESS_KEY_ID", "FINETUNE_S3_SECRET_ACCESS_KEY", "FINETUNE_S3_SESSION_TOKEN"
 ATTEMPTS = 4  # each object: the first try and three more, after 1, 2 and 4 s
 BACKOFF_S = 1.0
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-COMPLETE_MARKER = "trainer_state.json"
 AUTH_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "ExpiredToken", "InvalidToken", "AuthFailure")
 
 
@@ -155,9 +154,9 @@ def checkpoint_steps(fs, uri: str, complete_only: bool) -> list[int]:
         raise
     steps = []
     for name in names:
-        match = CHECKPOINT.match(name.rstrip("/").rsplit("/", 1)[-1])
-        if match and (not complete_only or retried(lambda name=name: fs.exists(f"{name}/{COMPLETE_MARKER}"), "listing", uri)):
-            steps.append(int(match.group(1)))
+        step = checkpoint_step(Path(name.rstrip("/")))
+        if step is not None and (not complete_only or retried(lambda name=name: fs.exists(f"{name}/{TRAINER_STATE}"), "listing", uri)):
+            steps.append(step)
     return sorted(steps)
 
 

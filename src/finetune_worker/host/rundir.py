@@ -182,6 +182,9 @@ def args_digest(args: dict[str, Any]) -> str:
     return json_digest(args)
 
 
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint: its mark of completeness
+
+
 def checkpoint_step(path: Path) -> int | None:
     suffix = path.name.removeprefix("checkpoint-")
     return int(suffix) if suffix.isdigit() and path.name.startswith("checkpoint-") else None
@@ -190,7 +193,7 @@ def checkpoint_step(path: Path) -> int | None:
 def is_complete_checkpoint(path: Path) -> bool:
     """The Trainer writes trainer_state.json last: a checkpoint is complete when it
     parses, names this step, and the weights are there."""
-    state = read_json(path / "trainer_state.json")
+    state = read_json(path / TRAINER_STATE)
     if not isinstance(state, dict) or state.get("global_step") != checkpoint_step(path):
         return False
     return any(match.name not in NOT_WEIGHTS for pattern in WEIGHT_PATTERNS for match in path.glob(pattern))

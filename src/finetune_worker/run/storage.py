@@ -21,12 +21,11 @@ from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
 from finetune_worker.host.children import ChildProcess
 from finetune_worker.host.resources import JobResources
-from finetune_worker.host.rundir import RunPaths, args_digest, inspect_previous, read_json, write_json
+from finetune_worker.host.rundir import TRAINER_STATE, RunPaths, args_digest, inspect_previous, read_json, write_json
 from finetune_worker.host.tools import job_child
 from finetune_worker.plan.children import build_bucket_argv
 from finetune_worker.run.job import JobRun
 
-COMPLETE_MARKER = "trainer_state.json"  # uploaded last: a checkpoint in the bucket is complete once it is there
 NOT_UPLOADED = ("checkpoint-*", "data", "nodes", "hub", ".*", "*.lock", "result.json", "events.jsonl", "progress.jsonl")
 # What each kind of failure of the storage child says, and which field it names (the job's or the operator's).
 KEY_FIELDS = {"job": "credentials.s3_access_key_id and credentials.s3_secret_access_key",
@@ -157,7 +156,7 @@ class CheckpointUploads:
             return
         keep = ["--keep-checkpoints", str(self.keep), "--checkpoints-uri", target.at("output")] if self.keep else []
         child, answer = await call(self.bucket, self.resources, "put", target.at(f"output/{name}"),
-                                   "--src", str(self.output_dir / name), "--last", COMPLETE_MARKER, *keep)
+                                   "--src", str(self.output_dir / name), "--last", TRAINER_STATE, *keep)  # last: the bucket's mark of a whole checkpoint
         if answer and answer.get("ok"):
             self.ready.append(events.storage("checkpoint", target.at(f"output/{name}"), answer["bytes"], answer["seconds"], step=step,
                                              **({"pruned": answer["pruned"]} if answer.get("pruned") else {})))
