@@ -87,6 +87,22 @@ def test_result_reports_a_falling_loss_and_the_adapter_is_on_disk(successful_run
     assert json.loads((run_dir / "result.json").read_text())["metrics"] == metrics
 
 
+def test_the_time_and_cost_table_is_shown_as_training_begins(successful_run):
+    """Every training shows the estimate's table from the train split it prepared (no tokenizing
+    of its own), before its first step; its token count is the one the Trainer then counted."""
+    _, evs, _, _ = successful_run
+    shown = [e for e in evs if e["type"] == "status" and "estimate" in e]
+    assert len(shown) == 1, shown
+    begins = next(index for index, e in enumerate(evs) if e["type"] == "status" and e.get("total_steps"))
+    assert evs.index(shown[0]) < begins
+    table, result = shown[0]["estimate"], evs[-1]
+    assert table["train_tokens"] == result["measured"]["tokens"] > 0  # 10 epochs of the 36 rows, no padding
+    assert {("NVIDIA H100 80GB HBM3", 1), ("NVIDIA H100 80GB HBM3", 8)} <= {(row["gpu"], row["count"]) for row in table["rows"]}
+    assert table["cheapest"]["fits"] and table["fastest"]["total_seconds"] > 0 and table["method"] == "lora"
+    assert shown[0]["message"].startswith("estimate for") and shown[0]["message"].endswith("a CPU worker has no row")
+    assert "estimate" not in result  # this worker's own row only on a GPU type the table knows
+
+
 def test_run_directory_keeps_config_events_and_log_without_secrets(successful_run):
     job, evs, _, run_dir = successful_run
     config = yaml.safe_load((run_dir / "config.yaml").read_text())

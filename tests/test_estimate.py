@@ -235,13 +235,44 @@ def test_the_endpoints_own_measurements_replace_the_tables_utilisation_and_say_s
         assert measured["hardware_utilisation"] == pytest.approx(0.15, abs=1e-4)
         assert record(store, measured, config, LLAMA_8B)
     store.write_text(store.read_text() + '{"torn', encoding="utf-8")  # a worker died while writing: skipped
-    assert learned(store, "llama", "lora") == {H100.name: (pytest.approx(0.15, abs=1e-4), 3)}
+    found = learned(store, "llama", "lora")
+    assert list(found) == [H100.name] and found[H100.name].hardware_utilisation == pytest.approx(0.15, abs=1e-4)
+    assert found[H100.name].runs == 3 and found[H100.name].memory_ratio is None  # no peak memory in these records
     assert learned(store, "mistral", "lora") == {} and learned(store, "llama", "full") == {}
-    after = table(config, learned=learned(store, "llama", "lora"))
+    after = table(config, learned=found)
     row = after["rows"][0]
     assert row["from"] == "3 earlier runs on H100 SXM" and row["utilisation"] == pytest.approx(0.15, abs=1e-4)
     assert row["train_seconds"] == pytest.approx(before["train_seconds"] * 0.30 / 0.15, rel=0.01)
+    assert row["memory_gib"] == before["memory_gib"] and "memory_from" not in row
     assert any("measured by this endpoint on 3 earlier run(s)" in source for source in after["sources"])
+
+
+def test_the_endpoints_measured_peak_memory_scales_the_next_memory_estimate(tmp_path):
+    """Two earlier LoRA runs of a Llama on one H100 peaked at 1.5x and 1.7x the memory estimate
+    for the configs they ran (the median: 1.6): the next estimate's memory is 1.6x the formula's,
+    so a config that fitted on paper no longer does; a nonsense ratio (a record of 50x) is ignored."""
+    from finetune_worker.host.hardware import Hardware
+    from finetune_worker.sizing.measured import learned, memory_ratio, record, training_measured
+    from finetune_worker.sizing.memory import estimate_gpu_memory
+
+    config = {**LORA, "gradient_checkpointing": False}
+    one_h100 = Hardware(gpu_count=1, gpu_names=(H100.name,), gpu_memory_bytes=(80 * 2**30,), bf16=True, compute_capability=(9, 0))
+    estimated = estimate_gpu_memory(config, LLAMA_8B, 1).total
+    store = tmp_path / "measurements.jsonl"
+    for ratio in (1.5, 1.7, 50.0):
+        metrics = {"train_tokens_per_second": 2000.0, "train_runtime": 100.0, "peak_memory_reserved": int(estimated * ratio)}
+        measured = training_measured(metrics, {"train": 100.0}, config, LLAMA_8B, one_h100, 1)
+        assert memory_ratio(measured, config, LLAMA_8B) == pytest.approx(ratio, abs=1e-3)
+        assert record(store, measured, config, LLAMA_8B)
+    found = learned(store, "llama", "lora")[H100.name]
+    assert (found.memory_ratio, found.memory_runs, found.runs) == (pytest.approx(1.6, abs=1e-3), 2, 3)
+    before = table(config)["rows"][0]
+    after = table(config, learned={H100.name: found})
+    row = after["rows"][0]
+    assert row["memory_gib"] == pytest.approx(before["memory_gib"] * 1.6, abs=0.1) and row["memory_from"] == "2 earlier runs on H100 SXM"
+    assert any("memory on H100 SXM: the estimate x 1.600" in source for source in after["sources"])
+    tight = {**config, "micro_batch_size": 4}  # 56 GiB by the formula fits an H100; at 1.6x (89 GiB) it does not
+    assert table(tight)["rows"][0]["fits"] and not table(tight, learned={H100.name: found})["rows"][0]["fits"]
 
 
 def test_a_cpu_run_measures_no_gpu_figures_and_records_nothing(tmp_path):

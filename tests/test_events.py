@@ -1,6 +1,7 @@
 """Progress records -> events: throttling, ETA, eval, and the error format."""
 
 import json
+from pathlib import Path
 
 from finetune_worker.contract import events
 from finetune_worker.contract.errors import JobError
@@ -147,3 +148,40 @@ def test_the_progress_plugin_reports_the_peak_reserved_gpu_memory_at_train_end(t
     tracker = ProgressTracker()
     tracker.feed(gpu)
     assert tracker.metrics["peak_memory_reserved"] == 3 * 2**30 and tracker.metrics["peak_memory_allocated"] == 2 * 2**30
+
+
+def _gather_peaks(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from finetune_worker.host.hardware import peaks_of_every_rank
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    found = peaks_of_every_rank({"peak_memory_reserved": (rank + 1) * 100, "peak_memory_allocated": 90 - rank})
+    if rank == 0:
+        Path(out).write_text(json.dumps(found))
+    dist.destroy_process_group()
+
+
+def test_every_ranks_peak_memory_is_gathered_and_the_largest_reported(tmp_path):
+    """Several processes (gloo on CPU here, NCCL on GPUs): rank 0 reports the largest peak of
+    each kind (what must fit on every GPU) and each rank's; one process reports its own."""
+    import torch.multiprocessing
+
+    from finetune_worker.host.hardware import peaks_of_every_rank
+    from finetune_worker.host.tools import free_port
+
+    out = tmp_path / "peaks.json"
+    torch.multiprocessing.spawn(_gather_peaks, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    found = json.loads(out.read_text())
+    assert found == {"peak_memory_reserved": 200, "peak_memory_allocated": 90, "peak_memory_per_rank": [
+        {"rank": 0, "peak_memory_reserved": 100, "peak_memory_allocated": 90},
+        {"rank": 1, "peak_memory_reserved": 200, "peak_memory_allocated": 89}]}
+    assert peaks_of_every_rank({"peak_memory_reserved": 5}) == {"peak_memory_reserved": 5}  # no process group
+    assert peaks_of_every_rank({}) == {}  # a CPU: nothing to gather
+    tracker = ProgressTracker()
+    tracker.feed({"kind": "train_end", "step": 3, "time": 1.0, **found})
+    assert tracker.metrics["peak_memory_reserved"] == 200 and tracker.peak_memory_per_rank == found["peak_memory_per_rank"]
+    assert "peak_memory_per_rank" not in tracker.metrics  # the result's metrics stay numbers; measured carries the list

@@ -88,10 +88,10 @@ from finetune_worker.publish.evaluation import gate
 from finetune_worker.publish.export import export_types
 from finetune_worker.run import budget, storage
 from finetune_worker.run.job import JobRun
-from finetune_worker.run.training import progress_tracker, release_cluster, start_standby, train, trained_record
+from finetune_worker.run.training import job_measured, progress_tracker, release_cluster, start_standby, train, trained_record
 from finetune_worker.serve import stage as answering
 from finetune_worker.sizing import capacity
-from finetune_worker.sizing.budget import job_budget, worker_price
+from finetune_worker.sizing.budget import job_budget
 from finetune_worker.sizing.estimate import ESTIMATE_HARDWARE
 from finetune_worker.sizing.model_config import base_model_facts
 from finetune_worker.sizing.resources import link_prebaked_model
@@ -263,7 +263,7 @@ async def _plan(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
         problems.append(Problem("max_cost", "a budget is not kept on a cluster yet: leave max_cost, max_hours and FINETUNE_MAX_COST unset there"))
     if problems:
         raise config_problems_error(problems)
-    if _preflight_only(run):  # the time and cost table judges the config for GPUs, whatever this machine is
+    if valid.job.mode == "train" or _preflight_only(run):  # the time and cost table judges the config for GPUs, whatever this machine is
         run.estimate_config = build_axolotl_config(valid.args, run.paths, settings.cache_dir / "prepared", ESTIMATE_HARDWARE, tracking).config
         if valid.job.mode == ESTIMATE_MODE and not run.hardware.has_gpu:
             run.plan = with_tokenizing_copy(run.plan)
@@ -520,7 +520,7 @@ async def _result(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
         hub=run.hub, wandb=run.trained.get("wandb"), merged_dir=str(run.merged) if run.merged else None, gguf=run.gguf,
         continue_from=job.continue_from and job.continue_from.model_dump(), lineage=run.valid.lineage,
         deploy=publishing.deploy_recipe(run, run.merged, run.hub and run.hub.get("repo_id")),
-        measured=measured_job(run, time.monotonic() - run.started), **extra,
+        measured=job_measured(run, time.monotonic() - run.started), **extra,
     )
     if run.bucket is not None:  # result.json is kept on the volume once it is in the bucket
         await storage.upload_result(run.bucket, resources, run.paths, result)
@@ -549,21 +549,6 @@ def _cluster(run: JobRun, job) -> tuple:
         return None, [Problem("cluster", "no cluster in the environment: finetune-worker cluster reads RunPod Instant Cluster, dstack or "
                               "SkyPilot variables, or NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT; on one machine use finetune-worker run")]
     return cluster_from_env(run.env, run.hardware.gpu_count, job.num_processes, job.num_nodes)
-
-
-def measured_job(run: JobRun, duration: float) -> dict:
-    """The training's measurements, the phases after it, and what the job cost at this worker's price."""
-    measured = dict(run.trained.get("measured") or {})
-    after = {name: run.stage_seconds[stage] for name, stage in AFTER_TRAINING.items() if run.stage_seconds.get(stage)}
-    measured["phases_seconds"] = {**measured.get("phases_seconds", {}), **after}
-    measured["duration_seconds"] = round(duration, 2)
-    price = worker_price(run.settings, run.hardware)
-    if price is not None:
-        measured["cost_usd"] = round(duration * price / 3600, 4)
-    return measured
-
-
-AFTER_TRAINING = {"evaluate": "evaluate", "export": "export", "merge_and_push": "publish", "upload": "store"}
 
 
 def _node_result(run: JobRun) -> dict:

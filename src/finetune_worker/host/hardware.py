@@ -57,3 +57,27 @@ def detect_hardware() -> Hardware:
         compute_capability=(props[0].major, props[0].minor),
         cpu_count=cpus,
     )
+
+
+def peak_gpu_memory() -> dict[str, int]:
+    """The most GPU memory PyTorch's allocator held on this process's GPU so far, in bytes
+    (max_memory_reserved: what the memory estimate is compared with); {} without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_memory_reserved": int(torch.cuda.max_memory_reserved()), "peak_memory_allocated": int(torch.cuda.max_memory_allocated())}
+
+
+def peaks_of_every_rank(peaks: dict[str, int]) -> dict:
+    """Every rank's peaks, gathered (a collective: every rank of the process group calls it):
+    the largest of each (what has to fit on every GPU) and the list by rank. One process,
+    or no process group: its own peaks."""
+    import torch.distributed as dist
+
+    if not peaks or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return peaks
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, peaks)
+    return {**{name: max(int(rank.get(name) or 0) for rank in every) for name in peaks},
+            "peak_memory_per_rank": [{"rank": index, **rank} for index, rank in enumerate(every)]}

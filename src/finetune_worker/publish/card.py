@@ -282,14 +282,15 @@ def cluster_section(cluster: dict | None) -> list[str]:
 
 
 def time_and_cost_section(measured: dict | None, estimate: dict | None) -> list[str]:
-    """What the training measured, beside the estimate made before it (when the job had a budget)."""
+    """What the training measured, beside the estimate for this worker (a GPU type the table knows)."""
     if not measured:
         return []
     rows = [("training time (s)", estimate and estimate.get("train_seconds"), measured.get("train_seconds")),
             ("tokens per second", estimate and estimate.get("tokens_per_second"), measured.get("tokens_per_second")),
             ("utilisation (model FLOPs / peak)", None, measured.get("utilisation")),
             ("peak GPU memory (GiB)", estimate and estimate.get("memory_gib"),
-             round(measured["peak_memory_reserved"] / 2**30, 1) if measured.get("peak_memory_reserved") else None)]
+             round(measured["peak_memory_reserved"] / 2**30, 1) if measured.get("peak_memory_reserved") else None),
+            ("cost (US$; measured: the job until this card)", estimate and estimate.get("cost_usd"), measured.get("cost_usd"))]
     lines = ["## Time and cost", "", "| | estimated | measured |", "|---|---|---|"]
     lines += [f"| {name} | {'-' if before is None else before} | {'-' if after is None else after} |"
               for name, before, after in rows if before is not None or after is not None]

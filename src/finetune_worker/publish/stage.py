@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from finetune_worker.publish.card import (
 )
 from finetune_worker.publish.export import failure_reason
 from finetune_worker.run.job import JobRun
+from finetune_worker.run.training import job_measured
 
 
 @contextlib.contextmanager
@@ -152,7 +154,8 @@ def model_card(run: JobRun, merged: Path | None) -> str:
         repo_id=run.repo_id, config=run.plan.config, metrics=run.trained["metrics"], versions=framework_versions(),
         has_loss_curve=run.has_curve, merged=merged_where, lineage=run.valid.lineage,
         extra_sections=(evaluation_sections(run.evaluation) if run.evaluation else []) + gguf_section(run.repo_id, in_repo)
-        + cluster_section(run.trained.get("cluster")) + time_and_cost_section(run.trained.get("measured"), run.estimate_row),
+        + cluster_section(run.trained.get("cluster"))
+        + time_and_cost_section(job_measured(run, time.monotonic() - run.started) if run.trained.get("measured") else None, run.estimate_row),
         deploy=deploy_recipe(run, merged, run.repo_id, on_volume=False),
     )
 

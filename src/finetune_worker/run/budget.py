@@ -2,6 +2,9 @@
 worker; during training, against the measured pace. Over it before: `budget_exceeded`,
 nothing downloaded; during: the training is asked to stop at its next checkpoint (the
 progress plugin saves it and exits), which a resubmission with a larger budget goes on from.
+
+Every training also shows the time and cost table as it begins, from the lengths of the
+train split the training child prepared (no tokenizing of its own): `table_at_start`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import AsyncIterator
 from finetune_worker.contract import errors, events
 from finetune_worker.contract.errors import JobError
 from finetune_worker.data.estimate import job_estimate
-from finetune_worker.data.stage import tokenize_as_training_would
+from finetune_worker.data.stage import describe_choice, tokenize_as_training_would
 from finetune_worker.host.resources import JobResources
 from finetune_worker.run.job import JobRun
 from finetune_worker.run.progress import ProgressTracker
@@ -62,3 +65,20 @@ def pace_overrun(run: JobRun, tracker: ProgressTracker) -> dict | None:
     said = f"at the measured pace (step {tracker.step} of {tracker.max_steps}) this job would take {overrun}"
     run.paths.stop_file.write_text(said, encoding="utf-8")
     return events.warning(f"{said}: stopping at a checkpoint at the next step")
+
+
+def table_at_start(run: JobRun, tracker: ProgressTracker) -> list[dict]:
+    """The time and cost table for each GPU type and count, from the lengths of the train split
+    the training child prepared (its `lengths` record, before the first step); on a GPU worker
+    its own row is what the result and the model card compare the measurements with."""
+    if run.secondary or run.base is None or tracker.lengths is None:
+        return []
+    job = run.job.model_copy(update={"num_processes": run.world_size}) if run.cluster is not None else run.job
+    table = job_estimate(run.estimate_config or run.plan.config, job, run.base, {"train": tracker.lengths}, run.settings,
+                         tracker.phases().get("tokenize", 0.0), run.plan.publish)
+    row = estimate_row_for(table, run.hardware)
+    if run.estimate_row is None and row is not None and row.get("total_seconds") is not None:
+        run.estimate_row = row
+    here = (f"; on this worker ({run.hardware.describe()}): {row['train_seconds']:g} s of training" if row and row.get("train_seconds") is not None
+            else "" if run.hardware.has_gpu else "; a CPU worker has no row")
+    return [events.status("training", describe_choice(table) + here, estimate=table)]

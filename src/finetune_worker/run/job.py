@@ -42,7 +42,7 @@ class JobRun:
     wandb_key: str | None = None
     hub_writes: HubWrites = field(default_factory=lambda: HubWrites({}))
     wandb: WandbTarget = field(default_factory=WandbTarget)
-    estimate_config: dict | None = None  # mode preflight / estimate: the config as planned for a GPU, for the time and cost table
+    estimate_config: dict | None = None  # the config as planned for a GPU, for the time and cost table (not on this machine)
     plan: AxolotlPlan | None = None  # complete (fast defaults, prepared-data path, resume point) before config.yaml is written
     processes: int = 1
     base: ModelFacts | None = None
@@ -59,7 +59,7 @@ class JobRun:
     uploads: Any = None  # run/storage.CheckpointUploads while training
     stored: dict | None = None  # what the outputs' upload sent
     budget: Any = None  # sizing/budget.Budget: the job's max_cost / max_hours (None: no budget)
-    estimate_row: dict | None = None  # the estimate for this worker, when the budget check made one
+    estimate_row: dict | None = None  # the estimate for this worker's GPU type and count (budget check, or the table at training start)
     stage_seconds: dict = field(default_factory=dict)  # how long each stage of the spine took
 
     @property

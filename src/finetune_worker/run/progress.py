@@ -65,6 +65,8 @@ class ProgressTracker:
     metrics: dict = field(default_factory=dict)
     eta_warning_seconds: float | None = None  # warn once when the ETA is beyond this
     stage_times: dict = field(default_factory=dict)  # when the child began each stage (its clock): the measured phases
+    peak_memory_per_rank: list | None = None  # several processes on GPUs: each rank's peaks
+    lengths: dict | None = None  # the prepared train split's lengths (the child's `lengths` record), for the estimate
     eta_warned: bool = False
 
     def feed(self, record: dict) -> list[dict]:
@@ -101,6 +103,8 @@ class ProgressTracker:
             self.nan_step = record.get("step")
         elif kind == "disk_quota":
             self.disk_quota = record
+        elif kind == "lengths":
+            self.lengths = record.get("train") if isinstance(record.get("train"), dict) else None
         elif kind == "stopped_at_checkpoint":
             self.stopped_at = record.get("step")
         elif kind == "wandb":
@@ -113,6 +117,9 @@ class ProgressTracker:
                 peak = record.get(name)
                 if isinstance(peak, int) and not isinstance(peak, bool):  # on a GPU only
                     self.metrics[name] = peak
+            ranks = record.get("peak_memory_per_rank")
+            if isinstance(ranks, list) and all(isinstance(rank, dict) for rank in ranks):
+                self.peak_memory_per_rank = ranks
         elif kind == "saved":
             self.saw_saved = True
         return []

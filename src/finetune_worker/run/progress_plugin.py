@@ -7,7 +7,9 @@ records into events. Only the main process (rank 0) writes.
 Records: {"kind": "stage", "stage": ...}, {"kind": "train_begin", "max_steps": ...},
 {"kind": "step", ...}, {"kind": "log", "logs": {...}}, {"kind": "checkpoint", ...},
 {"kind": "eval", "metrics": {...}}, {"kind": "train_end", ...} (with "peak_memory_reserved" and
-"peak_memory_allocated", bytes, on a GPU), {"kind": "saved"},
+"peak_memory_allocated", bytes, the largest over ranks, and "peak_memory_per_rank" with
+several processes, on a GPU), {"kind": "saved"}, {"kind": "lengths", "train": {...}} (the
+prepared train split's lengths, for the time and cost table, before training begins),
 {"kind": "nan_loss", ...}, {"kind": "disk_quota", "bytes": ..., "limit": ...}, {"kind": "stopped_at_checkpoint"}. Every record has "step" (when known) and "time".
 """
 
@@ -22,6 +24,8 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
+from finetune_worker.data.preflight import split_lengths
+from finetune_worker.host.hardware import peak_gpu_memory, peaks_of_every_rank
 from finetune_worker.plan.children import (
     CLUSTER_TRAINING_ARGS_ENV,
     PROGRESS_FILE_ENV,
@@ -57,16 +61,6 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _peak_memory() -> dict:
-    """The most GPU memory PyTorch's allocator held on this rank's GPU during the run, in
-    bytes (torch.cuda.max_memory_reserved: what the estimate is compared with); {} on CPU."""
-    if not _has_cuda():
-        return {}
-    import torch
-
-    return {"peak_memory_reserved": int(torch.cuda.max_memory_reserved()), "peak_memory_allocated": int(torch.cuda.max_memory_allocated())}
 
 
 def _wandb_run():
@@ -192,7 +186,8 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         _rank_line(args, "training finished", state)
-        write_record("train_end", step=state.global_step, max_steps=state.max_steps, **_peak_memory())
+        peaks = peaks_of_every_rank(peak_gpu_memory())  # every rank calls on_train_end: the gather is collective
+        write_record("train_end", step=state.global_step, max_steps=state.max_steps, **peaks)
 
 
 class ProgressPlugin(BasePlugin):
@@ -233,6 +228,19 @@ class ProgressPlugin(BasePlugin):
 
     def add_callbacks_pre_trainer(self, cfg, model):
         return [ProgressCallback()]
+
+    def post_trainer_create(self, cfg, trainer):
+        """The prepared train split's lengths, for the time and cost table the worker shows as
+        training begins (data/estimate.py); a preference or streamed dataset has none."""
+        if cfg.get("rl") or not _is_main_process():
+            return
+        try:
+            lengths = split_lengths(trainer.train_dataset, cfg)
+        except Exception as exc:  # noqa: BLE001 - the table is a nicety; the training goes on without it
+            print(f"\n[finetune-worker] no time and cost table: the train split's lengths could not be read ({exc})", flush=True)
+            return
+        if lengths is not None:
+            write_record("lengths", train=lengths)
 
     def post_train_unload(self, cfg):
         write_record("saved")

@@ -23,10 +23,11 @@ from finetune_worker.host.rundir import RunPaths, json_digest, set_aside_diverge
 from finetune_worker.host.tools import free_port, job_child
 from finetune_worker.plan.children import build_standby_argv, build_train_argv
 from finetune_worker.run import cluster as cluster_node
-from finetune_worker.run.budget import pace_overrun
+from finetune_worker.run.budget import pace_overrun, table_at_start
 from finetune_worker.run.job import JobRun
 from finetune_worker.run.progress import ProgressTracker
 from finetune_worker.run.storage import CheckpointUploads
+from finetune_worker.sizing.budget import worker_price
 from finetune_worker.sizing.measured import STORE_NAME, training_measured
 from finetune_worker.sizing.measured import record as record_measurement
 from finetune_worker.sizing.resources import gib
@@ -141,6 +142,9 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
                     if event["type"] == "checkpoint" and run.uploads is not None:
                         run.uploads.start(event["step"])
                     yield event
+                if record.get("kind") == "lengths":
+                    for event in table_at_start(run, tracker):
+                        yield event
             for event in run.uploads.finished() if run.uploads is not None else ():
                 yield event
             if settings.max_steps and tracker.max_steps and tracker.max_steps > settings.max_steps and over_steps is None:
@@ -194,11 +198,27 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
 def trained_record(run: JobRun, tracker: ProgressTracker) -> dict:
     """What trained.json keeps: the training's metrics and what it measured; a GPU run's
     measurement is also kept in the endpoint's store for later estimates (sizing/measured.py)."""
-    measured = training_measured(tracker.metrics, tracker.phases(), run.plan.config, run.base.config if run.base else None,
+    ranks = {"peak_memory_per_rank": tracker.peak_memory_per_rank} if tracker.peak_memory_per_rank else {}
+    measured = training_measured({**tracker.metrics, **ranks}, tracker.phases(), run.plan.config, run.base.config if run.base else None,
                                  run.hardware, run.world_size)
     if not run.secondary:
         record_measurement(run.settings.cache_dir / STORE_NAME, measured, run.plan.config, run.base.config if run.base else None)
     return {"metrics": {**tracker.metrics, "total_steps": tracker.max_steps}, "wandb": tracker.wandb, "measured": measured}
+
+
+AFTER_TRAINING = {"evaluate": "evaluate", "export": "export", "merge_and_push": "publish", "upload": "store"}  # phase -> stage
+
+
+def job_measured(run: JobRun, duration: float) -> dict:
+    """The training's measurements, the phases after it so far, and what the job has cost at this worker's price."""
+    measured = dict(run.trained.get("measured") or {})
+    after = {name: run.stage_seconds[stage] for name, stage in AFTER_TRAINING.items() if run.stage_seconds.get(stage)}
+    measured["phases_seconds"] = {**measured.get("phases_seconds", {}), **after}
+    measured["duration_seconds"] = round(duration, 2)
+    price = worker_price(run.settings, run.hardware)
+    if price is not None:
+        measured["cost_usd"] = round(duration * price / 3600, 4)
+    return measured
 
 
 def raise_unless_trained_here(training: ChildProcess) -> None:

@@ -16,6 +16,7 @@ from finetune_worker.host.hardware import Hardware
 from finetune_worker.plan.fast_defaults import Speedups, apply_fast_defaults
 from finetune_worker.sizing.capacity import with_headroom
 from finetune_worker.sizing.gpus import BY_NAME, COUNTS, GIB, Gpu, price_note
+from finetune_worker.sizing.measured import Learned
 from finetune_worker.sizing.memory import estimate_gpu_memory, suggestions
 from finetune_worker.sizing.resources import lora_params
 from finetune_worker.sizing.throughput import (
@@ -53,7 +54,7 @@ class Request:
     rates: Rates = Rates()
     counts: tuple[int, ...] = COUNTS
     kernels: Speedups = Speedups(flash_attn=True, liger=True)  # what the worker's GPU image ships
-    learned: dict[str, tuple[float, int]] = field(default_factory=dict)  # GPU type -> (this endpoint's measured HFU, runs)
+    learned: dict[str, Learned] = field(default_factory=dict)  # GPU type -> what this endpoint's earlier runs measured there
 
 
 def gpu_hardware(gpu: Gpu, count: int) -> Hardware:
@@ -82,14 +83,23 @@ def significant(seconds: float) -> float:
     return round(seconds, 1) if seconds >= 100 else float(f"{seconds:.4g}")
 
 
+def earlier_runs(runs: int, gpu: Gpu) -> str:
+    return f"{runs} earlier run{'s' if runs != 1 else ''} on {gpu.short}"
+
+
 def estimate_row(request: Request, gpu: Gpu, count: int) -> dict:
     config = planned_for(request.config, request.model_config, gpu, count, request.kernels)
     memory = estimate_gpu_memory(config, request.model_config, count).total
+    known = request.learned.get(gpu.name)
+    if known is not None and known.memory_ratio is not None:
+        memory *= known.memory_ratio  # this endpoint's measured peaks over the estimate, for this family, method and type
     price = request.prices.get(gpu.name)
     row: dict = {"gpu": gpu.name, "count": count, "fits": memory <= gpu.usable_memory_bytes, "memory_gib": round(memory / GIB, 1),
                  "train_seconds": None, "total_seconds": None, "cost_usd": None,
                  "price_per_gpu_hour": price, "gradient_checkpointing": bool(config.get("gradient_checkpointing")),
                  "sample_packing": bool(config.get("sample_packing"))}
+    if known is not None and known.memory_ratio is not None:
+        row["memory_from"] = earlier_runs(known.memory_runs, gpu)
     if not gpu.offered:
         row["note"] = "not offered by RunPod"
     if not row["fits"]:
@@ -107,9 +117,9 @@ def estimate_row(request: Request, gpu: Gpu, count: int) -> dict:
     work = flops_per_token(shape, method, lora, request.lengths.token_weighted_length, checkpointing, rl in REFERENCE_MODEL_RL)
     plan = schedule(request.lengths, config, count)
     hfu, _ = utilisation(gpu, method)
-    measured = request.learned.get(gpu.name)
-    if measured is not None:
-        hfu = measured[0]
+    measured = known is not None and known.hardware_utilisation is not None
+    if measured:
+        hfu = known.hardware_utilisation
     sharded = bool(config.get("fsdp_config") or config.get("fsdp")) or deepspeed_stage(config.get("deepspeed")) == 3
     seconds = train_seconds(plan, work, gpu, count, hfu, sharded)
     if method == "qlora":
@@ -118,7 +128,7 @@ def estimate_row(request: Request, gpu: Gpu, count: int) -> dict:
     total = sum(phases.values())
     row.update(train_seconds=significant(seconds), total_seconds=round(total, 1), phases_seconds=phases, steps=plan.steps,
                processed_tokens=plan.processed_tokens, utilisation=hfu)
-    row["from"] = f"{measured[1]} earlier run{'s' if measured[1] != 1 else ''} on {gpu.short}" if measured else "table"
+    row["from"] = earlier_runs(known.runs, gpu) if measured else "table"
     row["tokens_per_second"] = round(plan.processed_tokens / seconds, 1) if seconds else None
     if price is not None:
         row["cost_usd"] = round(total * count * price / 3600, 2)
@@ -130,9 +140,13 @@ def estimate_table(request: Request) -> dict:
     shape = model_shape(request.model_config)
     rows = [estimate_row(request, gpu, count) for gpu in request.gpus for count in request.counts]
     one = schedule(request.lengths, {**request.config, "sample_packing": False}, 1)
-    sources = sorted({utilisation(gpu, method_of(request.config))[1] for gpu in request.gpus if gpu.name not in request.learned})
-    sources += [f"utilisation on {gpu.short}: {request.learned[gpu.name][0]:.3f}, measured by this endpoint on "
-                f"{request.learned[gpu.name][1]} earlier run(s) of this model family and method" for gpu in request.gpus if gpu.name in request.learned]
+    learned = {gpu: request.learned[gpu.name] for gpu in request.gpus if gpu.name in request.learned}
+    sources = sorted({utilisation(gpu, method_of(request.config))[1] for gpu in request.gpus
+                      if gpu not in learned or learned[gpu].hardware_utilisation is None})
+    sources += [f"utilisation on {gpu.short}: {known.hardware_utilisation:.3f}, measured by this endpoint on "
+                f"{known.runs} earlier run(s) of this model family and method" for gpu, known in learned.items() if known.hardware_utilisation is not None]
+    sources += [f"memory on {gpu.short}: the estimate x {known.memory_ratio:.3f}, the peak this endpoint measured over the estimate on "
+                f"{known.memory_runs} earlier run(s) of this model family and method" for gpu, known in learned.items() if known.memory_ratio is not None]
     sources += [price_note(request.price_overrides), f"known error: {KNOWN_ERROR}",
                 "method and sources: docs/operating.md#estimates-time-and-cost-before-training"]
     found = {
