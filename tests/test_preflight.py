@@ -62,6 +62,8 @@ def test_preflight_reports_every_dataset_and_stops_before_training(preflight_eve
     run_dir = volume / "runs" / job["user_id"] / job["run_id"]
     assert not list(run_dir.glob("output/**/*.safetensors")) and not (run_dir / "result.json").exists()
     assert (run_dir / "preflight.json").is_file()
+    # the preflight child started at job receipt and imported Axolotl while the worker validated
+    assert "(on standby, importing Axolotl, since the job arrived)" in (run_dir / "preflight.log").read_text().splitlines()[0]
     report = final["preflight"]
     assert [d["where"] for d in report["datasets"]] == [f"args.datasets[{i}]" for i in range(4)]
     for dataset in report["datasets"]:

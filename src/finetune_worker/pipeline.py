@@ -50,7 +50,14 @@ from finetune_worker.contract.job import (
 )
 from finetune_worker.contract.settings import SettingsInvalid, WorkerSettings
 from finetune_worker.data.estimate import job_estimate
-from finetune_worker.data.stage import check_data, data_checked, off_loop, preflight_events, tokenize_as_training_would
+from finetune_worker.data.stage import (
+    check_data,
+    data_checked,
+    off_loop,
+    preflight_events,
+    start_preflight_standby,
+    tokenize_as_training_would,
+)
 from finetune_worker.host import history
 from finetune_worker.host.hardware import Hardware, detect_hardware
 from finetune_worker.host.lock import take_run
@@ -208,9 +215,11 @@ async def _fail_fast(run: JobRun, resources: JobResources) -> AsyncIterator[dict
 
 
 async def _start_standby(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
-    """A training job's child starts now, so Axolotl's imports overlap the checks."""
+    """A training's child (or a preflight's) starts now, so Axolotl's imports overlap the checks."""
     if run.parsed is not None and run.parsed.mode not in HISTORY_MODES and not run.parse_problems:
         await start_standby(run.parsed, run.paths, run.child_env, run.hardware, resources, cluster=run.launch == "cluster")
+    if run.parsed is not None and run.parsed.mode in ESTIMATING_MODES and not run.parse_problems:
+        await start_preflight_standby(run.paths, run.child_env, resources)
     return
     yield
 

@@ -2,7 +2,11 @@
 
 Runs in a child process, on the run's config.yaml (the one training would use):
 
-    python -m finetune_worker.data.preflight config.yaml --out preflight.json
+    python -m finetune_worker.data.preflight config.yaml --out preflight.json [--standby]
+
+With --standby it imports what it needs first and waits for "go" on stdin (the worker
+starts it at job receipt, before config.yaml exists, so Axolotl's imports overlap the
+worker's own validation: run/standby.py does the same for training).
 
 It loads the tokenizer (not the model weights), tokenizes each dataset with
 Axolotl's own prompt strategies, and measures it; then it runs Axolotl's own
@@ -20,6 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from finetune_worker.host.children import told_to_go
 from finetune_worker.host.fastexit import exit_without_teardown
 
 IGNORED_LABEL = -100
@@ -334,12 +339,26 @@ def overall(reports: list[dict]) -> dict:
     return {key: sum(r[key] for r in reports) for key in counts}
 
 
+def preload() -> None:
+    """What preflight() imports, imported before its config exists (a standby)."""
+    import axolotl.cli.config  # noqa: F401
+    import axolotl.common.datasets  # noqa: F401
+    import axolotl.loaders  # noqa: F401
+    import axolotl.utils.data.sft  # noqa: F401
+    import axolotl.utils.samplers.multipack  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune_worker.data.preflight")
     parser.add_argument("config", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--standby", action="store_true", help="import first, then wait for 'go' on stdin")
     options = parser.parse_args(argv)
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    if options.standby:
+        preload()
+        if not told_to_go():
+            return 0
     report = preflight(options.config)
     options.out.write_text(json.dumps(report, default=_plain), encoding="utf-8")
     return 0

@@ -22,8 +22,8 @@ from finetune_worker.data.files import DatasetCheck, check_datasets, check_eval_
 from finetune_worker.data.fingerprint import data_fingerprint
 from finetune_worker.host.failures import diagnose
 from finetune_worker.host.resources import JobResources
-from finetune_worker.host.rundir import RunPaths
-from finetune_worker.host.tools import json_tool
+from finetune_worker.host.rundir import RunPaths, read_json
+from finetune_worker.host.tools import finish_standby, job_child, json_tool
 from finetune_worker.plan.children import build_preflight_argv
 from finetune_worker.plan.config import AxolotlPlan
 
@@ -73,11 +73,29 @@ def data_checked(checks: list[DatasetCheck]) -> dict:
     )
 
 
+async def start_preflight_standby(paths: RunPaths, child_env: dict[str, str], resources: JobResources) -> None:
+    """`mode: preflight` and `mode: estimate`: start the preflight child now, so that its imports
+    overlap the worker's validation; it tokenizes on `go`, and is stopped if the job ends first."""
+    argv = build_preflight_argv(sys.executable, paths.config_file, paths.preflight_file, standby=True)
+    standby = job_child(argv, child_env, paths.run_dir / "preflight.log", paths.run_dir / ".preflight.records", "preflight", resources)
+    await standby.start(standby=True)
+    resources.preflight_standby = standby
+
+
 async def tokenize_as_training_would(config: dict, paths: RunPaths, child_env: dict[str, str], resources: JobResources,
                                      checks: list[DatasetCheck]) -> dict:
-    """The preflight child's report: every dataset tokenized as training would, no model weights."""
-    argv = build_preflight_argv(sys.executable, paths.config_file, paths.preflight_file)
-    tool, report = await json_tool(argv, paths.preflight_file, child_env, paths.run_dir, "preflight", resources)
+    """The preflight child's report: every dataset tokenized as training would, no model weights
+    (the child started on standby at job receipt, when there is one)."""
+    standby, resources.preflight_standby = resources.preflight_standby, None
+    if standby is not None and standby.on_standby:
+        paths.preflight_file.unlink(missing_ok=True)
+        tool = await finish_standby(standby, resources)
+        report = read_json(paths.preflight_file)
+    else:
+        if standby is not None:
+            standby.stop()
+        argv = build_preflight_argv(sys.executable, paths.config_file, paths.preflight_file)
+        tool, report = await json_tool(argv, paths.preflight_file, child_env, paths.run_dir, "preflight", resources)
     if tool.returncode != 0 or report is None:
         diagnosis = diagnose(tool.returncode, tool.log_tail(), "preprocessing", None, config.get("base_model"))
         raise JobError(diagnosis.code, f"preflight failed: {diagnosis.message}", log_tail=tool.log_tail())

@@ -76,6 +76,18 @@ def stop_process_group(pgid: int, grace: float = STOP_GRACE_SECONDS) -> None:
     LIVE_PROCESS_GROUPS.discard(pgid)
 
 
+def told_to_go() -> bool:
+    """In a standby child: wait for the worker's "go" on stdin (end of input: the job needs
+    no such step). Stdin is then the null device, as for a child started without standby."""
+    import sys
+
+    go = sys.stdin.readline().strip() == "go"
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return go
+
+
 def request_shutdown() -> None:
     """The worker is going away: stop every training (their jobs end `cancelled`)."""
     _SHUTDOWN.set()

@@ -31,6 +31,7 @@ class JobResources:
     events_file: Path | None = None  # once the run is locked: where its events are recorded
     child: ChildProcess | None = None  # the child running now (training or a helper)
     standby: ChildProcess | None = None  # a training child importing Axolotl while the checks run
+    preflight_standby: ChildProcess | None = None  # the same for the preflight child (modes preflight and estimate)
     background: list[ChildProcess] = field(default_factory=list)  # uploads of checkpoints while training goes on
     step_cancel: threading.Event | None = None  # set to stop the blocking step running in a thread
     ended: bool = False
@@ -83,11 +84,11 @@ class JobResources:
     def stop_children(self) -> None:
         if self.step_cancel is not None:
             self.step_cancel.set()
-        for child in (self.child, self.standby, *self.background):
+        for child in (self.child, self.standby, self.preflight_standby, *self.background):
             if child is not None:
                 child.stop()
 
     async def reap_children(self) -> None:
-        for child in (self.child, self.standby, *self.background):
+        for child in (self.child, self.standby, self.preflight_standby, *self.background):
             if child is not None:
                 await child.reap()

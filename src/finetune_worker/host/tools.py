@@ -39,6 +39,15 @@ async def run_child(argv: list[str], env: dict[str, str], log_dir: Path, name: s
     return tool
 
 
+async def finish_standby(tool: ChildProcess, resources: JobResources) -> ChildProcess:
+    """Tell a helper child started on standby to go, and follow it to its end (as run_child)."""
+    resources.child = tool
+    await tool.go()
+    async for _ in tool.records():
+        pass
+    return tool
+
+
 def tool_output(run_dir: Path, name: str) -> Path:
     """Where a helper child writes its one JSON object (its `--out`)."""
     return run_dir / f".{name}.json"

@@ -85,8 +85,9 @@ def build_model_config_argv(python: str, model: str, revision: str | None, out: 
     return build_hub_argv(python, "model-config", "--model", model, *(["--revision", revision] if revision else []), out=out)
 
 
-def build_preflight_argv(python: str, config_file: Path, out: Path) -> list[str]:
-    return build_tool_argv(python, PREFLIGHT_MODULE, str(config_file), out=out)
+def build_preflight_argv(python: str, config_file: Path, out: Path, standby: bool = False) -> list[str]:
+    """The preflight child; on standby it imports first and tokenizes when told to."""
+    return [*build_tool_argv(python, PREFLIGHT_MODULE, str(config_file), out=out), *(["--standby"] if standby else [])]
 
 
 def build_evaluation_argv(python: str, spec_file: Path, out: Path) -> list[str]:

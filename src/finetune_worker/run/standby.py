@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from finetune_worker.host.children import told_to_go
 from finetune_worker.host.fastexit import exit_without_teardown
 
 
@@ -24,15 +25,6 @@ def preload() -> None:
     train_cli = importlib.import_module("axolotl.cli.train")
     for module in dict.fromkeys(train_cli._LAZY_IMPORTS.values()):
         importlib.import_module(module)
-
-
-def told_to_go() -> bool:
-    go = sys.stdin.readline().strip() == "go"
-    # Training never reads stdin; give it what a child started without standby gets.
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    return go
 
 
 def main(argv: list[str]) -> int:
