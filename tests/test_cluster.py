@@ -138,22 +138,35 @@ def test_a_node_that_never_starts_ends_the_other_with_rendezvous_timeout(tiny, t
 
 
 def test_two_nodes_on_one_shared_volume_train_one_run_with_ddp(tiny_sentencepiece, tmp_path):
-    # the untrained tiny model: its loss has somewhere to fall in 9 steps
+    # the untrained tiny model: its loss has somewhere to fall in 18 steps
     volume, assets = tmp_path / "shared", tiny_sentencepiece
-    job = make_job(cluster_args(assets), credentials={"hf_token": HF_CANARY})
+    job = make_job(cluster_args(assets, num_epochs=4), credentials={"hf_token": HF_CANARY})
+    run_dir = volume / "runs" / job["user_id"] / job["run_id"]
+
+    # first with a budget the job's own start already spends: node 0 keeps the pace, and every
+    # rank stops at the same checkpoint (the one a rank saw the request at is every rank's)
+    budgeted = {**job, "max_hours": 0.004}
+    first, second = two_nodes(budgeted, (volume, volume), tmp_path, assets, FINETUNE_SHARED_VOLUME="1")
+    stopped, other = first.wait(), second.wait()
+    assert stopped[-1]["type"] == "error" and stopped[-1]["code"] == "budget_exceeded", stopped[-3:]
+    assert other[-1]["type"] == "error" and other[-1]["code"] == "budget_exceeded" and "node 0" in other[-1]["message"], other[-3:]
+    kept = sorted(run_dir.glob("output/checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert kept and is_complete_checkpoint(kept[-1]), kept
+    first_loss = next(e["loss"] for e in stopped if e["type"] == "progress")
+
+    # relaunched without it: every node resumes from that checkpoint and the run ends
     first, second = two_nodes(job, (volume, volume), tmp_path, assets, FINETUNE_SHARED_VOLUME="1")
     events, other = first.wait(), second.wait()
     result = events[-1]
     assert result["type"] == "result", result
-    # 36 rows x 2 epochs, micro batch 4 on each of 2 ranks: 9 steps, with both ranks in one DDP group
-    assert result["metrics"]["total_steps"] == 9
+    assert [e["resumed_from_step"] for e in events if e.get("resumed_from_step")][:1] == [int(kept[-1].name.split("-")[1])]
+    # 36 rows x 4 epochs, micro batch 4 on each of 2 ranks: 18 steps, with both ranks in one DDP group
+    assert result["metrics"]["total_steps"] == 18
     assert result["cluster"] == {"platform": "torchrun", "nodes": 2, "node_rank": 0, "processes_per_node": 1, "world_size": 2,
                                  "rendezvous": result["cluster"]["rendezvous"], "shared_volume": True}
-    run_dir = volume / "runs" / job["user_id"] / job["run_id"]
     begin = next(json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines() if '"train_begin"' in line)
     assert begin["world_size"] == 2 and begin["parallel_mode"] == "distributed"
-    metrics = result["metrics"]
-    assert metrics["final_loss"] < metrics["first_loss"] - 0.2, metrics
+    assert result["metrics"]["final_loss"] < first_loss - 0.2, (first_loss, result["metrics"])
     assert (run_dir / "result.json").is_file() and (run_dir / "output" / "adapter_model.safetensors").is_file()
     assert other[-1]["type"] == "result" and other[-1]["node_rank"] == 1 and second.process.returncode == 0
     node_dir = run_dir / "nodes" / "node-1"

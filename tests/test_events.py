@@ -155,27 +155,32 @@ def _gather_peaks(rank: int, world: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from finetune_worker.host.hardware import peaks_of_every_rank
+    from finetune_worker.host.hardware import any_rank, peaks_of_every_rank, wait_for_every_rank
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     found = peaks_of_every_rank({"peak_memory_reserved": (rank + 1) * 100, "peak_memory_allocated": 90 - rank})
+    agreed = [any_rank(rank == 1, "cpu"), any_rank(False, "cpu")]  # one rank saw a stop request; none did
+    wait_for_every_rank()
     if rank == 0:
-        Path(out).write_text(json.dumps(found))
+        Path(out).write_text(json.dumps({"peaks": found, "agreed": agreed}))
     dist.destroy_process_group()
 
 
-def test_every_ranks_peak_memory_is_gathered_and_the_largest_reported(tmp_path):
+def test_every_ranks_peak_memory_is_gathered_and_a_stop_seen_by_one_rank_is_every_ranks(tmp_path):
     """Several processes (gloo on CPU here, NCCL on GPUs): rank 0 reports the largest peak of
-    each kind (what must fit on every GPU) and each rank's; one process reports its own."""
+    each kind (what must fit on every GPU) and each rank's; one process reports its own. A stop
+    request one rank sees is every rank's at the same step (the progress plugin's agreement)."""
     import torch.multiprocessing
 
-    from finetune_worker.host.hardware import peaks_of_every_rank
+    from finetune_worker.host.hardware import any_rank, peaks_of_every_rank
     from finetune_worker.host.tools import free_port
 
     out = tmp_path / "peaks.json"
     torch.multiprocessing.spawn(_gather_peaks, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    found = json.loads(out.read_text())
+    found, agreed = json.loads(out.read_text()).values()
+    assert agreed == [True, False]
+    assert any_rank(True, "cpu") is True and any_rank(False, "cpu") is False  # no process group: its own
     assert found == {"peak_memory_reserved": 200, "peak_memory_allocated": 90, "peak_memory_per_rank": [
         {"rank": 0, "peak_memory_reserved": 100, "peak_memory_allocated": 90},
         {"rank": 1, "peak_memory_reserved": 200, "peak_memory_allocated": 89}]}

@@ -267,9 +267,8 @@ async def _plan(run: JobRun, resources: JobResources) -> AsyncIterator[dict]:
     plan = build_axolotl_config(valid.args, run.paths, settings.cache_dir / "prepared", run.hardware, tracking)
     run.plan = with_continue_from(plan, valid.origin)
     run.processes = process_count(valid.job.num_processes, run.hardware.gpu_count)
-    run.budget, problems = job_budget(valid.job, settings, run.hardware) if valid.job.mode == "train" else (None, [])
-    if run.budget is not None and run.cluster is not None:
-        problems.append(Problem("max_cost", "a budget is not kept on a cluster yet: leave max_cost, max_hours and FINETUNE_MAX_COST unset there"))
+    nodes = run.cluster.nodes if run.cluster is not None else 1
+    run.budget, problems = job_budget(valid.job, settings, run.hardware, nodes) if valid.job.mode == "train" else (None, [])
     if problems:
         raise config_problems_error(problems)
     if valid.job.mode == "train" or _preflight_only(run):  # the time and cost table judges the config for GPUs, whatever this machine is

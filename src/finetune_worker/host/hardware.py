@@ -81,3 +81,25 @@ def peaks_of_every_rank(peaks: dict[str, int]) -> dict:
     dist.all_gather_object(every, peaks)
     return {**{name: max(int(rank.get(name) or 0) for rank in every) for name in peaks},
             "peak_memory_per_rank": [{"rank": index, **rank} for index, rank in enumerate(every)]}
+
+
+def any_rank(flag: bool, device) -> bool:
+    """Whether any rank of the process group says `flag` (a collective: every rank calls it
+    at the same point); without a process group, `flag` itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    import torch
+
+    said = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(said, op=dist.ReduceOp.MAX)
+    return bool(said.item())
+
+
+def wait_for_every_rank() -> None:
+    """A barrier across the process group, if there is one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

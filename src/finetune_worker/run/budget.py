@@ -28,28 +28,29 @@ async def check_estimate(run: JobRun, resources: JobResources) -> AsyncIterator[
     """The estimate's row for this worker against the budget. The preflight's tokenization
     saves the prepared data that the training then loads instead of tokenizing again."""
     budget, hardware = run.budget, run.hardware
+    where = hardware.describe() + (f" on each of {run.cluster.nodes} nodes" if run.cluster is not None else "")
     if not hardware.has_gpu:
         yield events.status("preparing", f"budget: {budget.said}; a CPU worker has no row in the estimate, so the measured pace "
                             "is checked against it during training")
         return
-    yield events.status("preparing", f"budget: {budget.said}; tokenizing the datasets to estimate this job on {hardware.describe()}")
+    yield events.status("preparing", f"budget: {budget.said}; tokenizing the datasets to estimate this job on {where}")
     started = time.monotonic()
     report = await tokenize_as_training_would(run.plan.config, run.paths, run.child_env, resources, run.checks)
     on_this_worker = run.settings.model_copy(update={"gpu_types": (hardware.gpu_names[0],)})
-    table = job_estimate(run.plan.config, run.job.model_copy(update={"num_processes": hardware.gpu_count}), run.base, report,
+    table = job_estimate(run.plan.config, run.job.model_copy(update={"num_processes": run.world_size}), run.base, report,
                          on_this_worker, time.monotonic() - started, run.plan.publish)
-    row = estimate_row_for(table, hardware)
+    row = estimate_row_for(table, hardware, run.world_size)
     if row is None or row.get("total_seconds") is None:
         why = (row or table).get("reason", "its GPU type is not in the table")
-        yield events.warning(f"budget: no estimate for {hardware.describe()} ({why}); the measured pace is checked against it during training")
+        yield events.warning(f"budget: no estimate for {where} ({why}); the measured pace is checked against it during training")
         return
     if overrun := budget.overrun(row["total_seconds"]):
-        raise JobError(errors.BUDGET_EXCEEDED, f"the estimate for this job on {hardware.describe()} is {overrun}; nothing was "
+        raise JobError(errors.BUDGET_EXCEEDED, f"the estimate for this job on {where} is {overrun}; nothing was "
                        "downloaded or trained: raise the budget, or train less (max_steps, num_epochs, a smaller dataset)",
                        [f"{name}: {value}" for name, value in row.items() if name in ESTIMATE_DETAILS])
     run.estimate_row = row
     cost = budget.cost(row["total_seconds"])
-    yield events.status("preparing", f"budget: estimated {row['total_seconds'] / 3600:.3g} h on {hardware.describe()}"
+    yield events.status("preparing", f"budget: estimated {row['total_seconds'] / 3600:.3g} h on {where}"
                         + (f", ${cost:.4g}" if cost is not None else "") + f", within {budget.said}", estimate=row)
 
 
@@ -76,7 +77,7 @@ def table_at_start(run: JobRun, tracker: ProgressTracker) -> list[dict]:
     job = run.job.model_copy(update={"num_processes": run.world_size}) if run.cluster is not None else run.job
     table = job_estimate(run.estimate_config or run.plan.config, job, run.base, {"train": tracker.lengths}, run.settings,
                          tracker.phases().get("tokenize", 0.0), run.plan.publish)
-    row = estimate_row_for(table, run.hardware)
+    row = estimate_row_for(table, run.hardware, run.world_size)
     if run.estimate_row is None and row is not None and row.get("total_seconds") is not None:
         run.estimate_row = row
     here = (f"; on this worker ({run.hardware.describe()}): {row['train_seconds']:g} s of training" if row and row.get("train_seconds") is not None

@@ -25,7 +25,7 @@ from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
 from finetune_worker.data.preflight import split_lengths
-from finetune_worker.host.hardware import peak_gpu_memory, peaks_of_every_rank
+from finetune_worker.host.hardware import any_rank, peak_gpu_memory, peaks_of_every_rank, wait_for_every_rank
 from finetune_worker.plan.children import (
     CLUSTER_TRAINING_ARGS_ENV,
     PROGRESS_FILE_ENV,
@@ -39,9 +39,14 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def write_record(kind: str, **fields) -> None:
+def _is_first_on_this_node() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def write_record(kind: str, every_node: bool = False, **fields) -> None:
+    """A record for the worker (rank 0's; with every_node, each node's first process writes to its own worker)."""
     path = os.environ.get(PROGRESS_FILE_ENV)
-    if not path or not _is_main_process():
+    if not path or not (_is_first_on_this_node() if every_node else _is_main_process()):
         return
     record = {"kind": kind, "time": time.time(), **fields}
     with open(path, "a", encoding="utf-8") as handle:
@@ -118,12 +123,13 @@ def _stop_requested() -> bool:
     return bool(path) and os.path.exists(path)
 
 
-def _stop_if_asked(state) -> None:
-    """After the checkpoint the worker asked for is complete: end the training here, keeping it."""
-    if _stop_requested():
-        write_record("stopped_at_checkpoint", step=state.global_step)
-        print(f"\n[finetune-worker] stopping at the checkpoint of step {state.global_step}, as the worker asked", flush=True)
-        os._exit(5)  # every rank sees the same file and exits; the checkpoint is complete
+def _stop_here(state) -> None:
+    """After the checkpoint the worker asked for: once every rank is past its save (rank 0's
+    is complete then), every rank ends the training here, keeping it."""
+    wait_for_every_rank()
+    write_record("stopped_at_checkpoint", every_node=True, step=state.global_step)  # each node's worker learns why
+    print(f"\n[finetune-worker] stopping at the checkpoint of step {state.global_step}, as the worker asked", flush=True)
+    os._exit(5)
 
 
 def _save_weights_on_this_node(args, state, model) -> None:
@@ -142,6 +148,9 @@ def _save_weights_on_this_node(args, state, model) -> None:
 
 
 class ProgressCallback(TrainerCallback):
+    def __init__(self):
+        self.stopping = False  # the worker asked for a stop, and every rank agreed at the same step
+
     def on_train_begin(self, args, state, control, **kwargs):
         _rank_line(args, "training started", state)
         write_record(
@@ -159,7 +168,10 @@ class ProgressCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         write_record("step", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
-        if _stop_requested():
+        # The stop file is on node 0 (and a rank may see it a step before another): every rank
+        # takes the same decision at the same step, or the others would wait at the next collective.
+        if not self.stopping and any_rank(_stop_requested(), args.device):
+            self.stopping = True
             control.should_save = True  # on_save then ends the training at this checkpoint
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -179,7 +191,8 @@ class ProgressCallback(TrainerCallback):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         write_record("checkpoint", step=state.global_step, path=str(path))
         _stop_if_over_run_size(args, state)
-        _stop_if_asked(state)
+        if self.stopping:
+            _stop_here(state)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         write_record("eval", step=state.global_step, metrics=_numbers(metrics or {}))

@@ -181,6 +181,10 @@ async def train(run: JobRun, resources: JobResources, tracker: ProgressTracker) 
         raise JobError(errors.BUDGET_EXCEEDED, f"{run.paths.stop_file.read_text(encoding='utf-8')}; the training stopped at the "
                        f"checkpoint of step {tracker.stopped_at}, kept in {run.paths.output_dir}: resubmit the same run_id with a "
                        "larger budget to go on from it")
+    if tracker.stopped_at is not None and run.secondary:
+        raise JobError(errors.BUDGET_EXCEEDED, f"node 0 found that the job would break its budget and every node stopped at the "
+                       f"checkpoint of step {tracker.stopped_at} (node 0's events say why): relaunch every node with a larger "
+                       "budget to go on from it")
     if status is not None:
         for event in _cluster_events(run, status.read_new()):
             yield event
@@ -215,7 +219,7 @@ def job_measured(run: JobRun, duration: float) -> dict:
     after = {name: run.stage_seconds[stage] for name, stage in AFTER_TRAINING.items() if run.stage_seconds.get(stage)}
     measured["phases_seconds"] = {**measured.get("phases_seconds", {}), **after}
     measured["duration_seconds"] = round(duration, 2)
-    price = worker_price(run.settings, run.hardware)
+    price = worker_price(run.settings, run.hardware, run.cluster.nodes if run.cluster is not None else 1)
     if price is not None:
         measured["cost_usd"] = round(duration * price / 3600, 4)
     return measured

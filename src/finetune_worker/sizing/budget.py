@@ -41,9 +41,15 @@ class Budget:
         return " and ".join(reasons) or None
 
 
-def worker_price(settings: WorkerSettings, hardware: Hardware) -> float | None:
+def worker_price(settings: WorkerSettings, hardware: Hardware, nodes: int = 1) -> float | None:
     """What this worker costs per hour: its GPUs' price (FINETUNE_GPU_PRICES over the published
-    defaults) times their number, or FINETUNE_GPU_PRICES's `cpu` entry on a CPU worker."""
+    defaults) times their number, or FINETUNE_GPU_PRICES's `cpu` entry on a CPU worker; on a
+    cluster, times its nodes (all alike)."""
+    price = _machine_price(settings, hardware)
+    return None if price is None else price * nodes
+
+
+def _machine_price(settings: WorkerSettings, hardware: Hardware) -> float | None:
     if not hardware.has_gpu:
         return settings.gpu_prices.get(CPU_PRICE_KEY)
     known = gpus.gpu_for(hardware.gpu_names[0])
@@ -52,14 +58,15 @@ def worker_price(settings: WorkerSettings, hardware: Hardware) -> float | None:
     return None if price is None else price * hardware.gpu_count
 
 
-def job_budget(job: JobInput, settings: WorkerSettings, hardware: Hardware) -> tuple[Budget | None, list[Problem]]:
-    """The job's budget (None without one), or why it cannot be kept on this worker."""
+def job_budget(job: JobInput, settings: WorkerSettings, hardware: Hardware, nodes: int = 1) -> tuple[Budget | None, list[Problem]]:
+    """The job's budget (None without one), or why it cannot be kept on this worker (on a
+    cluster: `nodes` machines like this one, every one paid for)."""
     costs = [(value, who) for value, who in ((job.max_cost, "the job's"), (settings.max_cost, "FINETUNE_MAX_COST")) if value is not None]
     hours = [(value, who) for value, who in ((job.max_hours, "the job's"), (settings.max_hours, "FINETUNE_MAX_HOURS")) if value is not None]
     if job.max_cost is None and job.max_hours is None and settings.max_cost is None:
         return None, []  # FINETUNE_MAX_HOURS alone stays the job's deadline (host/resources.py)
     cost, hour = min(costs, default=None), min(hours, default=None)
-    price = worker_price(settings, hardware)
+    price = worker_price(settings, hardware, nodes)
     if cost is not None and price is None:
         what = f"its GPU type ({hardware.gpu_names[0]})" if hardware.has_gpu else f"a CPU worker (FINETUNE_GPU_PRICES's {CPU_PRICE_KEY!r})"
         field = "max_cost" if job.max_cost is not None else "FINETUNE_MAX_COST"
@@ -69,9 +76,11 @@ def job_budget(job: JobInput, settings: WorkerSettings, hardware: Hardware) -> t
     return Budget(cost[0] if cost else None, hour[0] * 3600 if hour else None, price, said), []
 
 
-def estimate_row_for(table: dict, hardware: Hardware) -> dict | None:
-    """The estimate's row for this worker's GPU type and count (None on a CPU, or for a type the table lacks)."""
+def estimate_row_for(table: dict, hardware: Hardware, count: int | None = None) -> dict | None:
+    """The estimate's row for this worker's GPU type and `count` (its GPUs; a cluster's: every
+    node's), None on a CPU, or for a type the table lacks."""
     known = gpus.gpu_for(hardware.gpu_names[0]) if hardware.has_gpu else None
     if known is None:
         return None
-    return next((row for row in table.get("rows", []) if row["gpu"] == known.name and row["count"] == hardware.gpu_count), None)
+    count = count or hardware.gpu_count
+    return next((row for row in table.get("rows", []) if row["gpu"] == known.name and row["count"] == count), None)
