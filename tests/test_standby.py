@@ -6,12 +6,9 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from conftest import live_processes, make_job, tiny_args
 from finetune_worker.host.hardware import CPU_ONLY
 from finetune_worker.pipeline import run_job
-
 
 TRAINING_STANDBY = ("finetune_worker.run.standby",)
 PREFLIGHT_STANDBY = ("finetune_worker.data.preflight",)
