@@ -50,3 +50,19 @@ def test_a_runs_query_answers_without_torch_or_axolotl(env):
     seen = refuse_in_a_fresh_process({"user_id": "nobody-yet", "mode": "runs"}, env)
     assert seen["events"][-1]["type"] == "result", seen["events"][-1]
     assert not seen["axolotl"] and (not seen["torch"] or not no_gpu_driver())
+
+
+def test_a_missing_or_forbidden_dataset_path_ends_the_job_before_axolotl_is_imported(tiny, env, volume):
+    """A dataset file that is not there, and another user's file (answered like a missing one),
+    are known from the paths alone: refused before Axolotl's schema is imported."""
+    other = volume / "runs" / "someone-else" / "r" / "data.jsonl"
+    other.parent.mkdir(parents=True, exist_ok=True)
+    other.write_text('{"instruction": "q", "output": "a"}\n')
+    datasets = [{"path": str(volume / "nowhere.jsonl"), "type": "alpaca", "ds_type": "json"},
+                {"path": str(other), "type": "alpaca", "ds_type": "json"}]
+    seen = refuse_in_a_fresh_process(make_job(tiny_args(tiny, datasets=datasets)), env)
+    final = seen["events"][-1]
+    assert final["code"] == "invalid_config" and "found before Axolotl's check of args" in final["message"], final
+    assert final["details"] == [f"args.datasets[0].path: no such file or directory: {volume / 'nowhere.jsonl'}",
+                                f"args.datasets[1].path: no such file or directory: {other}"]
+    assert not seen["axolotl"]

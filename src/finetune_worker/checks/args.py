@@ -114,6 +114,22 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     return args, problems
 
 
+def early_path_problems(args: dict[str, Any], roots: PathRoots) -> list[Problem]:
+    """The datasets' and the base model's locations, checked as check_args checks them (on a
+    copy): known without Axolotl, so a missing or forbidden path fails fast."""
+    args = copy.deepcopy(args)
+    problems = _shape_problems(args)
+    if problems:
+        return problems
+    problems = [p for _, p in _resolve_dataset_paths(args, ArgsContext(roots=roots, hardware=Hardware()))]
+    if isinstance(args.get("base_model"), str):
+        try:
+            resolve_local_or_hub(args["base_model"], roots)
+        except PathRejected as exc:
+            problems.append(Problem("args.base_model", str(exc)))
+    return problems
+
+
 def _shape_problems(args: dict) -> list[Problem]:
     problems = []
     for key in DATASET_LIST_KEYS:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from finetune_worker.checks.args import ArgsContext, check_args
+from finetune_worker.checks.args import ArgsContext, check_args, early_path_problems
 from finetune_worker.checks.continue_from import Origin, lineage, resolve_continue_from
 from finetune_worker.checks.export import export_problems
 from finetune_worker.checks.options import AXOLOTL_KEPT_CHECKPOINTS, INLINE_DATASET_KEYS
@@ -122,7 +122,8 @@ def validate_job(
 def early_problems(raw: Any, parsed: tuple[JobInput | None, list[Problem]], settings: WorkerSettings) -> list[Problem]:
     """What is wrong without asking Axolotl, known within a second of the start: the
     request's own fields (ids, modes, credentials, options, num_nodes, storage) and, for a job
-    that trains, args without a base_model. Axolotl's schema takes seconds to import; its check
+    that trains, args without a base_model, and dataset or base model paths that are missing
+    or not this job's to read. Axolotl's schema takes seconds to import; its check
     (validate_job) runs once there is nothing here."""
     problems = list(parsed[1])
     args, mode = (raw.get("args"), raw.get("mode", "train")) if isinstance(raw, dict) else (None, None)
@@ -133,6 +134,10 @@ def early_problems(raw: Any, parsed: tuple[JobInput | None, list[Problem]], sett
     job = parsed[0]
     if job is not None and job.mode not in READING_MODES:
         problems += storage_problems(job, settings)
+    if job is not None and job.mode not in READING_MODES and isinstance(args, dict):
+        roots = make_roots(settings.base_volume, settings.examples_dir, job.user_id)
+        known = {p.path for p in problems}
+        problems += [p for p in early_path_problems({**settings.default_args, **args}, roots) if p.path not in known]
     return problems
 
 
