@@ -44,3 +44,44 @@ def test_the_readme_documents_the_local_server():
     readme = (REPO_ROOT / "docs" / "operating.md").read_text(encoding="utf-8")
     assert "local `--rp_serve_api`" in readme
     assert "**also when the job failed**" in readme and "Job ID not found" in readme
+
+
+def test_a_cold_worker_takes_jobs_before_axolotls_schema_is_loaded_and_loads_it_beside_them(tmp_path):
+    """`python -u src/handler.py` (here serving the SDK's local API): the job loop starts at
+    once and Axolotl's schema is imported beside it, so a question that needs no Axolotl
+    (mode runs) is answered before that import ends; the import still ends, for later jobs."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from finetune_worker.host.tools import free_port
+
+    port, out = free_port(), tmp_path / "worker.out"
+    env = {**os.environ, "BASE_VOLUME": str(tmp_path / "volume"), "HF_HUB_OFFLINE": "1"}
+    with open(out, "wb") as sink:
+        worker = subprocess.Popen([sys.executable, "-u", str(REPO_ROOT / "src" / "handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
+                                  env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    loaded = "finetune-worker: Axolotl schema loaded"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/runsync", headers={"Content-Type": "application/json"},
+                                                 data=json.dumps({"input": {"user_id": "cold", "mode": "runs"}}).encode())
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    output = json.load(answer)["output"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline and worker.poll() is None, out.read_text(errors="replace")[-2000:]
+                time.sleep(0.1)
+        assert output[-1]["type"] == "result" and output[-1]["mode"] == "runs", output
+        assert loaded not in out.read_text(errors="replace"), "the schema was imported before the first job was answered"
+        while loaded not in out.read_text(errors="replace"):
+            assert time.monotonic() < deadline and worker.poll() is None, out.read_text(errors="replace")[-2000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(worker.pid, 9)
+        worker.wait()

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -108,7 +109,11 @@ def start() -> None:
 
     import runpod
 
-    _warm_imports()
+    # Axolotl's schema is imported beside the job loop, not before it: the worker takes its
+    # first job sooner, a job that needs no Axolotl (mode runs, events) is answered at once,
+    # and a training's standby child starts at receipt and imports while this one does.
+    # A job that needs the schema before it is loaded waits for it (Python's import lock).
+    threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
     runpod.serverless.start(
         {
             "handler": make_handler(runpod.serverless.progress_update if on_runpod() else None),
