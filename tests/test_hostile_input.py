@@ -136,7 +136,7 @@ RAW = st.one_of(
 )
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(raw=RAW)
 def test_fuzz_parser_outcomes_are_a_valid_job_or_a_validation_error(worker_settings, raw):
     try:
@@ -259,7 +259,7 @@ ODD_REQUEST = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(raw=ODD_REQUEST)
 def test_fuzz_odd_values_end_with_a_named_code(worker_settings, raw):
     """Deep nesting, long and odd strings, surrogates, NaN/Infinity, huge numbers, every path
