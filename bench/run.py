@@ -1,8 +1,10 @@
 """Benchmarks that print figures (never asserted): worker overhead, time to first
-progress and where it goes, the warm-start saving of the tokenized-data cache, and how
-soon the CLI answers (a refusal, a preflight next to `axolotl preprocess`).
+progress and where it goes, the warm-start saving of the tokenized-data cache, how
+soon the CLI answers (a refusal, a preflight next to `axolotl preprocess`), and a cold
+worker's start (ready for a job, its first training step, next to `axolotl train`'s).
 
-    .venv/bin/python bench/run.py [overhead|startup|warm|answers|all] [--runs N] [--epochs E]
+    .venv/bin/python bench/run.py [overhead|startup|warm|answers|coldstart|all] [--runs N] [--epochs E]
+                                  [--handler-src DIR]  (coldstart: another tree's src/, for a before/after)
 
 Every figure comes from runs made side by side in this one invocation, on the tiny
 model and dataset of test_input.json, on this machine's CPU.
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,6 +240,101 @@ def answers(runs: int) -> dict:
     return report
 
 
+def _first_record(path: Path, kind: str, since: float, timeout: float = 300) -> float:
+    """Seconds from `since` until a JSON line of this kind (a progress record's `kind`, an
+    event's `type`) appears in `path`."""
+    while time.perf_counter() - since < timeout:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if f'"kind": "{kind}"' in line or f'"type": "{kind}"' in line:
+                    return time.perf_counter() - since
+        time.sleep(0.05)
+    raise SystemExit(f"no {kind} in {path} after {timeout} s")
+
+
+def _answers_http(url: str, since: float, timeout: float = 300) -> float:
+    while time.perf_counter() - since < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return time.perf_counter() - since
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not answer in {timeout} s")
+
+
+def _stop_tree(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, 9)
+    except ProcessLookupError:
+        pass
+    child.wait()
+
+
+def cold_worker(volume: Path, handler_src: Path, run_id: str, epochs: int) -> dict:
+    """`python -u src/handler.py` as RunPod starts it, serving the SDK's local API: seconds until
+    it answers (ready for a job), and, the job sent then, until that job's first training step."""
+    from finetune_worker.host.tools import free_port
+
+    port = free_port()
+    started = time.perf_counter()
+    server = subprocess.Popen([PYTHON, "-u", str(handler_src / "handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
+                              env={**BASE_ENV, "BASE_VOLUME": str(volume)}, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        ready = _answers_http(f"http://127.0.0.1:{port}/docs", started)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/run", data=json.dumps({"input": job(run_id, epochs)}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            job_id = json.load(answer)["id"]
+        # the local API runs the job when its stream is asked for, and answers when it ends
+        subprocess.Popen([PYTHON, "-c", f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/stream/{job_id}', timeout=600)"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        first_step = _first_record(volume / "runs" / "local" / run_id / "events.jsonl", "progress", started)
+    finally:
+        _stop_tree(server)
+    return {"ready_s": round(ready, 2), "first_step_s": round(first_step, 2)}
+
+
+def axolotl_first_step(config: Path, scratch: Path) -> float:
+    """`axolotl train` of the worker's YAML (own output and cache folders): seconds from its start to its first step."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["output_dir"], cfg["dataset_prepared_path"] = str(scratch / "output"), str(scratch / "prepared")
+    raw = scratch / "config.yaml"
+    raw.write_text(yaml.safe_dump(cfg))
+    progress = scratch / "progress.jsonl"
+    env = {**BASE_ENV, "PYTHONPATH": str(REPO / "src"), "FINETUNE_PROGRESS_FILE": str(progress)}
+    started = time.perf_counter()
+    child = subprocess.Popen([PYTHON, "-m", "axolotl.cli.train", str(raw)], env=env, cwd=scratch, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return _first_record(progress, "step", started)
+    finally:
+        _stop_tree(child)
+
+
+def coldstart(runs: int, epochs: int, handler_src: Path) -> dict:
+    """A worker that scaled to zero: from `python -u src/handler.py` to ready, and to the first
+    job's first step; beside `axolotl train` of the same YAML to its first step, interleaved."""
+    workers, raw = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(runs):
+            volume = Path(tmp) / f"v{index}"
+            volume.mkdir()
+            workers.append(cold_worker(volume, handler_src, f"cold-{index}", epochs))
+            scratch = Path(tmp) / f"a{index}"
+            scratch.mkdir()
+            raw.append(axolotl_first_step(volume / "runs" / "local" / f"cold-{index}" / "config.yaml", scratch))
+            print(f"  run {index + 1}: worker ready {workers[-1]['ready_s']}s, first step {workers[-1]['first_step_s']}s; "
+                  f"axolotl train first step {raw[-1]:.2f}s", flush=True)
+    ready = statistics.median(w["ready_s"] for w in workers)
+    first = statistics.median(w["first_step_s"] for w in workers)
+    axolotl = statistics.median(raw)
+    return {"runs": runs, "handler_src": str(handler_src), "ready_median_s": round(ready, 2), "first_step_median_s": round(first, 2),
+            "axolotl_first_step_median_s": round(axolotl, 2), "ratio_first_step": round(first / axolotl, 3)}
+
+
 def machine() -> dict:
     import importlib.metadata as md
 
@@ -248,12 +346,13 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", default="all", choices=["overhead", "startup", "warm", "answers", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["overhead", "startup", "warm", "answers", "coldstart", "all"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--handler-src", type=Path, default=REPO / "src", help="coldstart: the src/ whose handler.py starts")
     options = parser.parse_args()
     report = {"machine": machine()}
-    if options.what not in ("warm", "answers"):
+    if options.what not in ("warm", "answers", "coldstart"):
         from finetune_worker.entry.worker import _warm_imports
 
         started = time.perf_counter()
@@ -268,6 +367,9 @@ def main() -> None:
         report["warm_start"] = warm(options.epochs)
     if options.what in ("answers", "all"):
         report["answers"] = answers(options.runs)
+    if options.what in ("coldstart", "all"):
+        print("a cold worker (python -u src/handler.py, the SDK's local API) vs axolotl train, to the first step:", flush=True)
+        report["coldstart"] = coldstart(options.runs, options.epochs, options.handler_src.resolve())
     print(json.dumps(report, indent=2))
 
 
