@@ -282,13 +282,12 @@ def cold_worker(volume: Path, handler_src: Path, run_id: str, epochs: int) -> di
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         ready = _answers_http(f"http://127.0.0.1:{port}/docs", started)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/run", data=json.dumps({"input": job(run_id, epochs)}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            job_id = json.load(answer)["id"]
-        # the local API runs the job when its stream is asked for, and answers when it ends
-        subprocess.Popen([PYTHON, "-c", f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/stream/{job_id}', timeout=600)"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        # the local API runs a job sent to /runsync at once, and answers when it ends
+        body = json.dumps({"input": job(run_id, epochs)})
+        sender = ("import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), "
+                  "headers={'Content-Type': 'application/json'}), timeout=600)")
+        subprocess.Popen([PYTHON, "-c", sender, f"http://127.0.0.1:{port}/runsync", body], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
         first_step = _first_record(volume / "runs" / "local" / run_id / "events.jsonl", "progress", started)
     finally:
         _stop_tree(server)
