@@ -121,13 +121,9 @@ def early_path_problems(args: dict[str, Any], roots: PathRoots) -> list[Problem]
     problems = _shape_problems(args)
     if problems:
         return problems
-    problems = [p for _, p in _resolve_dataset_paths(args, ArgsContext(roots=roots, hardware=Hardware()))]
-    if isinstance(args.get("base_model"), str):
-        try:
-            resolve_local_or_hub(args["base_model"], roots)
-        except PathRejected as exc:
-            problems.append(Problem("args.base_model", str(exc)))
-    return problems
+    context = ArgsContext(roots=roots, hardware=Hardware())
+    problems = [p for _, p in _resolve_dataset_paths(args, context)]
+    return problems + _resolve_model_paths({"base_model": args.get("base_model")}, context)
 
 
 def _shape_problems(args: dict) -> list[Problem]:

@@ -69,14 +69,21 @@ def peak_gpu_memory() -> dict[str, int]:
     return {"peak_memory_reserved": int(torch.cuda.max_memory_reserved()), "peak_memory_allocated": int(torch.cuda.max_memory_allocated())}
 
 
+def ranks_in_group() -> int:
+    """How many processes torch.distributed's process group has (1 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def peaks_of_every_rank(peaks: dict[str, int]) -> dict:
     """Every rank's peaks, gathered (a collective: every rank of the process group calls it):
     the largest of each (what has to fit on every GPU) and the list by rank. One process,
     or no process group: its own peaks."""
+    if not peaks or ranks_in_group() < 2:
+        return peaks
     import torch.distributed as dist
 
-    if not peaks or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return peaks
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, peaks)
     return {**{name: max(int(rank.get(name) or 0) for rank in every) for name in peaks},
@@ -86,11 +93,10 @@ def peaks_of_every_rank(peaks: dict[str, int]) -> dict:
 def any_rank(flag: bool, device) -> bool:
     """Whether any rank of the process group says `flag` (a collective: every rank calls it
     at the same point); without a process group, `flag` itself."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if ranks_in_group() < 2:
         return flag
     import torch
+    import torch.distributed as dist
 
     said = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(said, op=dist.ReduceOp.MAX)
@@ -99,7 +105,7 @@ def any_rank(flag: bool, device) -> bool:
 
 def wait_for_every_rank() -> None:
     """A barrier across the process group, if there is one."""
-    import torch.distributed as dist
+    if ranks_in_group() > 1:
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
