@@ -55,7 +55,8 @@ def test_a_runs_query_answers_without_torch_or_axolotl(env):
 def test_a_missing_or_forbidden_dataset_path_ends_the_job_before_axolotl_is_imported(tiny, env, volume):
     """A dataset file that is not there, and another user's file (answered like a missing one),
     are known from the paths alone: refused before Axolotl's schema is imported."""
-    other = volume / "runs" / "someone-else" / "r" / "data.jsonl"
+    # a user of its own: test_generate checks that "someone-else" never gets a folder on this volume
+    other = volume / "runs" / "fail-fast-neighbour" / "r" / "data.jsonl"
     other.parent.mkdir(parents=True, exist_ok=True)
     other.write_text('{"instruction": "q", "output": "a"}\n')
     datasets = [{"path": str(volume / "nowhere.jsonl"), "type": "alpaca", "ds_type": "json"},
