@@ -67,3 +67,28 @@ def test_a_missing_or_forbidden_dataset_path_ends_the_job_before_axolotl_is_impo
     assert final["details"] == [f"args.datasets[0].path: no such file or directory: {volume / 'nowhere.jsonl'}",
                                 f"args.datasets[1].path: no such file or directory: {other}"]
     assert not seen["axolotl"]
+
+
+def test_the_operators_limits_end_the_job_before_axolotl_is_imported(tiny, env):
+    """Numbers are read as Axolotl's schema reads them ("5000" is 5000, 64.0 is 64) without importing it."""
+    args = tiny_args(tiny, max_steps="5000", sequence_len=2048, adapter="lora", lora_r=64.0, save_total_limit=0)
+    limits = {"FINETUNE_MAX_STEPS": "100", "FINETUNE_MAX_SEQUENCE_LEN": "1024", "FINETUNE_MAX_LORA_R": "16", "FINETUNE_MAX_DATASET_BYTES": "10"}
+    seen = refuse_in_a_fresh_process(make_job(args), {**env, **limits})
+    final = seen["events"][-1]
+    assert final["code"] == "invalid_config" and "found before Axolotl's check of args" in final["message"], final
+    assert [d.split(":")[0] for d in final["details"]] == \
+        ["args.max_steps", "args.sequence_len", "args.lora_r", "args.datasets", "args.save_total_limit"], final["details"]
+    assert "5000 is over this worker's limit of 100 (FINETUNE_MAX_STEPS)" in final["details"][0]
+    assert "64 is over" in final["details"][2]
+    assert not seen["axolotl"]
+
+
+def test_the_early_reading_of_numbers_uses_axolotls_own_types():
+    from finetune_worker.checks import axolotl_schema
+    from finetune_worker.checks.validation import EARLY_NUMBER_TYPES, as_axolotl_reads, early_reads
+
+    fields = axolotl_schema.input_config_model().model_fields
+    for key, annotation in EARLY_NUMBER_TYPES.items():
+        assert fields[key].annotation == annotation, key
+        for value in ("5000", " 7 ", 64.0, 1e7, 1.5, "1e3", "many", None, True, float("nan"), [1]):
+            assert early_reads(key, value) == as_axolotl_reads(key, value) or value != value, (key, value)

@@ -114,16 +114,17 @@ def check_args(args: dict[str, Any], ctx: ArgsContext) -> tuple[dict[str, Any], 
     return args, problems
 
 
-def early_path_problems(args: dict[str, Any], roots: PathRoots) -> list[Problem]:
+def early_path_problems(args: dict[str, Any], roots: PathRoots) -> tuple[list[Problem], dict[str, Any]]:
     """The datasets' and the base model's locations, checked as check_args checks them (on a
-    copy): known without Axolotl, so a missing or forbidden path fails fast."""
+    copy): known without Axolotl, so a missing or forbidden path fails fast. Also returns
+    that copy, its dataset paths resolved (absolute)."""
     args = copy.deepcopy(args)
     problems = _shape_problems(args)
     if problems:
-        return problems
+        return problems, args
     context = ArgsContext(roots=roots, hardware=Hardware())
     problems = [p for _, p in _resolve_dataset_paths(args, context)]
-    return problems + _resolve_model_paths({"base_model": args.get("base_model")}, context)
+    return problems + _resolve_model_paths({"base_model": args.get("base_model")}, context), args
 
 
 def _shape_problems(args: dict) -> list[Problem]:

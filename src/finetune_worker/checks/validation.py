@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -137,7 +138,10 @@ def early_problems(raw: Any, parsed: tuple[JobInput | None, list[Problem]], sett
     if job is not None and job.mode not in READING_MODES and isinstance(args, dict):
         roots = make_roots(settings.base_volume, settings.examples_dir, job.user_id)
         known = {p.path for p in problems}
-        problems += [p for p in early_path_problems({**settings.default_args, **args}, roots) if p.path not in known]
+        path_problems, resolved = early_path_problems({**settings.default_args, **args}, roots)
+        if not path_problems:
+            path_problems = limit_problems(resolved, settings, reads=early_reads) + checkpoint_problems(resolved, settings)
+        problems += [p for p in path_problems if p.path not in known]
     return problems
 
 
@@ -166,20 +170,22 @@ def hub_write_problems(args: dict[str, Any], job: JobInput) -> list[Problem]:
 AXOLOTL_DEFAULT_SEQUENCE_LEN = 512  # AxolotlInputConfig.sequence_len
 
 
-def limit_problems(args: dict[str, Any], settings: WorkerSettings) -> list[Problem]:
-    """The operator's limits (FINETUNE_MAX_*), against the checked args (local paths absolute)."""
+def limit_problems(args: dict[str, Any], settings: WorkerSettings, reads: Callable[[str, Any], Any] | None = None) -> list[Problem]:
+    """The operator's limits (FINETUNE_MAX_*), against the checked args (local paths absolute).
+    `reads`: how an option's value is read as a number (Axolotl's schema, unless early_reads)."""
     problems = []
+    read = reads or as_axolotl_reads
 
     def over(where: str, value: Any, limit: int | float | None, name: str, what: str = "") -> None:
         if limit is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
             problems.append(Problem(where, f"{value}{what} is over this worker's limit of {limit} ({name})"))
 
-    over("args.max_steps", as_axolotl_reads("max_steps", args.get("max_steps")), settings.max_steps, "FINETUNE_MAX_STEPS")
+    over("args.max_steps", read("max_steps", args.get("max_steps")), settings.max_steps, "FINETUNE_MAX_STEPS")
     sequence_len = args.get("sequence_len")
-    over("args.sequence_len", AXOLOTL_DEFAULT_SEQUENCE_LEN if sequence_len is None else as_axolotl_reads("sequence_len", sequence_len),
+    over("args.sequence_len", AXOLOTL_DEFAULT_SEQUENCE_LEN if sequence_len is None else read("sequence_len", sequence_len),
          settings.max_sequence_len, "FINETUNE_MAX_SEQUENCE_LEN", " (Axolotl's default)" if sequence_len is None else "")
     if args.get("adapter") in LORA_ADAPTERS:
-        over("args.lora_r", as_axolotl_reads("lora_r", args.get("lora_r")), settings.max_lora_r, "FINETUNE_MAX_LORA_R")
+        over("args.lora_r", read("lora_r", args.get("lora_r")), settings.max_lora_r, "FINETUNE_MAX_LORA_R")
     if settings.max_dataset_bytes is not None:
         total = local_dataset_bytes(args)
         if total > settings.max_dataset_bytes:
@@ -222,12 +228,26 @@ def generation_limit_problems(job: JobInput, settings: WorkerSettings) -> list[P
 def as_axolotl_reads(key: str, value: Any) -> Any:
     """`value` as Axolotl's schema will read option `key` ("100000" -> 100000, 1e7 -> 10000000);
     unchanged when the schema would refuse it (the args check reports that)."""
+    return _read_with(_option_adapter, key, value)
+
+
+# The options the operator limits, with the types Axolotl's schema gives them (test_fail_fast
+# checks that they still match): read without importing Axolotl, for the early check.
+EARLY_NUMBER_TYPES: dict[str, Any] = {"max_steps": int | None, "sequence_len": int, "lora_r": int | None}
+
+
+def early_reads(key: str, value: Any) -> Any:
+    """as_axolotl_reads for an option in EARLY_NUMBER_TYPES, known before Axolotl's schema is imported."""
+    return _read_with(_early_adapter, key, value)
+
+
+def _read_with(adapter: Callable[[str], Any], key: str, value: Any) -> Any:
     if value is None or isinstance(value, bool):
         return value
     from pydantic import ValidationError
 
     try:
-        read = _option_adapter(key).validate_python(value)
+        read = adapter(key).validate_python(value)
     except (ValidationError, ValueError, TypeError, RecursionError):
         return value
     return value if isinstance(read, float) and not math.isfinite(read) else read  # "nan" stays a string: events stay JSON
@@ -251,6 +271,13 @@ def _numeric_options() -> frozenset[str]:
         name for name, info in axolotl_schema.input_config_model().model_fields.items()
         if (leaves := _leaves(info.annotation)) and all(leaf in numbers for leaf in leaves) and (int in leaves or float in leaves)
     )
+
+
+@cache
+def _early_adapter(key: str) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(EARLY_NUMBER_TYPES[key])
 
 
 @cache
