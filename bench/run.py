@@ -227,15 +227,17 @@ def answers(runs: int) -> dict:
             ("refusal: run_id ../x", bad_id), ("refusal: run_id, base_model missing, dataset type misspelt", three),
             ("refusal: dataset type misspelt (needs Axolotl's check)", only_axolotl),
         )}
-        preflights = [timed_cli({**job(f"preflight-{i}", 1), "mode": "preflight"}, volume) for i in range(runs)]
-        config = volume / "runs" / "local" / "preflight-0" / "config.yaml"
+        volumes = [Path(tempfile.mkdtemp(dir=tmp)) for _ in range(runs)]  # each preflight tokenizes: no prepared cache to load
+        preflights = [timed_cli({**job(f"preflight-{i}", 1), "mode": "preflight"}, volumes[i]) for i in range(runs)]
+        config = volumes[0] / "runs" / "local" / "preflight-0" / "config.yaml"
         preprocess = [run_preprocess(config, Path(tempfile.mkdtemp(dir=tmp))) for _ in range(runs)]
     report = {name: {"median_answer_s": statistics.median(r["answer_s"] for r in rows), "answer": rows[0]["answer"],
                      "problems": rows[0]["problems"], "first_event_s": statistics.median(r["first_event_s"] for r in rows)}
               for name, rows in figures.items()}
     preflight_s = statistics.median(r["answer_s"] for r in preflights)
     preprocess_s = statistics.median(preprocess)
-    report["preflight of test_input.json"] = {"median_answer_s": preflight_s, "axolotl_preprocess_s": round(preprocess_s, 2),
+    report["preflight of test_input.json"] = {"median_answer_s": preflight_s, "each_s": [r["answer_s"] for r in preflights],
+                                              "axolotl_preprocess_s": round(preprocess_s, 2),
                                               "ratio": round(preflight_s / preprocess_s, 2)}
     return report
 
@@ -248,6 +250,8 @@ def _first_record(path: Path, kind: str, since: float, timeout: float = 300) -> 
             for line in path.read_text().splitlines():
                 if f'"kind": "{kind}"' in line or f'"type": "{kind}"' in line:
                     return time.perf_counter() - since
+                if '"type": "error"' in line:  # the job ended first: say why
+                    raise SystemExit(f"no {kind} in {path}: the job ended with {line[:1000]}")
         time.sleep(0.05)
     raise SystemExit(f"no {kind} in {path} after {timeout} s")
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 
+from finetune_worker.data.preflight import warm_packer
 from finetune_worker.host.children import told_to_go
 from finetune_worker.host.fastexit import exit_without_teardown
 
@@ -25,12 +27,14 @@ def preload() -> None:
     train_cli = importlib.import_module("axolotl.cli.train")
     for module in dict.fromkeys(train_cli._LAZY_IMPORTS.values()):
         importlib.import_module(module)
+    warm_packer()  # the progress plugin's lengths record packs the train split before the first step
 
 
 def main(argv: list[str]) -> int:
     config = Path(argv[0])
+    started = time.monotonic()
     preload()
-    if not told_to_go():
+    if not told_to_go(ready_since=started):
         return 0
     os.chdir(config.parent)
     import fire
