@@ -136,7 +136,7 @@ RAW = st.one_of(
 )
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(raw=RAW)
 def test_fuzz_parser_outcomes_are_a_valid_job_or_a_validation_error(worker_settings, raw):
     try:
@@ -259,7 +259,7 @@ ODD_REQUEST = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(raw=ODD_REQUEST)
 def test_fuzz_odd_values_end_with_a_named_code(worker_settings, raw):
     """Deep nesting, long and odd strings, surrogates, NaN/Infinity, huge numbers, every path
@@ -347,7 +347,7 @@ def test_the_path_places_cover_the_options_the_audit_named():
             "datasets.path", "datasets.data_files"} <= names
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(where=PATH_PLACES, value=PATH_VALUE, mapping_key=st.tuples(st.sampled_from(MAPPING_PATH_KEYS), st.booleans()))
 def test_fuzz_every_path_option_ends_with_a_named_code(worker_settings, where, value, mapping_key):
     """Each place that names a file, directory, model, dataset or repo, given odd values:

@@ -30,6 +30,22 @@ def test_packing_efficiency_uses_axolotls_packer():
     assert packing_efficiency([600], 200) == {"bins": 0, "efficiency": None}
 
 
+def test_the_standby_warm_up_compiles_the_packer_the_real_lengths_use():
+    """warm_packer (run by both standbys before "go") leaves numba nothing to compile for a real split."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from axolotl.utils.samplers.multipack import pack_group\n"
+        "from finetune_worker.data.preflight import length_summary, warm_packer\n"
+        "before = len(pack_group.signatures); warm_packer(); warmed = len(pack_group.signatures)\n"
+        "length_summary([42, 45, 300, 7, 1], 256, 2)\n"
+        "print(before, warmed, len(pack_group.signatures))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split()[-3:] == ["0", "1", "1"], done.stdout[-2000:] + done.stderr[-2000:]
+
+
 def _by_dataset(events: list[dict]) -> dict:
     return {e["dataset"]["where"]: e["dataset"] for e in events if e["type"] == "status" and "dataset" in e}
 
