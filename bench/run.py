@@ -1,9 +1,10 @@
 """Benchmarks that print figures (never asserted): worker overhead, time to first
 progress and where it goes, the warm-start saving of the tokenized-data cache, how
 soon the CLI answers (a refusal, a preflight next to `axolotl preprocess`), and a cold
-worker's start (ready for a job, its first training step, next to `axolotl train`'s).
+worker's start (ready for a job, its first training step, next to `axolotl train`'s), and a
+cold worker's answer to a quick question (`mode: runs`, `mode: generate`).
 
-    .venv/bin/python bench/run.py [overhead|startup|warm|answers|coldstart|all] [--runs N] [--epochs E]
+    .venv/bin/python bench/run.py [overhead|startup|warm|answers|coldstart|quick|all] [--runs N] [--epochs E]
                                   [--handler-src DIR]  (coldstart: another tree's src/, for a before/after)
 
 Every figure comes from runs made side by side in this one invocation, on the tiny
@@ -338,6 +339,48 @@ def coldstart(runs: int, epochs: int, handler_src: Path) -> dict:
             "axolotl_first_step_median_s": round(axolotl, 2), "ratio_first_step": round(first / axolotl, 3)}
 
 
+def cold_answer(volume: Path, body: dict) -> dict:
+    """A new `python -u src/handler.py` (the SDK's local API) sent one job as soon as it is
+    ready: seconds from its start to ready, and to the job's answer (/runsync returns it)."""
+    from finetune_worker.host.tools import free_port
+
+    port = free_port()
+    started = time.perf_counter()
+    server = subprocess.Popen([PYTHON, "-u", str(REPO / "src" / "handler.py"), "--rp_serve_api", "--rp_api_port", str(port)],
+                              env={**BASE_ENV, "BASE_VOLUME": str(volume)}, cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        ready = _answers_http(f"http://127.0.0.1:{port}/docs", started)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/runsync", data=json.dumps({"input": body}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            answer = json.loads(response.read())
+        answered = time.perf_counter() - started
+    finally:
+        _stop_tree(server)
+    last = (answer.get("output") or [{}])[-1]
+    return {"ready_s": round(ready, 2), "answer_s": round(answered, 2), "answer": last.get("code") or last.get("type")}
+
+
+def quick(runs: int) -> dict:
+    """A worker that scaled to zero asked a quick question: `mode: runs`, and `mode: generate`
+    on a run that has finished (one epoch of test_input.json's job, trained here first)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        volume = Path(tmp)
+        run_worker(volume, "asked", 1)
+        bodies = {"runs": {"user_id": "local", "mode": "runs"},
+                  "generate": {"user_id": "local", "run_id": "asked", "mode": "generate", "prompts": ["What colour is a lemon?"],
+                               "max_new_tokens": 16, "temperature": 0}}
+        seen = {name: [] for name in bodies}
+        for _ in range(runs):
+            for name, body in bodies.items():
+                seen[name].append(cold_answer(volume, body))
+                print(f"  {name}: {seen[name][-1]}", flush=True)
+    return {f"mode {name}": {"ready_median_s": statistics.median(r["ready_s"] for r in rows),
+                             "answer_median_s": statistics.median(r["answer_s"] for r in rows), "answer": rows[0]["answer"]}
+            for name, rows in seen.items()}
+
+
 def machine() -> dict:
     import importlib.metadata as md
 
@@ -349,13 +392,13 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", default="all", choices=["overhead", "startup", "warm", "answers", "coldstart", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["overhead", "startup", "warm", "answers", "coldstart", "quick", "all"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--handler-src", type=Path, default=REPO / "src", help="coldstart: the src/ whose handler.py starts")
     options = parser.parse_args()
     report = {"machine": machine()}
-    if options.what not in ("warm", "answers", "coldstart"):
+    if options.what not in ("warm", "answers", "coldstart", "quick"):
         from finetune_worker.entry.worker import _warm_imports
 
         started = time.perf_counter()
@@ -373,6 +416,9 @@ def main() -> None:
     if options.what in ("coldstart", "all"):
         print("a cold worker (python -u src/handler.py, the SDK's local API) vs axolotl train, to the first step:", flush=True)
         report["coldstart"] = coldstart(options.runs, options.epochs, options.handler_src.resolve())
+    if options.what in ("quick", "all"):
+        print("a cold worker asked mode runs and mode generate (python -u src/handler.py, the SDK's local API):", flush=True)
+        report["quick"] = quick(options.runs)
     print(json.dumps(report, indent=2))
 
 

@@ -79,7 +79,10 @@ def test_preflight_reports_every_dataset_and_stops_before_training(preflight_eve
     assert not list(run_dir.glob("output/**/*.safetensors")) and not (run_dir / "result.json").exists()
     assert (run_dir / "preflight.json").is_file()
     # the preflight child started at job receipt and imported Axolotl while the worker validated
-    assert "(on standby, importing Axolotl, since the job arrived)" in (run_dir / "preflight.log").read_text().splitlines()[0]
+    log = (run_dir / "preflight.log").read_text()
+    assert log.startswith("===== preflight process ") and "(on standby, importing Axolotl, since the job arrived)" in log.splitlines()[0]
+    assert re.search(r"standby: ready after [0-9.]+ s of imports; waiting for go\n", log), log[:3000]
+    assert re.search(r"standby: go after [0-9.]+ s of waiting\n", log), log[:3000]
     report = final["preflight"]
     assert [d["where"] for d in report["datasets"]] == [f"args.datasets[{i}]" for i in range(4)]
     for dataset in report["datasets"]:

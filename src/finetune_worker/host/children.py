@@ -229,6 +229,12 @@ class ChildProcess:
         self._follow(" (on standby, importing Axolotl, since the job arrived)")
 
     @property
+    def label(self) -> str:
+        """Its log's banner: "training process", "preflight process", "LoRA merge process"."""
+        name = self.what.removeprefix("the ")
+        return name if name.endswith("process") else f"{name} process"
+
+    @property
     def on_standby(self) -> bool:
         """Started as a standby, not yet told to go, and still running."""
         return self.process is not None and self.process.returncode is None and self._pump is None
@@ -244,7 +250,7 @@ class ChildProcess:
         pending = b""
         # Unbuffered: a full volume fails a write here and there, never the close.
         with open(self.log_file, "ab", buffering=0) as log:
-            self._write_lines(log, [f"===== training process {self.process.pid} started{note} {time.strftime('%Y-%m-%d %H:%M:%S %Z')} =====".encode()])
+            self._write_lines(log, [f"===== {self.label} {self.process.pid} started{note} {time.strftime('%Y-%m-%d %H:%M:%S %Z')} =====".encode()])
             while chunk := await self.process.stdout.read(65536):
                 lines = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
                 pending = lines.pop()
