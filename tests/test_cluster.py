@@ -167,6 +167,8 @@ def test_two_nodes_on_one_shared_volume_train_one_run_with_ddp(tiny_sentencepiec
     begin = next(json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines() if '"train_begin"' in line)
     assert begin["world_size"] == 2 and begin["parallel_mode"] == "distributed"
     assert result["metrics"]["final_loss"] < first_loss - 0.2, (first_loss, result["metrics"])
+    # each step's record comes before the all-reduce that ends it, its log after: the event waits for the loss
+    assert all(e["loss"] is not None for e in stopped + events if e["type"] == "progress"), stopped + events
     assert (run_dir / "result.json").is_file() and (run_dir / "output" / "adapter_model.safetensors").is_file()
     assert other[-1]["type"] == "result" and other[-1]["node_rank"] == 1 and second.process.returncode == 0
     node_dir = run_dir / "nodes" / "node-1"

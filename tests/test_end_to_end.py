@@ -61,6 +61,7 @@ def test_progress_events_are_complete_and_end_at_the_last_step(successful_run):
     assert len(progress) >= 2
     for event in progress:
         assert {"step", "total_steps", "epoch", "loss", "learning_rate", "percent", "eta_seconds"} <= set(event)
+        assert event["loss"] is not None, event  # logging_steps: 1, so every step's event waits for its loss
     assert progress[-1]["step"] == progress[-1]["total_steps"] == 90
     assert progress[-1]["percent"] == 100.0
     steps = [p["step"] for p in progress]

@@ -190,3 +190,19 @@ def test_every_ranks_peak_memory_is_gathered_and_a_stop_seen_by_one_rank_is_ever
     tracker.feed({"kind": "train_end", "step": 3, "time": 1.0, **found})
     assert tracker.metrics["peak_memory_reserved"] == 200 and tracker.peak_memory_per_rank == found["peak_memory_per_rank"]
     assert "peak_memory_per_rank" not in tracker.metrics  # the result's metrics stay numbers; measured carries the list
+
+
+def test_a_step_whose_loss_is_about_to_be_logged_waits_for_it():
+    """The worker may read the progress file between a step's record and its log (on several
+    ranks the step ends with an all-reduce in between): no progress event without the loss."""
+    tracker = ProgressTracker()
+    tracker.feed({"kind": "train_begin", "step": 0, "max_steps": 4, "time": 0.0})
+    tracker.feed({"kind": "step", "step": 1, "max_steps": 4, "epoch": 0.25, "log_follows": True, "time": 1.0})
+    assert tracker.progress_due() is None
+    tracker.feed({"kind": "log", "step": 1, "logs": {"loss": 3.5, "learning_rate": 1e-3}, "time": 1.1})
+    assert tracker.progress_due()["loss"] == 3.5
+    # a step without a log (logging_steps > 1) is reported at once, with the last loss known
+    tracker.feed({"kind": "step", "step": 2, "max_steps": 4, "epoch": 0.5, "log_follows": False, "time": 3.0})
+    assert tracker.progress_due()["step"] == 2
+    tracker.feed({"kind": "step", "step": 3, "max_steps": 4, "epoch": 0.75, "log_follows": True, "time": 5.0})
+    assert tracker.progress_due() is None and tracker.progress_due(force=True)["step"] == 3  # the end forces it out

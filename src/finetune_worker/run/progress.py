@@ -68,6 +68,7 @@ class ProgressTracker:
     peak_memory_per_rank: list | None = None  # several processes on GPUs: each rank's peaks
     lengths: dict | None = None  # the prepared train split's lengths (the child's `lengths` record), for the estimate
     eta_warned: bool = False
+    log_due_at: int | None = None  # the step whose loss the Trainer is about to log (its `step` record said so)
 
     def feed(self, record: dict) -> list[dict]:
         """Update state from one record; return the events it causes at once."""
@@ -89,8 +90,11 @@ class ProgressTracker:
         if kind == "step":
             self.step = record["step"]
             self.epoch = record.get("epoch", self.epoch)
+            self.log_due_at = self.step if record.get("log_follows") else None
         elif kind == "log":
             self._absorb_logs(record)
+            if record.get("step") == self.log_due_at and not any(k.startswith("eval_") for k in record.get("logs", {})):
+                self.log_due_at = None
             if any(k.startswith("eval_") for k in record.get("logs", {})):
                 return []  # eval metrics arrive as their own record
         elif kind == "checkpoint":
@@ -147,6 +151,8 @@ class ProgressTracker:
         """A `progress` event if one is due: about one a second, and always the last step."""
         if self.begin_time is None or self.step <= self.begin_step:
             return None
+        if self.log_due_at is not None and not force:
+            return None  # the step's loss is on its way (the worker read between the step and its log)
         state = (self.step, self.loss, tuple(self.preference.items()))
         if state == self.last_emitted:
             return None

@@ -167,7 +167,9 @@ class ProgressCallback(TrainerCallback):
             write_record("wandb", url=run.url, project=run.project, name=run.name, run_id=run.id, dir=run.dir)
 
     def on_step_end(self, args, state, control, **kwargs):
-        write_record("step", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
+        # control.should_log is already this step's (the Trainer's DefaultFlowCallback runs first):
+        # the worker then holds the step's progress event until its loss is logged
+        write_record("step", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch, log_follows=bool(control.should_log))
         # The stop file is on node 0 (and a rank may see it a step before another): every rank
         # takes the same decision at the same step, or the others would wait at the next collective.
         if not self.stopping and any_rank(_stop_requested(), args.device):
