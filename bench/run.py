@@ -371,14 +371,42 @@ def quick(runs: int) -> dict:
         bodies = {"runs": {"user_id": "local", "mode": "runs"},
                   "generate": {"user_id": "local", "run_id": "asked", "mode": "generate", "prompts": ["What colour is a lemon?"],
                                "max_new_tokens": 16, "temperature": 0}}
-        seen = {name: [] for name in bodies}
+        seen, raw = {name: [] for name in bodies}, []
         for _ in range(runs):
             for name, body in bodies.items():
                 seen[name].append(cold_answer(volume, body))
                 print(f"  {name}: {seen[name][-1]}", flush=True)
-    return {f"mode {name}": {"ready_median_s": statistics.median(r["ready_s"] for r in rows),
-                             "answer_median_s": statistics.median(r["answer_s"] for r in rows), "answer": rows[0]["answer"]}
-            for name, rows in seen.items()}
+            raw.append(raw_generate(volume / "runs" / "local" / "asked" / "output"))
+            print(f"  transformers + peft alone: {raw[-1]:.2f}s", flush=True)
+    report = {f"mode {name}": {"ready_median_s": statistics.median(r["ready_s"] for r in rows),
+                               "answer_median_s": statistics.median(r["answer_s"] for r in rows), "answer": rows[0]["answer"]}
+              for name, rows in seen.items()}
+    report["mode generate"]["transformers_peft_median_s"] = round(statistics.median(raw), 2)
+    report["mode generate"]["ratio"] = round(report["mode generate"]["answer_median_s"] / statistics.median(raw), 2)
+    return report
+
+
+RAW_GENERATE = r"""
+import sys
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base, adapter = sys.argv[1], sys.argv[2]
+tokenizer = AutoTokenizer.from_pretrained(adapter)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+prompt = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+prompt += "### Instruction:\nWhat colour is a lemon?\n\n### Response:\n"
+ids = tokenizer(prompt, return_tensors="pt")
+print(tokenizer.decode(model.generate(**ids, max_new_tokens=16, do_sample=False)[0][ids["input_ids"].shape[1]:]))
+"""
+
+
+def raw_generate(adapter: Path) -> float:
+    """The same answer from a script of its own: transformers and peft load the base model and
+    the adapter and generate 16 tokens (what a user would run without the worker)."""
+    started = time.perf_counter()
+    subprocess.run([PYTHON, "-c", RAW_GENERATE, str(REPO / "examples" / "tiny-llama"), str(adapter)], env=BASE_ENV, cwd=REPO,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
 
 
 def machine() -> dict:
