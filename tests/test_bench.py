@@ -59,3 +59,14 @@ def test_the_answers_harness_times_a_cold_cli_refusal(tmp_path):
     figures = bench.timed_cli({**bench.job("x", 1), "run_id": "../x"}, tmp_path)
     assert figures["answer"] == "invalid_input" and figures["problems"] == 1
     assert 0 < figures["first_event_s"] <= figures["answer_s"]
+
+
+def test_the_quick_harness_times_a_cold_worker_answering_a_runs_query(tmp_path):
+    """bench/run.py quick's cold worker (the real handler, the SDK's local API) on an empty volume."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", REPO_ROOT / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    figures = bench.cold_answer(tmp_path, {"user_id": "local", "mode": "runs"})
+    assert figures["answer"] == "result" and 0 < figures["ready_s"] <= figures["answer_s"], figures
