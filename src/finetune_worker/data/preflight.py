@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.standby:
         started = time.monotonic()
         preload()
-        if not told_to_go(ready_since=started):
+        if not told_to_go(started):
             return 0
     report = preflight(options.config)
     options.out.write_text(json.dumps(report, default=_plain), encoding="utf-8")

@@ -76,18 +76,17 @@ def stop_process_group(pgid: int, grace: float = STOP_GRACE_SECONDS) -> None:
     LIVE_PROCESS_GROUPS.discard(pgid)
 
 
-def told_to_go(ready_since: float | None = None) -> bool:
+def told_to_go(started: float) -> bool:
     """In a standby child: wait for the worker's "go" on stdin (end of input: the job needs
     no such step). Stdin is then the null device, as for a child started without standby.
-    `ready_since`: when the child started (time.monotonic()); the log then says how long its
-    imports took and how long it waited, which of the two a job's start waited for."""
+    `started`: when the child started (time.monotonic()); the log says how long its imports
+    took and how long it then waited, which of the two a job's start waited for."""
     import sys
 
     ready = time.monotonic()
-    if ready_since is not None:
-        print(f"standby: ready after {ready - ready_since:.1f} s of imports; waiting for go", file=sys.stderr, flush=True)
+    print(f"standby: ready after {ready - started:.1f} s of imports; waiting for go", file=sys.stderr, flush=True)
     go = sys.stdin.readline().strip() == "go"
-    if ready_since is not None and go:
+    if go:
         print(f"standby: go after {time.monotonic() - ready:.1f} s of waiting", file=sys.stderr, flush=True)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)

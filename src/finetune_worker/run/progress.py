@@ -93,10 +93,10 @@ class ProgressTracker:
             self.log_due_at = self.step if record.get("log_follows") else None
         elif kind == "log":
             self._absorb_logs(record)
-            if record.get("step") == self.log_due_at and not any(k.startswith("eval_") for k in record.get("logs", {})):
-                self.log_due_at = None
             if any(k.startswith("eval_") for k in record.get("logs", {})):
                 return []  # eval metrics arrive as their own record
+            if record.get("step") == self.log_due_at:
+                self.log_due_at = None
         elif kind == "checkpoint":
             return [checkpoint(record["step"], record["path"])]
         elif kind == "eval":

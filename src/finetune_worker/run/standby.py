@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     config = Path(argv[0])
     started = time.monotonic()
     preload()
-    if not told_to_go(ready_since=started):
+    if not told_to_go(started):
         return 0
     os.chdir(config.parent)
     import fire
