@@ -200,10 +200,14 @@ def timed_cli(job_body: dict, volume: Path) -> dict:
 
 
 def run_preprocess(config: Path, scratch: Path) -> float:
-    """`axolotl preprocess` of the worker's YAML: what a preflight does (tokenize), in Axolotl alone."""
+    """`axolotl preprocess` of the worker's YAML: what a preflight does (tokenize), in Axolotl alone
+    (without the worker's plugin, which saves a one-process dataset without a process pool)."""
     import yaml
 
+    from finetune_worker.plan.config import PROGRESS_PLUGIN
+
     cfg = yaml.safe_load(config.read_text())
+    cfg["plugins"] = [p for p in cfg.get("plugins") or [] if p != PROGRESS_PLUGIN] or None
     cfg["dataset_prepared_path"] = str(scratch / "prepared")
     cfg["output_dir"] = str(scratch / "output")
     raw = scratch / "preprocess.yaml"

@@ -46,6 +46,50 @@ def test_the_standby_warm_up_compiles_the_packer_the_real_lengths_use():
     assert done.stdout.split()[-3:] == ["0", "1", "1"], done.stdout[-2000:] + done.stderr[-2000:]
 
 
+SAVE_PROBE = """
+def processes_started(save) -> int:
+    import multiprocess.process
+
+    before = next(multiprocess.process._process_counter)
+    save()
+    return next(multiprocess.process._process_counter) - before - 1
+
+
+if __name__ == "__main__":  # a spawned process runs this file again: only the probe's parent imports Axolotl
+    import filecmp, sys
+    from pathlib import Path
+    from datasets import Dataset
+    from finetune_worker.run.progress_plugin import ProgressPlugin
+
+    out = Path(sys.argv[1])
+    rows = Dataset.from_dict({"input_ids": [[1, 2, i] for i in range(40)], "labels": [[-100, 2, i] for i in range(40)]})
+    pooled = processes_started(lambda: rows.save_to_disk(str(out / "pool"), num_proc=1, num_shards=2))
+    ProgressPlugin().register({})
+    ProgressPlugin().register({})
+    here = processes_started(lambda: rows.save_to_disk(str(out / "here"), num_proc=1, num_shards=2))
+    names = sorted(p.name for p in (out / "pool").iterdir())
+    same = names == sorted(p.name for p in (out / "here").iterdir()) and all(
+        filecmp.cmp(out / "pool" / n, out / "here" / n, shallow=False) for n in names)
+    two = processes_started(lambda: rows.save_to_disk(str(out / "two"), num_proc=2))
+    print(pooled, here, two, len(names), same, Dataset.load_from_disk(str(out / "here"))["input_ids"][39])
+"""
+
+
+def test_a_one_process_save_writes_the_same_files_without_starting_processes(tmp_path):
+    """datasets 5.0.1 saves through a spawn pool and a manager even for num_proc=1 (Axolotl's
+    smallest); the worker's plugin has such a save run in its own process: the same files, no
+    process started. num_proc=2 keeps its pool."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(SAVE_PROBE)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    pooled, here, two, files, same, last = done.stdout.split(maxsplit=5)
+    assert int(pooled) >= 2 and here == "0" and int(two) >= 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert files == "4" and same == "True" and last.strip() == "[1, 2, 39]"  # 2 shards, state and info, byte for byte
+
+
 def _by_dataset(events: list[dict]) -> dict:
     return {e["dataset"]["where"]: e["dataset"] for e in events if e["type"] == "status" and "dataset" in e}
 

@@ -17,6 +17,8 @@ training with the same data and config loads instead of tokenizing again.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import itertools
 import json
 import os
@@ -355,6 +357,34 @@ def warm_packer() -> None:
     """Have numba compile Axolotl's packer (about 1 s) while waiting for "go", not after it:
     split_lengths calls it for every preflight and at every training's start."""
     packing_efficiency([3, 5, 9, 2], 16)
+
+
+def save_one_process_datasets_in_this_process() -> None:
+    """A `save_to_disk(num_proc=1)` writes its shards here instead of in a pool of one.
+
+    datasets 5.0.1 starts a `spawn` pool and a manager for any `num_proc >= 1`: two new
+    interpreters that import datasets, about 2 s on 2 cores, whatever the size. Axolotl
+    (0.21, `save_preprocessed_dataset`) always passes at least 1 (one process per 256
+    rows), so every preflight and every training that tokenizes paid it. With
+    `num_proc=None` datasets runs the same `_save_to_disk_single` over the same shards in
+    this process: the same files. Larger `num_proc` values keep their pool.
+    """
+    from datasets import Dataset
+
+    save_to_disk = Dataset.save_to_disk
+    if getattr(save_to_disk, "one_process_in_place", False):
+        return
+    signature = inspect.signature(save_to_disk)
+
+    @functools.wraps(save_to_disk)
+    def save_in_place_when_one(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        if bound.arguments.get("num_proc") == 1:
+            bound.arguments["num_proc"] = None
+        return save_to_disk(*bound.args, **bound.kwargs)
+
+    save_in_place_when_one.one_process_in_place = True
+    Dataset.save_to_disk = save_in_place_when_one
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
-from finetune_worker.data.preflight import split_lengths
+from finetune_worker.data.preflight import save_one_process_datasets_in_this_process, split_lengths
 from finetune_worker.host.hardware import any_rank, peak_gpu_memory, peaks_of_every_rank, wait_for_every_rank
 from finetune_worker.plan.children import (
     CLUSTER_TRAINING_ARGS_ENV,
@@ -209,6 +209,7 @@ class ProgressPlugin(BasePlugin):
     """Registered by the worker in `plugins:`; users never set it themselves."""
 
     def register(self, cfg):
+        save_one_process_datasets_in_this_process()  # before Axolotl saves the prepared dataset
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_cuda():
             # Axolotl 0.21 probes NCCL peer-to-peer access between GPUs before training
             # (utils/trainer.prepare_optim_env); without a GPU a CUDA build of torch raises
