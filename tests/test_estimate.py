@@ -15,6 +15,14 @@ Config: LoRA r16, micro batch 2, accumulation 4, 2 epochs, packing.
     steps on 1 GPU   = ceil(2 x ceil(2500 / 8)) = 626; processed = 626 x 8 x 2048 = 10,256,384 tokens
     1 x H100 SXM     = 10,256,384 x F_lora / (989e12 x 0.30) = 1,059.98 s
     with GC          = 10,256,384 x (F_lora + R) / (989e12 x 0.30) = 1,583.36 s
+
+Evaluation: an eval split of 500 rows of 500 tokens, packed into 125 bins, eval_steps 100.
+
+    passes           = 1 (step 0) + 626 // 100 = 7; each ceil(125 / 2) x 2 x 2048 = 258,048 tokens
+    forward          = 2 N_mm + A / 3 = 15,140,388,864 per token
+    during training  = 7 x 258,048 x 15,140,388,864 / (989e12 x 0.30) = 92.18 s
+    job's evaluation = load 16e9 / 300e6 + 15 = 68.33 s, then 2 models x ceil(20 / 8) x 64 steps
+                       of 2 N_mm / (0.5 x 3,350e9) + 32 x 0.6 ms = 0.02816 s: 68.33 + 10.81 = 79.15 s
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ from finetune_worker.sizing.estimate import Request, estimate_table
 from finetune_worker.sizing.gpus import BY_NAME, GPUS, gpu_for, prices
 from finetune_worker.sizing.memory import params_from_config
 from finetune_worker.sizing.throughput import (
+    Evaluation,
     Fixed,
     Lengths,
     Rates,
     dequantisation_seconds,
+    evaluations,
     fixed_phases,
     flops_per_token,
     model_shape,
@@ -163,6 +173,36 @@ def test_the_fixed_phases_come_from_the_sizes():
     phases = fixed_phases(fixed, "qlora", Rates())
     assert phases == {"download": pytest.approx(106.7), "load": pytest.approx(53.3 + 15 + 4.0, abs=0.1), "tokenize": 12.0,
                       "save": 5.0, "merge": pytest.approx(106.7 + 10, abs=0.1), "push": 4.0}
+
+
+@pytest.mark.parametrize(("settings", "passes"), [
+    ({}, 0),  # no eval_steps, evals_per_epoch or eval_strategy: the Trainer never evaluates
+    ({"eval_steps": 50}, 13),  # step 0, then 626 // 50
+    ({"eval_steps": 50, "eval_on_start": False}, 12),
+    ({"eval_steps": 0.25}, 4),  # every ceil(0.25 x 626) = 157 steps
+    ({"evals_per_epoch": 4}, 8),  # Axolotl: eval_steps = 1 / (4 x 2 epochs); every ceil(626 / 8) = 79 steps
+    ({"eval_strategy": "epoch"}, 3),
+    ({"eval_strategy": "steps", "logging_steps": 100}, 7),  # Transformers falls back on logging_steps
+    ({"eval_strategy": "no", "eval_steps": 50}, 0),
+])
+def test_the_evaluations_during_training_follow_axolotls_settings(settings, passes):
+    assert evaluations({**LORA, **settings}, 626, 2.0) == passes
+
+
+EVAL_LENGTHS = Lengths(rows=500, tokens=250_000, sum_squares=500 * 500**2, histogram=(0,) * 7 + (500,), packed_bins=125)
+
+
+def test_the_evaluate_phase_counts_the_eval_passes_and_the_comparison_by_hand():
+    fixed = Fixed(weight_bytes=16_000_000_000)
+    during = Evaluation(lengths=EVAL_LENGTHS)
+    both = Evaluation(lengths=EVAL_LENGTHS, examples=20, new_tokens=64)
+    config = {**LORA, "eval_steps": 100}
+    rows = [table(config, fixed=fixed, evaluation=evaluation)["rows"][0] for evaluation in (Evaluation(), during, both)]
+    assert [row["phases_seconds"]["evaluate"] for row in rows] == [0.0, pytest.approx(92.2, abs=0.05), pytest.approx(171.3, abs=0.05)]
+    assert rows[2]["total_seconds"] == pytest.approx(rows[0]["total_seconds"] + 171.3, abs=0.1)
+    assert rows[2]["train_seconds"] == rows[0]["train_seconds"]  # the training's own pace is unchanged
+    full = table({**config, "adapter": None}, fixed=fixed, evaluation=Evaluation(examples=20, new_tokens=64, full_model=True))
+    assert full["rows"][0]["phases_seconds"]["evaluate"] == pytest.approx(2 * 68.33 + 10.81, abs=0.05)  # its own weights load too
 
 
 def test_the_table_marks_rows_by_type_and_count_and_names_its_sources():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -117,3 +118,10 @@ def test_a_fine_tune_that_is_not_better_is_not_pushed(tiny, hub, hub_env, volume
     assert (volume / "runs" / job["user_id"] / job["run_id"] / "output" / "adapter_model.safetensors").is_file()
     during = [e for e in events if e["type"] == "eval" and "base" not in e]
     assert during and all(isinstance(e["step"], int) and "loss" in e for e in during)  # Axolotl's own eval split
+    # the table shown as training began counts both evaluations: the eval split's lengths came with the train split's
+    run_dir = volume / "runs" / job["user_id"] / job["run_id"]
+    sent = next(json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines() if '"lengths"' in line)
+    assert sent["eval"]["rows"] == 9 and sent["train"]["rows"] == 27  # val_set_size 0.25 of 36
+    table = next(e["estimate"] for e in events if e["type"] == "status" and "estimate" in e)
+    row = next(r for r in table["rows"] if r["gpu"] == "NVIDIA H100 80GB HBM3" and r["count"] == 1)
+    assert row["phases_seconds"]["evaluate"] >= 15  # the comparison loads the base model (15 s of overhead), then answers

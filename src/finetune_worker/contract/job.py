@@ -118,6 +118,9 @@ class EvaluationDataset(BaseModel):
         return self
 
 
+GENERATION_BATCH = 8  # prompts per generate() call: the evaluation's answers and mode generate's
+
+
 class EvaluationOptions(BaseModel):
     """Compare the fine-tune with its base model after training, and optionally gate the push."""
 

@@ -14,19 +14,26 @@ from finetune_worker.sizing import gpus
 from finetune_worker.sizing.estimate import Request, estimate_table
 from finetune_worker.sizing.measured import STORE_NAME, learned
 from finetune_worker.sizing.resources import ModelFacts, estimate_disk, lora_params, planned_saves
-from finetune_worker.sizing.throughput import Fixed, Lengths, Rates, method_of
+from finetune_worker.sizing.throughput import Evaluation, Fixed, Lengths, Rates, method_of
 
 MB = 1e6
 
 
-def lengths_from_report(report: dict) -> Lengths | None:
-    """The prepared train split's lengths from the preflight report (None: a preference
-    dataset, or a report from before the estimate existed)."""
-    train = report.get("train")
-    if not train:
+def lengths_from_report(report: dict, split: str = "train") -> Lengths | None:
+    """A prepared split's lengths (`train` or `eval`) from the preflight report (None: no such
+    split, a preference dataset, or a report from before the estimate existed)."""
+    found = report.get(split)
+    if not found:
         return None
-    return Lengths(rows=train["rows"], tokens=train["tokens"], sum_squares=train["sum_squares"],
-                   histogram=tuple(train["histogram"]), packed_bins=(train.get("if_packed") or {}).get("bins") or None)
+    return Lengths(rows=found["rows"], tokens=found["tokens"], sum_squares=found["sum_squares"],
+                   histogram=tuple(found["histogram"]), packed_bins=(found.get("if_packed") or {}).get("bins") or None)
+
+
+def job_evaluation(config: dict, job: JobInput, report: dict) -> Evaluation:
+    """The evaluations the job runs: Axolotl's over the eval split, and the job's `evaluation`."""
+    options = job.evaluation
+    return Evaluation(lengths=lengths_from_report(report, "eval"), examples=options.num_examples if options else 0,
+                      new_tokens=options.max_new_tokens if options else 0, full_model=method_of(config) == "full")
 
 
 def fixed_costs(config: dict, job: JobInput, base: ModelFacts, tokenize_seconds: float) -> Fixed:
@@ -53,7 +60,7 @@ def job_estimate(config: dict, job: JobInput, base: ModelFacts, report: dict, se
     counts = (job.num_processes,) if job.num_processes else gpus.COUNTS
     request = Request(
         config=config, model_config=base.config, lengths=lengths,
-        fixed=fixed_costs({**config, **(publish or {})}, job, base, tokenize_seconds),
+        fixed=fixed_costs({**config, **(publish or {})}, job, base, tokenize_seconds), evaluation=job_evaluation(config, job, report),
         gpus=gpus.selected(settings.gpu_types), prices=gpus.prices(settings.gpu_prices), price_overrides=dict(settings.gpu_prices),
         rates=Rates(download=settings.download_mbps * MB, volume=settings.volume_mbps * MB, upload=settings.upload_mbps * MB),
         counts=counts, learned=learned(settings.cache_dir / STORE_NAME, base.config.get("model_type"), method_of(config)),

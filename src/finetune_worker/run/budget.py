@@ -75,7 +75,7 @@ def table_at_start(run: JobRun, tracker: ProgressTracker) -> list[dict]:
     if run.secondary or run.base is None or tracker.lengths is None:
         return []
     job = run.job.model_copy(update={"num_processes": run.world_size}) if run.cluster is not None else run.job
-    table = job_estimate(run.estimate_config or run.plan.config, job, run.base, {"train": tracker.lengths}, run.settings,
+    table = job_estimate(run.estimate_config or run.plan.config, job, run.base, {"train": tracker.lengths, "eval": tracker.eval_lengths}, run.settings,
                          tracker.phases().get("tokenize", 0.0), run.plan.publish)
     row = estimate_row_for(table, run.hardware, run.world_size)
     if run.estimate_row is None and row is not None and row.get("total_seconds") is not None:

@@ -67,6 +67,7 @@ class ProgressTracker:
     stage_times: dict = field(default_factory=dict)  # when the child began each stage (its clock): the measured phases
     peak_memory_per_rank: list | None = None  # several processes on GPUs: each rank's peaks
     lengths: dict | None = None  # the prepared train split's lengths (the child's `lengths` record), for the estimate
+    eval_lengths: dict | None = None  # the eval split's, when the run has one
     eta_warned: bool = False
     log_due_at: int | None = None  # the step whose loss the Trainer is about to log (its `step` record said so)
 
@@ -109,6 +110,7 @@ class ProgressTracker:
             self.disk_quota = record
         elif kind == "lengths":
             self.lengths = record.get("train") if isinstance(record.get("train"), dict) else None
+            self.eval_lengths = record.get("eval") if isinstance(record.get("eval"), dict) else None
         elif kind == "stopped_at_checkpoint":
             self.stopped_at = record.get("step")
         elif kind == "wandb":

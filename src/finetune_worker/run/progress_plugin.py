@@ -8,8 +8,8 @@ Records: {"kind": "stage", "stage": ...}, {"kind": "train_begin", "max_steps": .
 {"kind": "step", ...}, {"kind": "log", "logs": {...}}, {"kind": "checkpoint", ...},
 {"kind": "eval", "metrics": {...}}, {"kind": "train_end", ...} (with "peak_memory_reserved" and
 "peak_memory_allocated", bytes, the largest over ranks, and "peak_memory_per_rank" with
-several processes, on a GPU), {"kind": "saved"}, {"kind": "lengths", "train": {...}} (the
-prepared train split's lengths, for the time and cost table, before training begins),
+several processes, on a GPU), {"kind": "saved"}, {"kind": "lengths", "train": {...}, "eval": {...} or null} (the
+prepared splits' lengths, for the time and cost table, before training begins),
 {"kind": "nan_loss", ...}, {"kind": "disk_quota", "bytes": ..., "limit": ...}, {"kind": "stopped_at_checkpoint"}. Every record has "step" (when known) and "time".
 """
 
@@ -252,11 +252,12 @@ class ProgressPlugin(BasePlugin):
             return
         try:
             lengths = split_lengths(trainer.train_dataset, cfg)
+            eval_lengths = split_lengths(trainer.eval_dataset, cfg)
         except Exception as exc:  # noqa: BLE001 - the table is a nicety; the training goes on without it
-            print(f"\n[finetune-worker] no time and cost table: the train split's lengths could not be read ({exc})", flush=True)
+            print(f"\n[finetune-worker] no time and cost table: the splits' lengths could not be read ({exc})", flush=True)
             return
         if lengths is not None:
-            write_record("lengths", train=lengths)
+            write_record("lengths", train=lengths, eval=eval_lengths)
 
     def post_train_unload(self, cfg):
         write_record("saved")

@@ -12,11 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_worker.contract.job import LORA_ADAPTERS
+from finetune_worker.contract.job import GENERATION_BATCH, LORA_ADAPTERS
 from finetune_worker.host.rundir import END_OF_TURN_TOKENS  # a chat fine-tune of a base model ends answers with one
-
-GENERATION_BATCH = 8  # prompts per generate() call; left-padded
-
 
 # -- pure: how a run's prompts look -----------------------------------------------
 

@@ -22,10 +22,12 @@ from finetune_worker.sizing.resources import lora_params
 from finetune_worker.sizing.throughput import (
     ONLINE_RL,
     REFERENCE_MODEL_RL,
+    Evaluation,
     Fixed,
     Lengths,
     Rates,
     cheapest,
+    comparison_seconds,
     dequantisation_seconds,
     fastest,
     fixed_phases,
@@ -34,6 +36,7 @@ from finetune_worker.sizing.throughput import (
     model_shape,
     schedule,
     train_seconds,
+    training_eval_seconds,
     utilisation,
 )
 
@@ -48,6 +51,7 @@ class Request:
     model_config: dict  # the base model's config.json
     lengths: Lengths
     fixed: Fixed = Fixed()
+    evaluation: Evaluation = Evaluation()
     gpus: tuple[Gpu, ...] = ()
     prices: dict[str, float | None] = field(default_factory=dict)
     price_overrides: dict[str, float] = field(default_factory=dict)
@@ -124,7 +128,9 @@ def estimate_row(request: Request, gpu: Gpu, count: int) -> dict:
     seconds = train_seconds(plan, work, gpu, count, hfu, sharded)
     if method == "qlora":
         seconds += dequantisation_seconds(shape, gpu, plan.steps * int(config.get("gradient_accumulation_steps") or 1), checkpointing)
-    phases = {**fixed_phases(request.fixed, method, request.rates), "train": significant(seconds)}
+    evaluate = (training_eval_seconds(request.evaluation, config, shape, plan, gpu, count, hfu, sharded)
+                + comparison_seconds(request.evaluation, shape, gpu, request.fixed, request.rates))
+    phases = {**fixed_phases(request.fixed, method, request.rates), "evaluate": round(evaluate, 1), "train": significant(seconds)}
     total = sum(phases.values())
     row.update(train_seconds=significant(seconds), total_seconds=round(total, 1), phases_seconds=phases, steps=plan.steps,
                processed_tokens=plan.processed_tokens, utilisation=hfu)

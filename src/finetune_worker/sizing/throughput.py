@@ -24,6 +24,16 @@ run with and one without checkpointing are costed at the same utilisation.
 Time on n GPUs of type g: processed tokens x F_hw / (n x peak_g x u x s_n) + dequantisation
 + checkpoint saves; s_n (scaling) is 1 on one GPU, 0.95 over NVLink, 0.85 over PCIe, and
 x0.9 again for ZeRO-3/FSDP over PCIe (the weights cross the bus every step): assumed.
+
+Evaluation (the `evaluate` phase):
+  during training  E passes over the eval split, each its processed tokens x (2 N_mm + A/3)
+                   (a forward) at the training's pace; E from eval_steps, evals_per_epoch or
+                   eval_strategy as Axolotl 0.21 hands them to the Trainer, + 1 at step 0
+                   (Axolotl's eval_on_start default)
+  the job's        load the base model (and a full fine-tune's own weights), then each model
+  `evaluation`     generates max_new_tokens for ceil(num_examples / 8) batches; a decoding step
+                   reads every active weight (2 bytes) at half the bandwidth plus 0.6 ms per
+                   layer of launch overhead: assumed, not calibrated
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from finetune_worker.contract.job import LORA_ADAPTERS
+from finetune_worker.contract.job import GENERATION_BATCH, LORA_ADAPTERS
 from finetune_worker.sizing.gpus import Gpu
 from finetune_worker.sizing.resources import linear_params, lora_params
 from finetune_worker.sizing.throughput_sources import MODELS, UTILISATION, Source
@@ -45,6 +55,9 @@ NVLINK_SCALING, PCIE_SCALING, PCIE_SHARDED = 0.95, 0.85, 0.9
 LOAD_OVERHEAD_S = 15.0  # CUDA init, building the trainer
 QUANTISE_PARAMS_PER_S = 2e9  # bitsandbytes quantising a model on load
 MERGE_OVERHEAD_S = 10.0
+DECODE_BANDWIDTH = 0.5  # share of the memory bandwidth a generate() step reaches reading the weights: assumed
+DECODE_LAYER_OVERHEAD_S = 6e-4  # per layer and generate() step, Python and kernel launches: assumed
+HF_LOGGING_STEPS = 500  # Transformers' default logging_steps, eval_steps's fallback
 
 
 @dataclass(frozen=True)
@@ -225,6 +238,71 @@ class Fixed:
     merge: bool = False
     tokenize_seconds: float = 0.0
     params: int = 0  # for QLoRA's quantisation on load
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What a run evaluates: the eval split during training, and the job's `evaluation` after it."""
+
+    lengths: Lengths | None = None  # the prepared eval split (val_set_size or test_datasets)
+    examples: int = 0  # the job's evaluation: prompts each model answers (num_examples)
+    new_tokens: int = 0  # their max_new_tokens
+    full_model: bool = False  # a full fine-tune loads weights of its own; an adapter rides on the base's
+
+
+def evaluations(cfg: dict, steps: int, epochs: float) -> int:
+    """How often the Trainer evaluates the eval split in `steps` steps, as Axolotl 0.21 sets it
+    up (utils/config: evals_per_epoch -> a fraction of the steps; core/builders/base: the
+    strategy, and eval_on_start unless the config says false)."""
+    if cfg.get("eval_strategy") == "no" or not steps:
+        return 0
+    every = cfg.get("eval_steps")
+    if not every and cfg.get("evals_per_epoch"):
+        fraction = 1.0 / (int(cfg["evals_per_epoch"]) * float(cfg.get("num_epochs") or 1))
+        every = fraction if fraction < 1 else None
+    if not every and cfg.get("eval_strategy") == "steps":
+        every = int(cfg.get("logging_steps") or HF_LOGGING_STEPS)
+    on_start = int(cfg.get("eval_on_start") is not False)
+    if every:
+        interval = max(1, math.ceil(every * steps) if every < 1 else int(every))
+        return on_start + steps // interval
+    if cfg.get("eval_strategy") == "epoch":
+        return on_start + math.ceil(epochs)
+    return 0
+
+
+def eval_pass_tokens(lengths: Lengths, cfg: dict, count: int) -> int:
+    """Tokens one evaluation processes: each rank's batches of eval_batch_size (else
+    micro_batch_size), packed when eval_sample_packing (else sample_packing) says so."""
+    batch = int(cfg.get("eval_batch_size") or cfg.get("micro_batch_size") or 1)
+    packing = cfg.get("eval_sample_packing")
+    one_pass = {**cfg, "micro_batch_size": batch, "gradient_accumulation_steps": 1, "num_epochs": 1, "max_steps": None,
+                "sample_packing": cfg.get("sample_packing") if packing is None else packing}
+    return schedule(lengths, one_pass, count).processed_tokens
+
+
+def training_eval_seconds(evaluation: Evaluation, cfg: dict, shape: Shape, schedule_: Schedule, gpu: Gpu, count: int, hfu: float,
+                          sharded: bool) -> float:
+    """The evaluations during training: forward passes over the eval split at the training's pace."""
+    if evaluation.lengths is None or not evaluation.lengths.rows:
+        return 0.0
+    passes = evaluations(cfg, schedule_.steps, schedule_.epochs)
+    forward = 2 * shape.active_params + attention_flops(shape, evaluation.lengths.token_weighted_length) / 3
+    tokens = passes * eval_pass_tokens(evaluation.lengths, cfg, count) if passes else 0
+    return tokens * forward / (count * gpu.peak_flops * hfu * scaling(gpu, count, sharded))
+
+
+def decode_step_seconds(shape: Shape, gpu: Gpu) -> float:
+    return 2 * shape.active_params / (DECODE_BANDWIDTH * gpu.bandwidth_gbs * 1e9) + DECODE_LAYER_OVERHEAD_S * shape.layers
+
+
+def comparison_seconds(evaluation: Evaluation, shape: Shape, gpu: Gpu, fixed: Fixed, rates: Rates) -> float:
+    """The job's `evaluation` after training: the base model and the fine-tune each answer the examples."""
+    if not evaluation.examples or not evaluation.new_tokens:
+        return 0.0
+    loads = (2 if evaluation.full_model else 1) * (fixed.weight_bytes / rates.volume + LOAD_OVERHEAD_S)
+    steps = 2 * math.ceil(evaluation.examples / GENERATION_BATCH) * evaluation.new_tokens
+    return loads + steps * decode_step_seconds(shape, gpu)
 
 
 def fixed_phases(fixed: Fixed, method: str, rates: Rates) -> dict[str, float]:
