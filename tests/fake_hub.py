@@ -4,14 +4,15 @@ Read from huggingface_hub/hf_api.py and _commit_api.py:
   GET  /api/whoami-v2                                  -> user, orgs, auth.accessToken.role
   POST /api/repos/create {"name","organization","visibility","type"} -> {"url"} | 409 exists
   POST /api/models/{repo}/branch/{branch}             -> 200 | 409 exists
-  GET  /api/models/{repo}[/revision/{rev}]            -> ModelInfo ({"id","sha","private","siblings"})
+  GET  /api/models/{repo}[/revision/{rev}]            -> ModelInfo ({"id","sha","private","tags","siblings"})
   POST /api/validate-yaml {"content","repoType"}       -> {"errors": [], "warnings": []}
   POST /api/models/{repo}/preupload/{rev} {"files": [{"path","sample","size"}]}
                                                        -> {"files": [{"path","uploadMode","shouldIgnore","oid"}]}
   POST /api/models/{repo}/commit/{rev}  (NDJSON: header, file{content base64}, deletedFile, ...)
                                                        -> {"commitUrl","commitOid","pullRequestUrl"}
 And what hf_hub_download needs (file_download.py, utils/_http.py hf_raise_for_status):
-  HEAD|GET /{repo}/resolve/{revision}/{filename}      -> 200, X-Repo-Commit, ETag, Content-Length (+ body on GET)
+  HEAD|GET /{repo}/resolve/{revision}/{filename}      -> 200, X-Repo-Commit, ETag, Content-Length (+ body on GET);
+                                                        revision: a branch or a head's commit id
         a missing file: 404 X-Error-Code: EntryNotFound (with X-Repo-Commit); a missing repo (or a
         private one the token cannot read): 404 X-Error-Code: RepoNotFound; a gated repo without
         access: 401/403 X-Error-Code: GatedRepo; a token the Hub does not know: 401
@@ -159,6 +160,7 @@ class FakeHub:
             "id": repo.id,
             "sha": repo.heads.get(branch),
             "private": repo.private,
+            "tags": [],  # Transformers' model card reads the base model's tags
             "siblings": [{"rfilename": name} for name in sorted(repo.branches.get(branch, {}))],
         }
 
@@ -173,6 +175,7 @@ class FakeHub:
         if repo.gated and name not in repo.granted:
             message = "Access to this model is restricted. You must have access to it and be authenticated to access it."
             return (403 if who else 401), {"X-Error-Code": "GatedRepo", "X-Error-Message": message}, b""
+        revision = next((branch for branch, head in repo.heads.items() if head == revision), revision)  # a commit id: its branch
         if revision not in repo.branches:
             return 404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}, b""
         commit = {"X-Repo-Commit": repo.heads[revision]}

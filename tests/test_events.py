@@ -206,3 +206,34 @@ def test_a_step_whose_loss_is_about_to_be_logged_waits_for_it():
     assert tracker.progress_due()["step"] == 2
     tracker.feed({"kind": "step", "step": 3, "max_steps": 4, "epoch": 0.75, "log_follows": True, "time": 5.0})
     assert tracker.progress_due() is None and tracker.progress_due(force=True)["step"] == 3  # the end forces it out
+
+
+def _phases(*records: dict) -> dict:
+    tracker = ProgressTracker()
+    for record in records:
+        tracker.feed(record)
+    return tracker.phases()
+
+
+def test_the_download_is_a_phase_of_its_own_when_the_model_was_not_cached():
+    stages = [{"kind": "stage", "stage": "preprocessing", "time": 10.0}, {"kind": "stage", "stage": "downloading", "time": 12.0}]
+    ends = [{"kind": "train_begin", "step": 0, "time": 50.0}, {"kind": "train_end", "step": 9, "time": 80.0}]
+    fetched = _phases(*stages, {"kind": "downloaded", "at": 41.5, "time": 44.0}, *ends)
+    assert fetched == {"tokenize": 2.0, "download": 29.5, "load": 8.5, "train": 30.0}
+    assert _phases(*stages, *ends) == {"tokenize": 2.0, "load": 38.0, "train": 30.0}  # cached or local: loading only
+
+
+def test_the_download_ends_when_its_last_file_lands_in_the_hub_cache(tmp_path):
+    """huggingface_hub renames each file into blobs/ once whole: the newest one since the load began."""
+    import os
+
+    from finetune_worker.sizing.resources import download_ended
+
+    blobs = tmp_path / "models--acme--m" / "blobs"
+    blobs.mkdir(parents=True)
+    for name, when in (("tokenizer", 900.0), ("shard-1", 1010.0), ("shard-2", 1042.5)):
+        (blobs / name).write_bytes(b"x")
+        os.utime(blobs / name, (when, when))
+    assert download_ended("acme/m", tmp_path, since=1000.0) == 1042.5
+    assert download_ended("acme/m", tmp_path, since=1100.0) is None  # everything was cached before the load
+    assert download_ended("acme/other", tmp_path, since=0.0) is None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import collect_until, make_job, tiny_args
+from conftest import collect, collect_until, make_job, tiny_args
 from fake_hub import FakeHub, user
 from finetune_worker.host.hardware import Hardware
 from finetune_worker.sizing.memory import GIB
@@ -237,3 +237,18 @@ def test_a_model_baked_into_the_image_asks_no_hub(tiny, hub, hub_env, tmp_path):
     seen, _ = first_events(hub_job(tiny, repo), {**hub_env, "FINETUNE_PREBAKED_HF_CACHE": str(baked)})
     assert "memory_estimate_bytes" in seen[-1], seen[-3:]
     assert len(hub.calls) == calls
+
+
+@pytest.mark.training
+def test_a_model_downloaded_from_the_hub_is_measured_apart_from_its_loading(tiny, hub, hub_env):
+    """A short training of the tiny model served by the loopback Hub: its weights are fetched by
+    the training child, and the result's phases say how long the download and the load took."""
+    repo = f"acme/tiny-{uuid.uuid4().hex[:8]}"
+    hub.add_model(repo, {path.name: path.read_bytes() for path in (tiny / "tiny-llama").iterdir() if path.is_file()})
+    events = collect(make_job(tiny_args(tiny, base_model=repo, max_steps=2), credentials={"hf_token": READ_TOKEN}), hub_env)
+    result = events[-1]
+    assert result["type"] == "result" and result["status"] == "completed", result
+    assert "model.safetensors" in downloads(hub, repo)
+    phases = result["measured"]["phases_seconds"]
+    assert "download" in phases and phases["load"] > 0 and phases["train"] > 0, phases  # 2 MB on loopback: milliseconds
+    assert READ_TOKEN not in json.dumps(events)

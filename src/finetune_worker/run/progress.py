@@ -108,6 +108,8 @@ class ProgressTracker:
             self.nan_step = record.get("step")
         elif kind == "disk_quota":
             self.disk_quota = record
+        elif kind == "downloaded" and isinstance(record.get("at"), (int, float)):
+            self.stage_times.setdefault("downloaded", record["at"])
         elif kind == "lengths":
             self.lengths = record.get("train") if isinstance(record.get("train"), dict) else None
             self.eval_lengths = record.get("eval") if isinstance(record.get("eval"), dict) else None
@@ -203,10 +205,11 @@ class ProgressTracker:
 
     def phases(self) -> dict[str, float]:
         """Seconds of the training child's phases, as far as they ran: tokenizing the datasets,
-        loading the base model (downloading it when not cached), training."""
+        downloading the base model (when it was not cached), loading it, training."""
         times, found = self.stage_times, {}
-        for name, begin, end in (("tokenize", "preprocessing", "downloading"), ("load", "downloading", "train_begin"),
-                                 ("train", "train_begin", "train_end")):
+        loaded_from = "downloaded" if "downloaded" in times else "downloading"
+        for name, begin, end in (("tokenize", "preprocessing", "downloading"), ("download", "downloading", "downloaded"),
+                                 ("load", loaded_from, "train_begin"), ("train", "train_begin", "train_end")):
             if begin in times and end in times and times[end] >= times[begin]:
                 found[name] = round(times[end] - times[begin], 2)
         return found

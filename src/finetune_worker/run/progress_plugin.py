@@ -4,7 +4,8 @@ It runs inside the training child process. Each record is one JSON object per li
 in the file named by FINETUNE_PROGRESS_FILE; the worker tails that file and turns
 records into events. Only the main process (rank 0) writes.
 
-Records: {"kind": "stage", "stage": ...}, {"kind": "train_begin", "max_steps": ...},
+Records: {"kind": "stage", "stage": ...}, {"kind": "downloaded", "at": ...} (when a base model
+not yet cached finished downloading), {"kind": "train_begin", "max_steps": ...},
 {"kind": "step", ...}, {"kind": "log", "logs": {...}}, {"kind": "checkpoint", ...},
 {"kind": "eval", "metrics": {...}}, {"kind": "train_end", ...} (with "peak_memory_reserved" and
 "peak_memory_allocated", bytes, the largest over ranks, and "peak_memory_per_rank" with
@@ -33,6 +34,7 @@ from finetune_worker.plan.children import (
     STEP_LIMIT_ENV,
     STOP_FILE_ENV,
 )
+from finetune_worker.sizing.resources import download_ended
 
 
 def _is_main_process() -> bool:
@@ -240,7 +242,18 @@ class ProgressPlugin(BasePlugin):
         return None  # let Axolotl load the datasets as usual
 
     def pre_model_load(self, cfg):
+        self.loading_since = time.time()
         write_record("stage", stage="downloading")
+
+    def post_model_load(self, cfg, model):
+        """The download's end, apart from the loading: when the base model's last file landed in the Hub cache."""
+        if not _is_main_process() or Path(str(cfg.base_model)).exists():
+            return
+        from huggingface_hub import constants
+
+        ended = download_ended(str(cfg.base_model), Path(constants.HF_HUB_CACHE), getattr(self, "loading_since", time.time()))
+        if ended is not None:
+            write_record("downloaded", at=ended)
 
     def add_callbacks_pre_trainer(self, cfg, model):
         return [ProgressCallback()]

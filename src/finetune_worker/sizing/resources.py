@@ -79,6 +79,15 @@ def _cached_snapshot(hub_id: str, hub_cache: Path) -> Path | None:
     return snapshots[-1] if snapshots else None
 
 
+def download_ended(hub_id: str, hub_cache: Path, since: float) -> float | None:
+    """When the model's download that began at `since` (a time.time()) ended: the newest file
+    it put in the Hub cache (huggingface_hub writes each one aside and renames it into
+    `blobs/` once whole). None when nothing arrived: the model was cached, or is local."""
+    blobs = hub_cache / _cache_folder(hub_id) / "blobs"
+    arrived = [entry.stat().st_mtime for entry in blobs.iterdir() if entry.is_file()] if blobs.is_dir() else []
+    return max((when for when in arrived if when >= since), default=None)
+
+
 def directory_facts(directory: Path, local: bool = False) -> ModelFacts:
     """Facts from one model directory: a local model, or a Hub cache snapshot.
 
