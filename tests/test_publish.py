@@ -418,9 +418,13 @@ def test_the_card_shows_the_estimate_beside_what_the_run_measured():
     from finetune_worker.publish.card import time_and_cost_section
 
     measured = {"train_seconds": 120.5, "tokens_per_second": 2100.0, "utilisation": 0.21, "peak_memory_reserved": 30 * 2**30,
-                "phases_seconds": {"tokenize": 3.2, "load": 40.0, "train": 120.5}, "cost_usd": 0.21}
-    lines = time_and_cost_section(measured, {"train_seconds": 100.0, "tokens_per_second": 2500.0, "memory_gib": 31.2, "cost_usd": 0.19})
+                "phases_seconds": {"tokenize": 3.2, "load": 40.0, "train": 120.5}, "cost_usd": 0.21, "duration_seconds": 171.0}
+    estimate = {"train_seconds": 100.0, "tokens_per_second": 2500.0, "memory_gib": 31.2, "cost_usd": 0.19, "total_seconds": 160.3,
+                "phases_seconds": {"download": 0.0, "load": 45.0, "tokenize": 3.0, "evaluate": 12.3, "train": 100.0}}
+    lines = time_and_cost_section(measured, estimate)
     assert "| training time (s) | 100.0 | 120.5 |" in lines and "| peak GPU memory (GiB) | 31.2 | 30.0 |" in lines
+    assert "| whole job (s; measured: until this card) | 160.3 | 171.0 |" in lines
+    assert "Estimated phases (s): download 0.0, load 45.0, tokenize 3.0, evaluate 12.3, train 100.0" in lines
     assert "| cost (US$; measured: the job until this card) | 0.19 | 0.21 |" in lines
     assert "| utilisation (model FLOPs / peak) | - | 0.21 |" in lines and "Phases (s): tokenize 3.2, load 40.0, train 120.5" in lines
     cpu = time_and_cost_section({"train_seconds": 9.0, "phases_seconds": {}}, None)

@@ -286,6 +286,7 @@ def time_and_cost_section(measured: dict | None, estimate: dict | None) -> list[
     if not measured:
         return []
     rows = [("training time (s)", estimate and estimate.get("train_seconds"), measured.get("train_seconds")),
+            ("whole job (s; measured: until this card)", estimate and estimate.get("total_seconds"), measured.get("duration_seconds")),
             ("tokens per second", estimate and estimate.get("tokens_per_second"), measured.get("tokens_per_second")),
             ("utilisation (model FLOPs / peak)", None, measured.get("utilisation")),
             ("peak GPU memory (GiB)", estimate and estimate.get("memory_gib"),
@@ -294,8 +295,9 @@ def time_and_cost_section(measured: dict | None, estimate: dict | None) -> list[
     lines = ["## Time and cost", "", "| | estimated | measured |", "|---|---|---|"]
     lines += [f"| {name} | {'-' if before is None else before} | {'-' if after is None else after} |"
               for name, before, after in rows if before is not None or after is not None]
-    if phases := measured.get("phases_seconds"):
-        lines += ["", "Phases (s): " + ", ".join(f"{name} {seconds}" for name, seconds in phases.items())]
+    for name, phases in (("Phases (s)", measured.get("phases_seconds")), ("Estimated phases (s)", estimate and estimate.get("phases_seconds"))):
+        if phases:
+            lines += ["", f"{name}: " + ", ".join(f"{phase} {seconds}" for phase, seconds in phases.items())]
     return [*lines, ""]
 
 
