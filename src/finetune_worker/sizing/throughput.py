@@ -289,7 +289,12 @@ def training_eval_seconds(evaluation: Evaluation, cfg: dict, shape: Shape, sched
     passes = evaluations(cfg, schedule_.steps, schedule_.epochs)
     forward = 2 * shape.active_params + attention_flops(shape, evaluation.lengths.token_weighted_length) / 3
     tokens = passes * eval_pass_tokens(evaluation.lengths, cfg, count) if passes else 0
-    return tokens * forward / (count * gpu.peak_flops * hfu * scaling(gpu, count, sharded))
+    return tokens * forward / flops_per_second(gpu, count, hfu, sharded)
+
+
+def load_seconds(fixed: Fixed, rates: Rates) -> float:
+    """Reading the base model's weights from the volume, plus the process's own start (CUDA, the trainer or generator)."""
+    return fixed.weight_bytes / rates.volume + LOAD_OVERHEAD_S
 
 
 def decode_step_seconds(shape: Shape, gpu: Gpu) -> float:
@@ -300,7 +305,7 @@ def comparison_seconds(evaluation: Evaluation, shape: Shape, gpu: Gpu, fixed: Fi
     """The job's `evaluation` after training: the base model and the fine-tune each answer the examples."""
     if not evaluation.examples or not evaluation.new_tokens:
         return 0.0
-    loads = (2 if evaluation.full_model else 1) * (fixed.weight_bytes / rates.volume + LOAD_OVERHEAD_S)
+    loads = (2 if evaluation.full_model else 1) * load_seconds(fixed, rates)
     steps = 2 * math.ceil(evaluation.examples / GENERATION_BATCH) * evaluation.new_tokens
     return loads + steps * decode_step_seconds(shape, gpu)
 
@@ -308,8 +313,7 @@ def comparison_seconds(evaluation: Evaluation, shape: Shape, gpu: Gpu, fixed: Fi
 def fixed_phases(fixed: Fixed, method: str, rates: Rates) -> dict[str, float]:
     phases = {
         "download": fixed.weight_bytes / rates.download if fixed.needs_download else 0.0,
-        "load": fixed.weight_bytes / rates.volume + LOAD_OVERHEAD_S
-        + (fixed.params / QUANTISE_PARAMS_PER_S if method == "qlora" else 0.0),
+        "load": load_seconds(fixed, rates) + (fixed.params / QUANTISE_PARAMS_PER_S if method == "qlora" else 0.0),
         "tokenize": fixed.tokenize_seconds,
         "save": fixed.saves * fixed.checkpoint_bytes / rates.volume,
         "merge": 2 * fixed.weight_bytes / rates.volume + MERGE_OVERHEAD_S if fixed.merge else 0.0,
@@ -318,8 +322,13 @@ def fixed_phases(fixed: Fixed, method: str, rates: Rates) -> dict[str, float]:
     return {name: round(seconds, 1) for name, seconds in phases.items()}
 
 
+def flops_per_second(gpu: Gpu, count: int, hfu: float, sharded: bool) -> float:
+    """What `count` GPUs of this type deliver at this utilisation: the pace of training and of its eval passes."""
+    return count * gpu.peak_flops * hfu * scaling(gpu, count, sharded)
+
+
 def train_seconds(schedule_: Schedule, work: Work, gpu: Gpu, count: int, hfu: float, sharded: bool) -> float:
-    return schedule_.processed_tokens * work.hardware / (count * gpu.peak_flops * hfu * scaling(gpu, count, sharded))
+    return schedule_.processed_tokens * work.hardware / flops_per_second(gpu, count, hfu, sharded)
 
 
 def cheapest(rows: list[dict]) -> dict | None:
